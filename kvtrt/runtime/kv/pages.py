@@ -1,0 +1,254 @@
+"""Host page pool for KV retrieval (FreeKV / Quest): fixed-size pages, key summaries, page scores.
+
+A sequence's *middle* tokens (after the attention sink, before the recent window) live here in
+fixed pages of ``page`` tokens (default 32). Per layer the pool is one tensor
+
+    data[layer]  [B, capacity, Hkv, 2, page, D]     (one KV head's page: its K then its V, contiguous)
+
+so recalling "page p of KV head h" is a single contiguous ``2*page*D`` block (FreeKV's
+head-major host layout: no fragmented transfers). Each page carries a summary of its keys,
+
+    kmin[layer], kmax[layer]  [B, capacity, Hkv, D]  (per-channel min / max over the page's keys)
+
+kept in float32 on ``summary_device`` (the view device, so selection runs next to the queries).
+Pages are append-only; ``n_pages[b]`` counts the pages of sequence ``b`` (sequences of a batch
+may hold different numbers of pages). The capacity doubles on demand (host memory, never bound
+to an engine buffer, so reallocation is fine; it only happens between decode steps).
+
+Scoring (Quest's upper bound of ``q . k`` over a page): for query head ``i`` of a KV group,
+
+    s_i(p) = sum_d max(q_id * kmax_pd, q_id * kmin_pd)  =  q_i^+ . kmax_p + q_i^- . kmin_p
+
+(the right-hand form, with ``q^+ = max(q, 0)`` and ``q^- = min(q, 0)``, is two matmuls). The
+query heads of a KV group are combined into one score per (KV head, page):
+
+* ``combine="softmax"`` (default, FreeKV's accuracy setting): softmax over pages of each query
+  head's ``s_i / sqrt(D)`` (the attention logit scale), then mean over the group's heads;
+* ``combine="mean"``: plain mean of ``s_i`` over the group's heads.
+
+Then the top-k pages per (sequence, KV head) are taken with ``torch.topk`` (no Python loop
+over pages). Pages that do not exist for a sequence score ``-inf`` and come back as ``-1``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+COMBINES = ("softmax", "mean")
+
+
+def summarize(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel (min, max) over the token axis ``-2`` of ``keys`` ``[..., page, D]`` -> ``[..., D]``."""
+    return keys.amin(dim=-2), keys.amax(dim=-2)
+
+
+def page_scores(query: Tensor, kmin: Tensor, kmax: Tensor) -> Tensor:
+    """Quest upper-bound scores ``[B, H, P]`` of each query head against each page.
+
+    ``query`` ``[B, H, D]`` (query head ``h`` belongs to KV head ``h // (H // Hkv)``),
+    ``kmin``/``kmax`` ``[B, P, Hkv, D]``. Computed in float32.
+    """
+    b, h, d = query.shape
+    hkv = kmin.shape[2]
+    if h % hkv:
+        raise ValueError(f"{h} query heads are not a multiple of {hkv} KV heads")
+    q = query.float().reshape(b, hkv, h // hkv, d)
+    scores = torch.einsum("bhgd,bphd->bhgp", q.clamp(min=0), kmax.float())
+    scores = scores + torch.einsum("bhgd,bphd->bhgp", q.clamp(max=0), kmin.float())
+    return scores.reshape(b, h, -1)
+
+
+def group_scores(
+    scores: Tensor,
+    n_kv_heads: int,
+    combine: str = "softmax",
+    valid: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Combine per-query-head page scores ``[B, H, P]`` into per-KV-head scores ``[B, Hkv, P]``.
+
+    ``valid`` ``[B, P]`` (bool) marks the pages that exist; the others get ``-inf`` (so they
+    always lose against a real page, even one whose softmax probability underflows to 0).
+    ``scale`` (softmax only) defaults to ``1/sqrt(D)`` and must then be given explicitly by
+    callers that know ``D``; :func:`select_pages` does.
+    """
+    if combine not in COMBINES:
+        raise ValueError(f"combine={combine!r}; use one of {', '.join(COMBINES)}")
+    b, h, p = scores.shape
+    g = scores.reshape(b, n_kv_heads, h // n_kv_heads, p)
+    invalid = None if valid is None else ~valid.to(torch.bool)[:, None, None, :]
+    if combine == "softmax":
+        logits = g * (1.0 if scale is None else scale)
+        if invalid is not None:
+            logits = logits.masked_fill(invalid, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with no page at all -> 0
+        out = probs.mean(dim=2)
+    else:
+        out = g.mean(dim=2)
+    if invalid is not None:
+        out = out.masked_fill(invalid[:, :, 0, :], float("-inf"))
+    return out
+
+
+def topk_pages(scores: Tensor, k: int) -> Tensor:
+    """Indices ``[B, Hkv, k]`` (int64) of the ``k`` best pages per row of ``scores`` ``[B, Hkv, P]``.
+
+    Missing entries (fewer than ``k`` pages, or pages scored ``-inf``) are ``-1``, at the end.
+    """
+    b, hkv, p = scores.shape
+    out = torch.full((b, hkv, k), -1, dtype=torch.long, device=scores.device)
+    kk = min(k, p)
+    if kk == 0:
+        return out
+    values, idx = torch.topk(scores, kk, dim=-1, largest=True, sorted=True)
+    out[..., :kk] = torch.where(torch.isneginf(values), torch.full_like(idx, -1), idx)
+    return out
+
+
+def select_pages(
+    query: Tensor,
+    kmin: Tensor,
+    kmax: Tensor,
+    n_pages: Tensor,
+    k: int,
+    combine: str = "softmax",
+) -> Tensor:
+    """Top-``k`` pages per (sequence, KV head) for ``query`` ``[B, H, D]``: ``[B, Hkv, k]``, ``-1`` padded.
+
+    ``kmin``/``kmax`` ``[B, P, Hkv, D]`` hold at least ``max(n_pages)`` pages; ``n_pages`` ``[B]``
+    says how many exist per sequence (pages ``>= n_pages[b]`` are never selected).
+    """
+    bsz, _, d = query.shape
+    hkv = kmin.shape[2]
+    n_pages = n_pages.to(kmin.device)
+    p = int(n_pages.max()) if n_pages.numel() else 0
+    if p == 0 or k == 0:
+        return torch.full((bsz, hkv, k), -1, dtype=torch.long, device=kmin.device)
+    kmin, kmax = kmin[:, :p], kmax[:, :p]
+    valid = torch.arange(p, device=kmin.device)[None, :] < n_pages[:, None]
+    scores = page_scores(query.to(kmin.device), kmin, kmax)
+    combined = group_scores(scores, hkv, combine, valid, scale=1.0 / math.sqrt(d))
+    return topk_pages(combined, k)
+
+
+class PagePool:
+    """Append-only host store of full pages for ``batch`` sequences and ``n_layers`` layers.
+
+    ``data[l]`` ``[B, cap, Hkv, 2, page, D]`` (``dtype``, on CPU, pinned if ``pin_memory``);
+    ``kmin[l]``/``kmax[l]`` ``[B, cap, Hkv, D]`` float32 on ``summary_device``;
+    ``n_pages`` ``[B]`` int64 (CPU).
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_kv_heads: int,
+        head_dim: int,
+        page: int = 32,
+        dtype: torch.dtype = torch.float32,
+        *,
+        capacity: int = 8,
+        summary_device: torch.device | str = "cpu",
+        pin_memory: bool = False,
+    ) -> None:
+        if page < 1:
+            raise ValueError(f"page={page} must be at least 1")
+        self.n_layers, self.batch, self.n_kv_heads, self.head_dim = n_layers, batch, n_kv_heads, head_dim
+        self.page, self.dtype = page, dtype
+        self.summary_device = torch.device(summary_device)
+        self.pin_memory = pin_memory
+        self.n_pages = torch.zeros(batch, dtype=torch.long)
+        self._cap = 0
+        self.data: list[Tensor] = []
+        self.kmin: list[Tensor] = []
+        self.kmax: list[Tensor] = []
+        self._alloc(max(1, capacity))
+
+    # ------------------------------------------------------------------ storage
+    @property
+    def capacity(self) -> int:
+        return self._cap
+
+    @property
+    def page_nbytes(self) -> int:
+        """Bytes of one KV head's page (its K and V)."""
+        return 2 * self.page * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    def _alloc(self, cap: int) -> None:
+        b, h, d, pg = self.batch, self.n_kv_heads, self.head_dim, self.page
+        data, kmin, kmax = [], [], []
+        for layer in range(self.n_layers):
+            t = torch.zeros((b, cap, h, 2, pg, d), dtype=self.dtype, pin_memory=self.pin_memory)
+            lo = torch.zeros((b, cap, h, d), dtype=torch.float32, device=self.summary_device)
+            hi = torch.zeros((b, cap, h, d), dtype=torch.float32, device=self.summary_device)
+            if self._cap:
+                t[:, : self._cap] = self.data[layer]
+                lo[:, : self._cap] = self.kmin[layer]
+                hi[:, : self._cap] = self.kmax[layer]
+            data.append(t)
+            kmin.append(lo)
+            kmax.append(hi)
+        self.data, self.kmin, self.kmax, self._cap = data, kmin, kmax, cap
+
+    def reserve(self, n_pages: int) -> None:
+        """Make room for ``n_pages`` pages per sequence (capacity doubles)."""
+        if n_pages > self._cap:
+            cap = self._cap
+            while cap < n_pages:
+                cap *= 2
+            self._alloc(cap)
+
+    def reset(self) -> None:
+        """Forget every page (storage is kept)."""
+        self.n_pages.zero_()
+
+    # ------------------------------------------------------------------ writing
+    def append(self, b: int, keys: Sequence[Tensor], values: Sequence[Tensor]) -> range:
+        """Append whole pages to sequence ``b``: ``keys[l]``/``values[l]`` ``[Hkv, n*page, D]`` per layer.
+
+        Returns the new page ids.
+        """
+        n_tok = keys[0].shape[-2]
+        if n_tok % self.page:
+            raise ValueError(f"{n_tok} tokens is not a whole number of {self.page}-token pages")
+        n_new = n_tok // self.page
+        p0 = int(self.n_pages[b])
+        if n_new == 0:
+            return range(p0, p0)
+        self.reserve(p0 + n_new)
+        h, d, pg = self.n_kv_heads, self.head_dim, self.page
+        for layer in range(self.n_layers):
+            k = keys[layer].reshape(h, n_new, pg, d).transpose(0, 1)  # [n, Hkv, page, D]
+            v = values[layer].reshape(h, n_new, pg, d).transpose(0, 1)
+            dst = self.data[layer][b, p0 : p0 + n_new]
+            dst[:, :, 0].copy_(k)
+            dst[:, :, 1].copy_(v)
+            lo, hi = summarize(k.to(self.summary_device, torch.float32))
+            self.kmin[layer][b, p0 : p0 + n_new] = lo
+            self.kmax[layer][b, p0 : p0 + n_new] = hi
+        self.n_pages[b] = p0 + n_new
+        return range(p0, p0 + n_new)
+
+    # ------------------------------------------------------------------ reading
+    def page_kv(self, layer: int, b: int, page_id: int) -> tuple[Tensor, Tensor]:
+        """Keys and values ``[Hkv, page, D]`` of one page."""
+        blk = self.data[layer][b, page_id]
+        return blk[:, 0], blk[:, 1]
+
+    def scores(self, layer: int, query: Tensor, n_pages: Tensor | None = None) -> Tensor:
+        """Raw per-query-head scores ``[B, H, P]`` (``P = max n_pages``) for ``query`` ``[B, H, D]``."""
+        n = self.n_pages if n_pages is None else n_pages
+        p = int(n.max()) if n.numel() else 0
+        return page_scores(query.to(self.summary_device), self.kmin[layer][:, :p], self.kmax[layer][:, :p])
+
+    def select(
+        self, layer: int, query: Tensor, k: int, combine: str = "softmax", n_pages: Tensor | None = None
+    ) -> Tensor:
+        """Top-``k`` page ids ``[B, Hkv, k]`` (``-1`` padded) among the first ``n_pages[b]`` pages."""
+        n = self.n_pages if n_pages is None else n_pages
+        return select_pages(query, self.kmin[layer], self.kmax[layer], n, k, combine)
