@@ -1,0 +1,12 @@
+"""kvtrt: ONNX/TensorRT deployment of long-context LLMs with KVCrush compaction and FreeKV retrieval.
+
+    import kvtrt
+    llm = kvtrt.load("smollm2-export")
+    print(llm.generate("Hello").text)
+"""
+
+__version__ = "0.1.0"
+
+from .runtime.llm import LLM, GenerationResult, load  # noqa: E402
+
+__all__ = ["LLM", "GenerationResult", "load", "__version__"]

@@ -1,0 +1,3 @@
+from .onnx_export import export_model
+
+__all__ = ["export_model"]

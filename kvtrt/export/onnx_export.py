@@ -1,0 +1,172 @@
+"""torch -> ONNX: two graphs (prefill, decode) sharing one weights file, plus manifest and tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from onnx import TensorProto, external_data_helper
+from tqdm.auto import tqdm
+
+from ..manifest import Manifest
+from ..models import get_adapter, input_names, output_names
+from ..models.loading import DEFAULT_MODEL, load_hf
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+WEIGHTS_FILE = "weights.bin"
+ALIGN = 1 << 16  # external data offsets aligned so ORT can map them
+INLINE_LIMIT = 1024  # smaller initializers stay inside the graph
+
+
+def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export", *, dtype: str = "fp32",
+                 max_positions: int | None = None, score_window: int = 32, opset: int = 18,
+                 progress: bool = True) -> Manifest:
+    """Export `model` to `out_dir` and return the manifest.
+
+    `model` is a HF folder, a .gguf file, an alias (see `kvtrt.models.loading.ALIASES`), or an
+    already loaded `(transformers model, tokenizer)` pair.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    out = Path(out_dir)
+    bar = tqdm(total=6, desc="kvtrt export", disable=not progress, unit="step")
+    bar.set_postfix_str("loading model")
+    if isinstance(model, tuple):
+        hf_model, tokenizer = model
+        source = getattr(hf_model.config, "_name_or_path", "") or "in-memory model"
+    else:
+        hf_model, tokenizer = load_hf(model)
+        source = str(model)
+    config = hf_model.config
+    adapter = get_adapter(config.model_type)
+    limit = int(getattr(config, "max_position_embeddings", 0) or 0)
+    max_positions = max_positions or limit
+    if limit and max_positions > limit:
+        raise ValueError(f"--max-positions {max_positions} exceeds the model's {limit} positions; use at most {limit}")
+    adapter.check(config, max_positions)
+    arch = adapter.arch(config, max_positions)
+    bar.update()
+
+    out.mkdir(parents=True, exist_ok=True)
+    graphs = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
+    protos = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in graphs:
+            bar.set_postfix_str(f"tracing {variant} graph")
+            module = adapter.build(hf_model, max_positions, score_window, DTYPES[dtype], decode=variant == "decode")
+            protos[variant] = _trace(module, arch, variant, Path(tmp) / f"{variant}.onnx", opset, DTYPES[dtype])
+            bar.update()
+        bar.set_postfix_str("writing weights")
+        _save_shared(protos, graphs, out)
+        bar.update()
+    bar.set_postfix_str("checking graphs")
+    for name in graphs.values():
+        onnx.checker.check_model(str(out / name))
+    bar.update()
+
+    bar.set_postfix_str("tokenizer + manifest")
+    manifest = Manifest(
+        model_type=arch.model_type, source=source, n_layers=arch.n_layers, n_heads=arch.n_heads,
+        n_kv_heads=arch.n_kv_heads, head_dim=arch.head_dim, hidden_size=arch.hidden_size,
+        vocab_size=arch.vocab_size, dtype=dtype, max_positions=max_positions, score_window=score_window,
+        graphs=graphs, weights_file=WEIGHTS_FILE, export_options={"dtype": dtype, "max_positions": max_positions,
+                                                                   "score_window": score_window, "opset": opset},
+        **_save_tokenizer(tokenizer, config, out))
+    manifest.save(out)
+    bar.update()
+    bar.close()
+    return manifest
+
+
+def _trace(module, arch, variant: str, path: Path, opset: int, dtype: torch.dtype) -> onnx.ModelProto:
+    L, Hkv, D = arch.n_layers, arch.n_kv_heads, arch.head_dim
+    B, S, P = 2, (1 if variant == "decode" else 3), 5
+    args = [torch.zeros(B, S, dtype=torch.long), torch.arange(P, P + S).repeat(B, 1),
+            torch.ones(B, P, dtype=torch.long)]
+    args += [torch.zeros(B, Hkv, P, D, dtype=dtype) for _ in range(2 * L)]
+    ins, outs = input_names(L), output_names(L)
+    dyn = {"input_ids": {0: "batch"} if variant == "decode" else {0: "batch", 1: "new"},
+           "position_ids": {0: "batch"} if variant == "decode" else {0: "batch", 1: "new"},
+           "past_mask": {0: "batch", 1: "past"}, "logits": {0: "batch"}}
+    for name in ins[3:]:
+        dyn[name] = {0: "batch", 2: "past"}
+    for name in outs[1:]:
+        kind = name.split(".")[0]
+        if kind in ("key", "value"):
+            dyn[name] = {0: "batch"} if variant == "decode" else {0: "batch", 2: "new"}
+        elif kind == "query":
+            dyn[name] = {0: "batch"}
+        else:
+            dyn[name] = {0: "batch", 1: "past_plus_new"}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), tuple(args), str(path), input_names=ins, output_names=outs,
+                          dynamic_axes=dyn, opset_version=opset, dynamo=False, do_constant_folding=True)
+    return onnx.load(str(path), load_external_data=True)
+
+
+def _save_shared(protos: dict[str, onnx.ModelProto], graphs: dict[str, str], out: Path) -> None:
+    """Write every large initializer once into WEIGHTS_FILE and point all graphs at it."""
+    written: dict[str, tuple[int, int, bytes]] = {}
+    with open(out / WEIGHTS_FILE, "wb") as f:
+        for variant, proto in protos.items():
+            for tensor in proto.graph.initializer:
+                data = tensor.raw_data
+                if len(data) < INLINE_LIMIT:
+                    continue
+                if tensor.name in written:
+                    offset, length, digest = written[tensor.name]
+                    if length != len(data) or digest != _digest(data):
+                        raise RuntimeError(f"initializer {tensor.name} differs between graphs")
+                else:
+                    offset = -(-f.tell() // ALIGN) * ALIGN
+                    f.seek(offset)
+                    f.write(data)
+                    length = len(data)
+                    written[tensor.name] = (offset, length, _digest(data))
+                external_data_helper.set_external_data(tensor, WEIGHTS_FILE, offset, length)
+                tensor.ClearField("raw_data")
+                tensor.data_location = TensorProto.EXTERNAL
+            onnx.save_model(proto, str(out / graphs[variant]))
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _save_tokenizer(tokenizer, config, out: Path) -> dict:
+    """Save tokenizer.json and return the manifest's tokenizer fields."""
+    tokenizer.save_pretrained(str(out))
+    tokenizer_file = "tokenizer.json"
+    if not (out / tokenizer_file).is_file():
+        raise ValueError("kvtrt needs a fast tokenizer (tokenizer.json); this model's tokenizer has none")
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(out / tokenizer_file))
+    probe = "Hello world, this is kvtrt."
+    hf_ids = tokenizer(probe).input_ids
+    raw_ids = raw.encode(probe, add_special_tokens=False).ids
+    if hf_ids == raw_ids:
+        add_bos = False
+    elif tokenizer.bos_token_id is not None and hf_ids == [tokenizer.bos_token_id] + raw_ids:
+        add_bos = True
+    else:
+        raise ValueError("the tokenizer adds special tokens kvtrt cannot reproduce "
+                         f"(HF {hf_ids[:8]} vs raw {raw_ids[:8]})")
+    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    eos_ids = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
+                      *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    return {"tokenizer_file": tokenizer_file, "bos_token_id": tokenizer.bos_token_id, "eos_token_ids": eos_ids,
+            "add_bos": add_bos, "chat_template": template, "bos_token": tokenizer.bos_token,
+            "eos_token": tokenizer.eos_token}
+
+
+__all__ = ["export_model", "DTYPES"]

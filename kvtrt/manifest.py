@@ -1,0 +1,101 @@
+"""`manifest.json`: the contract between an export folder and the runtime.
+
+The exporter writes it; the runtime reads it, checks it against its own version and against the
+graphs it loads, and refuses a mismatch with a message that says how to fix it (re-export).
+Imports nothing heavy: the runtime needs neither torch.onnx nor transformers to read it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import __version__
+
+#: bump when the graph contract changes; an export with another format is refused
+FORMAT = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class ExportMismatchError(RuntimeError):
+    """The export folder does not match this runtime or its own manifest."""
+
+
+@dataclass
+class Manifest:
+    """Everything the runtime needs to drive an exported graph."""
+
+    model_type: str
+    source: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    dtype: str  # "fp32" | "fp16"
+    max_positions: int
+    score_window: int
+    graphs: dict[str, str]  # variant ("prefill", "decode") -> file name
+    weights_file: str
+    tokenizer_file: str
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+    add_bos: bool
+    chat_template: str | None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    quantize: str = "none"
+    export_options: dict = field(default_factory=dict)
+    format: int = FORMAT
+    kvtrt_version: str = __version__
+
+    @property
+    def group(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one token's K and V take over all layers and KV heads."""
+        itemsize = 2 if self.dtype == "fp16" else 4
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * itemsize
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Manifest":
+        """Read and check `directory/manifest.json` (clear errors for every way it can be wrong)."""
+        directory = Path(directory)
+        if not directory.exists():
+            raise FileNotFoundError(f"export folder {str(directory)!r} does not exist; create it with "
+                                    f"`kvtrt export MODEL -o {directory}`")
+        path = directory / MANIFEST_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(directory)!r} is not a kvtrt export (no {MANIFEST_NAME}); create one with "
+                                    f"`kvtrt export MODEL -o {directory}`")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ExportMismatchError(f"{path} is not valid JSON ({exc}); re-export the model") from None
+        if data.get("format") != FORMAT or _minor(data.get("kvtrt_version", "")) != _minor(__version__):
+            raise ExportMismatchError(
+                f"{directory} was exported by kvtrt {data.get('kvtrt_version', '?')} (graph format "
+                f"{data.get('format', '?')}); this is kvtrt {__version__} (format {FORMAT}). Re-export it with "
+                f"`kvtrt export {data.get('source', 'MODEL')} -o {directory}`")
+        known = set(cls.__dataclass_fields__)
+        missing = known - set(data) - {"bos_token", "eos_token", "quantize", "export_options"}
+        if missing:
+            raise ExportMismatchError(f"{path} lacks {sorted(missing)}; re-export the model")
+        manifest = cls(**{k: v for k, v in data.items() if k in known})
+        for name in [*manifest.graphs.values(), manifest.weights_file, manifest.tokenizer_file]:
+            if not (directory / name).is_file():
+                raise ExportMismatchError(f"{directory} lacks {name}, which its manifest names; re-export the model")
+        return manifest
+
+
+def _minor(version: str) -> str:
+    return ".".join(version.split(".")[:2])

@@ -1,0 +1,122 @@
+"""Engines run one graph call over pre-allocated torch tensors bound by pointer.
+
+`OrtEngine` drives the two exported graphs (prefill, decode) through ONNX Runtime IO binding on
+any execution provider (CPU, CUDA, TensorRT). The sessions are shared and thread-safe; every
+caller owns its `IOBinding`, so concurrent sequences never share state.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from ..manifest import ExportMismatchError, Manifest
+from ..models.base import input_names, output_names
+
+NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+class Engine(Protocol):
+    """What the generator needs from a backend."""
+
+    manifest: Manifest
+    device: torch.device
+
+    def new_binding(self, variant: str): ...
+
+    def bind(self, binding, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None: ...
+
+    def run(self, variant: str, binding) -> None: ...
+
+
+class OrtEngine:
+    """ONNX Runtime sessions for an export folder, run through IO binding."""
+
+    def __init__(self, directory: str | os.PathLike, manifest: Manifest | None = None, provider: str = "cpu",
+                 threads: int | None = None, device_id: int = 0):
+        import onnxruntime as ort
+
+        self.directory = Path(directory)
+        self.manifest = manifest or Manifest.load(directory)
+        if provider not in PROVIDERS:
+            raise ValueError(f"provider {provider!r} is unknown; use one of {', '.join(PROVIDERS)}")
+        wanted = PROVIDERS[provider]
+        if wanted[0] not in ort.get_available_providers():
+            raise RuntimeError(f"provider {provider!r} needs {wanted[0]}, which this onnxruntime lacks "
+                               f"(available: {', '.join(ort.get_available_providers())}); install the GPU build "
+                               f"with `pip install 'kvtrt[gpu]'` on a machine with an NVIDIA GPU")
+        self.provider = provider
+        self.device = torch.device("cpu") if provider == "cpu" else torch.device("cuda", device_id)
+        self.dtype = TORCH_DTYPES[self.manifest.dtype]
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        provider_options = []
+        for name in wanted:
+            if name == "CPUExecutionProvider":
+                provider_options.append({})
+            else:
+                provider_options.append({"device_id": str(device_id)})
+        self.sessions = {}
+        for variant, filename in self.manifest.graphs.items():
+            session = ort.InferenceSession(str(self.directory / filename), options, providers=wanted,
+                                           provider_options=provider_options)
+            self._check(variant, session)
+            self.sessions[variant] = session
+
+    def _check(self, variant: str, session) -> None:
+        m = self.manifest
+        got_in = [i.name for i in session.get_inputs()]
+        got_out = [o.name for o in session.get_outputs()]
+        if got_in != input_names(m.n_layers) or got_out != output_names(m.n_layers):
+            raise ExportMismatchError(
+                f"{variant} graph in {self.directory} does not have the inputs/outputs of its manifest "
+                f"({m.n_layers} layers): re-export the model with `kvtrt export`")
+        past = session.get_inputs()[3]
+        if past.shape[1] != m.n_kv_heads or past.shape[3] != m.head_dim:
+            raise ExportMismatchError(
+                f"{variant} graph in {self.directory} has past_key shape {past.shape}, manifest says "
+                f"{m.n_kv_heads} KV heads x {m.head_dim}: re-export the model with `kvtrt export`")
+        want_type = "tensor(float16)" if m.dtype == "fp16" else "tensor(float)"
+        if past.type != want_type:
+            raise ExportMismatchError(f"{variant} graph stores KV as {past.type} but the manifest says {m.dtype}: "
+                                      f"re-export the model with `kvtrt export`")
+        logits = session.get_outputs()[0]
+        if logits.shape[-1] != m.vocab_size:
+            raise ExportMismatchError(f"{variant} graph has vocab {logits.shape[-1]}, manifest {m.vocab_size}: "
+                                      f"re-export the model")
+
+    def new_binding(self, variant: str):
+        """A fresh IOBinding for `variant` ("prefill" or "decode"); one per caller."""
+        return self.sessions[variant].io_binding()
+
+    def bind(self, binding, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        """Bind contiguous torch tensors by pointer (no copy)."""
+        for name, tensor in inputs.items():
+            binding.bind_input(name, *self._address(tensor))
+        for name, tensor in outputs.items():
+            binding.bind_output(name, *self._address(tensor))
+
+    def _address(self, tensor: torch.Tensor):
+        if not tensor.is_contiguous():
+            raise ValueError("bound tensors must be contiguous")
+        device = "cpu" if tensor.device.type == "cpu" else "cuda"
+        return device, tensor.device.index or 0, NP_DTYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr()
+
+    def run(self, variant: str, binding) -> None:
+        """One graph call on the bound tensors."""
+        self.sessions[variant].run_with_iobinding(binding)
+        if self.device.type == "cuda":
+            binding.synchronize_outputs()
