@@ -380,7 +380,10 @@ def _streaming(options: _Options) -> StreamingPolicy:
             f"streaming needs window= (recent tokens) or budget= in {str(options.stage)!r}; "
             f"e.g. streaming:sink=4,window=1020"
         )
-    return StreamingPolicy(sink=options.whole("sink", 4), window=options.whole("window", 0), budget=budget)
+    sink, window = options.whole("sink", 4), options.whole("window", 0)
+    if budget is None and sink + window == 0:
+        raise KVSpecError(f"streaming with sink=0,window=0 keeps nothing in {str(options.stage)!r}; set window=N")
+    return StreamingPolicy(sink=sink, window=window, budget=budget)
 
 
 def _h2o(options: _Options) -> H2OPolicy:
