@@ -1,0 +1,718 @@
+"""FreeKV-style KV retrieval between decode steps of a monolithic decode graph (GitHub issue 4).
+
+The decode graph attends, per layer ``l``, to ``past_key.l``/``past_value.l`` ``[B, Hkv, P, D]``
+(keys already RoPE-rotated, positions explicit, so slot order is irrelevant: attention is
+permutation-invariant) under ``past_mask`` ``[B, P]`` (1 = live slot), and returns the new
+token's ``key.l``/``value.l`` ``[B, Hkv, 1, D]`` and rotated query ``query.l`` ``[B, H, D]``.
+This module keeps the whole context in host memory and hands the graph a small, fixed-size
+*view* of it: the attention sink, the recent window and the ``k`` pages that matter most for the
+current query, per KV head.
+
+Usage (what the runtime calls)::
+
+    r = build_retrieval("freekv:budget=1024").create(n_layers, n_kv_heads, n_heads, head_dim,
+                                                     batch=1, dtype=torch.float32)
+    r.start(keys, values, query, mask=None)  # after prefill: [B,Hkv,N,D] per layer, last prompt query [B,H,D]
+    a, b = r.views                           # the two fixed buffers: bind each once
+    while decoding:
+        view = r.view()                      # .keys/.values: per layer [B,Hkv,slots,D]; .mask [B,slots]
+        r.prefetch()                         # right before the engine call on `view`
+        out = engine(view, positions=r.lengths)
+        r.finish_step(out.query, out.keys, out.values)  # returns the next view
+    r.stats(); r.close()
+
+Quest mode (``quest:...``) is synchronous: ``prefetch()`` does nothing and ``finish_step`` builds
+the next view from the query it is given. To select with the *current* query the runtime runs
+the step twice: engine on ``view`` to get a probe ``q_t``, ``r.select(q_t)`` (re-selects the
+current view in place, recalling only missing pages), engine again on the same view, then
+``finish_step``. ``select`` also works in FreeKV mode (never while a prefetch is in flight).
+
+Spec (see ``build_retrieval``)::
+
+    freekv:budget=B,page=32,sink=4,window=64,tau=0.9,combine=softmax|mean
+    quest:budget=B,page=32,sink=4,window=64
+
+``budget`` (default 2048) counts attended tokens, sink and window included: ``k = (budget -
+sink - window) // page`` pages are selected per KV head. A fraction (``budget=0.25``) is resolved
+against ``max_context`` given to ``create``. Defaults: ``page=32`` (FreeKV/Quest page size),
+``sink=4`` (StreamingLLM's attention sink), ``window=64`` (two pages of recent tokens, always
+attended), ``tau=0.9``, ``combine=softmax``.
+
+Slot layout of a view (fixed ``slots = sink + k*page + window + page``)::
+
+    [0, sink)                          sink tokens (token i at slot i)
+    [sink, sink + k*page)              k selected pages; page slot j = slots sink+j*page ...
+    [ring, ring + window + page)       recent ring: token i >= sink at ring + (i - sink) % (window+page)
+
+The recent part holds between ``window`` and ``window + page - 1`` tokens: once it reaches
+``window + page`` tokens its oldest ``page`` tokens are spilled into the host pool as a new page
+(with its min/max summary). While ``n_pages <= k`` page ``j`` sits in page slot ``j``, so the
+live page slots are always a prefix ``min(k, n_pages)`` shared by all KV heads and the mask is
+``[B, slots]``. With ``budget >= context`` every page is selected, i.e. the view holds every
+token and attention over it equals full attention. Sequences of a batch may have different
+lengths (``start(mask=...)`` drops padding); each is laid out independently.
+
+Speculative retrieval + correction, adapted to a monolithic graph. FreeKV selects the pages for
+step ``t+1`` at layer ``l`` from the query of step ``t`` *inside* the model, overlapping the
+recall with compute, then corrects the heads whose query drifted. Here the graph is one call, so
+``q_t`` is only known after step ``t`` returns. Hence:
+
+* ``prefetch()`` (right before the engine call of step ``t``) starts a worker that prepares the
+  *other* buffer for step ``t+1`` from ``q_{t-1}`` (the latest query known): it selects the top-k
+  pages per (layer, KV head), recalls the pages that buffer lacks and copies it the new tokens;
+* ``finish_step(q_t, ...)`` waits for the worker, writes the new token into that buffer, then for
+  every (layer, sequence, KV head) whose cosine similarity between ``q_t`` and ``q_{t-1}``
+  (averaged over the group's query heads) is below ``tau`` re-selects with ``q_t`` and recalls the
+  missing pages (correction, on the critical path), and swaps buffers. ``tau=1`` corrects every
+  head (always the freshest query), ``tau=0`` never corrects (pure speculation).
+
+Incremental double-buffered recall: two views alternate between steps, so the engine never
+reads a buffer that is being written (the worker only ever writes the buffer that is not
+served; ``finish_step`` swaps only after the worker and the corrections are done). Each buffer
+keeps its slot-to-page map per (layer, sequence, KV head) and receives only the pages it lacks
+(misses) and the tokens added since it was last served. A spilled page stays in the ring of the
+buffer prepared before the spill and is only selectable in buffers prepared after it (a buffer
+never holds a token twice). On CPU the worker is a thread (torch releases the GIL in copies);
+with a CUDA ``device`` the pool lives in pinned host memory and pages are staged and copied on
+a side stream (written against the documented ``torch.cuda`` API, imported lazily, untested
+without a GPU).
+
+``stats()`` reports per run: steps, correction rate (corrected / checked heads), page hit rate
+(selected pages already resident / selected pages), pages and bytes recalled per step, and the
+seconds ``finish_step`` waited for the worker and spent on corrections.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .pages import COMBINES, PagePool
+from .spec import KVSpecError, Stage, parse_budget, parse_kv_spec, resolve_budget
+
+DEFAULT_BUDGET = 2048
+DEFAULT_PAGE = 32
+DEFAULT_SINK = 4
+DEFAULT_WINDOW = 64
+DEFAULT_TAU = 0.9
+DEFAULT_COMBINE = "softmax"
+
+_KEYS = {
+    "freekv": ("budget", "page", "sink", "window", "tau", "combine"),
+    "quest": ("budget", "page", "sink", "window"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# spec
+
+
+def _int_opt(stage: Stage, key: str, default: int, minimum: int) -> int:
+    raw = stage.params.get(key)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise KVSpecError(f"{stage.name}: {key}={raw!r} is not a whole number; e.g. {key}={default}") from None
+    if value < minimum:
+        raise KVSpecError(f"{stage.name}: {key}={value} must be at least {minimum}; e.g. {key}={default}")
+    return value
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """A validated ``freekv``/``quest`` stage. ``create(...)`` builds the runtime manager."""
+
+    mode: str = "freekv"
+    budget: int | float = DEFAULT_BUDGET
+    page: int = DEFAULT_PAGE
+    sink: int = DEFAULT_SINK
+    window: int = DEFAULT_WINDOW
+    tau: float = DEFAULT_TAU
+    combine: str = DEFAULT_COMBINE
+
+    @property
+    def min_budget(self) -> int:
+        return self.sink + self.window + self.page
+
+    def budget_tokens(self, max_context: int | None = None) -> int:
+        """The budget in tokens (a fraction needs ``max_context``)."""
+        if isinstance(self.budget, float):
+            if max_context is None:
+                raise KVSpecError(
+                    f"{self.mode}: budget={self.budget} is a fraction of the context, but the view has a fixed "
+                    f"size; give a token count (e.g. budget=1024) or pass max_context to create()"
+                )
+            budget = resolve_budget(self.budget, max_context)
+        else:
+            budget = self.budget
+        if budget < self.min_budget:
+            raise KVSpecError(
+                f"{self.mode}: budget={budget} tokens is below sink+window+page = {self.sink}+{self.window}+"
+                f"{self.page} = {self.min_budget}; raise budget to at least {self.min_budget} "
+                f"or lower window/page"
+            )
+        return budget
+
+    def k_pages(self, max_context: int | None = None) -> int:
+        """Pages selected per KV head: ``(budget - sink - window) // page``."""
+        return (self.budget_tokens(max_context) - self.sink - self.window) // self.page
+
+    def slots(self, max_context: int | None = None) -> int:
+        """View length ``sink + k*page + window + page``."""
+        return self.sink + self.k_pages(max_context) * self.page + self.window + self.page
+
+    def __str__(self) -> str:
+        s = f"{self.mode}:budget={self.budget},page={self.page},sink={self.sink},window={self.window}"
+        return s + (f",tau={self.tau},combine={self.combine}" if self.mode == "freekv" else "")
+
+    def create(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        n_heads: int,
+        head_dim: int,
+        batch: int = 1,
+        dtype: torch.dtype = torch.float32,
+        *,
+        device: torch.device | str = "cpu",
+        mask_dtype: torch.dtype = torch.bool,
+        max_context: int | None = None,
+        threaded: bool = True,
+    ) -> FreeKVRetrieval:
+        return FreeKVRetrieval(
+            self, n_layers, n_kv_heads, n_heads, head_dim, batch, dtype,
+            device=device, mask_dtype=mask_dtype, max_context=max_context, threaded=threaded,
+        )
+
+
+def build_retrieval(stage: Stage | str) -> RetrievalConfig:
+    """Validate a ``freekv:...``/``quest:...`` stage (or a spec string holding one)."""
+    if isinstance(stage, str):
+        spec = parse_kv_spec(stage)
+        if spec.retrieval is None:
+            raise KVSpecError(f"{stage!r} has no retrieval stage; write e.g. 'freekv:budget=1024'")
+        stage = spec.retrieval
+    name = stage.name
+    if name not in _KEYS:
+        raise KVSpecError(f"{name!r} is not a retrieval policy; use freekv or quest (e.g. 'freekv:budget=1024')")
+    unknown = [k for k in stage.params if k not in _KEYS[name]]
+    if unknown:
+        hint = " (tau/combine are FreeKV options; use freekv:...)" if name == "quest" and set(unknown) <= {
+            "tau", "combine"} else ""
+        raise KVSpecError(
+            f"{name}: unknown option(s) {', '.join(unknown)}; valid options are {', '.join(_KEYS[name])}{hint}"
+        )
+    budget: int | float = DEFAULT_BUDGET
+    if "budget" in stage.params:
+        budget = parse_budget(stage.params["budget"], f"{name} budget")
+    page = _int_opt(stage, "page", DEFAULT_PAGE, 1)
+    sink = _int_opt(stage, "sink", DEFAULT_SINK, 0)
+    window = _int_opt(stage, "window", DEFAULT_WINDOW, 0)
+    tau = DEFAULT_TAU if name == "freekv" else 1.0
+    if "tau" in stage.params:
+        raw = stage.params["tau"]
+        try:
+            tau = float(raw)
+        except ValueError:
+            raise KVSpecError(f"freekv: tau={raw!r} is not a number; give a cosine threshold in [0, 1], e.g. tau=0.9") from None
+        if not 0.0 <= tau <= 1.0:
+            raise KVSpecError(
+                f"freekv: tau={raw} is outside [0, 1]; tau=0 never corrects, tau=1 always corrects, e.g. tau=0.9"
+            )
+    combine = stage.params.get("combine", DEFAULT_COMBINE).lower()
+    if combine not in COMBINES:
+        raise KVSpecError(f"freekv: combine={combine!r}; use combine=softmax or combine=mean")
+    cfg = RetrievalConfig(name, budget, page, sink, window, tau, combine)
+    if isinstance(budget, int):
+        cfg.budget_tokens()  # budget < sink + window + page -> KVSpecError now
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# views
+
+
+class KVView:
+    """One of the two fixed view buffers.
+
+    ``keys[l]``/``values[l]`` ``[B, Hkv, slots, D]`` and ``mask`` ``[B, slots]`` are allocated once
+    and only ever filled in place. ``slot_pages[l]`` ``[B, Hkv, k]`` is the page id held by each page
+    slot (``-1`` empty); ``n_pages[b]`` is the pool snapshot this buffer was prepared against (its
+    ring covers tokens from ``sink + n_pages[b]*page``); ``length[b]`` counts the tokens it holds.
+    """
+
+    def __init__(self, index, n_layers, batch, n_kv_heads, slots, head_dim, k, dtype, device, mask_dtype):
+        self.index = index
+        shape = (batch, n_kv_heads, slots, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.mask = torch.zeros((batch, slots), dtype=mask_dtype, device=device)
+        self.slot_pages = [torch.full((batch, n_kv_heads, k), -1, dtype=torch.long, device=device)
+                           for _ in range(n_layers)]
+        self.n_pages = [0] * batch
+        self.length = [0] * batch
+
+    def reset(self) -> None:
+        for t in self.slot_pages:
+            t.fill_(-1)
+        self.mask.zero_()
+        self.n_pages = [0] * len(self.n_pages)
+        self.length = [0] * len(self.length)
+
+
+def _cos_per_kv_head(q: Tensor, q_ref: Tensor, n_kv_heads: int) -> Tensor:
+    """Cosine similarity ``[B, Hkv]`` between two ``[B, H, D]`` queries, averaged over each group."""
+    cos = torch.nn.functional.cosine_similarity(q.float(), q_ref.float(), dim=-1, eps=1e-8)  # [B, H]
+    return cos.reshape(cos.shape[0], n_kv_heads, -1).mean(dim=-1)
+
+
+class FreeKVRetrieval:
+    """Per-sequence-batch retrieval state: host pool, recent tokens, two view buffers, worker."""
+
+    def __init__(
+        self,
+        config: RetrievalConfig,
+        n_layers: int,
+        n_kv_heads: int,
+        n_heads: int,
+        head_dim: int,
+        batch: int = 1,
+        dtype: torch.dtype = torch.float32,
+        *,
+        device: torch.device | str = "cpu",
+        mask_dtype: torch.dtype = torch.bool,
+        max_context: int | None = None,
+        threaded: bool = True,
+    ) -> None:
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
+        self.config = config
+        self.mode = config.mode
+        self.L, self.Hkv, self.H, self.D, self.B = n_layers, n_kv_heads, n_heads, head_dim, batch
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.S, self.page, self.W = config.sink, config.page, config.window
+        self.R = self.W + self.page  # ring capacity
+        self.budget = config.budget_tokens(max_context)
+        self.k = config.k_pages(max_context)
+        self.ring_off = self.S + self.k * self.page
+        self.slots = self.ring_off + self.R
+        self.tau = config.tau
+        self.combine = config.combine
+        self._cuda = self.device.type == "cuda"
+        self.pool = PagePool(n_layers, batch, n_kv_heads, head_dim, self.page, dtype,
+                             capacity=max(8, self.k), summary_device=self.device, pin_memory=self._cuda)
+        # master copy of sink + recent ring (same slot rule as a view, without the page region)
+        mshape = (batch, n_kv_heads, self.S + self.R, head_dim)
+        self._mk = [torch.zeros(mshape, dtype=dtype, device=self.device) for _ in range(n_layers)]
+        self._mv = [torch.zeros(mshape, dtype=dtype, device=self.device) for _ in range(n_layers)]
+        self._bufs = tuple(
+            KVView(i, n_layers, batch, n_kv_heads, self.slots, head_dim, self.k, dtype, self.device, mask_dtype)
+            for i in range(2)
+        )
+        self._cur = 0
+        self._n = [0] * batch
+        self._query: list[Tensor] | None = None
+        self._spec_query: list[Tensor] | None = None
+        self._pending: Future | None = None
+        self._threaded = threaded and self.mode == "freekv"
+        self._executor: ThreadPoolExecutor | None = None
+        #: optional ``hook(layer, n_pages)`` called after each layer's page copy (tests, tracing)
+        self.copy_hook: Callable[[int, int], None] | None = None
+        self._cuda_state = None
+        self._reset_stats()
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def views(self) -> tuple[KVView, KVView]:
+        """Both buffers (bind each once; ``view()`` says which one to run)."""
+        return self._bufs
+
+    def view(self) -> KVView:
+        """The buffer to run the next engine call on (complete; never written while served)."""
+        return self._bufs[self._cur]
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens stored per sequence (= the position of the next token)."""
+        return list(self._n)
+
+    def start(
+        self,
+        keys: Sequence[Tensor],
+        values: Sequence[Tensor],
+        query: Sequence[Tensor],
+        mask: Tensor | None = None,
+    ) -> KVView:
+        """Load a prefilled prompt and build the first view from its last query.
+
+        ``keys[l]``/``values[l]`` ``[B, Hkv, N, D]``, ``query[l]`` ``[B, H, D]``; ``mask`` ``[B, N]``
+        (optional, nonzero = real token) drops padding (any pattern, e.g. left padding).
+        """
+        self._drain()
+        self.pool.reset()
+        for buf in self._bufs:
+            buf.reset()
+        self._reset_stats()
+        n_tok = keys[0].shape[2]
+        for b in range(self.B):
+            if mask is None:
+                idx = None
+                n = n_tok
+            else:
+                idx = torch.nonzero(mask[b].to(torch.bool), as_tuple=True)[0].to(keys[0].device)
+                n = int(idx.numel())
+            kb = [k[b] if idx is None else k[b].index_select(1, idx) for k in keys]  # [Hkv, n, D]
+            vb = [v[b] if idx is None else v[b].index_select(1, idx) for v in values]
+            s = min(self.S, n)
+            for layer in range(self.L):
+                self._mk[layer][b, :, :s] = kb[layer][:, :s]
+                self._mv[layer][b, :, :s] = vb[layer][:, :s]
+            rest = n - s
+            n_pages = max(0, (rest - self.W) // self.page)
+            if n_pages:
+                lo, hi = self.S, self.S + n_pages * self.page
+                self.pool.append(b, [k[:, lo:hi] for k in kb], [v[:, lo:hi] for v in vb])
+            lo = self.S + n_pages * self.page
+            if n > lo:
+                slots = self._master_slots(torch.arange(lo, n))
+                for layer in range(self.L):
+                    self._mk[layer][b][:, slots] = kb[layer][:, lo:n].to(self.device, self.dtype)
+                    self._mv[layer][b][:, slots] = vb[layer][:, lo:n].to(self.device, self.dtype)
+            self._n[b] = n
+        self._query = [q.detach().clone() for q in query]
+        self._cur = 0
+        self._prepare(self._bufs[0], self._query, count=False)
+        self._sync_device()
+        return self.view()
+
+    def prefetch(self) -> None:
+        """Start preparing the other buffer for the next step from the latest query (speculative).
+
+        Call right before the engine runs on ``view()``. No-op in quest mode.
+        """
+        self._check_started()
+        if self.mode != "freekv":
+            return
+        if self._pending is not None:
+            raise RuntimeError("prefetch() called twice without finish_step()")
+        nxt = self._bufs[1 - self._cur]
+        self._spec_query = self._query
+        if self._cuda:
+            self._cuda_init()
+            self._cuda_state["stream"].wait_stream(torch.cuda.current_stream(self.device))
+        if self._threaded:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtrt-freekv")
+            self._pending = self._executor.submit(self._prepare, nxt, self._spec_query)
+        else:
+            fut: Future = Future()
+            try:
+                self._prepare(nxt, self._spec_query)
+                fut.set_result(None)
+            except BaseException as exc:  # surfaced by finish_step like the threaded path
+                fut.set_exception(exc)
+            self._pending = fut
+
+    def finish_step(
+        self, query: Sequence[Tensor], new_keys: Sequence[Tensor], new_values: Sequence[Tensor]
+    ) -> KVView:
+        """After the engine call: append the new token, correct drifted heads, swap buffers.
+
+        ``query[l]`` ``[B, H, D]``, ``new_keys[l]``/``new_values[l]`` ``[B, Hkv, 1, D]``.
+        Returns the view for the next step.
+        """
+        self._check_started()
+        nxt = self._bufs[1 - self._cur]
+        q = [t.detach().clone() for t in query]
+        speculative = self._pending is not None
+        if speculative:
+            t0 = time.perf_counter()
+            pending, self._pending = self._pending, None
+            pending.result()
+            self._sync_device()
+            self._stat["wait_s"] += time.perf_counter() - t0
+        self._append_token(new_keys, new_values, nxt if speculative else None)
+        if speculative:
+            t0 = time.perf_counter()
+            corr = self._needs_correction(q, self._spec_query)
+            self._stat["heads_checked"] += corr.numel()
+            self._stat["heads_corrected"] += int(corr.sum())
+            for layer in range(self.L):
+                if bool(corr[layer].any()):
+                    fresh = self._select(layer, q[layer], nxt)
+                    sel = torch.where(corr[layer].to(fresh.device)[..., None], fresh, nxt.slot_pages[layer])
+                    self._recall(nxt, layer, sel)
+            self._update_mask(nxt)
+            self._sync_device()
+            self._stat["correction_s"] += time.perf_counter() - t0
+        else:
+            t0 = time.perf_counter()
+            self._prepare(nxt, q)
+            self._sync_device()
+            self._stat["sync_prepare_s"] += time.perf_counter() - t0
+        self._query = q
+        self._spec_query = None
+        self._cur = 1 - self._cur
+        self._stat["steps"] += 1
+        return self.view()
+
+    def select(self, query: Sequence[Tensor]) -> KVView:
+        """Re-select the *current* view in place with ``query`` (Quest: the current step's query).
+
+        Only missing pages are recalled. Not allowed while a prefetch is in flight.
+        """
+        self._check_started()
+        if self._pending is not None:
+            raise RuntimeError("select() while a prefetch is in flight; call it before prefetch()")
+        q = [t.detach().clone() for t in query]
+        self._prepare(self.view(), q)
+        self._sync_device()
+        self._query = q
+        return self.view()
+
+    def selected_pages(self, layer: int, buffer: KVView | None = None) -> Tensor:
+        """Page ids ``[B, Hkv, k]`` held by a buffer (default: the current view), ``-1`` = empty slot."""
+        return (buffer or self.view()).slot_pages[layer]
+
+    def fresh_selection(self, layer: int, query: Tensor, buffer: KVView | None = None) -> Tensor:
+        """What a fresh top-k selection with ``query`` would pick against ``buffer``'s pool snapshot."""
+        return self._select(layer, query, buffer or self.view())
+
+    def stats(self) -> dict:
+        s = dict(self._stat)
+        steps = max(1, s["steps"])
+        s["correction_rate"] = s["heads_corrected"] / s["heads_checked"] if s["heads_checked"] else 0.0
+        s["page_hit_rate"] = s["pages_hit"] / s["pages_selected"] if s["pages_selected"] else 1.0
+        s["recalled_bytes"] = s["pages_recalled"] * self.pool.page_nbytes
+        s["recalled_bytes_per_step"] = s["recalled_bytes"] / steps
+        s["pages_recalled_per_step"] = s["pages_recalled"] / steps
+        s["wait_s_per_step"] = s["wait_s"] / steps
+        s["pool_pages"] = self.pool.n_pages.tolist()
+        s["budget"], s["k_pages"], s["slots"] = self.budget, self.k, self.slots
+        return s
+
+    def close(self) -> None:
+        """Wait for any in-flight prefetch and stop the worker thread."""
+        self._drain()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def __enter__(self) -> FreeKVRetrieval:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # best effort
+        try:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ internals
+    def _reset_stats(self) -> None:
+        self._stat = dict(steps=0, heads_checked=0, heads_corrected=0, pages_selected=0, pages_hit=0,
+                          pages_recalled=0, tokens_copied=0, wait_s=0.0, correction_s=0.0, sync_prepare_s=0.0)
+
+    def _check_started(self) -> None:
+        if self._query is None:
+            raise RuntimeError("call start() with the prefilled KV before decoding")
+
+    def _drain(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            try:
+                pending.result()
+            finally:
+                self._sync_device()
+
+    def _master_slots(self, idx: Tensor) -> Tensor:
+        """Slots of tokens ``idx`` in the master sink+ring store."""
+        return torch.where(idx < self.S, idx, self.S + (idx - self.S) % self.R)
+
+    def _view_slots(self, idx: Tensor) -> Tensor:
+        """Slots of (sink or recent) tokens ``idx`` in a view."""
+        return torch.where(idx < self.S, idx, self.ring_off + (idx - self.S) % self.R)
+
+    def _select(self, layer: int, query: Tensor, buf: KVView) -> Tensor:
+        n_pages = torch.tensor(buf.n_pages, dtype=torch.long)
+        return self.pool.select(layer, query, self.k, self.combine, n_pages=n_pages)
+
+    def _prepare(self, buf: KVView, query: Sequence[Tensor], count: bool = True) -> None:
+        """Bring ``buf`` up to date: pool snapshot, missing tokens, top-k pages for ``query``, mask."""
+        buf.n_pages = self.pool.n_pages.tolist()
+        self._sync_tokens(buf)
+        for layer in range(self.L):
+            self._recall(buf, layer, self._select(layer, query[layer], buf), count=count)
+        self._update_mask(buf)
+        if self._cuda:
+            self._cuda_state["event"].record(self._cuda_state["stream"])
+
+    def _sync_tokens(self, buf: KVView) -> None:
+        """Copy into ``buf`` the sink/recent tokens it lacks (tokens in its pool snapshot are skipped)."""
+        bi, src, dst = [], [], []
+        for b in range(self.B):
+            lo_ring = self.S + buf.n_pages[b] * self.page
+            idx = torch.arange(buf.length[b], self._n[b])
+            idx = idx[(idx < self.S) | (idx >= lo_ring)]
+            if idx.numel():
+                bi.append(torch.full_like(idx, b))
+                src.append(self._master_slots(idx))
+                dst.append(self._view_slots(idx))
+            buf.length[b] = self._n[b]
+        if not bi:
+            return
+        bi_t, src_t, dst_t = (torch.cat(x).to(self.device) for x in (bi, src, dst))
+        with self._stream_ctx():
+            for layer in range(self.L):
+                buf.keys[layer][bi_t, :, dst_t] = self._mk[layer][bi_t, :, src_t]
+                buf.values[layer][bi_t, :, dst_t] = self._mv[layer][bi_t, :, src_t]
+        self._stat["tokens_copied"] += int(bi_t.numel())
+
+    def _recall(self, buf: KVView, layer: int, sel: Tensor, count: bool = True) -> None:
+        """Make ``buf``'s page slots of ``layer`` hold the pages ``sel`` ``[B, Hkv, k]`` (``-1`` = none).
+
+        Pages already resident stay in their slot; missing pages go to the free slots in
+        ascending slot order; only those are copied.
+        """
+        smap = buf.slot_pages[layer]
+        sel = sel.to(smap.device)
+        valid = sel >= 0
+        present = (sel[..., :, None] == smap[..., None, :]).any(-1) & valid  # [B,Hkv,k] over sel
+        missing = valid & ~present
+        keep = (smap[..., :, None] == sel[..., None, :]).any(-1) & (smap >= 0)  # [B,Hkv,k] over slots
+        n_miss = missing.sum(-1, keepdim=True)
+        rank = torch.arange(self.k, device=smap.device) < n_miss  # first n_miss of each ordering
+        miss_order = torch.argsort((~missing).to(torch.int8), dim=-1, stable=True)
+        free_order = torch.argsort(keep.to(torch.int8), dim=-1, stable=True)
+        pages = torch.gather(sel, -1, miss_order)[rank]
+        slots = free_order[rank]
+        bi, hi = torch.nonzero(rank, as_tuple=True)[:2]
+        new_map = torch.where(keep, smap, torch.full_like(smap, -1))
+        new_map[bi, hi, slots] = pages
+        if count:
+            self._stat["pages_selected"] += int(valid.sum())
+            self._stat["pages_hit"] += int(present.sum())
+            self._stat["pages_recalled"] += int(pages.numel())
+        if pages.numel():
+            self._copy_pages(buf, layer, bi, hi, slots, pages)
+        smap.copy_(new_map)
+        if self.copy_hook is not None:
+            self.copy_hook(layer, int(pages.numel()))
+
+    def _copy_pages(self, buf: KVView, layer: int, bi: Tensor, hi: Tensor, slots: Tensor, pages: Tensor) -> None:
+        pk = buf.keys[layer][:, :, self.S : self.ring_off].view(self.B, self.Hkv, self.k, self.page, self.D)
+        pv = buf.values[layer][:, :, self.S : self.ring_off].view(self.B, self.Hkv, self.k, self.page, self.D)
+        if not self._cuda:
+            blk = self.pool.data[layer][bi, pages, hi]  # [M, 2, page, D]
+            pk[bi, hi, slots] = blk[:, 0]
+            pv[bi, hi, slots] = blk[:, 1]
+            return
+        # CUDA: gather on the host into pinned staging, DMA on the copy stream, scatter on device.
+        st = self._cuda_state
+        m = int(pages.numel())
+        bi_c, hi_c, pg_c = bi.cpu(), hi.cpu(), pages.cpu()
+        flat = self.pool.data[layer].view(-1, 2, self.page, self.D)
+        cap = self.pool.capacity
+        row = (bi_c * cap + pg_c) * self.Hkv + hi_c
+        host = st["host"][layer]
+        if host.shape[0] < m:
+            host = st["host"][layer] = torch.empty((m, 2, self.page, self.D), dtype=self.dtype, pin_memory=True)
+            st["dev"][layer] = torch.empty((m, 2, self.page, self.D), dtype=self.dtype, device=self.device)
+        torch.index_select(flat, 0, row, out=host[:m])
+        with torch.cuda.stream(st["stream"]):
+            dev = st["dev"][layer][:m]
+            dev.copy_(host[:m], non_blocking=True)
+            bi_d, hi_d, sl_d = bi.to(self.device), hi.to(self.device), slots.to(self.device)
+            pk[bi_d, hi_d, sl_d] = dev[:, 0]
+            pv[bi_d, hi_d, sl_d] = dev[:, 1]
+
+    def _update_mask(self, buf: KVView) -> None:
+        m = torch.zeros((self.B, self.slots), dtype=torch.bool)
+        for b in range(self.B):
+            n, npg = self._n[b], buf.n_pages[b]
+            m[b, : min(self.S, n)] = True
+            m[b, self.S : self.S + min(self.k, npg) * self.page] = True
+            lo = self.S + npg * self.page
+            if n > lo:
+                m[b, self._view_slots(torch.arange(lo, n))] = True
+        with self._stream_ctx():
+            buf.mask.copy_(m.to(buf.mask.dtype), non_blocking=self._cuda)
+
+    def _append_token(self, new_keys: Sequence[Tensor], new_values: Sequence[Tensor], buf: KVView | None) -> None:
+        """Write the step's token into the master store (and ``buf``); spill a full page to the pool."""
+        idx = torch.tensor(self._n, dtype=torch.long)
+        bi = torch.arange(self.B, device=self.device)
+        ms, vs = self._master_slots(idx).to(self.device), self._view_slots(idx).to(self.device)
+        for layer in range(self.L):
+            k = new_keys[layer][:, :, -1].to(self.device, self.dtype)  # [B, Hkv, D]
+            v = new_values[layer][:, :, -1].to(self.device, self.dtype)
+            self._mk[layer][bi, :, ms] = k
+            self._mv[layer][bi, :, ms] = v
+            if buf is not None:
+                buf.keys[layer][bi, :, vs] = k
+                buf.values[layer][bi, :, vs] = v
+        for b in range(self.B):
+            if buf is not None and buf.length[b] == self._n[b]:
+                buf.length[b] += 1
+            self._n[b] += 1
+            npg = int(self.pool.n_pages[b])
+            lo = self.S + npg * self.page
+            if self._n[b] - lo >= self.R:  # ring full: its oldest page leaves the window
+                slots = self._master_slots(torch.arange(lo, lo + self.page)).to(self.device)
+                self.pool.append(b, [mk[b][:, slots].cpu() for mk in self._mk],
+                                 [mv[b][:, slots].cpu() for mv in self._mv])
+
+    def _needs_correction(self, q: Sequence[Tensor], q_spec: Sequence[Tensor]) -> Tensor:
+        """``[L, B, Hkv]`` bool: heads whose group-mean cos(q_t, q_{t-1}) is below ``tau``."""
+        shape = (self.L, self.B, self.Hkv)
+        if self.tau >= 1.0:
+            return torch.ones(shape, dtype=torch.bool)
+        if self.tau <= 0.0:
+            return torch.zeros(shape, dtype=torch.bool)
+        cos = torch.stack([_cos_per_kv_head(a, b, self.Hkv).cpu() for a, b in zip(q, q_spec)])
+        return cos < self.tau
+
+    # ------------------------------------------------------------------ CUDA helpers (lazy)
+    def _cuda_init(self) -> None:
+        if self._cuda_state is None:
+            self._cuda_state = {
+                "stream": torch.cuda.Stream(device=self.device),
+                "event": torch.cuda.Event(),
+                "host": [torch.empty((0, 2, self.page, self.D), dtype=self.dtype) for _ in range(self.L)],
+                "dev": [None] * self.L,
+            }
+
+    def _stream_ctx(self):
+        if not self._cuda:
+            return _NullCtx()
+        self._cuda_init()
+        return torch.cuda.stream(self._cuda_state["stream"])
+
+    def _sync_device(self) -> None:
+        if self._cuda and self._cuda_state is not None:
+            self._cuda_state["stream"].synchronize()
+
+
+class _NullCtx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+__all__ = [
+    "DEFAULT_BUDGET", "DEFAULT_PAGE", "DEFAULT_SINK", "DEFAULT_WINDOW", "DEFAULT_TAU", "DEFAULT_COMBINE",
+    "RetrievalConfig", "build_retrieval", "FreeKVRetrieval", "KVView",
+]
