@@ -337,7 +337,9 @@ class _Options:
         try:
             value = int(text)
         except ValueError:
-            raise KVSpecError(f"{key}={text!r} in {str(self.stage)!r} is not a whole number; e.g. {key}={default}") from None
+            raise KVSpecError(
+                f"{key}={text!r} in {str(self.stage)!r} is not a whole number; e.g. {key}={default}"
+            ) from None
         if value < minimum:
             raise KVSpecError(f"{key}={value} in {str(self.stage)!r} must be at least {minimum}")
         return value
@@ -360,9 +362,13 @@ class _Options:
         try:
             value = float(text)
         except ValueError:
-            raise KVSpecError(f"{key}={text!r} in {str(self.stage)!r} is not a number; give a fraction such as {key}={default}") from None
+            raise KVSpecError(
+                f"{key}={text!r} in {str(self.stage)!r} is not a number; give a fraction such as {key}={default}"
+            ) from None
         if not 0.0 <= value <= 1.0:
-            raise KVSpecError(f"{key}={text} in {str(self.stage)!r} is outside [0, 1]; give a fraction such as {key}={default}")
+            raise KVSpecError(
+                f"{key}={text} in {str(self.stage)!r} is outside [0, 1]; give a fraction such as {key}={default}"
+            )
         return value
 
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
@@ -388,14 +394,18 @@ def _streaming(options: _Options) -> StreamingPolicy:
 
 def _h2o(options: _Options) -> H2OPolicy:
     options.check_keys(H2OPolicy.keys)
-    return H2OPolicy(budget=options.budget(required=True), sink=options.whole("sink", 4), window=options.whole("window", 32))
+    return H2OPolicy(
+        budget=options.budget(required=True), sink=options.whole("sink", 4), window=options.whole("window", 32)
+    )
 
 
 def _snapkv(options: _Options) -> SnapKVPolicy:
     options.check_keys(SnapKVPolicy.keys)
     kernel = options.whole("kernel", 5, minimum=1)
     if kernel % 2 == 0:
-        raise KVSpecError(f"kernel={kernel} in {str(options.stage)!r} must be odd so pooling keeps the length; e.g. kernel=5")
+        raise KVSpecError(
+            f"kernel={kernel} in {str(options.stage)!r} must be odd so pooling keeps the length; e.g. kernel=5"
+        )
     return SnapKVPolicy(
         budget=options.budget(required=True),
         sink=options.whole("sink", 4),
@@ -414,7 +424,9 @@ def _kvcrush(options: _Options) -> KVCrushPolicy:
     options.check_keys(own + tuple(k for k in base_cls.keys if k not in own))
     granularity = options.choice("granularity", "token", GRANULARITIES)
     if options.has("page") and granularity != "page":
-        raise KVSpecError(f"page= in {str(options.stage)!r} only applies with granularity=page; add granularity=page or drop page=")
+        raise KVSpecError(
+            f"page= in {str(options.stage)!r} only applies with granularity=page; add granularity=page or drop page="
+        )
     budget = options.budget(required=True)
     base_params = {k: v for k, v in options.params.items() if k not in own or k == "budget"}
     return KVCrushPolicy(
