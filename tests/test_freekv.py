@@ -124,7 +124,7 @@ def test_page_scores_match_bruteforce():
     g = torch.Generator().manual_seed(1)
     B, Hkv, G, D, P = 2, 3, 2, 8, 5
     q = torch.randn(B, Hkv * G, D, generator=g)
-    a, c = torch.randn(B, P, Hkv, D, generator=g), torch.randn(B, P, Hkv, D, generator=g)
+    a, c = torch.randn(B, Hkv, P, D, generator=g), torch.randn(B, Hkv, P, D, generator=g)
     kmin, kmax = torch.minimum(a, c), torch.maximum(a, c)
     got = page_scores(q, kmin, kmax)
     ref = torch.zeros(B, Hkv * G, P)
@@ -132,7 +132,7 @@ def test_page_scores_match_bruteforce():
         for h in range(Hkv * G):
             for p in range(P):
                 kh = h // G
-                ref[b, h, p] = torch.maximum(q[b, h] * kmax[b, p, kh], q[b, h] * kmin[b, p, kh]).sum()
+                ref[b, h, p] = torch.maximum(q[b, h] * kmax[b, kh, p], q[b, h] * kmin[b, kh, p]).sum()
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
     valid = torch.tensor([[True] * P, [True, True, True, False, False]])
@@ -161,8 +161,8 @@ def test_pool_summaries_and_layout():
             kp, vp = pool.page_kv(layer, 1, p)
             torch.testing.assert_close(kp, ks[layer][:, p * page:(p + 1) * page])
             torch.testing.assert_close(vp, vs[layer][:, p * page:(p + 1) * page])
-            torch.testing.assert_close(pool.kmin[layer][1, p], kp.amin(1))
-            torch.testing.assert_close(pool.kmax[layer][1, p], kp.amax(1))
+            torch.testing.assert_close(pool.kmin[layer][1, :, p], kp.amin(1))
+            torch.testing.assert_close(pool.kmax[layer][1, :, p], kp.amax(1))
             assert pool.data[layer][1, p].is_contiguous()  # one head's page K,V: [Hkv, 2, page, D]
     with pytest.raises(ValueError, match="whole number"):
         pool.append(0, [k[:, :3] for k in ks], [v[:, :3] for v in vs])
@@ -173,7 +173,7 @@ def test_topk_per_kv_head(combine):
     g = torch.Generator().manual_seed(3)
     B, Hkv, G, D, P, k = 3, 2, 3, 8, 9, 4
     q = torch.randn(B, Hkv * G, D, generator=g)
-    a, c = torch.randn(B, P, Hkv, D, generator=g), torch.randn(B, P, Hkv, D, generator=g)
+    a, c = torch.randn(B, Hkv, P, D, generator=g), torch.randn(B, Hkv, P, D, generator=g)
     kmin, kmax = torch.minimum(a, c), torch.maximum(a, c)
     n_pages = torch.tensor([9, 2, 0])
     sel = select_pages(q, kmin, kmax, n_pages, k, combine)
@@ -182,7 +182,7 @@ def test_topk_per_kv_head(combine):
         n = int(n_pages[b])
         for kh in range(Hkv):
             per_head = torch.stack([
-                torch.stack([torch.maximum(q[b, h] * kmax[b, p, kh], q[b, h] * kmin[b, p, kh]).sum()
+                torch.stack([torch.maximum(q[b, h] * kmax[b, kh, p], q[b, h] * kmin[b, kh, p]).sum()
                              for p in range(n)]) if n else torch.zeros(0)
                 for h in range(kh * G, (kh + 1) * G)])
             if combine == "softmax":
@@ -344,15 +344,16 @@ def test_double_buffer_never_serves_half_written_view():
     gate, entered = threading.Event(), threading.Event()
     calls = []
 
-    def slow_copy(layer, n_pages):
-        calls.append((threading.current_thread() is threading.main_thread(), layer))
-        if layer == 1 and not gate.is_set():
+    def slow_copy(n_pages):
+        calls.append(threading.current_thread() is threading.main_thread())
+        if not gate.is_set():
             entered.set()
             assert gate.wait(10)  # hold the worker mid-preparation (layer 0 written, layers 1-2 not)
 
     k, v = seq.kv(0, 100)
     r.start(k, v, seq.q(99))
     r.copy_hook = slow_copy
+    r.copy_chunk = 1  # one page-copy op per layer, so the worker can be held after layer 0
     n = 100
     for step in range(6):
         served = r.view()
@@ -373,7 +374,7 @@ def test_double_buffer_never_serves_half_written_view():
         n += 1
         assert nxt is not served and nxt is r.view()
         check_view(r, nxt, seq, [n])  # complete: every layer written, new token included
-    assert calls and not any(main for main, _ in calls[: seq.L])  # speculative copies ran on the worker
+    assert calls and not any(calls[: seq.L])  # speculative copies ran on the worker
     assert r.stats()["wait_s"] > 0.0
     r.close()
 
@@ -384,7 +385,7 @@ def test_incremental_recall_copies_exactly_the_missing_pages():
     k, v = seq.kv(0, 200)
     r.start(k, v, seq.q(199))
     copies = []
-    r.copy_hook = lambda layer, n: copies.append(n)
+    r.copy_hook = lambda n: copies.append(n)
 
     def misses(before, after):
         count = 0
@@ -429,12 +430,12 @@ def test_recall_counts_copies_directly():
     k, v = seq.kv(0, 150)
     r.start(k, v, seq.q(149))
     copies = []
-    r.copy_hook = lambda layer, n: copies.append(n)
+    r.copy_hook = lambda n: copies.append(n)
     buf = r._bufs[1]
     buf.n_pages = r.pool.n_pages.tolist()
     buf.slot_pages[0].copy_(torch.tensor([[[3, -1, 7, 1, -1, 9], [0, 1, 2, 3, 4, 5]]]))
     sel = torch.tensor([[[7, 3, 10, 11, 12, -1], [5, 4, 3, 2, 1, 0]]])
-    r._recall(buf, 0, sel)
+    r._recall(buf, sel[None])
     assert copies == [3]  # head 0 lacks 10, 11, 12; head 1 holds all its pages
     m = buf.slot_pages[0][0]
     assert m[0, 0] == 3 and m[0, 2] == 7  # kept in place
@@ -452,7 +453,7 @@ def test_stationary_query_stops_recalling():
     r = make(f"freekv:budget=52,{SMALL},tau=0.9", seq)
     copies = []
     n = decode(r, seq, 200, 3)
-    r.copy_hook = lambda layer, n_pages: copies.append(n_pages)
+    r.copy_hook = lambda n_pages: copies.append(n_pages)
     decode_more = 6
     for _ in range(decode_more):
         r.prefetch()

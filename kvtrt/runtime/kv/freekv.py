@@ -17,7 +17,7 @@ Usage (what the runtime calls)::
     while decoding:
         view = r.view()                      # .keys/.values: per layer [B,Hkv,slots,D]; .mask [B,slots]
         r.prefetch()                         # right before the engine call on `view`
-        out = engine(view, positions=r.lengths)
+        out = engine(view)          # positions are the runtime's own
         r.finish_step(out.query, out.keys, out.values)  # returns the next view
     r.stats(); r.close()
 
@@ -84,6 +84,7 @@ seconds ``finish_step`` waited for the worker and spent on corrections.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -242,39 +243,40 @@ def build_retrieval(stage: Stage | str) -> RetrievalConfig:
 class KVView:
     """One of the two fixed view buffers.
 
-    ``keys[l]``/``values[l]`` ``[B, Hkv, slots, D]`` and ``mask`` ``[B, slots]`` are allocated once
-    and only ever filled in place. ``slot_pages[l]`` ``[B, Hkv, k]`` is the page id held by each page
-    slot (``-1`` empty); ``n_pages[b]`` is the pool snapshot this buffer was prepared against (its
-    ring covers tokens from ``sink + n_pages[b]*page``); ``length[b]`` counts the tokens it holds.
+    ``keys[l]``/``values[l]`` ``[B, Hkv, slots, D]`` (contiguous; slices of one ``[L, ...]`` tensor)
+    and ``mask`` ``[B, slots]`` are allocated once and only ever filled in place.
+    ``slot_pages`` ``[L, B, Hkv, k]`` is the page id held by each page slot (``-1`` empty);
+    ``n_pages[b]`` is the pool snapshot this buffer was prepared against (its ring covers tokens
+    from ``sink + n_pages[b]*page``); ``length[b]`` counts the tokens it has received.
     """
 
     def __init__(self, index, n_layers, batch, n_kv_heads, slots, head_dim, k, dtype, device, mask_dtype):
         self.index = index
-        shape = (batch, n_kv_heads, slots, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        shape = (n_layers, batch, n_kv_heads, slots, head_dim)
+        self.all_keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.all_values = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys = list(self.all_keys.unbind(0))
+        self.values = list(self.all_values.unbind(0))
         self.mask = torch.zeros((batch, slots), dtype=mask_dtype, device=device)
-        self.slot_pages = [torch.full((batch, n_kv_heads, k), -1, dtype=torch.long, device=device)
-                           for _ in range(n_layers)]
+        self.slot_pages = torch.full((n_layers, batch, n_kv_heads, k), -1, dtype=torch.long, device=device)
         self.n_pages = [0] * batch
         self.length = [0] * batch
 
     def reset(self) -> None:
-        for t in self.slot_pages:
-            t.fill_(-1)
+        self.slot_pages.fill_(-1)
         self.mask.zero_()
         self.n_pages = [0] * len(self.n_pages)
         self.length = [0] * len(self.length)
 
 
 def _cos_per_kv_head(q: Tensor, q_ref: Tensor, n_kv_heads: int) -> Tensor:
-    """Cosine similarity ``[B, Hkv]`` between two ``[B, H, D]`` queries, averaged over each group."""
-    cos = torch.nn.functional.cosine_similarity(q.float(), q_ref.float(), dim=-1, eps=1e-8)  # [B, H]
-    return cos.reshape(cos.shape[0], n_kv_heads, -1).mean(dim=-1)
+    """Cosine similarity ``[..., B, Hkv]`` between two ``[..., B, H, D]`` queries, averaged per group."""
+    cos = torch.nn.functional.cosine_similarity(q.float(), q_ref.float(), dim=-1, eps=1e-8)  # [..., B, H]
+    return cos.reshape(*cos.shape[:-1], n_kv_heads, -1).mean(dim=-1)
 
 
 class FreeKVRetrieval:
-    """Per-sequence-batch retrieval state: host pool, recent tokens, two view buffers, worker."""
+    """Retrieval state of one batch of sequences: host pool, recent tokens, two view buffers, worker."""
 
     def __init__(
         self,
@@ -310,22 +312,24 @@ class FreeKVRetrieval:
         self.pool = PagePool(n_layers, batch, n_kv_heads, head_dim, self.page, dtype,
                              capacity=max(8, self.k), summary_device=self.device, pin_memory=self._cuda)
         # master copy of sink + recent ring (same slot rule as a view, without the page region)
-        mshape = (batch, n_kv_heads, self.S + self.R, head_dim)
-        self._mk = [torch.zeros(mshape, dtype=dtype, device=self.device) for _ in range(n_layers)]
-        self._mv = [torch.zeros(mshape, dtype=dtype, device=self.device) for _ in range(n_layers)]
+        mshape = (n_layers, batch, n_kv_heads, self.S + self.R, head_dim)
+        self._mk = torch.zeros(mshape, dtype=dtype, device=self.device)
+        self._mv = torch.zeros(mshape, dtype=dtype, device=self.device)
         self._bufs = tuple(
             KVView(i, n_layers, batch, n_kv_heads, self.slots, head_dim, self.k, dtype, self.device, mask_dtype)
             for i in range(2)
         )
         self._cur = 0
         self._n = [0] * batch
-        self._query: list[Tensor] | None = None
-        self._spec_query: list[Tensor] | None = None
+        self._query: Tensor | None = None  # [L, B, H, D], the latest query
+        self._spec_query: Tensor | None = None  # the query the in-flight prefetch selects with
         self._pending: Future | None = None
         self._threaded = threaded and self.mode == "freekv"
         self._executor: ThreadPoolExecutor | None = None
-        #: optional ``hook(layer, n_pages)`` called after each layer's page copy (tests, tracing)
-        self.copy_hook: Callable[[int, int], None] | None = None
+        #: optional ``hook(n_pages)`` called after each page copy (one per ``copy_chunk`` layers)
+        self.copy_hook: Callable[[int], None] | None = None
+        #: layers per page-copy op (default: all layers in one op)
+        self.copy_chunk = n_layers
         self._cuda_state = None
         self._reset_stats()
 
@@ -341,7 +345,8 @@ class FreeKVRetrieval:
 
     @property
     def lengths(self) -> list[int]:
-        """Tokens stored per sequence (= the position of the next token)."""
+        """Tokens held per sequence (pool + sink + recent; padding excluded). Not a position:
+        after compaction or padding the runtime tracks positions itself."""
         return list(self._n)
 
     def start(
@@ -354,7 +359,7 @@ class FreeKVRetrieval:
         """Load a prefilled prompt and build the first view from its last query.
 
         ``keys[l]``/``values[l]`` ``[B, Hkv, N, D]``, ``query[l]`` ``[B, H, D]``; ``mask`` ``[B, N]``
-        (optional, nonzero = real token) drops padding (any pattern, e.g. left padding).
+        (optional, nonzero = real token) drops padding or dead slots (any pattern).
         """
         self._drain()
         self.pool.reset()
@@ -364,32 +369,29 @@ class FreeKVRetrieval:
         n_tok = keys[0].shape[2]
         for b in range(self.B):
             if mask is None:
-                idx = None
                 n = n_tok
+                kb = torch.stack([k[b] for k in keys])  # [L, Hkv, n, D]
+                vb = torch.stack([v[b] for v in values])
             else:
                 idx = torch.nonzero(mask[b].to(torch.bool), as_tuple=True)[0].to(keys[0].device)
                 n = int(idx.numel())
-            kb = [k[b] if idx is None else k[b].index_select(1, idx) for k in keys]  # [Hkv, n, D]
-            vb = [v[b] if idx is None else v[b].index_select(1, idx) for v in values]
+                kb = torch.stack([k[b].index_select(1, idx) for k in keys])
+                vb = torch.stack([v[b].index_select(1, idx) for v in values])
             s = min(self.S, n)
-            for layer in range(self.L):
-                self._mk[layer][b, :, :s] = kb[layer][:, :s]
-                self._mv[layer][b, :, :s] = vb[layer][:, :s]
-            rest = n - s
-            n_pages = max(0, (rest - self.W) // self.page)
-            if n_pages:
-                lo, hi = self.S, self.S + n_pages * self.page
-                self.pool.append(b, [k[:, lo:hi] for k in kb], [v[:, lo:hi] for v in vb])
+            self._mk[:, b, :, :s] = kb[:, :, :s]
+            self._mv[:, b, :, :s] = vb[:, :, :s]
+            n_pages = max(0, (n - s - self.W) // self.page)
             lo = self.S + n_pages * self.page
+            if n_pages:
+                self.pool.append(b, kb[:, :, self.S : lo].cpu(), vb[:, :, self.S : lo].cpu())
             if n > lo:
-                slots = self._master_slots(torch.arange(lo, n))
-                for layer in range(self.L):
-                    self._mk[layer][b][:, slots] = kb[layer][:, lo:n].to(self.device, self.dtype)
-                    self._mv[layer][b][:, slots] = vb[layer][:, lo:n].to(self.device, self.dtype)
+                slots = self._master_slots(torch.arange(lo, n)).to(self.device)
+                self._mk[:, b][:, :, slots] = kb[:, :, lo:n].to(self.device, self.dtype)
+                self._mv[:, b][:, :, slots] = vb[:, :, lo:n].to(self.device, self.dtype)
             self._n[b] = n
-        self._query = [q.detach().clone() for q in query]
+        self._query = torch.stack([q.detach() for q in query]).to(self.device).clone()
         self._cur = 0
-        self._prepare(self._bufs[0], self._query, count=False)
+        self._prepare(self._bufs[0], self._query, count=False, wait=True)
         self._sync_device()
         return self.view()
 
@@ -431,7 +433,7 @@ class FreeKVRetrieval:
         """
         self._check_started()
         nxt = self._bufs[1 - self._cur]
-        q = [t.detach().clone() for t in query]
+        q = torch.stack([t.detach() for t in query]).to(self.device).clone()
         speculative = self._pending is not None
         if speculative:
             t0 = time.perf_counter()
@@ -440,22 +442,21 @@ class FreeKVRetrieval:
             self._sync_device()
             self._stat["wait_s"] += time.perf_counter() - t0
         self._append_token(new_keys, new_values, nxt if speculative else None)
+        t0 = time.perf_counter()
         if speculative:
-            t0 = time.perf_counter()
-            corr = self._needs_correction(q, self._spec_query)
+            corr = self._needs_correction(q, self._spec_query)  # [L, B, Hkv]
             self._stat["heads_checked"] += corr.numel()
-            self._stat["heads_corrected"] += int(corr.sum())
-            for layer in range(self.L):
-                if bool(corr[layer].any()):
-                    fresh = self._select(layer, q[layer], nxt)
-                    sel = torch.where(corr[layer].to(fresh.device)[..., None], fresh, nxt.slot_pages[layer])
-                    self._recall(nxt, layer, sel)
-            self._update_mask(nxt)
+            n_corr = int(corr.sum())
+            self._stat["heads_corrected"] += n_corr
+            with self._stream_ctx(wait=True):
+                if n_corr:
+                    fresh = self._select(q, nxt)
+                    self._recall(nxt, torch.where(corr[..., None], fresh, nxt.slot_pages))
+                self._update_mask(nxt)
             self._sync_device()
             self._stat["correction_s"] += time.perf_counter() - t0
         else:
-            t0 = time.perf_counter()
-            self._prepare(nxt, q)
+            self._prepare(nxt, q, wait=True)
             self._sync_device()
             self._stat["sync_prepare_s"] += time.perf_counter() - t0
         self._query = q
@@ -472,21 +473,21 @@ class FreeKVRetrieval:
         self._check_started()
         if self._pending is not None:
             raise RuntimeError("select() while a prefetch is in flight; call it before prefetch()")
-        q = [t.detach().clone() for t in query]
-        self._prepare(self.view(), q)
+        q = torch.stack([t.detach() for t in query]).to(self.device).clone()
+        self._prepare(self.view(), q, wait=True)
         self._sync_device()
         self._query = q
         return self.view()
 
-    def selected_pages(self, layer: int, buffer: KVView | None = None) -> Tensor:
-        """Page ids ``[B, Hkv, k]`` held by a buffer (default: the current view), ``-1`` = empty slot."""
-        return (buffer or self.view()).slot_pages[layer]
-
     def fresh_selection(self, layer: int, query: Tensor, buffer: KVView | None = None) -> Tensor:
-        """What a fresh top-k selection with ``query`` would pick against ``buffer``'s pool snapshot."""
-        return self._select(layer, query, buffer or self.view())
+        """What a fresh top-k selection with ``query`` ``[B, H, D]`` picks for ``layer`` ``[B, Hkv, k]``
+        against ``buffer``'s pool snapshot (default: the current view)."""
+        buf = buffer or self.view()
+        n_pages = torch.tensor(buf.n_pages, dtype=torch.long)
+        return self.pool.select(layer, query, self.k, self.combine, n_pages=n_pages)
 
     def stats(self) -> dict:
+        """Run statistics since ``start`` (see the module docstring)."""
         s = dict(self._stat)
         steps = max(1, s["steps"])
         s["correction_rate"] = s["heads_corrected"] / s["heads_checked"] if s["heads_checked"] else 0.0
@@ -544,98 +545,104 @@ class FreeKVRetrieval:
         """Slots of (sink or recent) tokens ``idx`` in a view."""
         return torch.where(idx < self.S, idx, self.ring_off + (idx - self.S) % self.R)
 
-    def _select(self, layer: int, query: Tensor, buf: KVView) -> Tensor:
+    def _select(self, query: Tensor, buf: KVView) -> Tensor:
+        """Top-k pages ``[L, B, Hkv, k]`` for ``query`` ``[L, B, H, D]`` within ``buf``'s pool snapshot."""
         n_pages = torch.tensor(buf.n_pages, dtype=torch.long)
-        return self.pool.select(layer, query, self.k, self.combine, n_pages=n_pages)
+        return self.pool.select(None, query, self.k, self.combine, n_pages=n_pages)
 
-    def _prepare(self, buf: KVView, query: Sequence[Tensor], count: bool = True) -> None:
-        """Bring ``buf`` up to date: pool snapshot, missing tokens, top-k pages for ``query``, mask."""
-        buf.n_pages = self.pool.n_pages.tolist()
-        self._sync_tokens(buf)
-        for layer in range(self.L):
-            self._recall(buf, layer, self._select(layer, query[layer], buf), count=count)
-        self._update_mask(buf)
-        if self._cuda:
-            self._cuda_state["event"].record(self._cuda_state["stream"])
+    def _prepare(self, buf: KVView, query: Tensor, count: bool = True, wait: bool = False) -> None:
+        """Bring ``buf`` up to date: pool snapshot, missing tokens, top-k pages for ``query``, mask.
+
+        On CUDA everything is queued on the copy stream (``wait``: after the work already queued
+        on the caller's stream; the worker does not wait, ``prefetch`` ordered it already).
+        """
+        with self._stream_ctx(wait=wait):
+            buf.n_pages = self.pool.n_pages.tolist()
+            self._sync_tokens(buf)
+            self._recall(buf, self._select(query, buf), count=count)
+            self._update_mask(buf)
 
     def _sync_tokens(self, buf: KVView) -> None:
         """Copy into ``buf`` the sink/recent tokens it lacks (tokens in its pool snapshot are skipped)."""
-        bi, src, dst = [], [], []
         for b in range(self.B):
             lo_ring = self.S + buf.n_pages[b] * self.page
             idx = torch.arange(buf.length[b], self._n[b])
             idx = idx[(idx < self.S) | (idx >= lo_ring)]
-            if idx.numel():
-                bi.append(torch.full_like(idx, b))
-                src.append(self._master_slots(idx))
-                dst.append(self._view_slots(idx))
             buf.length[b] = self._n[b]
-        if not bi:
-            return
-        bi_t, src_t, dst_t = (torch.cat(x).to(self.device) for x in (bi, src, dst))
-        with self._stream_ctx():
-            for layer in range(self.L):
-                buf.keys[layer][bi_t, :, dst_t] = self._mk[layer][bi_t, :, src_t]
-                buf.values[layer][bi_t, :, dst_t] = self._mv[layer][bi_t, :, src_t]
-        self._stat["tokens_copied"] += int(bi_t.numel())
+            if not idx.numel():
+                continue
+            src, dst = self._master_slots(idx).to(self.device), self._view_slots(idx).to(self.device)
+            buf.all_keys[:, b][:, :, dst] = self._mk[:, b][:, :, src]
+            buf.all_values[:, b][:, :, dst] = self._mv[:, b][:, :, src]
+            self._stat["tokens_copied"] += int(idx.numel())
 
-    def _recall(self, buf: KVView, layer: int, sel: Tensor, count: bool = True) -> None:
-        """Make ``buf``'s page slots of ``layer`` hold the pages ``sel`` ``[B, Hkv, k]`` (``-1`` = none).
+    def _recall(self, buf: KVView, sel: Tensor, count: bool = True) -> None:
+        """Make ``buf``'s page slots hold the pages ``sel`` ``[L, B, Hkv, k]`` (``-1`` = none).
 
         Pages already resident stay in their slot; missing pages go to the free slots in
         ascending slot order; only those are copied.
         """
-        smap = buf.slot_pages[layer]
+        smap = buf.slot_pages
         sel = sel.to(smap.device)
         valid = sel >= 0
-        present = (sel[..., :, None] == smap[..., None, :]).any(-1) & valid  # [B,Hkv,k] over sel
+        present = (sel[..., :, None] == smap[..., None, :]).any(-1) & valid  # over sel entries
         missing = valid & ~present
-        keep = (smap[..., :, None] == sel[..., None, :]).any(-1) & (smap >= 0)  # [B,Hkv,k] over slots
+        keep = (smap[..., :, None] == sel[..., None, :]).any(-1) & (smap >= 0)  # over slots
         n_miss = missing.sum(-1, keepdim=True)
         rank = torch.arange(self.k, device=smap.device) < n_miss  # first n_miss of each ordering
         miss_order = torch.argsort((~missing).to(torch.int8), dim=-1, stable=True)
-        free_order = torch.argsort(keep.to(torch.int8), dim=-1, stable=True)
+        free_order = torch.argsort(keep.to(torch.int8), dim=-1, stable=True)  # free slots first, ascending
         pages = torch.gather(sel, -1, miss_order)[rank]
         slots = free_order[rank]
-        bi, hi = torch.nonzero(rank, as_tuple=True)[:2]
+        li, bi, hi = torch.nonzero(rank, as_tuple=True)[:3]  # row-major: sorted by layer
         new_map = torch.where(keep, smap, torch.full_like(smap, -1))
-        new_map[bi, hi, slots] = pages
+        new_map[li, bi, hi, slots] = pages
         if count:
             self._stat["pages_selected"] += int(valid.sum())
             self._stat["pages_hit"] += int(present.sum())
             self._stat["pages_recalled"] += int(pages.numel())
-        if pages.numel():
-            self._copy_pages(buf, layer, bi, hi, slots, pages)
+        if self.copy_chunk >= self.L:
+            self._copy_pages(buf, li, bi, hi, slots, pages)
+        else:
+            bounds = torch.searchsorted(li, torch.arange(0, self.L + self.copy_chunk, self.copy_chunk,
+                                                         device=li.device)).tolist()
+            for a, z in zip(bounds[:-1], bounds[1:]):
+                self._copy_pages(buf, li[a:z], bi[a:z], hi[a:z], slots[a:z], pages[a:z])
         smap.copy_(new_map)
-        if self.copy_hook is not None:
-            self.copy_hook(layer, int(pages.numel()))
 
-    def _copy_pages(self, buf: KVView, layer: int, bi: Tensor, hi: Tensor, slots: Tensor, pages: Tensor) -> None:
-        pk = buf.keys[layer][:, :, self.S : self.ring_off].view(self.B, self.Hkv, self.k, self.page, self.D)
-        pv = buf.values[layer][:, :, self.S : self.ring_off].view(self.B, self.Hkv, self.k, self.page, self.D)
-        if not self._cuda:
-            blk = self.pool.data[layer][bi, pages, hi]  # [M, 2, page, D]
-            pk[bi, hi, slots] = blk[:, 0]
-            pv[bi, hi, slots] = blk[:, 1]
-            return
-        # CUDA: gather on the host into pinned staging, DMA on the copy stream, scatter on device.
+    def _copy_pages(self, buf: KVView, li: Tensor, bi: Tensor, hi: Tensor, slots: Tensor, pages: Tensor) -> None:
+        m = int(pages.numel())
+        if m:
+            shape = (self.L, self.B, self.Hkv, self.k, self.page, self.D)
+            pk = buf.all_keys[:, :, :, self.S : self.ring_off].view(shape)
+            pv = buf.all_values[:, :, :, self.S : self.ring_off].view(shape)
+            if not self._cuda:
+                blk = self.pool.data[li, bi, pages, hi]  # [M, 2, page, D]
+                pk[li, bi, hi, slots] = blk[:, 0]
+                pv[li, bi, hi, slots] = blk[:, 1]
+            else:
+                self._copy_pages_cuda(pk, pv, li, bi, hi, slots, pages)
+        if self.copy_hook is not None:
+            self.copy_hook(m)
+
+    def _copy_pages_cuda(self, pk, pv, li, bi, hi, slots, pages) -> None:
+        """Gather on the host into pinned staging, DMA on the copy stream, scatter on the device."""
         st = self._cuda_state
         m = int(pages.numel())
-        bi_c, hi_c, pg_c = bi.cpu(), hi.cpu(), pages.cpu()
-        flat = self.pool.data[layer].view(-1, 2, self.page, self.D)
+        li_c, bi_c, hi_c, pg_c = li.cpu(), bi.cpu(), hi.cpu(), pages.cpu()
         cap = self.pool.capacity
-        row = (bi_c * cap + pg_c) * self.Hkv + hi_c
-        host = st["host"][layer]
-        if host.shape[0] < m:
-            host = st["host"][layer] = torch.empty((m, 2, self.page, self.D), dtype=self.dtype, pin_memory=True)
-            st["dev"][layer] = torch.empty((m, 2, self.page, self.D), dtype=self.dtype, device=self.device)
-        torch.index_select(flat, 0, row, out=host[:m])
+        flat = self.pool.data.view(-1, 2, self.page, self.D)
+        row = ((li_c * self.B + bi_c) * cap + pg_c) * self.Hkv + hi_c
+        if st["host"].shape[0] < m:
+            st["host"] = torch.empty((m, 2, self.page, self.D), dtype=self.dtype, pin_memory=True)
+            st["dev"] = torch.empty((m, 2, self.page, self.D), dtype=self.dtype, device=self.device)
+        host, dev = st["host"][:m], st["dev"][:m]
+        torch.index_select(flat, 0, row, out=host)
         with torch.cuda.stream(st["stream"]):
-            dev = st["dev"][layer][:m]
-            dev.copy_(host[:m], non_blocking=True)
-            bi_d, hi_d, sl_d = bi.to(self.device), hi.to(self.device), slots.to(self.device)
-            pk[bi_d, hi_d, sl_d] = dev[:, 0]
-            pv[bi_d, hi_d, sl_d] = dev[:, 1]
+            dev.copy_(host, non_blocking=True)
+            pk[li, bi, hi, slots] = dev[:, 0]
+            pv[li, bi, hi, slots] = dev[:, 1]
+        st["stream"].synchronize()  # the pinned staging buffer is reused by the next copy
 
     def _update_mask(self, buf: KVView) -> None:
         m = torch.zeros((self.B, self.slots), dtype=torch.bool)
@@ -646,42 +653,37 @@ class FreeKVRetrieval:
             lo = self.S + npg * self.page
             if n > lo:
                 m[b, self._view_slots(torch.arange(lo, n))] = True
-        with self._stream_ctx():
-            buf.mask.copy_(m.to(buf.mask.dtype), non_blocking=self._cuda)
+        buf.mask.copy_(m.to(buf.mask.dtype), non_blocking=self._cuda)
 
     def _append_token(self, new_keys: Sequence[Tensor], new_values: Sequence[Tensor], buf: KVView | None) -> None:
         """Write the step's token into the master store (and ``buf``); spill a full page to the pool."""
-        idx = torch.tensor(self._n, dtype=torch.long)
-        bi = torch.arange(self.B, device=self.device)
-        ms, vs = self._master_slots(idx).to(self.device), self._view_slots(idx).to(self.device)
-        for layer in range(self.L):
-            k = new_keys[layer][:, :, -1].to(self.device, self.dtype)  # [B, Hkv, D]
-            v = new_values[layer][:, :, -1].to(self.device, self.dtype)
-            self._mk[layer][bi, :, ms] = k
-            self._mv[layer][bi, :, ms] = v
-            if buf is not None:
-                buf.keys[layer][bi, :, vs] = k
-                buf.values[layer][bi, :, vs] = v
+        k = torch.stack([t[:, :, -1] for t in new_keys]).to(self.device, self.dtype)  # [L, B, Hkv, D]
+        v = torch.stack([t[:, :, -1] for t in new_values]).to(self.device, self.dtype)
         for b in range(self.B):
-            if buf is not None and buf.length[b] == self._n[b]:
-                buf.length[b] += 1
-            self._n[b] += 1
-            npg = int(self.pool.n_pages[b])
-            lo = self.S + npg * self.page
+            idx = self._n[b]
+            ms = idx if idx < self.S else self.S + (idx - self.S) % self.R
+            self._mk[:, b, :, ms] = k[:, b]
+            self._mv[:, b, :, ms] = v[:, b]
+            if buf is not None:
+                vs = idx if idx < self.S else self.ring_off + (idx - self.S) % self.R
+                buf.all_keys[:, b, :, vs] = k[:, b]
+                buf.all_values[:, b, :, vs] = v[:, b]
+                if buf.length[b] == idx:
+                    buf.length[b] = idx + 1
+            self._n[b] = idx + 1
+            lo = self.S + int(self.pool.n_pages[b]) * self.page
             if self._n[b] - lo >= self.R:  # ring full: its oldest page leaves the window
                 slots = self._master_slots(torch.arange(lo, lo + self.page)).to(self.device)
-                self.pool.append(b, [mk[b][:, slots].cpu() for mk in self._mk],
-                                 [mv[b][:, slots].cpu() for mv in self._mv])
+                self.pool.append(b, self._mk[:, b][:, :, slots].cpu(), self._mv[:, b][:, :, slots].cpu())
 
-    def _needs_correction(self, q: Sequence[Tensor], q_spec: Sequence[Tensor]) -> Tensor:
+    def _needs_correction(self, q: Tensor, q_spec: Tensor) -> Tensor:
         """``[L, B, Hkv]`` bool: heads whose group-mean cos(q_t, q_{t-1}) is below ``tau``."""
         shape = (self.L, self.B, self.Hkv)
         if self.tau >= 1.0:
-            return torch.ones(shape, dtype=torch.bool)
+            return torch.ones(shape, dtype=torch.bool, device=q.device)
         if self.tau <= 0.0:
-            return torch.zeros(shape, dtype=torch.bool)
-        cos = torch.stack([_cos_per_kv_head(a, b, self.Hkv).cpu() for a, b in zip(q, q_spec)])
-        return cos < self.tau
+            return torch.zeros(shape, dtype=torch.bool, device=q.device)
+        return _cos_per_kv_head(q, q_spec, self.Hkv) < self.tau
 
     # ------------------------------------------------------------------ CUDA helpers (lazy)
     def _cuda_init(self) -> None:
@@ -689,27 +691,25 @@ class FreeKVRetrieval:
             self._cuda_state = {
                 "stream": torch.cuda.Stream(device=self.device),
                 "event": torch.cuda.Event(),
-                "host": [torch.empty((0, 2, self.page, self.D), dtype=self.dtype) for _ in range(self.L)],
-                "dev": [None] * self.L,
+                "host": torch.empty((0, 2, self.page, self.D), dtype=self.dtype),
+                "dev": None,
             }
 
-    def _stream_ctx(self):
+    def _stream_ctx(self, wait: bool = False):
         if not self._cuda:
-            return _NullCtx()
+            return contextlib.nullcontext()
         self._cuda_init()
-        return torch.cuda.stream(self._cuda_state["stream"])
+        stream = self._cuda_state["stream"]
+        if wait:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        return torch.cuda.stream(stream)
 
     def _sync_device(self) -> None:
+        """Block until the copy stream's queued recall is done (an event recorded behind it)."""
         if self._cuda and self._cuda_state is not None:
-            self._cuda_state["stream"].synchronize()
-
-
-class _NullCtx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+            event = self._cuda_state["event"]
+            event.record(self._cuda_state["stream"])
+            event.synchronize()
 
 
 __all__ = [

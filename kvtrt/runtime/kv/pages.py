@@ -5,10 +5,12 @@ fixed pages of ``page`` tokens (default 32). Per layer the pool is one tensor
 
     data[layer]  [B, capacity, Hkv, 2, page, D]     (one KV head's page: its K then its V, contiguous)
 
+(all layers are one ``[L, B, capacity, Hkv, 2, page, D]`` tensor)
+
 so recalling "page p of KV head h" is a single contiguous ``2*page*D`` block (FreeKV's
 head-major host layout: no fragmented transfers). Each page carries a summary of its keys,
 
-    kmin[layer], kmax[layer]  [B, capacity, Hkv, D]  (per-channel min / max over the page's keys)
+    kmin[layer], kmax[layer]  [B, Hkv, capacity, D]  (per-channel min / max over the page's keys)
 
 kept in float32 on ``summary_device`` (the view device, so selection runs next to the queries).
 Pages are append-only; ``n_pages[b]`` counts the pages of sequence ``b`` (sequences of a batch
@@ -47,19 +49,20 @@ def summarize(keys: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def page_scores(query: Tensor, kmin: Tensor, kmax: Tensor) -> Tensor:
-    """Quest upper-bound scores ``[B, H, P]`` of each query head against each page.
+    """Quest upper-bound scores ``[..., B, H, P]`` of each query head against each page.
 
-    ``query`` ``[B, H, D]`` (query head ``h`` belongs to KV head ``h // (H // Hkv)``),
-    ``kmin``/``kmax`` ``[B, P, Hkv, D]``. Computed in float32.
+    ``query`` ``[..., B, H, D]`` (query head ``h`` belongs to KV head ``h // (H // Hkv)``),
+    ``kmin``/``kmax`` ``[..., B, Hkv, P, D]`` (the same leading dims, e.g. layers, or none).
+    Computed in float32 as two batched matmuls.
     """
-    b, h, d = query.shape
-    hkv = kmin.shape[2]
+    *lead, h, d = query.shape
+    hkv = kmin.shape[-3]
     if h % hkv:
         raise ValueError(f"{h} query heads are not a multiple of {hkv} KV heads")
-    q = query.float().reshape(b, hkv, h // hkv, d)
-    scores = torch.einsum("bhgd,bphd->bhgp", q.clamp(min=0), kmax.float())
-    scores = scores + torch.einsum("bhgd,bphd->bhgp", q.clamp(max=0), kmin.float())
-    return scores.reshape(b, h, -1)
+    q = query.float().reshape(*lead, hkv, h // hkv, d)
+    scores = q.clamp(min=0) @ kmax.float().transpose(-1, -2)
+    scores = scores + q.clamp(max=0) @ kmin.float().transpose(-1, -2)
+    return scores.reshape(*lead, h, scores.shape[-1])
 
 
 def group_scores(
@@ -69,38 +72,38 @@ def group_scores(
     valid: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
-    """Combine per-query-head page scores ``[B, H, P]`` into per-KV-head scores ``[B, Hkv, P]``.
+    """Combine per-query-head page scores ``[..., B, H, P]`` into per-KV-head scores ``[..., B, Hkv, P]``.
 
     ``valid`` ``[B, P]`` (bool) marks the pages that exist; the others get ``-inf`` (so they
     always lose against a real page, even one whose softmax probability underflows to 0).
-    ``scale`` (softmax only) defaults to ``1/sqrt(D)`` and must then be given explicitly by
-    callers that know ``D``; :func:`select_pages` does.
+    ``scale`` multiplies the scores before the softmax (:func:`select_pages` passes ``1/sqrt(D)``,
+    the attention logit scale); default 1.
     """
     if combine not in COMBINES:
         raise ValueError(f"combine={combine!r}; use one of {', '.join(COMBINES)}")
-    b, h, p = scores.shape
-    g = scores.reshape(b, n_kv_heads, h // n_kv_heads, p)
-    invalid = None if valid is None else ~valid.to(torch.bool)[:, None, None, :]
+    *lead, h, p = scores.shape
+    g = scores.reshape(*lead, n_kv_heads, h // n_kv_heads, p)
+    invalid = None if valid is None else ~valid.to(torch.bool)[:, None, None, :]  # [B, 1, 1, P]
     if combine == "softmax":
         logits = g * (1.0 if scale is None else scale)
         if invalid is not None:
             logits = logits.masked_fill(invalid, float("-inf"))
         probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with no page at all -> 0
-        out = probs.mean(dim=2)
+        out = probs.mean(dim=-2)
     else:
-        out = g.mean(dim=2)
+        out = g.mean(dim=-2)
     if invalid is not None:
         out = out.masked_fill(invalid[:, :, 0, :], float("-inf"))
     return out
 
 
 def topk_pages(scores: Tensor, k: int) -> Tensor:
-    """Indices ``[B, Hkv, k]`` (int64) of the ``k`` best pages per row of ``scores`` ``[B, Hkv, P]``.
+    """Indices ``[..., k]`` (int64) of the ``k`` best pages along the last dim of ``scores`` ``[..., P]``.
 
     Missing entries (fewer than ``k`` pages, or pages scored ``-inf``) are ``-1``, at the end.
     """
-    b, hkv, p = scores.shape
-    out = torch.full((b, hkv, k), -1, dtype=torch.long, device=scores.device)
+    p = scores.shape[-1]
+    out = torch.full((*scores.shape[:-1], k), -1, dtype=torch.long, device=scores.device)
     kk = min(k, p)
     if kk == 0:
         return out
@@ -117,18 +120,19 @@ def select_pages(
     k: int,
     combine: str = "softmax",
 ) -> Tensor:
-    """Top-``k`` pages per (sequence, KV head) for ``query`` ``[B, H, D]``: ``[B, Hkv, k]``, ``-1`` padded.
+    """Top-``k`` pages per (sequence, KV head) for ``query`` ``[..., B, H, D]``: ``[..., B, Hkv, k]``.
 
-    ``kmin``/``kmax`` ``[B, P, Hkv, D]`` hold at least ``max(n_pages)`` pages; ``n_pages`` ``[B]``
-    says how many exist per sequence (pages ``>= n_pages[b]`` are never selected).
+    ``kmin``/``kmax`` ``[..., B, Hkv, P, D]`` hold at least ``max(n_pages)`` pages; ``n_pages`` ``[B]``
+    says how many exist per sequence (pages ``>= n_pages[b]`` are never selected). Missing
+    entries are ``-1``. Leading dims (e.g. layers) are selected independently in one call.
     """
-    bsz, _, d = query.shape
-    hkv = kmin.shape[2]
+    *lead, bsz, _, d = query.shape
+    hkv = kmin.shape[-3]
     n_pages = n_pages.to(kmin.device)
     p = int(n_pages.max()) if n_pages.numel() else 0
     if p == 0 or k == 0:
-        return torch.full((bsz, hkv, k), -1, dtype=torch.long, device=kmin.device)
-    kmin, kmax = kmin[:, :p], kmax[:, :p]
+        return torch.full((*lead, bsz, hkv, k), -1, dtype=torch.long, device=kmin.device)
+    kmin, kmax = kmin[..., :p, :], kmax[..., :p, :]
     valid = torch.arange(p, device=kmin.device)[None, :] < n_pages[:, None]
     scores = page_scores(query.to(kmin.device), kmin, kmax)
     combined = group_scores(scores, hkv, combine, valid, scale=1.0 / math.sqrt(d))
@@ -138,9 +142,11 @@ def select_pages(
 class PagePool:
     """Append-only host store of full pages for ``batch`` sequences and ``n_layers`` layers.
 
-    ``data[l]`` ``[B, cap, Hkv, 2, page, D]`` (``dtype``, on CPU, pinned if ``pin_memory``);
-    ``kmin[l]``/``kmax[l]`` ``[B, cap, Hkv, D]`` float32 on ``summary_device``;
-    ``n_pages`` ``[B]`` int64 (CPU).
+    ``data`` ``[L, B, cap, Hkv, 2, page, D]`` (``dtype``, on CPU, pinned if ``pin_memory``; ``data[l]``
+    is layer ``l``); ``kmin``/``kmax`` ``[L, B, Hkv, cap, D]`` float32 on ``summary_device``
+    (page-minor, so scoring is a plain batched matmul);
+    ``n_pages`` ``[B]`` int64 (CPU). All layers live in one tensor so selection and recall run as
+    a few batched ops per step instead of a few per layer.
     """
 
     def __init__(
@@ -164,9 +170,7 @@ class PagePool:
         self.pin_memory = pin_memory
         self.n_pages = torch.zeros(batch, dtype=torch.long)
         self._cap = 0
-        self.data: list[Tensor] = []
-        self.kmin: list[Tensor] = []
-        self.kmax: list[Tensor] = []
+        self.data = self.kmin = self.kmax = None
         self._alloc(max(1, capacity))
 
     # ------------------------------------------------------------------ storage
@@ -180,19 +184,15 @@ class PagePool:
         return 2 * self.page * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
     def _alloc(self, cap: int) -> None:
-        b, h, d, pg = self.batch, self.n_kv_heads, self.head_dim, self.page
-        data, kmin, kmax = [], [], []
-        for layer in range(self.n_layers):
-            t = torch.zeros((b, cap, h, 2, pg, d), dtype=self.dtype, pin_memory=self.pin_memory)
-            lo = torch.zeros((b, cap, h, d), dtype=torch.float32, device=self.summary_device)
-            hi = torch.zeros((b, cap, h, d), dtype=torch.float32, device=self.summary_device)
-            if self._cap:
-                t[:, : self._cap] = self.data[layer]
-                lo[:, : self._cap] = self.kmin[layer]
-                hi[:, : self._cap] = self.kmax[layer]
-            data.append(t)
-            kmin.append(lo)
-            kmax.append(hi)
+        L, b, h, d, pg = self.n_layers, self.batch, self.n_kv_heads, self.head_dim, self.page
+        # only appended pages are ever read, so the page store needs no zero fill
+        data = torch.empty((L, b, cap, h, 2, pg, d), dtype=self.dtype, pin_memory=self.pin_memory)
+        kmin = torch.zeros((L, b, h, cap, d), dtype=torch.float32, device=self.summary_device)
+        kmax = torch.zeros((L, b, h, cap, d), dtype=torch.float32, device=self.summary_device)
+        if self._cap:
+            data[:, :, : self._cap] = self.data
+            kmin[:, :, :, : self._cap] = self.kmin
+            kmax[:, :, :, : self._cap] = self.kmax
         self.data, self.kmin, self.kmax, self._cap = data, kmin, kmax, cap
 
     def reserve(self, n_pages: int) -> None:
@@ -208,12 +208,15 @@ class PagePool:
         self.n_pages.zero_()
 
     # ------------------------------------------------------------------ writing
-    def append(self, b: int, keys: Sequence[Tensor], values: Sequence[Tensor]) -> range:
-        """Append whole pages to sequence ``b``: ``keys[l]``/``values[l]`` ``[Hkv, n*page, D]`` per layer.
+    def append(self, b: int, keys: Sequence[Tensor] | Tensor, values: Sequence[Tensor] | Tensor) -> range:
+        """Append whole pages to sequence ``b``.
 
-        Returns the new page ids.
+        ``keys``/``values``: per layer ``[Hkv, n*page, D]`` (a list, or one ``[L, Hkv, n*page, D]``
+        tensor). Returns the new page ids.
         """
-        n_tok = keys[0].shape[-2]
+        if not isinstance(keys, Tensor):
+            keys, values = torch.stack(list(keys)), torch.stack(list(values))
+        n_tok = keys.shape[-2]
         if n_tok % self.page:
             raise ValueError(f"{n_tok} tokens is not a whole number of {self.page}-token pages")
         n_new = n_tok // self.page
@@ -221,34 +224,39 @@ class PagePool:
         if n_new == 0:
             return range(p0, p0)
         self.reserve(p0 + n_new)
-        h, d, pg = self.n_kv_heads, self.head_dim, self.page
-        for layer in range(self.n_layers):
-            k = keys[layer].reshape(h, n_new, pg, d).transpose(0, 1)  # [n, Hkv, page, D]
-            v = values[layer].reshape(h, n_new, pg, d).transpose(0, 1)
-            dst = self.data[layer][b, p0 : p0 + n_new]
-            dst[:, :, 0].copy_(k)
-            dst[:, :, 1].copy_(v)
-            lo, hi = summarize(k.to(self.summary_device, torch.float32))
-            self.kmin[layer][b, p0 : p0 + n_new] = lo
-            self.kmax[layer][b, p0 : p0 + n_new] = hi
+        L, h, d, pg = self.n_layers, self.n_kv_heads, self.head_dim, self.page
+        k = keys.reshape(L, h, n_new, pg, d).transpose(1, 2)  # [L, n, Hkv, page, D]
+        v = values.reshape(L, h, n_new, pg, d).transpose(1, 2)
+        dst = self.data[:, b, p0 : p0 + n_new]  # [L, n, Hkv, 2, page, D]
+        dst[:, :, :, 0].copy_(k)
+        dst[:, :, :, 1].copy_(v)
+        lo, hi = summarize(k.to(self.summary_device, torch.float32))  # [L, n, Hkv, D]
+        self.kmin[:, b, :, p0 : p0 + n_new] = lo.transpose(1, 2)
+        self.kmax[:, b, :, p0 : p0 + n_new] = hi.transpose(1, 2)
         self.n_pages[b] = p0 + n_new
         return range(p0, p0 + n_new)
 
     # ------------------------------------------------------------------ reading
     def page_kv(self, layer: int, b: int, page_id: int) -> tuple[Tensor, Tensor]:
         """Keys and values ``[Hkv, page, D]`` of one page."""
-        blk = self.data[layer][b, page_id]
+        blk = self.data[layer, b, page_id]
         return blk[:, 0], blk[:, 1]
 
     def scores(self, layer: int, query: Tensor, n_pages: Tensor | None = None) -> Tensor:
         """Raw per-query-head scores ``[B, H, P]`` (``P = max n_pages``) for ``query`` ``[B, H, D]``."""
         n = self.n_pages if n_pages is None else n_pages
         p = int(n.max()) if n.numel() else 0
-        return page_scores(query.to(self.summary_device), self.kmin[layer][:, :p], self.kmax[layer][:, :p])
+        return page_scores(query.to(self.summary_device), self.kmin[layer, :, :, :p], self.kmax[layer, :, :, :p])
 
     def select(
-        self, layer: int, query: Tensor, k: int, combine: str = "softmax", n_pages: Tensor | None = None
+        self, layer: int | None, query: Tensor, k: int, combine: str = "softmax", n_pages: Tensor | None = None
     ) -> Tensor:
-        """Top-``k`` page ids ``[B, Hkv, k]`` (``-1`` padded) among the first ``n_pages[b]`` pages."""
+        """Top-``k`` page ids (``-1`` padded) among the first ``n_pages[b]`` pages.
+
+        ``layer`` an int: ``query`` ``[B, H, D]`` -> ``[B, Hkv, k]``; ``layer=None``: every layer at
+        once, ``query`` ``[L, B, H, D]`` -> ``[L, B, Hkv, k]``.
+        """
         n = self.n_pages if n_pages is None else n_pages
+        if layer is None:
+            return select_pages(query, self.kmin, self.kmax, n, k, combine)
         return select_pages(query, self.kmin[layer], self.kmax[layer], n, k, combine)
