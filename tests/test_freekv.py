@@ -595,3 +595,45 @@ def test_cuda_path_matches_cpu():
             assert torch.equal(x, y.cpu())
     cpu.close()
     gpu.close()
+
+
+# ----------------------------------------------------------------------------- properties
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    page=st.integers(1, 6),
+    sink=st.integers(0, 5),
+    window=st.integers(0, 10),
+    extra_pages=st.integers(0, 6),
+    n0=st.integers(1, 70),
+    steps=st.integers(1, 25),
+    tau=st.sampled_from([0.0, 0.5, 1.0]),
+    batch=st.integers(1, 2),
+    combine=st.sampled_from(["softmax", "mean"]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_views_consistent(page, sink, window, extra_pages, n0, steps, tau, batch, combine, seed):
+    seq = Seq(L=2, B=batch, Hkv=2, G=2, D=8, total=n0 + steps + 1, seed=seed, drift=0.5)
+    budget = sink + window + page + extra_pages * page
+    r = make(f"freekv:budget={budget},page={page},sink={sink},window={window},tau={tau},combine={combine}", seq)
+    full = budget >= n0 + steps
+
+    def on_step(view, n, q):
+        check_view(r, view, seq, [n] * batch)
+        if full:
+            for layer in range(seq.L):
+                assert token_ids(view, layer, 0, 0).numel() == n
+                ref = attend(q[layer], seq.keys[layer][:, :, :n], seq.values[layer][:, :, :n],
+                             torch.ones(batch, n, dtype=torch.bool))
+                got = attend(q[layer], view.keys[layer], view.values[layer], view.mask)
+                torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+
+    n = decode(r, seq, n0, steps, on_step=on_step)
+    check_view(r, r.view(), seq, [n] * batch)
+    live = r.view().mask.sum(-1)
+    assert (live <= budget + page).all()  # the ring holds up to window + page tokens
+    r.close()

@@ -46,7 +46,8 @@ Slot layout of a view (fixed ``slots = sink + k*page + window + page``)::
 
 The recent part holds between ``window`` and ``window + page - 1`` tokens: once it reaches
 ``window + page`` tokens its oldest ``page`` tokens are spilled into the host pool as a new page
-(with its min/max summary). While ``n_pages <= k`` page ``j`` sits in page slot ``j``, so the
+(with its min/max summary). A view prepared just before a spill keeps the spilled tokens in its
+ring for one step, so a view attends at most ``slots <= budget + page`` tokens. While ``n_pages <= k`` page ``j`` sits in page slot ``j``, so the
 live page slots are always a prefix ``min(k, n_pages)`` shared by all KV heads and the mask is
 ``[B, slots]``. With ``budget >= context`` every page is selected, i.e. the view holds every
 token and attention over it equals full attention. Sequences of a batch may have different
