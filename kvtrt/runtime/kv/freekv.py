@@ -11,15 +11,21 @@ current query, per KV head.
 Usage (what the runtime calls)::
 
     r = build_retrieval("freekv:budget=1024").create(n_layers, n_kv_heads, n_heads, head_dim,
-                                                     batch=1, dtype=torch.float32)
+                                                     batch=1, dtype=torch.float32,
+                                                     mask_dtype=torch.int64)  # past_mask dtype
     r.start(keys, values, query, mask=None)  # after prefill: [B,Hkv,N,D] per layer, last prompt query [B,H,D]
     a, b = r.views                           # the two fixed buffers: bind each once
     while decoding:
         view = r.view()                      # .keys/.values: per layer [B,Hkv,slots,D]; .mask [B,slots]
         r.prefetch()                         # right before the engine call on `view`
-        out = engine(view)          # positions are the runtime's own
+        out = engine(view)                   # positions are the runtime's own
         r.finish_step(out.query, out.keys, out.values)  # returns the next view
     r.stats(); r.close()
+
+``create(..., threaded=False)`` runs the speculative preparation inline in ``prefetch()`` (same
+results, no overlap; for debugging). ``r.copy_hook = fn`` calls ``fn(n_pages)`` after every
+page-copy op (``r.copy_chunk`` layers per op, default all layers in one op): tests use it to
+count and to delay copies.
 
 Quest mode (``quest:...``) is synchronous: ``prefetch()`` does nothing and ``finish_step`` builds
 the next view from the query it is given. To select with the *current* query the runtime runs
@@ -41,16 +47,17 @@ attended), ``tau=0.9``, ``combine=softmax``.
 Slot layout of a view (fixed ``slots = sink + k*page + window + page``)::
 
     [0, sink)                          sink tokens (token i at slot i)
-    [sink, sink + k*page)              k selected pages; page slot j = slots sink+j*page ...
+    [sink, ring = sink + k*page)       k selected pages: page slot j is [sink + j*page, sink + (j+1)*page)
     [ring, ring + window + page)       recent ring: token i >= sink at ring + (i - sink) % (window+page)
 
 The recent part holds between ``window`` and ``window + page - 1`` tokens: once it reaches
 ``window + page`` tokens its oldest ``page`` tokens are spilled into the host pool as a new page
 (with its min/max summary). A view prepared just before a spill keeps the spilled tokens in its
-ring for one step, so a view attends at most ``slots <= budget + page`` tokens. While ``n_pages <= k`` page ``j`` sits in page slot ``j``, so the
-live page slots are always a prefix ``min(k, n_pages)`` shared by all KV heads and the mask is
-``[B, slots]``. With ``budget >= context`` every page is selected, i.e. the view holds every
-token and attention over it equals full attention. Sequences of a batch may have different
+ring for one step, so a view attends at most ``slots <= budget + page`` tokens. While
+``n_pages <= k`` page ``j`` sits in page slot ``j`` (missing pages always fill the lowest free
+slots), so the live page slots are a prefix ``min(k, n_pages)`` shared by all KV heads and one
+mask ``[B, slots]`` serves every head. With ``budget >= context`` every page is selected, i.e.
+the view holds every token and attention over it equals full attention. Sequences of a batch may have different
 lengths (``start(mask=...)`` drops padding); each is laid out independently.
 
 Speculative retrieval + correction, adapted to a monolithic graph. FreeKV selects the pages for
@@ -65,13 +72,18 @@ recall with compute, then corrects the heads whose query drifted. Here the graph
   every (layer, sequence, KV head) whose cosine similarity between ``q_t`` and ``q_{t-1}``
   (averaged over the group's query heads) is below ``tau`` re-selects with ``q_t`` and recalls the
   missing pages (correction, on the critical path), and swaps buffers. ``tau=1`` corrects every
-  head (always the freshest query), ``tau=0`` never corrects (pure speculation).
+  head (always the freshest query, even when the cosine rounds to 1), ``tau=0`` never corrects
+  (pure speculation, even for negative cosines).
+
+Page scores are Quest's ``sum_d max(q_d*kmax_d, q_d*kmin_d)`` per query head; the query heads of a
+KV group share one selection (``combine=softmax``: mean over the group of the per-head softmax
+over pages of ``score/sqrt(D)``; ``combine=mean``: mean of the raw scores), see ``kv.pages``.
 
 Incremental double-buffered recall: two views alternate between steps, so the engine never
 reads a buffer that is being written (the worker only ever writes the buffer that is not
 served; ``finish_step`` swaps only after the worker and the corrections are done). Each buffer
 keeps its slot-to-page map per (layer, sequence, KV head) and receives only the pages it lacks
-(misses) and the tokens added since it was last served. A spilled page stays in the ring of the
+(misses) and the tokens added since it was last prepared. A spilled page stays in the ring of the
 buffer prepared before the spill and is only selectable in buffers prepared after it (a buffer
 never holds a token twice). On CPU the worker is a thread (torch releases the GIL in copies);
 with a CUDA ``device`` the pool lives in pinned host memory and pages are staged and copied on
@@ -223,7 +235,9 @@ def build_retrieval(stage: Stage | str) -> RetrievalConfig:
         try:
             tau = float(raw)
         except ValueError:
-            raise KVSpecError(f"freekv: tau={raw!r} is not a number; give a cosine threshold in [0, 1], e.g. tau=0.9") from None
+            raise KVSpecError(
+                f"freekv: tau={raw!r} is not a number; give a cosine threshold in [0, 1], e.g. tau=0.9"
+            ) from None
         if not 0.0 <= tau <= 1.0:
             raise KVSpecError(
                 f"freekv: tau={raw} is outside [0, 1]; tau=0 never corrects, tau=1 always corrects, e.g. tau=0.9"
