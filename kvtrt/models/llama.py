@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import ArchConfig, DecoderGraph
+from .base import ArchConfig, DecoderGraph, rotate_half_matrix
 
 
 class UnsupportedModelError(ValueError):
@@ -45,7 +45,8 @@ class LlamaAdapter:
         )
 
     def weights(self, model, arch: ArchConfig, dtype: torch.dtype) -> dict[str, Tensor]:
-        """HF state dict -> DecoderGraph weights (projections pre-transposed to [in, out])."""
+        """HF state dict -> DecoderGraph weights: projections pre-transposed to [in, out], q/k/v and
+        gate/up fused, the attention scale folded into the query projection."""
         sd = model.state_dict()
         out: dict[str, Tensor] = {}
 
@@ -60,16 +61,23 @@ class LlamaAdapter:
             put("embed.weight", embed)
             put("lm_head.weight_t", sd["lm_head.weight"], transpose=True)
         put("norm.weight", sd["model.norm.weight"])
+        put("rope.rotate_half", rotate_half_matrix(arch.head_dim))
+        scale = arch.head_dim ** -0.5  # folded into the query projection
         for i in range(arch.n_layers):
             src, dst = f"model.layers.{i}.", f"layers.{i}."
             put(dst + "input_norm.weight", sd[src + "input_layernorm.weight"])
             put(dst + "post_norm.weight", sd[src + "post_attention_layernorm.weight"])
-            for short, hf in (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
-                              ("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
-                              ("down", "mlp.down_proj")):
-                put(dst + short + ".weight_t", sd[src + hf + ".weight"], transpose=True)
-                if src + hf + ".bias" in sd:
-                    put(dst + short + ".bias", sd[src + hf + ".bias"])
+            attn = src + "self_attn."
+            qkv = [sd[attn + "q_proj.weight"] * scale, sd[attn + "k_proj.weight"], sd[attn + "v_proj.weight"]]
+            put(dst + "qkv.weight_t", torch.cat(qkv), transpose=True)
+            if attn + "q_proj.bias" in sd:
+                put(dst + "qkv.bias", torch.cat([sd[attn + "q_proj.bias"] * scale, sd[attn + "k_proj.bias"],
+                                                 sd[attn + "v_proj.bias"]]))
+            put(dst + "o.weight_t", sd[attn + "o_proj.weight"], transpose=True)
+            mlp = src + "mlp."
+            put(dst + "gate_up.weight_t", torch.cat([sd[mlp + "gate_proj.weight"], sd[mlp + "up_proj.weight"]]),
+                transpose=True)
+            put(dst + "down.weight_t", sd[mlp + "down_proj.weight"], transpose=True)
         return out
 
     @staticmethod

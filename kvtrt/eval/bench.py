@@ -1,0 +1,169 @@
+"""`kvtrt bench`: prefill time, decode speed, peak RSS and KV memory per context, each measurement in
+its own subprocess, optionally beside onnxruntime-genai on the same model and the same token ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .texts import load_texts, token_prefix
+
+
+def measure_kvtrt(directory: str, ids: list[int], new_tokens: int, kv: str, threads: int, prefill_chunk: int) -> dict:
+    """Runs in the worker process: one greedy generation of exactly `new_tokens` tokens."""
+    from ..runtime.generator import Generation
+    from ..runtime.llm import load
+    from ..runtime.sampling import SamplingParams
+
+    llm = load(directory, kv=kv, threads=threads, prefill_chunk=prefill_chunk)
+    warm = Generation(llm.engine, [ids[:16]], 4, SamplingParams(), [], prefill_chunk, kv=llm.kv)
+    for _ in warm.run():
+        pass
+    gen = Generation(llm.engine, [ids], new_tokens, SamplingParams(), [], prefill_chunk, kv=llm.kv)
+    for _ in gen.run():
+        pass
+    s = gen.stats
+    return {"prefill_s": s.prefill_s, "decode_tok_s": s.decode_tok_s, "kv_mib": s.kv_bytes / 2**20,
+            "new_tokens": s.new_tokens, "kv_stats": s.kv}
+
+
+def measure_ortgenai(model_dir: str, ids: list[int], new_tokens: int, threads: int) -> dict:
+    """Runs in the worker process: the same greedy generation with onnxruntime-genai."""
+    import onnxruntime_genai as og
+
+    config = og.Config(model_dir)
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads,
+                                                                            "inter_op_num_threads": 1}}}}))
+    model = og.Model(config)
+    total = len(ids) + new_tokens
+
+    def run(prompt: list[int], n: int) -> tuple[float, float]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False)
+        generator = og.Generator(model, params)
+        t0 = time.perf_counter()
+        generator.append_tokens(prompt)  # prefill
+        t1 = time.perf_counter()
+        steps = 0
+        while not generator.is_done() and steps < n - 1:
+            generator.generate_next_token()
+            steps += 1
+        t2 = time.perf_counter()
+        return t1 - t0, steps / (t2 - t1) if t2 > t1 else 0.0
+
+    run(ids[:16], 4)
+    prefill_s, tok_s = run(ids, new_tokens)
+    info = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]
+    layers = info["decoder"]["num_hidden_layers"]
+    kv_heads, head = info["decoder"]["num_key_value_heads"], info["decoder"]["head_size"]
+    kv_mib = 2 * layers * kv_heads * head * total * 4 / 2**20  # fp32 KV on CPU (also for int4 weights)
+    return {"prefill_s": prefill_s, "decode_tok_s": tok_s, "kv_mib": kv_mib, "new_tokens": new_tokens, "kv_stats": {}}
+
+
+def build_ortgenai(directory: str, out: Path, precision: str = "fp32") -> Path:
+    """Build (once, cached in `out`) an onnxruntime-genai model from the export's source model."""
+    if (out / "genai_config.json").is_file():
+        return out
+    from ..manifest import Manifest
+    from ..models.loading import load_hf
+
+    manifest = Manifest.load(directory)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer = load_hf(manifest.source)
+        model.config.quantization_config = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", tmp, "-o", str(out), "-p", precision,
+               "-e", "cpu", "-c", str(Path(tmp) / "cache")]
+        print("building onnxruntime-genai peer:", " ".join(cmd), file=sys.stderr)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def _worker(args: dict) -> None:
+    ids = json.loads(Path(args["ids_file"]).read_text())
+    if args["engine"] == "kvtrt":
+        row = measure_kvtrt(args["dir"], ids, args["new_tokens"], args["kv"], args["threads"], args["prefill_chunk"])
+    else:
+        row = measure_ortgenai(args["peer_dir"], ids, args["new_tokens"], args["threads"])
+    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("KVTRT_BENCH_ROW " + json.dumps(row))
+
+
+def _spawn(args: dict) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args["threads"]))
+    proc = subprocess.run([sys.executable, "-m", "kvtrt.eval.bench", json.dumps(args)], capture_output=True,
+                          text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("KVTRT_BENCH_ROW "):
+            return json.loads(line[len("KVTRT_BENCH_ROW "):])
+    raise RuntimeError(f"bench worker failed ({args['engine']}, context {args['context']}):\n{proc.stderr[-3000:]}")
+
+
+def run_bench(directory: str, contexts: list[int], kv_specs: list[str], new_tokens: int = 64, threads: int = 2,
+              peer: str | None = None, peer_dir: str | None = None, texts: str | None = None,
+              prefill_chunk: int = 512) -> list[dict]:
+    """Measure every (context, kv spec) and the peer; returns the rows (also printed as a table)."""
+    from ..manifest import Manifest
+    from ..runtime.tokenizer import TextCodec
+
+    manifest = Manifest.load(directory)
+    for c in contexts:
+        if c + new_tokens > manifest.max_positions:
+            raise ValueError(f"context {c} + {new_tokens} new tokens exceeds the export's {manifest.max_positions} "
+                             f"positions; lower --context or --new-tokens")
+    codec = TextCodec(directory, manifest)
+    corpus = load_texts(texts)
+    if peer:
+        if peer != "ortgenai":
+            raise ValueError(f"--peer {peer!r} is unknown; the supported peer is 'ortgenai'")
+        peer_dir = peer_dir or str(Path(directory).resolve().parent / (Path(directory).name + "-ortgenai-fp32"))
+        build_ortgenai(directory, Path(peer_dir))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for context in contexts:
+            ids_file = Path(tmp) / f"ids-{context}.json"
+            ids_file.write_text(json.dumps(token_prefix(codec.encode, corpus, context)))
+            jobs = [("kvtrt", kv) for kv in kv_specs] + ([("ortgenai", "full")] if peer else [])
+            for engine, kv in jobs:
+                args = {"engine": engine, "dir": str(directory), "peer_dir": peer_dir, "ids_file": str(ids_file),
+                        "new_tokens": new_tokens, "kv": kv, "threads": threads, "prefill_chunk": prefill_chunk,
+                        "context": context}
+                row = {"context": context, "engine": engine, "kv": kv, **_spawn(args)}
+                rows.append(row)
+                print(_format_row(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def _format_row(row: dict) -> str:
+    return (f"  context {row['context']:>6} | {row['engine']:<8} | {row['kv']:<40} | prefill {row['prefill_s']:7.2f} s"
+            f" | decode {row['decode_tok_s']:6.1f} tok/s | peak RSS {row['peak_rss_mib']:7.0f} MiB"
+            f" | KV {row['kv_mib']:7.1f} MiB")
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table of the rows, with kvtrt/peer and kv/full ratios."""
+    lines = ["| context | engine | kv | prefill s | decode tok/s | peak RSS MiB | KV MiB | decode vs peer | "
+             "decode vs full |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        same = [r for r in rows if r["context"] == row["context"]]
+        peer = next((r for r in same if r["engine"] == "ortgenai"), None)
+        full = next((r for r in same if r["engine"] == "kvtrt" and r["kv"] == "full"), None)
+        vs_peer = f"{row['decode_tok_s'] / peer['decode_tok_s']:.2f}x" if peer and row is not peer else ""
+        vs_full = f"{row['decode_tok_s'] / full['decode_tok_s']:.2f}x" if full and row["engine"] == "kvtrt" else ""
+        lines.append(f"| {row['context']} | {row['engine']} | {row['kv']} | {row['prefill_s']:.2f} | "
+                     f"{row['decode_tok_s']:.1f} | {row['peak_rss_mib']:.0f} | {row['kv_mib']:.1f} | {vs_peer} | "
+                     f"{vs_full} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    _worker(json.loads(sys.argv[1]))
