@@ -15,10 +15,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .engine import Engine
+from .kv.freekv import build_retrieval
+from .kv.policies import SnapKVPolicy, build_policy
+from .kv.spec import KVSpec, KVSpecError
 from .kv.store import KVStore
 from .sampling import Sampler, SamplingParams
 
 DECODE_BUCKET = 256  # slots added at a time while decoding (one reallocation per bucket)
+COMPACTION_SLACK = 64  # tokens a compacted cache may grow past its budget before it is compacted again
 
 
 @dataclass
@@ -32,6 +36,7 @@ class GenerationStats:
     decode_steps: int = 0
     kv_bytes: int = 0
     kv_full_bytes: int = 0
+    compactions: int = 0
     kv: dict = field(default_factory=dict)
 
     @property
@@ -45,6 +50,20 @@ class GenerationStats:
         return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
+def check_kv_spec(kv: KVSpec, manifest) -> None:
+    """Build the spec's stages once so bad options fail at load time, not mid-generation; refuse
+    a SnapKV observation window the export's score outputs were not made with."""
+    policy = build_policy(kv.compaction) if kv.compaction else None
+    if kv.retrieval:
+        build_retrieval(kv.retrieval)
+    base = getattr(policy, "base", policy)
+    if isinstance(base, SnapKVPolicy) and "window" in kv.compaction.params \
+            and base.window != manifest.score_window:
+        raise KVSpecError(f"snapkv window={base.window} differs from the export's --score-window "
+                          f"{manifest.score_window}; use window={manifest.score_window} or re-export with "
+                          f"--score-window {base.window}")
+
+
 def plan_chunks(n: int, chunk: int, min_last: int) -> list[tuple[int, int]]:
     """Split [0, n) into chunks of `chunk` tokens whose last one has at least `min_last` tokens
     (when n allows), so the graph's score window sees the last `min_last` prompt queries."""
@@ -55,10 +74,18 @@ def plan_chunks(n: int, chunk: int, min_last: int) -> list[tuple[int, int]]:
 
 
 class Generation:
-    """State of one call: prompts, sampler, KV store, bindings."""
+    """State of one call: prompts, sampler, KV store or retrieval views, bindings.
+
+    The KV spec decides the decode loop: the full cache and compaction policies decode from the
+    dense `KVStore` (compacting it after prefill and whenever it outgrows budget + slack);
+    retrieval (`freekv`, `quest`) decodes from the two fixed view buffers of `FreeKVRetrieval`,
+    after an optional compaction of the prompt (KVCrush decides what is stored, FreeKV what is
+    attended).
+    """
 
     def __init__(self, engine: Engine, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingParams,
-                 eos_ids: list[int], prefill_chunk: int = 512, progress: bool = False):
+                 eos_ids: list[int], prefill_chunk: int = 512, progress: bool = False, kv: KVSpec | None = None,
+                 teacher: list[list[int]] | None = None, keep_logits: bool = False):
         self.engine = engine
         self.m = engine.manifest
         self.prompts = prompts
@@ -67,22 +94,37 @@ class Generation:
         self.eos = torch.tensor(eos_ids or [-1])
         self.prefill_chunk = prefill_chunk
         self.progress = progress
+        self.kv = kv or KVSpec()
+        self.policy = build_policy(self.kv.compaction) if self.kv.compaction else None
+        self.retrieval = build_retrieval(self.kv.retrieval) if self.kv.retrieval else None
+        self.keep = [self.policy.budget_tokens(len(p)) for p in prompts] if self.policy else None
         self.stats = GenerationStats(prompt_tokens=sum(map(len, prompts)))
         self.finished = [False] * len(prompts)
+        # teacher forcing (evaluation): feed these tokens instead of sampling, record their log-probs
+        self.teacher = torch.tensor(teacher, dtype=torch.long) if teacher is not None else None
+        if self.teacher is not None and self.teacher.shape != (len(prompts), max_new_tokens):
+            raise ValueError("teacher tokens must be [batch, max_new_tokens]")
+        self.target_logprobs: list[Tensor] = []  # per step [B]
+        self.keep_logits = keep_logits
+        self.step_logits: list[Tensor] = []  # per step [B,V] when keep_logits
 
     # -- prefill -------------------------------------------------------------------------
     def _new_store(self, batch: int, capacity: int = 0) -> KVStore:
         m = self.m
-        return KVStore(m.n_layers, batch, m.n_kv_heads, m.head_dim, self.engine.dtype, self.engine.device, capacity)
+        return KVStore(m.n_layers, batch, m.n_kv_heads, m.head_dim, self.engine.dtype, self.engine.device, capacity,
+                       track_scores=self.policy is not None)
 
-    def prefill(self, ids: list[int]) -> tuple[KVStore, Tensor]:
-        """Run one prompt through the prefill graph in chunks; returns its store and last logits [1,V]."""
+    def prefill(self, ids: list[int]) -> tuple[KVStore, Tensor, list[Tensor]]:
+        """Run one prompt through the prefill graph in chunks.
+
+        Returns its store (with the last chunk's attention mass per slot when a policy needs it),
+        the last logits [1,V] and the last prompt query of every layer [1,H,D]."""
         m, dev = self.m, self.engine.device
         store = self._new_store(1)
         chunks = plan_chunks(len(ids), self.prefill_chunk, m.score_window)
         tokens = torch.tensor(ids, dtype=torch.long, device=dev)
         bar = tqdm(total=len(ids), desc="prefill", unit="tok", disable=not (self.progress and len(chunks) > 1))
-        for a, b in chunks:
+        for i, (a, b) in enumerate(chunks):
             s, p = b - a, store.capacity
             outputs = self._outputs(1, s, p + s)
             inputs = {"input_ids": tokens[a:b].unsqueeze(0), "position_ids": torch.arange(a, b, device=dev)[None],
@@ -94,11 +136,12 @@ class Generation:
             self.engine.bind(binding, inputs, outputs)
             self.engine.run("prefill", binding)
             store.reserve(s)
-            store.append(self._layer_outputs(outputs, "key"), self._layer_outputs(outputs, "value"))
+            last = i == len(chunks) - 1  # its last queries are the observation window
+            store.append(self._layer_outputs(outputs, "key"), self._layer_outputs(outputs, "value"),
+                         self._layer_outputs(outputs, "score") if last else None)
             bar.update(s)
         bar.close()
-        self.last_outputs = outputs
-        return store, outputs["logits"][:, 0]
+        return store, outputs["logits"][:, 0], self._layer_outputs(outputs, "query")
 
     def _outputs(self, batch: int, new: int, scored: int) -> dict[str, Tensor]:
         m, dev, dt = self.m, self.engine.device, self.engine.dtype
@@ -115,61 +158,144 @@ class Generation:
     def _layer_outputs(self, outputs: dict[str, Tensor], kind: str) -> list[Tensor]:
         return [outputs[f"{kind}.{layer}"] for layer in range(self.m.n_layers)]
 
+    # -- compaction ----------------------------------------------------------------------
+    def _compact(self, store: KVStore, extra: int) -> None:
+        """Shrink every sequence of `store` to its budget with the policy (per layer, per KV head)."""
+        live = [torch.nonzero(store.mask[b], as_tuple=True)[0] for b in range(store.batch)]
+        counts = [min(self.keep[b], len(live[b])) for b in range(store.batch)]
+        k = max(counts)
+        slots = []
+        for layer in range(self.m.n_layers):
+            chosen = torch.zeros(store.batch, self.m.n_kv_heads, k, dtype=torch.long, device=store.device)
+            for b in range(store.batch):
+                mass = store.scores[layer][b][:, live[b]]
+                chosen[b, :, k - counts[b]:] = live[b][self.policy.select(mass, counts[b])]
+            slots.append(chosen)
+        store.compact(slots, counts, extra)
+        self.stats.compactions += 1
+
     # -- decode --------------------------------------------------------------------------
-    def _bind_decode(self, store: KVStore, batch: int) -> tuple[object, dict[str, Tensor]]:
-        m = self.m
-        outputs = self._outputs(batch, 1, store.capacity + 1)
-        inputs = {"input_ids": self.ids_buf, "position_ids": self.pos_buf, "past_mask": store.mask}
-        for layer in range(m.n_layers):
-            inputs[f"past_key.{layer}"] = store.keys[layer]
-            inputs[f"past_value.{layer}"] = store.values[layer]
+    def _bind(self, past_keys: list[Tensor], past_values: list[Tensor], mask: Tensor,
+              outputs: dict[str, Tensor]):
+        inputs = {"input_ids": self.ids_buf, "position_ids": self.pos_buf, "past_mask": mask}
+        for layer in range(self.m.n_layers):
+            inputs[f"past_key.{layer}"] = past_keys[layer]
+            inputs[f"past_value.{layer}"] = past_values[layer]
         binding = self.engine.new_binding("decode")
         self.engine.bind(binding, inputs, outputs)
-        return binding, outputs
+        return binding
 
     def run(self) -> Iterator[tuple[int, int]]:
-        """Yield (sequence index, token) for every generated token, in order."""
+        """Yield (sequence index, token id) for every generated token, in order."""
         batch, dev = len(self.prompts), self.engine.device
         start = time.perf_counter()
-        stores, first_logits = [], []
-        for ids in self.prompts:
-            store, logits = self.prefill(ids)
+        stores, first_logits, queries = [], [], []
+        bucket = max(1, min(self.max_new_tokens - 1, DECODE_BUCKET))
+        for b, ids in enumerate(self.prompts):
+            store, logits, query = self.prefill(ids)
+            if self.policy is not None and store.length > self.keep[b]:
+                self._compact(store, 0)
             stores.append(store)
             first_logits.append(logits)
-        bucket = max(1, min(self.max_new_tokens - 1, DECODE_BUCKET))
-        if batch == 1:
-            store = stores[0]
-            store.reserve(bucket)
-        else:
-            store = KVStore.merge(stores, bucket)
+            queries.append(query)
+        store = KVStore.merge(stores, 0) if batch > 1 else stores[0]
         del stores
-        token = self.sampler(torch.cat(first_logits))
+        token = self._choose(torch.cat(first_logits), 0)
         self.stats.prefill_s = time.perf_counter() - start
         self.ids_buf = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos_buf = torch.tensor([[len(p)] for p in self.prompts], dtype=torch.long, device=dev)
-        binding, outputs = self._bind_decode(store, batch)
-        decode_start = time.perf_counter()
+        if self.retrieval is not None:
+            query = [torch.cat([q[layer] for q in queries]) for layer in range(self.m.n_layers)]
+            steps = self._decode_retrieval(store, query, token)
+        else:
+            steps = self._decode_store(store, token, bucket)
+        yield from steps
+        self.stats.kv_full_bytes = (self.stats.prompt_tokens + self.stats.new_tokens) * self.m.kv_bytes_per_token
+
+    def _choose(self, logits: Tensor, step: int) -> Tensor:
+        """The next token of every sequence: sampled, or the teacher's (recording its log-prob)."""
+        if self.keep_logits:
+            self.step_logits.append(logits.clone())
+        if self.teacher is None:
+            return self.sampler(logits)
+        token = self.teacher[:, step].to(logits.device)
+        self.target_logprobs.append(torch.log_softmax(logits.float(), -1).gather(1, token[:, None])[:, 0].cpu())
+        return token
+
+    def _emit(self, token: Tensor, step: int) -> Iterator[tuple[int, int]]:
+        """Yield this step's token of every unfinished sequence; sets `self.done` when the call ends."""
+        for b in range(len(self.prompts)):
+            if not self.finished[b]:
+                self.stats.new_tokens += 1
+                yield b, int(token[b])
+                if bool((self.eos == token[b].cpu()).any()):
+                    self.finished[b] = True
+        self.done = all(self.finished) or step == self.max_new_tokens - 1
+
+    def _decode_store(self, store: KVStore, token: Tensor, bucket: int) -> Iterator[tuple[int, int]]:
+        batch = store.batch
+        slack = COMPACTION_SLACK
+        store.reserve(slack if self.policy is not None else bucket)
+        outputs = self._outputs(batch, 1, store.capacity + 1)
+        binding = self._bind(store.keys, store.values, store.mask, outputs)
+        t0 = time.perf_counter()
         for step in range(self.max_new_tokens):
-            for b in range(batch):
-                if not self.finished[b]:
-                    self.stats.new_tokens += 1
-                    yield b, int(token[b])
-                    if bool((self.eos == token[b].cpu()).any()):
-                        self.finished[b] = True
-            if all(self.finished) or step == self.max_new_tokens - 1:
+            yield from self._emit(token, step)
+            if self.done:
                 break
             if store.length == store.capacity:
-                store.reserve(bucket)
-                binding, outputs = self._bind_decode(store, batch)
+                if self.policy is not None:
+                    self._compact(store, slack)
+                else:
+                    store.reserve(bucket)
+                outputs = self._outputs(batch, 1, store.capacity + 1)
+                binding = self._bind(store.keys, store.values, store.mask, outputs)
             self.ids_buf.copy_(token.view(batch, 1))
             self.engine.run("decode", binding)
-            store.append(self._layer_outputs(outputs, "key"), self._layer_outputs(outputs, "value"))
+            store.append(self._layer_outputs(outputs, "key"), self._layer_outputs(outputs, "value"),
+                         self._layer_outputs(outputs, "score") if self.policy is not None else None)
             self.pos_buf += 1
             self.stats.decode_steps += 1
-            token = self.sampler(outputs["logits"][:, 0])
-        self.stats.decode_s = time.perf_counter() - decode_start
-        self.stats.kv_bytes = store.nbytes
-        self.stats.kv_full_bytes = (self.stats.prompt_tokens + self.stats.new_tokens) * self.m.kv_bytes_per_token
+            token = self._choose(outputs["logits"][:, 0], step + 1)
+            self.stats.kv_bytes = max(self.stats.kv_bytes, store.nbytes)
+        self.stats.decode_s = time.perf_counter() - t0
+        self.stats.kv_bytes = max(self.stats.kv_bytes, store.nbytes)
+
+    def _decode_retrieval(self, store: KVStore, query: list[Tensor], token: Tensor) -> Iterator[tuple[int, int]]:
+        batch, m = store.batch, self.m
+        context = max(len(p) for p in self.prompts)
+        r = self.retrieval.create(m.n_layers, m.n_kv_heads, m.n_heads, m.head_dim, batch, self.engine.dtype,
+                                  device=self.engine.device, mask_dtype=torch.long, max_context=context)
+        try:
+            t0 = time.perf_counter()
+            r.start(store.keys, store.values, query, mask=store.mask)
+            del store
+            self.stats.prefill_s += time.perf_counter() - t0  # building the pool is part of the prompt's cost
+            outputs = self._outputs(batch, 1, r.slots + 1)
+            bindings = [self._bind(v.keys, v.values, v.mask, outputs) for v in r.views]
+            new_q, new_k, new_v = (self._layer_outputs(outputs, kind) for kind in ("query", "key", "value"))
+            t0 = time.perf_counter()
+            for step in range(self.max_new_tokens):
+                yield from self._emit(token, step)
+                if self.done:
+                    break
+                self.ids_buf.copy_(token.view(batch, 1))
+                binding = bindings[r.view().index]
+                if r.mode == "quest":  # select with the current query: probe, re-select, run again
+                    self.engine.run("decode", binding)
+                    r.select(new_q)
+                else:
+                    r.prefetch()
+                self.engine.run("decode", binding)
+                r.finish_step(new_q, new_k, new_v)
+                self.pos_buf += 1
+                self.stats.decode_steps += 1
+                token = self._choose(outputs["logits"][:, 0], step + 1)
+            self.stats.decode_s = time.perf_counter() - t0
+            self.stats.kv_bytes = r.nbytes
+            self.stats.kv = {k: v for k, v in r.stats().items() if isinstance(v, (int, float))}
+        finally:
+            r.close()
 
     def stop(self, index: int) -> None:
         """Finish sequence `index` early (a stop string was seen)."""

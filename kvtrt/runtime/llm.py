@@ -8,7 +8,7 @@ from typing import Iterator, Sequence, Union
 
 from ..manifest import Manifest
 from .engine import OrtEngine
-from .generator import Generation, GenerationStats
+from .generator import Generation, GenerationStats, check_kv_spec
 from .kv.spec import KVSpec, parse_kv_spec
 from .sampling import SamplingParams
 from .tokenizer import Messages, StreamDecoder, TextCodec
@@ -44,6 +44,7 @@ class LLM:
             raise ValueError(f"backend {backend!r} is unknown; use 'onnxruntime'")
         self.codec = TextCodec(directory, self.manifest)
         self.kv = parse_kv_spec(kv)
+        check_kv_spec(self.kv, self.manifest)
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
@@ -84,7 +85,7 @@ class LLM:
         ids = [self._fit(self.encode(p, chat), max_new_tokens, truncate) for p in prompts]
         sampling = SamplingParams(temperature, top_k, top_p, seed)
         return Generation(self.engine, ids, max_new_tokens, sampling, self.manifest.eos_token_ids,
-                          self.prefill_chunk, progress=progress)
+                          self.prefill_chunk, progress=progress, kv=self.kv)
 
     def generate(self, prompt: Prompt | list[Prompt], *, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),

@@ -501,6 +501,13 @@ class FreeKVRetrieval:
         n_pages = torch.tensor(buf.n_pages, dtype=torch.long)
         return self.pool.select(layer, query, self.k, self.combine, n_pages=n_pages)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes this manager holds: host pool (with summaries), sink/recent master copy, both views."""
+        tensors = [self._mk, self._mv, self.pool.data, self.pool.kmin, self.pool.kmax]
+        tensors += [t for buf in self._bufs for t in (buf.all_keys, buf.all_values)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def stats(self) -> dict:
         """Run statistics since ``start`` (see the module docstring)."""
         s = dict(self._stat)

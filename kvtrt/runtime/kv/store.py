@@ -4,7 +4,8 @@ Each layer keeps keys and values as `[B, Hkv, capacity, D]`; slot order is posit
 oldest first), a `[B, capacity]` int64 mask marks live slots. Keys are stored rotated, so slots
 can be gathered per head (compaction) without touching positions. The whole capacity is bound
 to the graph; dead slots are masked. Growth reallocates once per `reserve` (amortised), never
-per step.
+per step. With `track_scores`, every slot also carries the attention mass it has received
+(`scores[l]`, `[B, Hkv, capacity]` float32), which the compaction policies rank.
 """
 
 from __future__ import annotations
@@ -17,17 +18,18 @@ class KVStore:
     """KV cache of a batch of sequences; all sequences share the write cursor `length`."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, capacity: int = 0):
+                 device: torch.device, capacity: int = 0, track_scores: bool = False):
         self.shape = (batch, n_kv_heads, head_dim)
         self.dtype, self.device = dtype, device
         self.keys = [self._empty(capacity) for _ in range(n_layers)]
         self.values = [self._empty(capacity) for _ in range(n_layers)]
+        self.scores = [self._empty(capacity, torch.float32)[..., 0] for _ in range(n_layers)] if track_scores else None
         self.mask = torch.zeros(batch, capacity, dtype=torch.long, device=device)
         self.length = 0
 
-    def _empty(self, capacity: int) -> Tensor:
+    def _empty(self, capacity: int, dtype: torch.dtype | None = None) -> Tensor:
         b, h, d = self.shape
-        return torch.zeros(b, h, capacity, d, dtype=self.dtype, device=self.device)
+        return torch.zeros(b, h, capacity, d, dtype=dtype or self.dtype, device=self.device)
 
     @property
     def capacity(self) -> int:
@@ -42,9 +44,8 @@ class KVStore:
         """Bytes held by stored K and V (allocated capacity, all layers)."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
-    def live_tokens(self) -> Tensor:
-        """[B] number of live slots per sequence."""
-        return self.mask.sum(dim=1)
+    def _tensors(self) -> list[list[Tensor]]:
+        return [self.keys, self.values] + ([self.scores] if self.scores is not None else [])
 
     def resize(self, capacity: int) -> None:
         """Reallocate to exactly `capacity` slots (>= length), keeping the live prefix."""
@@ -53,9 +54,9 @@ class KVStore:
         if capacity == self.capacity:
             return
         n = self.length
-        for tensors in (self.keys, self.values):
+        for tensors in self._tensors():
             for i, old in enumerate(tensors):
-                new = self._empty(capacity)
+                new = old.new_zeros(*old.shape[:2], capacity, *old.shape[3:])
                 new[:, :, :n] = old[:, :, :n]
                 tensors[i] = new
         mask = torch.zeros(self.batch, capacity, dtype=torch.long, device=self.device)
@@ -69,8 +70,11 @@ class KVStore:
         self.resize(self.length + extra)
         return True
 
-    def append(self, keys: list[Tensor], values: list[Tensor]) -> None:
-        """Write new tokens' KV (`[B,Hkv,S,D]` per layer) at the cursor; room must be reserved."""
+    def append(self, keys: list[Tensor], values: list[Tensor], scores: list[Tensor] | None = None) -> None:
+        """Write new tokens' KV (`[B,Hkv,S,D]` per layer) at the cursor; room must be reserved.
+
+        `scores[l]` (`[B,Hkv,capacity+S]`, the graph's score output for this call) is added to the
+        tracked mass of the stored slots and becomes the new slots' first mass."""
         s = keys[0].shape[2]
         start, end = self.length, self.length + s
         if end > self.capacity:
@@ -79,6 +83,10 @@ class KVStore:
             store[:, :, start:end] = new
         for store, new in zip(self.values, values):
             store[:, :, start:end] = new
+        if self.scores is not None and scores is not None:
+            for acc, new in zip(self.scores, scores):
+                acc[:, :, :start] += new[:, :, :start]
+                acc[:, :, start:end] = new[:, :, -s:]
         self.mask[:, start:end] = 1
         self.length = end
 
@@ -87,27 +95,31 @@ class KVStore:
         """Batch single-sequence stores, right-aligned so all end at one cursor, with `extra` free slots."""
         first = stores[0]
         n = max(s.length for s in stores)
-        merged = cls(len(first.keys), len(stores), first.shape[1], first.shape[2], first.dtype, first.device, n + extra)
+        merged = cls(len(first.keys), len(stores), first.shape[1], first.shape[2], first.dtype, first.device, n + extra,
+                     track_scores=first.scores is not None)
         for b, s in enumerate(stores):
             offset = n - s.length
-            for dst, src in zip(merged.keys + merged.values, s.keys + s.values):
-                dst[b, :, offset:n] = src[0, :, :s.length]
+            for dst_list, src_list in zip(merged._tensors(), s._tensors()):
+                for dst, src in zip(dst_list, src_list):
+                    dst[b, :, offset:n] = src[0, :, :s.length]
             merged.mask[b, offset:n] = s.mask[0, :s.length]
         merged.length = n
         return merged
 
-    def gather(self, keep: list[Tensor], extra: int) -> None:
-        """Keep, per layer and KV head, the slots `keep[l]` (`[B,Hkv,k]`, ascending), compacting
-        storage to `k + extra` slots. Memory of the dropped slots is released."""
-        k = keep[0].shape[-1]
-        b, h, d = self.shape
-        for tensors in (self.keys, self.values):
+    def compact(self, slots: list[Tensor], counts: list[int], extra: int) -> None:
+        """Keep, per layer, sequence and KV head, the slots `slots[l][b, h, -counts[b]:]` (ascending;
+        entries before them are padding), right-aligned, in `max(counts) + extra` slots. The
+        dropped slots' memory is released (new tensors, the old ones are freed)."""
+        k = slots[0].shape[-1]
+        for tensors in self._tensors():
             for layer, old in enumerate(tensors):
-                new = self._empty(k + extra)
-                index = keep[layer].unsqueeze(-1).expand(b, h, k, d)
+                index = slots[layer]
+                if old.dim() == 4:
+                    index = index.unsqueeze(-1).expand(*index.shape, old.shape[-1])
+                new = old.new_zeros(*old.shape[:2], k + extra, *old.shape[3:])
                 new[:, :, :k] = torch.gather(old, 2, index)
                 tensors[layer] = new
-        mask = torch.zeros(b, k + extra, dtype=torch.long, device=self.device)
-        mask[:, :k] = torch.gather(self.mask, 1, keep[0][:, 0])
-        self.mask = mask
+        self.mask = torch.zeros(self.batch, k + extra, dtype=torch.long, device=self.device)
+        for b, count in enumerate(counts):
+            self.mask[b, k - count:k] = 1
         self.length = k
