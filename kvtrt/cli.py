@@ -71,6 +71,69 @@ def _print_stats(label: str, stats) -> None:
           file=sys.stderr)
 
 
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _budgets(text: str) -> list[float | int]:
+    return [int(x) if float(x) >= 1 else float(x) for x in text.split(",") if x.strip()]
+
+
+def _save(rows: list[dict], table: str, args, plot) -> None:
+    print(table)
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        print(f"wrote {plot(args.plot)}", file=sys.stderr)
+
+
+def _cmd_bench(args) -> int:
+    from .eval.bench import run_bench, table
+    from .eval.plot import line_plot
+
+    rows = run_bench(args.dir, args.context, args.kv or ["full"], new_tokens=args.new_tokens, threads=args.threads,
+                     peer=args.peer, peer_dir=args.peer_dir, texts=args.text, prefill_chunk=args.prefill_chunk,
+                     repeat=args.repeat)
+    for row in rows:
+        row["series"] = f"{row['engine']} {row['kv']}" if row["engine"] == "kvtrt" else row["engine"]
+    _save(rows, table(rows), args, lambda path: line_plot(
+        path, [("decode_tok_s", "decode tok/s"), ("prefill_s", "prefill s"), ("peak_rss_mib", "peak RSS MiB")],
+        rows, "context", "series", f"kvtrt bench {Path(args.dir).name} ({args.threads} threads)"))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .eval.accuracy import Evaluator, expand_specs, table
+    from .eval.plot import line_plot
+
+    runs = expand_specs(args.kv, args.budget)
+    evaluator = Evaluator(args.dir, args.context, texts=args.texts, num_texts=args.num_texts, threads=args.threads,
+                          prefill_chunk=args.prefill_chunk)
+    rows = []
+    for task in args.task:
+        task_runs = runs
+        if task == "needle" and args.needle_budget is not None:
+            task_runs = expand_specs(args.kv, [args.needle_budget])
+        rows += evaluator.run(task, task_runs, new_tokens=args.new_tokens, depths=args.depths)
+        print(table([r for r in rows if r["task"] == task]), file=sys.stderr)
+    for row in rows:
+        if row["budget"] is None:
+            row["plot_budget"] = 1.0
+    panels = [(task, task) for task in args.task]
+    plot_rows = [{**r, task: r["value"], "budget": r.get("plot_budget", r["budget"])} for r in rows
+                 for task in [r["task"]]]
+    _save(rows, table(rows), args, lambda path: line_plot(
+        path, panels, plot_rows, "budget", "policy", f"kvtrt eval, context {args.context} (full cache at budget 1)"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvtrt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +172,48 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the full cache and print the speed and memory the --kv spec saved")
     _add_runtime_options(p)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("bench", help="prefill time, decode speed and memory per context (optionally vs a peer)",
+                       description="For each context, a prompt of exactly that many tokens from the haystack texts, "
+                                   "greedy, each measurement in its own subprocess (best of --repeat runs). Reports "
+                                   "prefill seconds, decode tok/s, peak RSS and KV MiB; with --peer ortgenai the "
+                                   "same token ids run on onnxruntime-genai built from the same model.")
+    p.add_argument("dir", help="export folder")
+    p.add_argument("--context", type=_ints, default=[512, 2048, 7680], help="comma-separated prompt lengths")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per measurement")
+    p.add_argument("--kv", action="append", help="KV spec to measure (repeatable; default full). " + KV_HELP)
+    p.add_argument("--peer", choices=["ortgenai"], help="also measure onnxruntime-genai on the same model and ids")
+    p.add_argument("--peer-dir", help="where the peer model is built and cached (default: DIR-ortgenai-fp32 beside DIR)")
+    p.add_argument("--text", help="text file or folder for the prompts (default ../shared/data/haystack)")
+    p.add_argument("--repeat", type=int, default=2, help="runs per measurement; the best is reported (noisy hosts)")
+    p.add_argument("--json", help="write the rows as JSON here")
+    p.add_argument("--plot", help="write a PNG plot here")
+    p.add_argument("--threads", type=int, default=2, help="threads for every engine")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill graph call")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("eval", help="accuracy of KV specs against the full cache on real text",
+                       description="ppl: perplexity of the next --new-tokens (256) tokens after a --context prefix, "
+                                   "teacher-forced with the spec active; agreement: fraction of a greedy continuation "
+                                   "(64) equal to the full cache's; needle: pass-key retrieval at --depths of a "
+                                   "--context haystack. One prefill per sample is shared by all specs.")
+    p.add_argument("dir", help="export folder")
+    p.add_argument("--task", type=lambda t: t.split(","), default=["ppl"], help="ppl, agreement, needle (comma list)")
+    p.add_argument("--kv", action="append", required=True,
+                   help="KV spec (repeatable); specs without a budget run at every --budget. " + KV_HELP)
+    p.add_argument("--budget", type=_budgets, default=[0.1, 0.25, 0.5],
+                   help="budgets for specs that give none: fractions of the context or token counts")
+    p.add_argument("--needle-budget", type=float, default=None, help="run needle only at this budget (e.g. 0.25)")
+    p.add_argument("--context", type=int, default=4096, help="prefix / haystack length in tokens")
+    p.add_argument("--new-tokens", type=int, default=None, help="scored (ppl, 256) or generated (agreement, 64) tokens")
+    p.add_argument("--depths", type=_floats, default=None, help="needle depths (default 0.1,0.2,...,0.9)")
+    p.add_argument("--texts", help="text file or folder (default ../shared/data/haystack)")
+    p.add_argument("--num-texts", type=int, default=10, help="samples (each starts at a different text)")
+    p.add_argument("--json", help="write the rows as JSON here")
+    p.add_argument("--plot", help="write a PNG plot (metric against budget, one line per policy)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill graph call")
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 

@@ -85,7 +85,8 @@ class Generation:
 
     def __init__(self, engine: Engine, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingParams,
                  eos_ids: list[int], prefill_chunk: int = 512, progress: bool = False, kv: KVSpec | None = None,
-                 teacher: list[list[int]] | None = None, keep_logits: bool = False):
+                 teacher: list[list[int]] | None = None, keep_logits: bool = False,
+                 prefilled: list[tuple[KVStore, Tensor, list[Tensor]]] | None = None):
         self.engine = engine
         self.m = engine.manifest
         self.prompts = prompts
@@ -107,20 +108,22 @@ class Generation:
         self.target_logprobs: list[Tensor] = []  # per step [B]
         self.keep_logits = keep_logits
         self.step_logits: list[Tensor] = []  # per step [B,V] when keep_logits
+        # prefill results to start from (evaluation reuses one prefill for many KV specs); consumed
+        self.prefilled = prefilled
 
     # -- prefill -------------------------------------------------------------------------
-    def _new_store(self, batch: int, capacity: int = 0) -> KVStore:
+    def _new_store(self, batch: int, track_scores: bool) -> KVStore:
         m = self.m
-        return KVStore(m.n_layers, batch, m.n_kv_heads, m.head_dim, self.engine.dtype, self.engine.device, capacity,
-                       track_scores=self.policy is not None)
+        return KVStore(m.n_layers, batch, m.n_kv_heads, m.head_dim, self.engine.dtype, self.engine.device,
+                       track_scores=track_scores)
 
-    def prefill(self, ids: list[int]) -> tuple[KVStore, Tensor, list[Tensor]]:
+    def prefill(self, ids: list[int], track_scores: bool | None = None) -> tuple[KVStore, Tensor, list[Tensor]]:
         """Run one prompt through the prefill graph in chunks.
 
-        Returns its store (with the last chunk's attention mass per slot when a policy needs it),
-        the last logits [1,V] and the last prompt query of every layer [1,H,D]."""
+        Returns its store (with the last chunk's attention mass per slot when a policy needs it, or
+        `track_scores`), the last logits [1,V] and the last prompt query of every layer [1,H,D]."""
         m, dev = self.m, self.engine.device
-        store = self._new_store(1)
+        store = self._new_store(1, track_scores=bool(track_scores) or self.policy is not None)
         chunks = plan_chunks(len(ids), self.prefill_chunk, m.score_window)
         tokens = torch.tensor(ids, dtype=torch.long, device=dev)
         bar = tqdm(total=len(ids), desc="prefill", unit="tok", disable=not (self.progress and len(chunks) > 1))
@@ -192,7 +195,7 @@ class Generation:
         stores, first_logits, queries = [], [], []
         bucket = max(1, min(self.max_new_tokens - 1, DECODE_BUCKET))
         for b, ids in enumerate(self.prompts):
-            store, logits, query = self.prefill(ids)
+            store, logits, query = self.prefilled[b] if self.prefilled else self.prefill(ids)
             if self.policy is not None and store.length > self.keep[b]:
                 self._compact(store, 0)
             stores.append(store)
@@ -200,6 +203,7 @@ class Generation:
             queries.append(query)
         store = KVStore.merge(stores, 0) if batch > 1 else stores[0]
         del stores
+        self.prefilled = None
         token = self._choose(torch.cat(first_logits), 0)
         self.stats.prefill_s = time.perf_counter() - start
         self.ids_buf = torch.zeros(batch, 1, dtype=torch.long, device=dev)

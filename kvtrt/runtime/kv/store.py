@@ -47,6 +47,15 @@ class KVStore:
     def _tensors(self) -> list[list[Tensor]]:
         return [self.keys, self.values] + ([self.scores] if self.scores is not None else [])
 
+    def clone(self) -> "KVStore":
+        """An independent copy (evaluation reuses one prefill for several KV specs)."""
+        copy = KVStore(len(self.keys), self.batch, self.shape[1], self.shape[2], self.dtype, self.device)
+        copy.keys = [t.clone() for t in self.keys]
+        copy.values = [t.clone() for t in self.values]
+        copy.scores = [t.clone() for t in self.scores] if self.scores is not None else None
+        copy.mask, copy.length = self.mask.clone(), self.length
+        return copy
+
     def resize(self, capacity: int) -> None:
         """Reallocate to exactly `capacity` slots (>= length), keeping the live prefix."""
         if capacity < self.length:

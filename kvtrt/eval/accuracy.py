@@ -1,0 +1,221 @@
+"""`kvtrt eval`: accuracy of KV specs against the full cache on real text.
+
+Every task prefills each sample once and reuses that prefill (cloned) for the full cache and
+every spec, so a spec differs from the reference only by what the KV manager does after it.
+
+- ppl: the next `new_tokens` tokens after an N-token prefix, teacher-forced through decode steps
+  with the spec active; perplexity over all samples, and its ratio to the full cache's.
+- agreement: greedy continuation of `new_tokens`; fraction of positions equal to the full cache's.
+- needle: a pass key hidden at each depth of an N-token haystack, asked for at the end of a
+  chat-templated prompt; exact-match accuracy (the key's digits in the answer).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field, replace
+
+import torch
+from tqdm.auto import tqdm
+
+from ..runtime.generator import Generation
+from ..runtime.kv.spec import KVSpec, Stage, parse_budget, parse_kv_spec
+from ..runtime.llm import load
+from ..runtime.sampling import SamplingParams
+from .texts import load_texts, token_prefix
+
+TASKS = ("ppl", "agreement", "needle")
+NEEDLE = " The secret pass key is {key}. Remember it: {key} is the pass key. "
+QUESTION = "\n\nWhat is the secret pass key mentioned in the text above? Reply with the number only."
+
+
+@dataclass
+class SpecRun:
+    """One KV spec at one budget (None for the spec's own budget)."""
+
+    spec: KVSpec
+    policy: str  # the spec without its budget: the plot's series
+    budget: float | int | None
+
+    @property
+    def label(self) -> str:
+        return str(self.spec)
+
+
+def expand_specs(kv_specs: list[str], budgets: list[float | int]) -> list[SpecRun]:
+    """Each spec once per budget, unless the spec fixes its own budget; 'full' is the reference.
+
+    The budget goes to the compaction stage, or to the retrieval stage when there is none."""
+    runs = []
+    for text in kv_specs:
+        spec = parse_kv_spec(text)
+        if spec.is_full:
+            continue
+        which = "compaction" if spec.compaction is not None else "retrieval"
+        stage: Stage = getattr(spec, which)
+        own = stage.params.get("budget")
+        fixed = own is not None or (stage.name == "streaming" and "window" in stage.params)
+        policy = str(_with_params(spec, which, {k: v for k, v in stage.params.items() if k != "budget"}))
+        if fixed or not budgets:
+            runs.append(SpecRun(spec, policy, parse_budget(own) if own else None))
+        else:
+            runs += [SpecRun(_with_params(spec, which, {**stage.params, "budget": str(b)}), policy, b)
+                     for b in budgets]
+    return runs
+
+
+def _with_params(spec: KVSpec, which: str, params: dict[str, str]) -> KVSpec:
+    stage = getattr(spec, which)
+    return replace(spec, **{which: Stage(stage.name, params)})
+
+
+@dataclass
+class Totals:
+    """Accumulated metric of one spec over the samples."""
+
+    nll: float = 0.0
+    tokens: int = 0
+    hits: int = 0
+    trials: int = 0
+    kv_bytes: int = 0
+    kv_stats: dict = field(default_factory=dict)
+
+    def add_stats(self, gen: Generation) -> None:
+        self.kv_bytes = max(self.kv_bytes, gen.stats.kv_bytes)
+        for key in ("correction_rate", "page_hit_rate", "recalled_bytes_per_step"):
+            if key in gen.stats.kv:
+                self.kv_stats.setdefault(key, []).append(gen.stats.kv[key])
+
+
+class Evaluator:
+    """Runs the tasks for one export at one context length."""
+
+    def __init__(self, directory: str, context: int, texts: str | None = None, num_texts: int = 10,
+                 threads: int | None = None, prefill_chunk: int = 512, progress: bool = True, seed: int = 0):
+        self.llm = load(directory, threads=threads, prefill_chunk=prefill_chunk)
+        self.context = context
+        self.corpus = load_texts(texts)
+        self.num_texts = min(num_texts, len(self.corpus))
+        self.progress = progress
+        self.seed = seed
+        limit = self.llm.manifest.max_positions
+        if context >= limit:
+            raise ValueError(f"--context {context} leaves no room for new tokens in the export's {limit} positions")
+
+    def _rotated(self, i: int) -> list[tuple[str, str]]:
+        return self.corpus[i:] + self.corpus[:i]
+
+    def _generation(self, prompt: list[int], spec: KVSpec, new: int, prefilled, teacher=None,
+                    stop_at_eos: bool = False) -> tuple[Generation, list[int]]:
+        """Greedy (or teacher-forced) decoding of `new` tokens from a clone of `prefilled`."""
+        eos = self.llm.manifest.eos_token_ids if stop_at_eos else []
+        gen = Generation(self.llm.engine, [prompt], new, SamplingParams(), eos, self.llm.prefill_chunk, kv=spec,
+                         teacher=[teacher] if teacher is not None else None,
+                         prefilled=[(prefilled[0].clone(), prefilled[1], prefilled[2])])
+        return gen, [token for _, token in gen.run()]
+
+    def _prefill(self, prompt: list[int]):
+        probe = Generation(self.llm.engine, [prompt], 1, SamplingParams(), [], self.llm.prefill_chunk)
+        return probe.prefill(prompt, track_scores=True)
+
+    def run(self, task: str, runs: list[SpecRun], new_tokens: int | None = None,
+            depths: list[float] | None = None) -> list[dict]:
+        """Rows `task, kv, policy, budget, context, metric, value, full_value` (one per spec)."""
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+        full = SpecRun(KVSpec(), "full", None)
+        totals = {r.label: Totals() for r in [full, *runs]}
+        jobs = self._jobs(task, new_tokens, depths)
+        bar = tqdm(total=len(jobs) * (len(runs) + 1), desc=f"eval {task}", unit="run", disable=not self.progress)
+        for prompt, payload in jobs:
+            prefilled = self._prefill(prompt)
+            reference = None
+            for run in [full, *runs]:
+                total = totals[run.label]
+                if task == "ppl":
+                    gen, _ = self._generation(prompt, run.spec, len(payload), prefilled, teacher=payload)
+                    total.nll -= float(torch.cat(gen.target_logprobs).sum())
+                    total.tokens += len(payload)
+                else:
+                    gen, tokens = self._generation(prompt, run.spec, payload["new"], prefilled,
+                                                   stop_at_eos=task == "needle")
+                    if task == "agreement":
+                        reference = tokens if run is full else reference
+                        total.hits += sum(a == b for a, b in zip(tokens, reference))
+                        total.trials += len(reference)
+                    else:
+                        total.hits += int(payload["key"] in self.llm.codec.decode(tokens))
+                        total.trials += 1
+                total.add_stats(gen)
+                bar.update()
+        bar.close()
+        return [self._row(task, r, totals[r.label], totals[full.label]) for r in [full, *runs]]
+
+    def _jobs(self, task: str, new_tokens: int | None, depths: list[float] | None) -> list[tuple[list[int], object]]:
+        encode, n = self.llm.codec.encode, self.context
+        if task == "ppl":
+            m = new_tokens or 256
+            if n + m > self.llm.manifest.max_positions:
+                raise ValueError(f"--context {n} + {m} scored tokens exceed the export's positions")
+            jobs = []
+            for i in range(self.num_texts):
+                ids = token_prefix(encode, self._rotated(i), n + m)
+                jobs.append((ids[:n], ids[n:]))
+            return jobs
+        if task == "agreement":
+            m = new_tokens or 64
+            return [(token_prefix(encode, self._rotated(i), n), {"new": m}) for i in range(self.num_texts)]
+        return self._needle_jobs(depths or [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+
+    def _needle_jobs(self, depths: list[float]) -> list[tuple[list[int], dict]]:
+        codec = self.llm.codec
+        head, tail = codec.render_chat([{"role": "user", "content": "\x00"}]).split("\x00")
+        head_ids = codec.tokenizer.encode(head, add_special_tokens=False).ids
+        tail_ids = codec.tokenizer.encode(QUESTION + tail, add_special_tokens=False).ids
+        rng = random.Random(self.seed)
+        jobs = []
+        for i in range(self.num_texts):
+            for depth in depths:
+                key = str(rng.randint(10000, 99999))
+                needle = codec.tokenizer.encode(NEEDLE.format(key=key), add_special_tokens=False).ids
+                room = self.context - len(head_ids) - len(tail_ids) - len(needle)
+                hay = token_prefix(codec.encode, self._rotated(i), room)
+                at = _sentence_end(codec, hay, int(depth * len(hay)))
+                jobs.append((head_ids + hay[:at] + needle + hay[at:] + tail_ids, {"new": 24, "key": key,
+                                                                                    "depth": depth}))
+        return jobs
+
+    def _row(self, task: str, run: SpecRun, total: Totals, reference: Totals) -> dict:
+        if task == "ppl":
+            value, full_value, metric = math.exp(total.nll / total.tokens), math.exp(reference.nll / reference.tokens), \
+                "perplexity"
+        else:
+            value = total.hits / max(total.trials, 1)
+            full_value = reference.hits / max(reference.trials, 1)
+            metric = "agreement" if task == "agreement" else "needle_accuracy"
+        row = {"task": task, "kv": run.label, "policy": run.policy, "budget": run.budget, "context": self.context,
+               "metric": metric, "value": value, "full_value": full_value, "samples": self.num_texts,
+               "kv_mib": total.kv_bytes / 2**20}
+        row.update({k: sum(v) / len(v) for k, v in total.kv_stats.items()})
+        return row
+
+
+def _sentence_end(codec, ids: list[int], at: int) -> int:
+    """The first token boundary at or after `at` that follows a sentence end (else `at`)."""
+    for j in range(at, min(len(ids), at + 200)):
+        if codec.decode(ids[j - 1:j]).rstrip().endswith((".", "!", "?")):
+            return j
+    return at
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table of eval rows."""
+    lines = ["| task | kv | budget | metric | value | full cache | ratio | KV MiB | correction rate |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = r["value"] / r["full_value"] if r["full_value"] else float("nan")
+        corr = f"{r['correction_rate']:.3f}" if "correction_rate" in r else ""
+        lines.append(f"| {r['task']} | {r['kv']} | {r['budget'] if r['budget'] is not None else ''} | {r['metric']} | "
+                     f"{r['value']:.4f} | {r['full_value']:.4f} | {ratio:.4f} | {r['kv_mib']:.1f} | {corr} |")
+    return "\n".join(lines)
