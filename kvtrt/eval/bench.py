@@ -75,17 +75,27 @@ def build_ortgenai(directory: str, out: Path, precision: str = "fp32") -> Path:
 
     manifest = Manifest.load(directory)
     with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer = load_hf(manifest.source)
-        model.config.quantization_config = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        _save_plain_hf(*load_hf(manifest.source), Path(tmp))
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", tmp, "-o", str(out), "-p", precision,
                "-e", "cpu", "-c", str(Path(tmp) / "cache")]
         print("building onnxruntime-genai peer:", " ".join(cmd), file=sys.stderr)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return out
+
+
+def _save_plain_hf(model, tokenizer, folder: Path) -> None:
+    """A plain safetensors HF folder (transformers refuses save_pretrained for GGUF-loaded models)."""
+    from safetensors.torch import save_file
+
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = config.get("architectures") or [type(model).__name__]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(str(folder))
 
 
 def _worker(args: dict) -> None:

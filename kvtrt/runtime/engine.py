@@ -39,6 +39,15 @@ class Engine(Protocol):
     def run(self, variant: str, binding) -> None: ...
 
 
+def _copy_options(options):
+    import onnxruntime as ort
+
+    copy = ort.SessionOptions()
+    for name in ("graph_optimization_level", "intra_op_num_threads", "inter_op_num_threads", "log_severity_level"):
+        setattr(copy, name, getattr(options, name))
+    return copy
+
+
 class OrtEngine:
     """ONNX Runtime sessions for an export folder, run through IO binding."""
 
@@ -71,6 +80,12 @@ class OrtEngine:
                 provider_options.append({"device_id": str(device_id)})
         self.sessions = {}
         for variant, filename in self.manifest.graphs.items():
+            if variant == "decode" and provider == "cpu":
+                # Decode is GEMV (one row): MLAS prepacking buys no speed there but would copy every
+                # weight; unpacked, the decode session reads the memory-mapped weights.bin that the
+                # prefill session also maps, so weights sit in memory once plus prefill's packed copy.
+                options = _copy_options(options)
+                options.add_session_config_entry("session.disable_prepacking", "1")
             session = ort.InferenceSession(str(self.directory / filename), options, providers=wanted,
                                            provider_options=provider_options)
             self._check(variant, session)
