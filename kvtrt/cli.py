@@ -60,7 +60,7 @@ def _cmd_generate(args) -> int:
         _print_stats("kv=full", full.stats)
         print(f"saved: decode {stats.decode_tok_s / max(full.stats.decode_tok_s, 1e-9):.2f}x the full cache's speed, "
               f"stored KV {full.stats.kv_bytes / max(stats.kv_bytes, 1):.2f}x smaller "
-              f"({stats.kv_bytes / 2**20:.1f} MiB vs {full.stats.kv_bytes / 2**20:.1f} MiB)")
+              f"({stats.kv_bytes / 2**20:.1f} MiB vs {full.stats.kv_bytes / 2**20:.1f} MiB)", file=sys.stderr)
     return 0
 
 

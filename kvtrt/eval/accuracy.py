@@ -19,7 +19,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from tqdm.auto import tqdm
 
-from ..runtime.generator import Generation
+from ..runtime.generator import Generation, check_kv_spec
+from ..runtime.kv.policies import build_policy
 from ..runtime.kv.spec import KVSpec, Stage, parse_budget, parse_kv_spec
 from ..runtime.llm import load
 from ..runtime.sampling import SamplingParams
@@ -124,6 +125,10 @@ class Evaluator:
         """Rows `task, kv, policy, budget, context, metric, value, full_value` (one per spec)."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+        for run in runs:  # budgets that cannot hold sink + window fail now, not an hour in
+            check_kv_spec(run.spec, self.llm.manifest)
+            if run.spec.compaction is not None and run.spec.compaction.name != "full":
+                build_policy(run.spec.compaction).budget_tokens(self.context)
         full = SpecRun(KVSpec(), "full", None)
         totals = {r.label: Totals() for r in [full, *runs]}
         jobs = self._jobs(task, new_tokens, depths)

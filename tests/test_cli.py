@@ -1,0 +1,77 @@
+"""The command line on a tiny export: every command runs, writes what it says, fails clearly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvtrt.cli import build_parser, main
+
+from conftest import haystack_text
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("texts") / "essay.txt"
+    path.write_text(haystack_text(20000))
+    return path
+
+
+def test_every_option_has_help():
+    parser = build_parser()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help, f"kvtrt {name} {action.dest} has no help"
+
+
+def test_generate_streams_and_reports(tiny_llama, capsys):
+    _, _, directory = tiny_llama
+    assert main(["generate", str(directory), "--prompt", "Hello", "--max-new-tokens", "12",
+                 "--kv", "streaming:sink=2,window=6", "--compare-full"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip()
+    assert "time to first token" in err and "decode" in err and "KV held" in err
+    assert "saved:" in err
+
+
+def test_generate_errors_name_the_fix(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "kvtrt export" in capsys.readouterr().err
+
+
+def test_eval_writes_rows_and_plot(tiny_llama, text_file, tmp_path, capsys):
+    _, _, directory = tiny_llama
+    out_json, out_png = tmp_path / "eval.json", tmp_path / "eval.png"
+    assert main(["eval", str(directory), "--task", "ppl,agreement", "--kv", "snapkv", "--kv", "kvcrush:base=snapkv",
+                 "--budget", "0.25,0.5", "--context", "200", "--new-tokens", "16", "--texts", str(text_file),
+                 "--num-texts", "1", "--json", str(out_json), "--plot", str(out_png)]) == 0
+    rows = json.loads(out_json.read_text())
+    assert {(r["task"], r["kv"]) for r in rows} >= {("ppl", "full"), ("ppl", "snapkv:budget=0.25"),
+                                                   ("agreement", "kvcrush:base=snapkv,budget=0.5")}
+    for row in rows:
+        assert {"task", "kv", "budget", "context", "metric", "value", "full_value"} <= set(row)
+    full = next(r for r in rows if r["task"] == "agreement" and r["kv"] == "full")
+    assert full["value"] == 1.0
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_writes_rows_and_plot(tiny_llama, text_file, tmp_path):
+    _, _, directory = tiny_llama
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert main(["bench", str(directory), "--context", "64,200", "--new-tokens", "8", "--kv", "full",
+                 "--kv", "freekv:budget=100,page=8,window=16", "--text", str(text_file), "--repeat", "1",
+                 "--json", str(out_json), "--plot", str(out_png)]) == 0
+    rows = json.loads(out_json.read_text())
+    assert len(rows) == 4
+    for row in rows:
+        assert {"context", "engine", "prefill_s", "decode_tok_s", "peak_rss_mib", "kv_mib"} <= set(row)
+        assert row["decode_tok_s"] > 0 and row["peak_rss_mib"] > 0
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_refuses_context_past_positions(tiny_llama, text_file, capsys):
+    _, _, directory = tiny_llama
+    assert main(["bench", str(directory), "--context", "600", "--text", str(text_file)]) == 2
+    assert "positions" in capsys.readouterr().err
