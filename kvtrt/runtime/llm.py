@@ -35,7 +35,15 @@ class LLM:
     """A loaded export. Thread-safe: each call owns its sequence state, the engine is shared."""
 
     def __init__(self, directory: str | os.PathLike, provider: str = "cpu", kv: str | KVSpec = "full",
-                 threads: int | None = None, prefill_chunk: int = 512, backend: str = "onnxruntime"):
+                 threads: int | None = None, prefill_chunk: int = 512, backend: str = "onnxruntime",
+                 torch_threads: int | None = 1):
+        if torch_threads is not None:
+            # the KV manager's torch ops are small (page copies, scoring); with torch's own thread
+            # pool next to the engine's, the 2-core hosts this was built on oversubscribe and
+            # every small op slows down many times over
+            import torch
+
+            torch.set_num_threads(torch_threads)
         self.directory = directory
         self.manifest = Manifest.load(directory)
         if backend == "onnxruntime":
@@ -150,6 +158,11 @@ class LLM:
 
 
 def load(directory: str | os.PathLike, provider: str = "cpu", kv: str | KVSpec = "full", threads: int | None = None,
-         prefill_chunk: int = 512, backend: str = "onnxruntime") -> LLM:
-    """Load an export folder made by `kvtrt export`. See `LLM`."""
-    return LLM(directory, provider=provider, kv=kv, threads=threads, prefill_chunk=prefill_chunk, backend=backend)
+         prefill_chunk: int = 512, backend: str = "onnxruntime", torch_threads: int | None = 1) -> LLM:
+    """Load an export folder made by `kvtrt export`.
+
+    provider: "cpu", "cuda" or "tensorrt" (ONNX Runtime execution provider); kv: KV spec (see the
+    README); threads: engine intra-op threads (default all cores); prefill_chunk: prompt tokens per
+    prefill call; torch_threads: torch threads for the KV manager (process-wide; None leaves it)."""
+    return LLM(directory, provider=provider, kv=kv, threads=threads, prefill_chunk=prefill_chunk, backend=backend,
+               torch_threads=torch_threads)
