@@ -1,0 +1,460 @@
+"""`kvtrt validate DIR`: check an export's graphs against the PyTorch reference with Polygraphy.
+
+What it does, in order:
+
+1. **Lint** every graph with `polygraphy check lint` (a subprocess: onnx.checker plus a node-by-node
+   ONNX Runtime run on the validation inputs); errors fail validation.
+2. **Golden outputs.** The reference is rebuilt from the Hugging Face model named in
+   `manifest.source` (or passed in as `reference_model=`, e.g. for tests' in-memory models): the
+   kvtrt adapter module (`kvtrt.models.get_adapter(model_type).build(...)`, the exact forward the
+   export traced, run in PyTorch fp32) gives every output, and HF transformers itself gives the
+   logits. For an int4 export the adapter is rebuilt with the export's dequantized weights
+   (`kvtrt.export.quantize.dequantized_weights`), so the check isolates the graph, and HF logits are
+   skipped (they differ by the quantization error itself, which perplexity measures).
+   Cases, batch 2 each: prefill with no past (S>1, P=0), prefill after a past (S>1, P>0), decode
+   after a past (S=1), and decode with some past slots masked out (`past_mask` 0; reference only).
+   Past K/V come from the reference's own earlier outputs, so each case checks one graph call.
+   Inputs are saved in Polygraphy's `--load-inputs` JSON and the goldens as Polygraphy `RunResults`
+   (`--load-outputs`), one pair per graph, with a `polygraphy_run.sh` that replays the comparison
+   from the command line.
+3. **Compare** with Polygraphy: ONNX Runtime runs each graph (`OnnxrtRunner`) on those inputs and
+   `Comparator.compare_accuracy` with `CompareFunc.simple` (elementwise: an element fails when it
+   exceeds both atol and rtol) checks it against each reference. Tolerances (see `TOLERANCES`):
+   fp32 atol 1e-4 / rtol 1e-3 (HF logits atol 2e-4, its SDPA kernel sums in another order);
+   fp16 atol 2e-2 / rtol 2e-2 against the fp32 reference (logits 1e-1); int4 against its
+   dequantized reference: key/value/query atol 5e-2, logits 2.5e-1 (CPU MatMulNBits with
+   accuracy_level 4 quantizes activations to int8 per block).
+
+The result is a table per output (grouped by kind, the worst layer named; every failing output is
+listed by name), a JSON report with `--json OUT`, and exit code 1 when anything fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .manifest import Manifest
+from .models.base import input_names, output_names
+
+#: (atol, rtol) per export kind and output kind; "hf" is the HF-transformers logits comparison
+TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
+    "fp32": {"": (1e-4, 1e-3), "hf": (2e-4, 1e-3)},
+    "fp16": {"": (2e-2, 2e-2), "logits": (1e-1, 2e-2), "hf": (1e-1, 2e-2)},
+    "int4": {"": (5e-2, 2e-2), "logits": (2.5e-1, 2e-2), "score": (1e-2, 5e-2)},
+}
+REFERENCE = "kvtrt-torch"
+HF = "hf-transformers"
+
+
+@dataclass
+class OutputCheck:
+    """One output of one case against one reference."""
+
+    case: str
+    graph: str
+    output: str
+    reference: str
+    max_abs: float
+    max_rel: float
+    atol: float
+    rtol: float
+    passed: bool
+
+
+@dataclass
+class LintResult:
+    graph: str
+    passed: bool
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    skipped: str | None = None
+
+
+@dataclass
+class ValidationReport:
+    """Everything `validate` found; `passed` is the verdict."""
+
+    directory: str
+    kind: str
+    lint: list[LintResult]
+    checks: list[OutputCheck]
+    files: dict[str, str]
+
+    @property
+    def passed(self) -> bool:
+        return all(l.passed for l in self.lint) and bool(self.checks) and all(c.passed for c in self.checks)
+
+    @property
+    def failures(self) -> list[OutputCheck]:
+        return [c for c in self.checks if not c.passed]
+
+    def table(self, every_output: bool = False) -> str:
+        """Rows per (case, reference, output kind) with the worst output of the kind named, or one row
+        per output with `every_output`; failing outputs are always listed one by one."""
+        rows = []
+        if every_output:
+            for c in self.checks:
+                rows.append((c.case, c.reference, c.output, c.max_abs, c.max_rel, c.atol, c.rtol, c.passed))
+        else:
+            groups: dict[tuple, list[OutputCheck]] = OrderedDict()
+            for c in self.checks:
+                groups.setdefault((c.case, c.reference, c.output.split(".")[0]), []).append(c)
+            for (case, ref, kind), checks in groups.items():
+                worst = max(checks, key=lambda c: c.max_abs / max(c.atol, 1e-30))
+                label = kind if len(checks) == 1 else f"{kind}.* ({len(checks)}, worst {worst.output})"
+                rows.append((case, ref, label, max(c.max_abs for c in checks), max(c.max_rel for c in checks),
+                             worst.atol, worst.rtol, all(c.passed for c in checks)))
+        header = ("case", "reference", "output", "max abs", "max rel", "atol", "rtol", "result")
+        body = [(a, b, c, f"{d:.3g}", f"{e:.3g}", f"{f:g}", f"{g:g}", "pass" if h else "FAIL")
+                for a, b, c, d, e, f, g, h in rows]
+        widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
+        lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in [header, *body]]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        for lint in self.lint:
+            state = "skipped (" + lint.skipped + ")" if lint.skipped else ("pass" if lint.passed else "FAIL")
+            lines.append(f"lint {lint.graph}: {state}" + "".join(f"\n  error: {e}" for e in lint.errors)
+                         + (f" ({len(lint.warnings)} warnings)" if lint.warnings else ""))
+        for c in self.failures:
+            lines.append(f"FAILED: {c.graph} output '{c.output}' in case '{c.case}' vs {c.reference}: "
+                         f"max abs {c.max_abs:.3g} > atol {c.atol:g} and rel > rtol {c.rtol:g}")
+        lines.append("validation " + ("PASSED" if self.passed else "FAILED") + f" ({self.kind} export, "
+                     f"{len(self.checks)} output comparisons)")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"directory": self.directory, "kind": self.kind, "passed": self.passed,
+                "lint": [asdict(l) for l in self.lint], "checks": [asdict(c) for c in self.checks],
+                "failures": [f"{c.graph}:{c.case}:{c.output}:{c.reference}" for c in self.failures],
+                "files": self.files}
+
+
+@dataclass
+class Case:
+    name: str
+    graph: str  # "prefill" | "decode"
+    inputs: "OrderedDict[str, np.ndarray]"
+    reference: "OrderedDict[str, np.ndarray]"
+    hf_logits: np.ndarray | None = None
+
+
+# -- reference -------------------------------------------------------------------------------------
+def _load_reference(manifest: Manifest, reference_model):
+    if reference_model is None:
+        if manifest.source in ("", "in-memory model"):
+            raise ValueError("this export was made from an in-memory model, so validate cannot reload it: pass "
+                             "the Hugging Face model as validate(directory, reference_model=model)")
+        from .models.loading import load_hf
+
+        reference_model, _ = load_hf(manifest.source)
+    if isinstance(reference_model, tuple):
+        reference_model = reference_model[0]
+    if getattr(reference_model.config, "model_type", None) != manifest.model_type:
+        raise ValueError(f"the reference model is a {reference_model.config.model_type!r}, the export a "
+                         f"{manifest.model_type!r}: pass the model the export was made from")
+    return reference_model.float().eval()
+
+
+def _modules(hf_model, manifest: Manifest, directory: Path):
+    from .models import get_adapter
+
+    adapter = get_adapter(manifest.model_type)
+    modules = {v: adapter.build(hf_model, manifest.max_positions, manifest.score_window, torch.float32,
+                                decode=v == "decode") for v in manifest.graphs}
+    if manifest.quantize != "none":
+        from .export.quantize import dequantized_weights
+
+        for variant, module in modules.items():
+            for name, weight in dequantized_weights(directory, variant).items():
+                param = getattr(module, name, None)
+                if param is None or tuple(param.shape) != weight.shape:
+                    raise ValueError(f"quantized weight {name} {weight.shape} does not match the reference model")
+                param.data = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
+    return modules
+
+
+def build_cases(hf_model, manifest: Manifest, directory: Path, batch: int = 2, first: int = 12, second: int = 7,
+                seed: int = 0) -> list[Case]:
+    """The four validation cases (see the module docstring), with reference outputs."""
+    modules = _modules(hf_model, manifest, directory)
+    L, names = manifest.n_layers, output_names(manifest.n_layers)
+    np_dtype = np.float16 if manifest.dtype == "fp16" else np.float32
+    gen = torch.Generator().manual_seed(seed)
+    vocab = min(manifest.vocab_size, hf_model.config.vocab_size)
+    ids1 = torch.randint(0, vocab, (batch, first), generator=gen)
+    ids2 = torch.randint(0, vocab, (batch, second), generator=gen)
+    ids3 = torch.randint(0, vocab, (batch, 1), generator=gen)
+    empty = [torch.zeros(batch, manifest.n_kv_heads, 0, manifest.head_dim) for _ in range(2 * L)]
+
+    def run(variant, ids, start, mask, past):
+        pos = torch.arange(start, start + ids.shape[1]).repeat(batch, 1)
+        with torch.no_grad():
+            out = modules[variant](ids, pos, mask, *past)
+        inputs = OrderedDict(input_ids=ids.numpy(), position_ids=pos.numpy(), past_mask=mask.numpy())
+        for name, tensor in zip(input_names(L)[3:], past):
+            inputs[name] = tensor.numpy().astype(np_dtype)
+        return inputs, OrderedDict((n, t.float().numpy()) for n, t in zip(names, out)), out
+
+    def kv(out):
+        return list(out[1:1 + 2 * L])
+
+    def hf_logits(ids):
+        if manifest.quantize != "none":
+            return None
+        with torch.no_grad():
+            return hf_model(ids).logits[:, -1:].float().numpy()
+
+    cases = []
+    mask0 = torch.ones(batch, 0, dtype=torch.long)
+    inp, ref, out1 = run("prefill", ids1, 0, mask0, empty)
+    cases.append(Case("prefill P=0", "prefill", inp, ref, hf_logits(ids1)))
+    past1 = [t.to(torch.float16).float() if np_dtype == np.float16 else t for t in kv(out1)]
+    inp, ref, out2 = run("prefill", ids2, first, torch.ones(batch, first, dtype=torch.long), past1)
+    cases.append(Case(f"prefill P={first}", "prefill", inp, ref, hf_logits(torch.cat([ids1, ids2], 1))))
+    past2 = [torch.cat([a, b.to(torch.float16).float() if np_dtype == np.float16 else b], 2)
+             for a, b in zip(past1, kv(out2))]
+    P = first + second
+    inp, ref, _ = run("decode", ids3, P, torch.ones(batch, P, dtype=torch.long), past2)
+    cases.append(Case(f"decode P={P}", "decode", inp, ref, hf_logits(torch.cat([ids1, ids2, ids3], 1))))
+    mask = torch.ones(batch, P, dtype=torch.long)
+    mask[0, 2:5] = 0  # evicted slots in the middle
+    mask[-1, :3] = 0  # and at the start of the other sequence
+    inp, ref, _ = run("decode", ids3, P, mask, past2)
+    cases.append(Case(f"decode P={P} masked", "decode", inp, ref, None))
+    return cases
+
+
+# -- polygraphy ------------------------------------------------------------------------------------
+def _tolerances(kind: str, reference: str, names: list[str]) -> tuple[dict, dict]:
+    table = TOLERANCES[kind]
+    atol, rtol = {}, {}
+    for name in names:
+        key = "hf" if reference == HF and "hf" in table else name.split(".")[0]
+        a, r = table.get(key, table[""])
+        atol[name], rtol[name] = a, r
+    return atol, rtol
+
+
+def _exact(name, index, iter_result):  # polygraphy's default also matches by substring and index
+    return [name] if name in iter_result else None
+
+
+def save_cases(cases: list[Case], out_dir: Path) -> dict[str, str]:
+    """Polygraphy files per graph: <graph>_inputs.json (--load-inputs), <graph>_golden.json
+    (--load-outputs, RunResults of the PyTorch reference and, where given, HF logits)."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.comparator.struct import IterationResult
+    from polygraphy.json import save_json
+    from polygraphy.logger import G_LOGGER
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    with G_LOGGER.verbosity(G_LOGGER.WARNING):
+        for graph in dict.fromkeys(c.graph for c in cases):
+            mine = [c for c in cases if c.graph == graph]
+            save_json([c.inputs for c in mine], str(out_dir / f"{graph}_inputs.json"))
+            golden = RunResults()
+            golden.append((REFERENCE, [IterationResult(c.reference, runner_name=REFERENCE) for c in mine]))
+            golden.save(str(out_dir / f"{graph}_golden.json"))
+            files[f"{graph}_inputs"] = str(out_dir / f"{graph}_inputs.json")
+            files[f"{graph}_golden"] = str(out_dir / f"{graph}_golden.json")
+    return files
+
+
+def compare(directory: Path, manifest: Manifest, cases: list[Case], kind: str,
+            providers: list[str] | None = None) -> list[OutputCheck]:
+    """Run ONNX Runtime through Polygraphy and compare it with the references (Polygraphy's
+    `Comparator.compare_accuracy` + `CompareFunc.simple`, elementwise)."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator, CompareFunc, RunResults
+    from polygraphy.comparator.struct import IterationResult
+    from polygraphy.logger import G_LOGGER
+
+    names = output_names(manifest.n_layers)
+    checks = []
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+        for graph in dict.fromkeys(c.graph for c in cases):
+            mine = [c for c in cases if c.graph == graph]
+            runner = OnnxrtRunner(SessionFromOnnx(str(directory / manifest.graphs[graph]),
+                                                  providers=providers or ["cpu"]), name=f"onnxrt-{graph}")
+            ran = Comparator.run([runner], data_loader=[c.inputs for c in mine])
+            ort_iters = ran[runner.name]
+            for case, ort in zip(mine, ort_iters):
+                for ref_name, outputs in ((REFERENCE, case.reference), (HF, None if case.hf_logits is None else
+                                                                         {"logits": case.hf_logits})):
+                    if outputs is None:
+                        continue
+                    atol, rtol = _tolerances(kind, ref_name, names)
+                    run = RunResults()
+                    run.append((runner.name, [ort]))
+                    run.append((ref_name, [IterationResult(OrderedDict(outputs), runner_name=ref_name)]))
+                    func = CompareFunc.simple(atol=atol, rtol=rtol, check_error_stat="elemwise",
+                                              find_output_func=_exact)
+                    accuracy = Comparator.compare_accuracy(run, compare_func=func)
+                    results = accuracy[0][(runner.name, ref_name)][0]
+                    for output, result in results.items():
+                        if isinstance(result, bool):  # shape mismatch: polygraphy gives a bare False
+                            checks.append(OutputCheck(case.name, graph, output, ref_name, float("inf"),
+                                                      float("inf"), atol[output], rtol[output], bool(result)))
+                            continue
+                        checks.append(OutputCheck(case.name, graph, output, ref_name, result.max_absdiff,
+                                                  result.max_reldiff, atol[output], rtol[output], bool(result)))
+    return checks
+
+
+def lint(directory: Path, manifest: Manifest, files: dict[str, str], timeout: float = 900) -> list[LintResult]:
+    """`polygraphy check lint` on every graph, fed the validation inputs, in a subprocess."""
+    results = []
+    code = "import sys; from polygraphy.tools._main import main; sys.exit(main())"
+    for graph, filename in manifest.graphs.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            report = Path(tmp) / "lint.json"
+            cmd = [sys.executable, "-c", code, "check", "lint", str(directory / filename), "-q", "-o", str(report)]
+            if f"{graph}_inputs" in files:
+                cmd += ["--load-inputs", files[f"{graph}_inputs"]]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            if not report.is_file():
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+                if "onnx_graphsurgeon" in (proc.stderr + proc.stdout):
+                    results.append(LintResult(graph, True, skipped="polygraphy lint needs onnx-graphsurgeon: "
+                                                                   "pip install onnx-graphsurgeon"))
+                else:
+                    results.append(LintResult(graph, False, errors=[f"polygraphy check lint failed: {' | '.join(tail)}"]))
+                continue
+            data = json.loads(report.read_text())
+        errors, warnings = [], []
+        for entry in data.get("lint_entries", []):
+            text = f"[{entry.get('source', '?')}] {entry.get('message', '').strip()}"
+            if entry.get("nodes"):
+                text += f" (nodes: {', '.join(entry['nodes'][:5])})"
+            (errors if entry.get("level") == "error" else warnings).append(text)
+        failing = data.get("summary", {}).get("failing", [])
+        if failing and not errors:
+            errors.append(f"failing nodes: {', '.join(failing[:10])}")
+        results.append(LintResult(graph, not errors, errors, warnings))
+    return results
+
+
+def write_polygraphy_script(out_dir: Path, directory: Path, manifest: Manifest, kind: str) -> Path:
+    """`polygraphy_run.sh`: the same comparison from the command line (ONNX Runtime vs the goldens)."""
+    names = output_names(manifest.n_layers)
+    atol, rtol = _tolerances(kind, REFERENCE, names)
+    groups: dict[tuple, list[str]] = {}
+    for n in names:
+        groups.setdefault((atol[n], rtol[n]), []).append(n)
+    default = max(groups, key=lambda k: len(groups[k]))
+    a_args = [f"{default[0]:g}"] + [f"{n}:{k[0]:g}" for k, ns in groups.items() if k != default for n in ns]
+    r_args = [f"{default[1]:g}"] + [f"{n}:{k[1]:g}" for k, ns in groups.items() if k != default for n in ns]
+    lines = ["#!/usr/bin/env bash", "# Replays `kvtrt validate`'s comparison with the Polygraphy CLI: ONNX Runtime",
+             "# against the PyTorch reference outputs saved beside this script.", "set -euo pipefail",
+             'HERE="$(cd "$(dirname "$0")" && pwd)"', f'EXPORT="${{EXPORT:-{directory.resolve()}}}"']
+    for graph, filename in manifest.graphs.items():
+        lines.append(f'polygraphy run "$EXPORT/{filename}" --onnxrt --load-inputs "$HERE/{graph}_inputs.json" '
+                     f'--load-outputs "$HERE/{graph}_golden.json" --check-error-stat elemwise '
+                     f'--atol {" ".join(a_args)} --rtol {" ".join(r_args)}')
+    path = out_dir / "polygraphy_run.sh"
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o755)
+    return path
+
+
+# -- entry point -----------------------------------------------------------------------------------
+def export_kind(manifest: Manifest) -> str:
+    return "int4" if manifest.quantize != "none" else manifest.dtype
+
+
+def validate(directory: str | os.PathLike, reference_model=None, *, json_out: str | os.PathLike | None = None,
+             save_dir: str | os.PathLike | None = None, run_lint: bool = True, batch: int = 2,
+             seed: int = 0, providers: list[str] | None = None) -> ValidationReport:
+    """Validate the export in `directory` (see the module docstring) and return the report.
+
+    `reference_model`: the HF model (or `(model, tokenizer)`) the export came from; by default it is
+    loaded from `manifest.source`. `save_dir`: where the Polygraphy inputs/goldens/scripts go
+    (default `DIR/validation`, or a temporary folder when DIR is not writable).
+    """
+    directory = Path(directory)
+    manifest = Manifest.load(directory)
+    kind = export_kind(manifest)
+    hf_model = _load_reference(manifest, reference_model)
+    cases = build_cases(hf_model, manifest, directory, batch=batch, seed=seed)
+    tmp = None
+    if save_dir is None:
+        save_dir = directory / "validation"
+        if not os.access(directory, os.W_OK):
+            tmp = tempfile.mkdtemp(prefix="kvtrt-validate-")
+            save_dir = Path(tmp)
+    save_dir = Path(save_dir)
+    files = save_cases(cases, save_dir)
+    files["polygraphy_run"] = str(write_polygraphy_script(save_dir, directory, manifest, kind))
+    checks = compare(directory, manifest, cases, kind, providers)
+    lints = lint(directory, manifest, files) if run_lint else \
+        [LintResult(g, True, skipped="--no-lint") for g in manifest.graphs]
+    report = ValidationReport(str(directory), kind, lints, checks, files)
+    if json_out is not None:
+        Path(json_out).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    if tmp is not None:
+        report.files = {k: v + " (temporary, removed)" for k, v in files.items()}
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+# -- command line ----------------------------------------------------------------------------------
+def add_validate_parser(subparsers) -> None:
+    """Register `kvtrt validate DIR [--json OUT] [--trt-commands OUT_DIR]` on argparse subparsers."""
+    p = subparsers.add_parser(
+        "validate", help="check an export against the PyTorch/HF reference with Polygraphy (CPU)",
+        description="Lint the graphs (polygraphy check lint), build golden outputs from the PyTorch reference "
+                    "(the kvtrt adapter module and HF transformers' logits, loaded from the manifest's source) for "
+                    "prefill without and with a past, decode with a past and decode with masked slots, save them "
+                    "with their inputs in Polygraphy's JSON formats, run ONNX Runtime through Polygraphy and compare "
+                    "(CompareFunc.simple, elementwise; fp32 atol 1e-4/rtol 1e-3, fp16 2e-2, int4 against its "
+                    "dequantized weights). Prints max abs/rel error per output and exits 1 on any failure.")
+    p.add_argument("dir", help="export folder made by `kvtrt export`")
+    p.add_argument("--json", metavar="OUT", help="also write the report (every output's errors) as JSON to OUT")
+    p.add_argument("--save-dir", help="where to write the Polygraphy inputs, goldens and polygraphy_run.sh "
+                                      "(default DIR/validation)")
+    p.add_argument("--no-lint", action="store_true", help="skip `polygraphy check lint`")
+    p.add_argument("--all-outputs", action="store_true", help="one table row per output instead of per kind")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random validation tokens")
+    p.add_argument("--trt-commands", metavar="OUT_DIR",
+                   help="also write ready-to-run trtexec and `polygraphy run --trt --onnxrt` commands (build.sh, "
+                        "profiles.json, inputs) for TensorRT engines of this export; needs a --dtype fp16 export")
+    p.add_argument("--max-batch", type=int, default=1, help="with --trt-commands: largest batch of the profiles")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="with --trt-commands: most new tokens per prefill call (S of the prefill profile)")
+    p.add_argument("--capacity", type=int, default=None,
+                   help="with --trt-commands: most past slots of a prefill call (default: max positions)")
+    p.add_argument("--decode-view", type=int, default=None,
+                   help="with --trt-commands: most past slots of a decode call (default: max positions)")
+    p.set_defaults(func=_cmd_validate)
+
+
+def _cmd_validate(args) -> int:
+    if args.trt_commands:
+        from .export.trt import write_trt_commands
+
+        written = write_trt_commands(args.dir, args.trt_commands, max_batch=args.max_batch,
+                                     prefill_chunk=args.prefill_chunk, capacity=args.capacity,
+                                     decode_view=args.decode_view)
+        for note in written.notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(f"wrote TensorRT commands to {written.script}")
+    report = validate(args.dir, json_out=args.json, save_dir=args.save_dir, run_lint=not args.no_lint,
+                      seed=args.seed)
+    print(report.table(every_output=args.all_outputs))
+    print(f"polygraphy inputs/goldens: {Path(report.files['polygraphy_run']).parent}")
+    return 0 if report.passed else 1
+
+
+__all__ = ["validate", "ValidationReport", "OutputCheck", "LintResult", "TOLERANCES", "add_validate_parser",
+           "build_cases", "compare", "lint", "save_cases"]
