@@ -18,7 +18,7 @@ What it does, in order:
    (`--load-outputs`), one pair per graph, with a `polygraphy_run.sh` that replays the comparison
    from the command line.
 3. **Compare** with Polygraphy: ONNX Runtime runs each graph (`OnnxrtRunner`) on those inputs and
-   `Comparator.compare_accuracy` with `CompareFunc.simple` (elementwise: an element fails when it
+   `Comparator.compare_accuracy` with `SimpleCompareFunc` (= `CompareFunc.simple`; elementwise: an element fails when it
    exceeds both atol and rtol) checks it against each reference. Tolerances (see `TOLERANCES`):
    fp32 atol 1e-4 / rtol 1e-3 (HF logits atol 2e-4, its SDPA kernel sums in another order);
    fp16 atol 2e-2 / rtol 2e-2 against the fp32 reference (logits 1e-1); int4 against its
@@ -276,10 +276,16 @@ def compare(directory: Path, manifest: Manifest, cases: list[Case], kind: str,
     """Run ONNX Runtime through Polygraphy and compare it with the references (Polygraphy's
     `Comparator.compare_accuracy` + `CompareFunc.simple`, elementwise)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import Comparator, CompareFunc, RunResults
+    from polygraphy.comparator import Comparator, RunResults
     from polygraphy.comparator.struct import IterationResult
     from polygraphy.logger import G_LOGGER
 
+    try:  # polygraphy >= 0.53 (CompareFunc.simple is its deprecated alias)
+        from polygraphy.comparator import SimpleCompareFunc
+    except ImportError:  # older polygraphy
+        from polygraphy.comparator import CompareFunc
+
+        SimpleCompareFunc = CompareFunc.simple
     names = output_names(manifest.n_layers)
     checks = []
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
@@ -298,7 +304,7 @@ def compare(directory: Path, manifest: Manifest, cases: list[Case], kind: str,
                     run = RunResults()
                     run.append((runner.name, [ort]))
                     run.append((ref_name, [IterationResult(OrderedDict(outputs), runner_name=ref_name)]))
-                    func = CompareFunc.simple(atol=atol, rtol=rtol, check_error_stat="elemwise",
+                    func = SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="elemwise",
                                               find_output_func=_exact)
                     accuracy = Comparator.compare_accuracy(run, compare_func=func)
                     results = accuracy[0][(runner.name, ref_name)][0]
