@@ -6,14 +6,17 @@ sharing ONE weights file: quantization is deterministic, so prefill and decode p
 quantized initializers under identical names and `onnx_export._save_shared` writes each once
 (checking the bytes agree).
 
-Two schemes (measured on SmolLM2-135M, teacher-forced perplexity on the haystack essays, 384
-tokens after a 128-token prompt, fp32 export = 19.92):
+Two schemes, measured on SmolLM2-135M (teacher-forced perplexity on the haystack essays, 384
+tokens after a 128-token prompt; decode ms/step of the decode graph at P=264, batch 1, 2 threads,
+side by side on this shared, loaded machine, so compare rows, not absolute numbers):
 
-| scheme | how | ppl | ratio |
+| export | ppl | ratio | decode ms/step |
 |---|---|---|---|
-| `rtn` asymmetric | onnxruntime `MatMulNBitsQuantizer`, uint8 zero points | 26.49 | 1.33 |
-| `rtn` symmetric | onnxruntime `MatMulNBitsQuantizer`, zero point 8 | 24.84 | 1.25 |
-| `offset` (default) | MatMulNBits + a float offset per block | ~20.3 | ~1.02 |
+| fp32 | 19.92 | 1 | 81.6 |
+| int4 `offset` (default, accuracy_level 4) | 20.40 | 1.024 | 30.8 |
+| int4 `offset`, accuracy_level 1 (fp32 compute) | 20.35 | 1.021 | ~40 |
+| int4 `rtn` symmetric (onnxruntime quantizer) | 24.84 | 1.247 | 24.5 |
+| int4 `rtn` asymmetric (onnxruntime quantizer) | 26.49 | 1.329 | ~29 |
 
 Why `rtn` fails here: the bundled SmolLM2 is a GGUF **Q4_1** file, so its float weights already
 sit on a 4-bit grid `m + d*i` per block of 32 (block along K, the same axis MatMulNBits blocks).
@@ -35,7 +38,14 @@ Standard ONNX ops for the correction; onnxruntime's int4 kernels for the bulk.
 Other choices:
 - **Block 32**: the Q4_1 block; the finest MatMulNBits' int8-compute kernels handle.
 - **`accuracy_level=4`** (int8 activations x int4 weights on CPU, MLAS `CompInt8`) by default:
-  the fastest CPU path measured here; the CUDA kernels ignore it; 1 = fp32 compute.
+  the fastest CPU path measured here (30.8 vs ~40 ms/step for 1 = fp32 compute, for +0.3% ppl);
+  the CUDA kernels ignore it.
+- The offsets cost ~5 ms/step over `rtn` (4 small nodes per projection); that buys 20 points of
+  perplexity. The layers are exact for Q4_1 weights (accuracy_level 1 gives 20.35, the same as
+  quantizing only the lm_head), so what is left is the Q8_0 embedding/lm_head going to int4.
+- **Runtime note:** MatMulNBits needs MLAS prepacking; an ONNX Runtime session created with
+  `session.disable_prepacking=1` re-packs the int4 weights on every call (measured 660 ms/step
+  instead of 30). Sessions of an int4 export must keep prepacking on.
 - **lm_head included, tied embedding shared.** `DecoderGraph` looks tokens up as columns of
   `lm_head.weight_t` ([hidden, V], a Gather on axis 1). MatMulNBits stores that matrix as
   B = [V, K/32, 16] uint8 - one row of packed blocks per token - which is exactly what
