@@ -162,7 +162,9 @@ def _load_reference(manifest: Manifest, reference_model):
     if getattr(reference_model.config, "model_type", None) != manifest.model_type:
         raise ValueError(f"the reference model is a {reference_model.config.model_type!r}, the export a "
                          f"{manifest.model_type!r}: pass the model the export was made from")
-    return reference_model.float().eval()
+    if next(reference_model.parameters()).dtype != torch.float32 and not getattr(reference_model, "is_quantized", False):
+        reference_model = reference_model.float()  # the reference runs in fp32 whatever the export's dtype
+    return reference_model.eval()
 
 
 def _modules(hf_model, manifest: Manifest, directory: Path):
