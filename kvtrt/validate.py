@@ -162,7 +162,8 @@ def _load_reference(manifest: Manifest, reference_model):
     if getattr(reference_model.config, "model_type", None) != manifest.model_type:
         raise ValueError(f"the reference model is a {reference_model.config.model_type!r}, the export a "
                          f"{manifest.model_type!r}: pass the model the export was made from")
-    if next(reference_model.parameters()).dtype != torch.float32 and not getattr(reference_model, "is_quantized", False):
+    quantized = getattr(reference_model, "is_quantized", False)
+    if next(reference_model.parameters()).dtype != torch.float32 and not quantized:
         reference_model = reference_model.float()  # the reference runs in fp32 whatever the export's dtype
     return reference_model.eval()
 
@@ -337,7 +338,8 @@ def lint(directory: Path, manifest: Manifest, files: dict[str, str], timeout: fl
                     results.append(LintResult(graph, True, skipped="polygraphy lint needs onnx-graphsurgeon: "
                                                                    "pip install onnx-graphsurgeon"))
                 else:
-                    results.append(LintResult(graph, False, errors=[f"polygraphy check lint failed: {' | '.join(tail)}"]))
+                    results.append(LintResult(graph, False,
+                                              errors=[f"polygraphy check lint failed: {' | '.join(tail)}"]))
                 continue
             data = json.loads(report.read_text())
         errors, warnings = [], []

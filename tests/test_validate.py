@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 
@@ -32,7 +33,9 @@ def test_tiny_export_passes_with_every_case_output_and_reference(tiny_llama, tmp
     assert {"logits", "key.0", "value.1", "query.1", "score.0"} <= outputs
     assert {c.case for c in report.checks if c.reference == HF} == cases - {"decode P=19 masked"}
     assert all(c.max_abs < 1e-4 for c in report.checks)  # fp32: the graph is the reference's math
-    assert [l.passed and l.skipped is None for l in report.lint] == [True, True]  # polygraphy lint ran
+    assert all(l.passed for l in report.lint)
+    if importlib.util.find_spec("onnx_graphsurgeon") is not None:  # polygraphy lint needs it
+        assert [l.skipped for l in report.lint] == [None, None]
     # polygraphy's own formats, loadable by `polygraphy run --load-inputs/--load-outputs`
     from polygraphy.comparator import RunResults
     from polygraphy.json import load_json

@@ -241,7 +241,8 @@ def write_trt_commands(directory: str | os.PathLike, out_dir: str | os.PathLike,
     for graph, profile in profiles.items():
         lo, opt, hi = (profile.select(i) for i in range(3))
         lines.append(f"#   {graph}: batch {lo['input_ids'][0]}..{hi['input_ids'][0]}, new tokens "
-                     f"{lo['input_ids'][1]}..{hi['input_ids'][1]}, past slots {lo['past_mask'][1]}..{hi['past_mask'][1]}"
+                     f"{lo['input_ids'][1]}..{hi['input_ids'][1]}, "
+                     f"past slots {lo['past_mask'][1]}..{hi['past_mask'][1]}"
                      f" (opt {opt['input_ids'][0]}x{opt['input_ids'][1]}, P={opt['past_mask'][1]})")
     lines += [
         "# TensorRT 11 is strongly typed (the graph's dtypes are the engine's; --stronglyTyped is a no-op there and",
@@ -257,7 +258,8 @@ def write_trt_commands(directory: str | os.PathLike, out_dir: str | os.PathLike,
         for graph, profile in profiles.items():
             filename = manifest.graphs[graph]
             lo, opt, hi = (profile.select(i) for i in range(3))
-            sample = sample_inputs(manifest, graph, batch=1, new=min(8, prefill_chunk), past=min(16, hi["past_mask"][1]))
+            sample = sample_inputs(manifest, graph, batch=1, new=min(8, prefill_chunk),
+                                   past=min(16, hi["past_mask"][1]))
             bins = out_dir / "inputs" / graph
             bins.mkdir(parents=True, exist_ok=True)
             for name, array in sample.items():

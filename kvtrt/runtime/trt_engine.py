@@ -93,8 +93,9 @@ class TrtEngine:
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         want = input_names(self.manifest.n_layers) + output_names(self.manifest.n_layers)
         if sorted(names) != sorted(want):
-            raise ExportMismatchError(f"the {variant} engine's tensors do not match the manifest's {self.manifest.n_layers}"
-                                      f" layers; rebuild with `kvtrt build-engine {self.directory}`")
+            raise ExportMismatchError(f"the {variant} engine's tensors do not match the manifest's "
+                                      f"{self.manifest.n_layers} layers; rebuild with `kvtrt build-engine "
+                                      f"{self.directory}`")
         for name in input_names(self.manifest.n_layers):
             if engine.get_tensor_mode(name) != trt.TensorIOMode.INPUT:
                 raise ExportMismatchError(f"{variant} engine: {name} is not an input; rebuild the engine")
@@ -110,7 +111,8 @@ class TrtEngine:
         for group, target in ((inputs, binding.inputs), (outputs, binding.outputs)):
             for name, tensor in group.items():
                 if tensor.device != self.device:
-                    raise ValueError(f"{name} is on {tensor.device}; the TensorRT engine needs tensors on {self.device}")
+                    raise ValueError(f"{name} is on {tensor.device}; the TensorRT engine needs tensors on "
+                                     f"{self.device}")
                 if not tensor.is_contiguous():
                     raise ValueError(f"bound tensors must be contiguous ({name} is not)")
                 want = _torch_dtype(self.trt, engine.get_tensor_dtype(name))
