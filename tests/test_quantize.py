@@ -98,7 +98,36 @@ def test_int4_graph_computes_its_dequantized_model(tiny_exports, tmp_path, famil
     report = validate(out, reference_model=model, save_dir=tmp_path / "val", run_lint=False)
     assert report.kind == "int4" and report.passed, report.table()
     assert max(c.max_abs for c in report.checks if c.output == "logits") < 1e-4
-    assert all(c.reference == "kvtrt-torch" for c in report.checks)  # HF logits skipped for int4
+    assert {c.reference for c in report.checks} == {"kvtrt-torch", "hf-float"}  # HF logits skipped for int4
+    weights = [c for c in report.checks if c.case == "int4 weights"]
+    assert len(weights) == 4 * model.config.num_hidden_layers + 1 + (family == "qwen2")  # + untied embedding
+    assert all(c.max_rel <= 1 for c in weights)  # within half a step of the float weights
+
+
+def test_default_int4_validates_and_a_corrupted_int4_weight_is_caught(tiny_llama, tmp_path):
+    """accuracy_level 4 (int8 activations): outputs checked on mean errors. The graph comparison's reference
+    is dequantized from the export itself, so corrupted int4 weights are caught by the weight check."""
+    from kvtrt.validate import validate
+
+    model, _, directory = tiny_llama
+    out = _copy(directory, tmp_path)
+    quantize_export(out)
+    report = validate(out, reference_model=model, save_dir=tmp_path / "val", run_lint=False)
+    assert report.kind == "int4-int8" and report.passed, report.table()
+    tensor = next(t for t in onnx.load(str(out / "decode.onnx"), load_external_data=False).graph.initializer
+                  if t.name == "layers_1_qkv_weight_t_Q4")
+    info = {e.key: e.value for e in tensor.external_data}
+    with open(out / info["location"], "r+b") as f:
+        f.seek(int(info["offset"]))
+        data = bytearray(f.read(int(info["length"])))
+        for i in range(0, len(data), 2):
+            data[i] ^= 0x88  # move half the levels by 8 steps
+        f.seek(int(info["offset"]))
+        f.write(bytes(data))
+    broken = validate(out, reference_model=model, save_dir=tmp_path / "val2", run_lint=False)
+    assert not broken.passed
+    assert {c.output for c in broken.failures} == {"layers_1_qkv_weight_t"}
+    assert "FAILED: weights output 'layers_1_qkv_weight_t'" in broken.table()
 
 
 def test_int4_differs_from_float_and_generates(tiny_llama, tmp_path):
