@@ -178,7 +178,7 @@ def _require_trt_graph(directory: Path, manifest: Manifest) -> list[str]:
     notes.append("graphs use standard ONNX ops only (domain ai.onnx, no com.microsoft): "
                  + ", ".join(f"{op}" for op in checks[next(iter(checks))].op_types))
     if manifest.dtype != "fp16":
-        notes.append(f"this is a {manifest.dtype} export: TensorRT 11 is strongly typed, so it builds an "
+        notes.append(f"this export's dtype is {manifest.dtype}: TensorRT 11 is strongly typed, so it builds an "
                      f"{manifest.dtype} engine; export with `--dtype fp16` for fp16 engines")
     return notes
 
