@@ -26,7 +26,10 @@ What it does, in order:
    when it exceeds both atol and rtol):
    - fp32: atol 1e-4 / rtol 1e-3 (HF logits atol 2e-4: its SDPA kernel sums in another order).
      Measured on SmolLM2: max abs 7.4e-5 (logits), 8.6e-5 (values), 1.6e-6 (scores).
-   - fp16 against the fp32 reference: atol 2e-2 / rtol 2e-2, logits atol 1e-1.
+   - fp16 against the fp32 reference: key/value atol 1.5e-1, logits 1e-1, query/score 2e-2 (rtol
+     5e-2; logits 2e-2). Measured on SmolLM2 fp16 (ORT CPU): max abs 0.10 on keys/values (layers
+     12-20 at P=0, magnitudes ~3, i.e. fp16's ~3% after 30 layers; mean abs 2e-3), 0.033 on logits,
+     1.9e-3 on queries, 8e-4 on scores.
    - int4 with fp32 compute (accuracy_level 0/1) against its dequantized reference: atol 1e-3 /
      rtol 1e-2 (measured max abs 2.4e-4 on SmolLM2).
    - int4 with int8 activations (accuracy_level 2-4, the default 4) or fp16: MatMulNBits
@@ -61,7 +64,8 @@ from .models.base import input_names, output_names
 #: default; "hf" = the HF-transformers logits comparison). See the module docstring for the numbers.
 TOLERANCES: dict[str, dict] = {
     "fp32": {"stat": "elemwise", "": (1e-4, 1e-3), "hf": (2e-4, 1e-3)},
-    "fp16": {"stat": "elemwise", "": (2e-2, 2e-2), "logits": (1e-1, 2e-2), "hf": (1e-1, 2e-2)},
+    "fp16": {"stat": "elemwise", "": (2e-2, 5e-2), "key": (1.5e-1, 5e-2), "value": (1.5e-1, 5e-2),
+             "logits": (1e-1, 2e-2), "hf": (1e-1, 2e-2)},
     "int4": {"stat": "elemwise", "": (1e-3, 1e-2)},
     "int4-int8": {"stat": "mean", "": (1e-1, 0.0), "logits": (5e-1, 0.0), "query": (1e-2, 0.0),
                   "score": (1e-2, 0.0)},
@@ -501,7 +505,7 @@ def add_validate_parser(subparsers) -> None:
                     "(the kvtrt adapter module and HF transformers' logits, loaded from the manifest's source) for "
                     "prefill without and with a past, decode with a past and decode with masked slots, save them "
                     "with their inputs in Polygraphy's JSON formats, run ONNX Runtime through Polygraphy and compare "
-                    "(CompareFunc.simple; fp32 elementwise atol 1e-4/rtol 1e-3, fp16 2e-2, int4 against its own "
+                    "(CompareFunc.simple; fp32 elementwise atol 1e-4/rtol 1e-3, fp16 up to 1.5e-1, int4 against its own "
                     "dequantized weights, plus a check of those weights against the float model). Prints max "
                     "abs/rel error per output and exits 1 on any failure.")
     p.add_argument("dir", help="export folder made by `kvtrt export`")
