@@ -505,9 +505,9 @@ def add_validate_parser(subparsers) -> None:
                     "(the kvtrt adapter module and HF transformers' logits, loaded from the manifest's source) for "
                     "prefill without and with a past, decode with a past and decode with masked slots, save them "
                     "with their inputs in Polygraphy's JSON formats, run ONNX Runtime through Polygraphy and compare "
-                    "(CompareFunc.simple; fp32 elementwise atol 1e-4/rtol 1e-3, fp16 up to 1.5e-1, int4 against its own "
-                    "dequantized weights, plus a check of those weights against the float model). Prints max "
-                    "abs/rel error per output and exits 1 on any failure.")
+                    "(CompareFunc.simple; fp32 elementwise atol 1e-4/rtol 1e-3, fp16 up to 1.5e-1, int4 against "
+                    "its own dequantized weights, plus a check of those weights against the float model). Prints "
+                    "max abs/rel error per output and exits 1 on any failure.")
     p.add_argument("dir", help="export folder made by `kvtrt export`")
     p.add_argument("--json", metavar="OUT", help="also write the report (every output's errors) as JSON to OUT")
     p.add_argument("--save-dir", help="where to write the Polygraphy inputs, goldens and polygraphy_run.sh "
