@@ -1,4 +1,4 @@
-"""`kvtrt` command line: export | generate | bench | eval | validate | build-engine."""
+"""`kvtrt` command line: export | generate | bench | eval | validate | build-engine | quantize."""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ def _cmd_export(args) -> int:
 
     manifest = export_model(args.model, args.output, dtype=args.dtype, max_positions=args.max_positions,
                             score_window=args.score_window, progress=not args.quiet)
+    if args.quantize != "none":
+        from .export.quantize import quantize_export
+
+        manifest = quantize_export(args.output, method=args.quantize)
     print(f"exported {manifest.source} ({manifest.model_type}, {manifest.n_layers} layers, {manifest.dtype}, "
           f"{manifest.max_positions} positions) to {args.output}")
     return 0
@@ -100,7 +104,7 @@ def _cmd_bench(args) -> int:
 
     rows = run_bench(args.dir, args.context, args.kv or ["full"], new_tokens=args.new_tokens, threads=args.threads,
                      peer=args.peer, peer_dir=args.peer_dir, texts=args.text, prefill_chunk=args.prefill_chunk,
-                     repeat=args.repeat)
+                     repeat=args.repeat, peer_precision=args.peer_precision)
     for row in rows:
         row["series"] = f"{row['engine']} {row['kv']}" if row["engine"] == "kvtrt" else row["engine"]
     _save(rows, table(rows), args, lambda path: line_plot(
@@ -149,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest sequence the export accepts (default: the model's max_position_embeddings)")
     p.add_argument("--score-window", type=int, default=32,
                    help="last prompt queries whose attention mass forms the score.{l} outputs (SnapKV window)")
+    p.add_argument("--quantize", default="none", choices=["none", "int4"],
+                   help="int4: 4-bit block-32 MatMulNBits weights (lm_head and tied embedding included; CPU/CUDA)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_export)
 
@@ -183,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per measurement")
     p.add_argument("--kv", action="append", help="KV spec to measure (repeatable; default full). " + KV_HELP)
     p.add_argument("--peer", choices=["ortgenai"], help="also measure onnxruntime-genai on the same model and ids")
-    p.add_argument("--peer-dir", help="where the peer model is built and cached (default: DIR-ortgenai-fp32 beside DIR)")
+    p.add_argument("--peer-dir", help="where the peer model is built and cached (default: DIR-ortgenai-PRECISION)")
+    p.add_argument("--peer-precision", default="fp32", choices=["fp32", "int4"],
+                   help="weights of the onnxruntime-genai peer (compare int4 exports with int4)")
     p.add_argument("--text", help="text file or folder for the prompts (default ../shared/data/haystack)")
     p.add_argument("--repeat", type=int, default=2, help="runs per measurement; the best is reported (noisy hosts)")
     p.add_argument("--json", help="write the rows as JSON here")
@@ -214,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill graph call")
     p.set_defaults(func=_cmd_eval)
+
+    from .export.quantize import add_quantize_parser
+    from .export.trt import add_build_engine_parser
+    from .validate import add_validate_parser
+
+    add_validate_parser(sub)
+    add_build_engine_parser(sub)
+    add_quantize_parser(sub)
     return parser
 
 

@@ -120,7 +120,7 @@ def _spawn(args: dict) -> dict:
 
 def run_bench(directory: str, contexts: list[int], kv_specs: list[str], new_tokens: int = 64, threads: int = 2,
               peer: str | None = None, peer_dir: str | None = None, texts: str | None = None,
-              prefill_chunk: int = 512, repeat: int = 2) -> list[dict]:
+              prefill_chunk: int = 512, repeat: int = 2, peer_precision: str = "fp32") -> list[dict]:
     """Measure every (context, kv spec) and the peer; returns the rows (also printed as a table)."""
     from ..manifest import Manifest
     from ..runtime.tokenizer import TextCodec
@@ -135,8 +135,9 @@ def run_bench(directory: str, contexts: list[int], kv_specs: list[str], new_toke
     if peer:
         if peer != "ortgenai":
             raise ValueError(f"--peer {peer!r} is unknown; the supported peer is 'ortgenai'")
-        peer_dir = peer_dir or str(Path(directory).resolve().parent / (Path(directory).name + "-ortgenai-fp32"))
-        build_ortgenai(directory, Path(peer_dir))
+        peer_dir = peer_dir or str(Path(directory).resolve().parent
+                                   / f"{Path(directory).name}-ortgenai-{peer_precision}")
+        build_ortgenai(directory, Path(peer_dir), peer_precision)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for context in contexts:

@@ -48,8 +48,12 @@ class LLM:
         self.manifest = Manifest.load(directory)
         if backend == "onnxruntime":
             self.engine = OrtEngine(directory, self.manifest, provider=provider, threads=threads)
+        elif backend == "tensorrt":
+            from .trt_engine import TrtEngine  # GPU only, `trt` extra
+
+            self.engine = TrtEngine(directory, self.manifest)
         else:
-            raise ValueError(f"backend {backend!r} is unknown; use 'onnxruntime'")
+            raise ValueError(f"backend {backend!r} is unknown; use 'onnxruntime' or 'tensorrt'")
         self.codec = TextCodec(directory, self.manifest)
         self.kv = parse_kv_spec(kv)
         check_kv_spec(self.kv, self.manifest)
