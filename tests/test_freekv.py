@@ -574,6 +574,30 @@ def test_stats_keys():
     r.close()
 
 
+def test_pool_sized_once_for_prompt_plus_reserved_tokens():
+    """``start(reserve_tokens=n)`` sizes the pool exactly (no doubling overshoot) and decoding
+    those ``n`` tokens never reallocates it; stored and view bytes add up to ``nbytes``."""
+    seq = Seq(total=400, seed=17)
+    r = make(f"freekv:budget=44,{SMALL}", seq)
+    k, v = seq.kv(0, 300)
+    r.start(k, v, seq.q(299), reserve_tokens=60)
+    sink, window, page = r.S, r.W, r.page
+    assert r.pool.capacity == -(-(360 - sink - window) // page)
+    data = r.pool.data
+    for n in range(300, 360):
+        r.prefetch()
+        r.finish_step(seq.q(n), *seq.kv(n, n + 1))
+    assert r.pool.data is data
+    st = r.stats()
+    itemsize = 4
+    pool = seq.L * seq.B * r.pool.capacity * seq.Hkv * (2 * page * seq.D * itemsize + 2 * seq.D * 4)
+    master = 2 * seq.L * seq.B * seq.Hkv * (sink + window + page) * seq.D * itemsize
+    assert st["stored_bytes"] == pool + master
+    assert st["view_bytes"] == 2 * 2 * seq.L * seq.B * seq.Hkv * r.slots * seq.D * itemsize
+    assert r.nbytes == st["stored_bytes"] + st["view_bytes"]
+    r.close()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_cuda_path_matches_cpu():

@@ -65,7 +65,9 @@ def test_compressed_cache_stays_close_to_full_on_real_text(long_sample, spec):
     full_nll, full_gen = _nll(llm, prompt, target, "full")
     nll, gen = _nll(llm, prompt, target, spec)
     assert math.exp(nll) / math.exp(full_nll) < 1.10
-    if spec.startswith("kvcrush") or spec.startswith("snapkv"):
+    if spec.startswith("kvcrush:budget=0.5") or spec.startswith("snapkv"):
         assert gen.stats.kv_bytes < 0.65 * full_gen.stats.kv_bytes
     if "freekv" in spec:
         assert gen.stats.kv["slots"] < 0.6 * len(prompt)
+    if spec.startswith("kvcrush:budget=0.75+"):  # compaction shrinks what the pool stores
+        assert gen.stats.kv["stored_bytes"] < 0.85 * full_gen.stats.kv_bytes

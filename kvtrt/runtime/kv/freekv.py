@@ -92,7 +92,8 @@ without a GPU).
 
 ``stats()`` reports per run: steps, correction rate (corrected / checked heads), page hit rate
 (selected pages already resident / selected pages), pages and bytes recalled per step, and the
-seconds ``finish_step`` waited for the worker and spent on corrections.
+seconds ``finish_step`` waited for the worker and spent on corrections, and the memory held:
+``stored_bytes`` (pool, summaries, sink/recent master copy) and ``view_bytes`` (both views).
 """
 
 from __future__ import annotations
@@ -370,11 +371,14 @@ class FreeKVRetrieval:
         values: Sequence[Tensor],
         query: Sequence[Tensor],
         mask: Tensor | None = None,
+        reserve_tokens: int = 0,
     ) -> KVView:
         """Load a prefilled prompt and build the first view from its last query.
 
         ``keys[l]``/``values[l]`` ``[B, Hkv, N, D]``, ``query[l]`` ``[B, H, D]``; ``mask`` ``[B, N]``
         (optional, nonzero = real token) drops padding or dead slots (any pattern).
+        ``reserve_tokens``: tokens decoding may still add; the pool is sized once for the prompt
+        plus those (no doubling overshoot when the caller knows the length).
         """
         self._drain()
         self.pool.reset()
@@ -382,6 +386,7 @@ class FreeKVRetrieval:
             buf.reset()
         self._reset_stats()
         n_tok = keys[0].shape[2]
+        self.pool.reserve(max(1, -(-(n_tok + reserve_tokens - self.S - self.W) // self.page)), exact=True)
         for b in range(self.B):
             if mask is None:
                 n = n_tok
@@ -503,10 +508,18 @@ class FreeKVRetrieval:
 
     @property
     def nbytes(self) -> int:
-        """Bytes this manager holds: host pool (with summaries), sink/recent master copy, both views."""
-        tensors = [self._mk, self._mv, self.pool.data, self.pool.kmin, self.pool.kmax]
-        tensors += [t for buf in self._bufs for t in (buf.all_keys, buf.all_values)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes this manager holds: the stored KV plus both views."""
+        return self.stored_nbytes + self.view_nbytes
+
+    @property
+    def stored_nbytes(self) -> int:
+        """Bytes of the stored KV: host pool (with its summaries) and the sink/recent master copy."""
+        return _nbytes(self._mk, self._mv, self.pool.data, self.pool.kmin, self.pool.kmax)
+
+    @property
+    def view_nbytes(self) -> int:
+        """Bytes of the two double-buffered views the engine reads (fixed by the budget)."""
+        return _nbytes(*(t for buf in self._bufs for t in (buf.all_keys, buf.all_values)))
 
     def stats(self) -> dict:
         """Run statistics since ``start`` (see the module docstring)."""
@@ -520,6 +533,7 @@ class FreeKVRetrieval:
         s["wait_s_per_step"] = s["wait_s"] / steps
         s["pool_pages"] = self.pool.n_pages.tolist()
         s["budget"], s["k_pages"], s["slots"] = self.budget, self.k, self.slots
+        s["stored_bytes"], s["view_bytes"] = self.stored_nbytes, self.view_nbytes
         return s
 
     def close(self) -> None:
@@ -738,3 +752,7 @@ __all__ = [
     "DEFAULT_BUDGET", "DEFAULT_PAGE", "DEFAULT_SINK", "DEFAULT_WINDOW", "DEFAULT_TAU", "DEFAULT_COMBINE",
     "RetrievalConfig", "build_retrieval", "FreeKVRetrieval", "KVView",
 ]
+
+
+def _nbytes(*tensors: Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

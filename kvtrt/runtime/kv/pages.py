@@ -195,10 +195,11 @@ class PagePool:
             kmax[:, :, :, : self._cap] = self.kmax
         self.data, self.kmin, self.kmax, self._cap = data, kmin, kmax, cap
 
-    def reserve(self, n_pages: int) -> None:
-        """Make room for ``n_pages`` pages per sequence (capacity doubles)."""
+    def reserve(self, n_pages: int, exact: bool = False) -> None:
+        """Make room for ``n_pages`` pages per sequence: exactly that many with ``exact`` (when the
+        caller knows the final size), else the capacity doubles (amortised growth)."""
         if n_pages > self._cap:
-            cap = self._cap
+            cap = n_pages if exact else self._cap
             while cap < n_pages:
                 cap *= 2
             self._alloc(cap)
