@@ -122,6 +122,7 @@ class DecoderGraph(nn.Module):
             new_bias = new_bias.expand(-1, 1, g, -1, -1).reshape(input_ids.shape[0], 1, g * S, S)
             bias = torch.cat((past_bias.expand(-1, 1, g * S, -1), new_bias), dim=-1)  # [B,1,gS,P+S]
         outputs_kv, outputs_q, outputs_s = [], [], []
+        n_past = past_mask.shape[1]  # read once: a per-layer shape lookup costs ORT three nodes a layer
         for layer in range(a.n_layers):
             p = f"layers.{layer}."
             past_k, past_v = past[2 * layer], past[2 * layer + 1]
@@ -137,10 +138,9 @@ class DecoderGraph(nn.Module):
                 s_past = torch.matmul(past_k.unsqueeze(2), query.unsqueeze(-1)).squeeze(-1)  # [B,Hkv,g,P]
                 s_new = torch.matmul(query, k.transpose(2, 3))  # [B,Hkv,g,1]
                 probs = torch.softmax(torch.cat((s_past + past_bias, s_new), dim=-1), dim=-1)
-                n_past = past_k.shape[2]
                 attn = torch.matmul(probs[..., :n_past], past_v) + torch.matmul(probs[..., n_past:], v)
                 attn = attn.reshape(-1, 1, H * D)
-                outputs_s.append(probs.mean(dim=2).float())
+                outputs_s.append(_fp32(probs.mean(dim=2)))
                 outputs_q.append(q)
             else:
                 B, S = input_ids.shape[0], input_ids.shape[1]
@@ -155,15 +155,20 @@ class DecoderGraph(nn.Module):
                 attn = torch.matmul(probs, values).reshape(B, Hkv, g, S, D).permute(0, 3, 1, 2, 4)
                 attn = attn.reshape(B, S, H * D)
                 last = probs.reshape(B, Hkv, g, S, -1)[:, :, :, -self.score_window:, :]
-                outputs_s.append(last.mean(dim=(2, 3)).float())
+                outputs_s.append(_fp32(last.mean(dim=(2, 3))))
             outputs_kv += [k, v]
             h = h + self.linear(attn, p + "o")
             x = self.rms_norm(h, self.w(p + "post_norm.weight"))
-            gate, up = self.linear(x, p + "gate_up").chunk(2, dim=-1)
+            gate, up = self.linear(x, p + "gate_up").split([a.intermediate_size] * 2, dim=-1)  # one Split node
             h = h + self.linear(torch.nn.functional.silu(gate) * up, p + "down")
         h = self.rms_norm(h[:, -1:, :], self.w("norm.weight"))
-        logits = (h @ table).float()
+        logits = _fp32(h @ table)
         return (logits, *outputs_kv, *outputs_q, *outputs_s)
+
+
+def _fp32(x: Tensor) -> Tensor:
+    """x as float32; no node at all when it already is (the exporter would emit a Cast copy)."""
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def rotate_half_matrix(head_dim: int) -> Tensor:

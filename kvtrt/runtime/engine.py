@@ -84,13 +84,6 @@ class OrtEngine:
                 provider_options.append({"device_id": str(device_id)})
         self.sessions = {}
         for variant, filename in self.manifest.graphs.items():
-            if variant == "decode" and provider == "cpu" and self.manifest.quantize == "none":
-                # Decode is GEMV (one row): MLAS prepacking buys no speed there but would copy every
-                # weight; unpacked, the decode session reads the memory-mapped weights.bin that the
-                # prefill session also maps, so weights sit in memory once plus prefill's packed copy.
-                # (int4 MatMulNBits would re-pack on every call without it: keep it there.)
-                options = _copy_options(options)
-                options.add_session_config_entry("session.disable_prepacking", "1")
             session = ort.InferenceSession(str(self.directory / filename), options, providers=wanted,
                                            provider_options=provider_options)
             self._check(variant, session)
