@@ -9,7 +9,9 @@ from pathlib import Path
 KV_HELP = ("KV spec: what is stored and attended. 'full' (default); compaction 'streaming:sink=4,window=N', "
            "'h2o:budget=B', 'snapkv:budget=B,window=32,kernel=5', 'kvcrush:budget=B,base=snapkv|h2o|streaming,"
            "ratio=0.25,anchor=random|zeros|ones|mean|alternating,granularity=token|page'; retrieval "
-           "'freekv:budget=B,page=32,sink=S,window=W,tau=0.9' or 'quest:budget=B'; join one of each with '+'. "
+           "'freekv:budget=B,page=32,sink=S,window=W,tau=0.9,min_context=N' or 'quest:budget=B' (retrieval "
+           "runs for caches longer than min_context, default 2B; shorter ones decode densely); join one of each "
+           "with '+'. "
            "B is a token count (1024) or a fraction of the context (0.25)")
 
 
@@ -64,10 +66,11 @@ def _cmd_generate(args) -> int:
         _print_stats("kv=full", full.stats)
         stored = stats.kv.get("stored_bytes", stats.kv_bytes)
         views = f", plus {stats.kv['view_bytes'] / 2**20:.1f} MiB of FreeKV views" if "view_bytes" in stats.kv else ""
+        full_mib = full.stats.kv_bytes / 2**20
         print(f"saved: decode {stats.decode_tok_s / max(full.stats.decode_tok_s, 1e-9):.2f}x the full cache's speed, "
               f"stored KV {full.stats.kv_bytes / max(stored, 1):.2f}x smaller ({stored / 2**20:.1f} MiB vs "
-              f"{full.stats.kv_bytes / 2**20:.1f} MiB{views}), KV memory held {full.stats.kv_bytes / max(stats.kv_bytes, 1):.2f}x "
-              f"smaller", file=sys.stderr)
+              f"{full_mib:.1f} MiB{views}), KV memory held {full.stats.kv_bytes / max(stats.kv_bytes, 1):.2f}x smaller",
+              file=sys.stderr)
     return 0
 
 

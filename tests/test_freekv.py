@@ -213,6 +213,10 @@ def test_spec_defaults_and_layout():
     with pytest.raises(KVSpecError, match="max_context"):
         frac.k_pages()
     assert frac.k_pages(max_context=100) == (50 - 4 - 8) // 8
+    assert cfg.min_context is None and not cfg.engages(2048) and cfg.engages(2049)  # default: 2 x budget
+    low = build_retrieval("freekv:budget=1024,min_context=0")
+    assert low.engages(1) and "min_context=0" in str(low)
+    assert build_retrieval("quest:budget=1024,min_context=5000").engages(5001) is True
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -227,6 +231,8 @@ def test_spec_defaults_and_layout():
     ("freekv:budget=2000,page=0", "page=0 must be at least 1"),
     ("freekv:budget=2000,sink=x", "not a whole number"),
     ("freekv:budget=2000,window=-1", "at least 0"),
+    ("freekv:budget=2000,min_context=-5", "min_context=-5 must be at least 0"),
+    ("quest:budget=2000,min_context=big", "not a whole number"),
     ("snapkv:budget=0.5", "no retrieval stage"),
 ])
 def test_bad_specs(spec, message):

@@ -84,8 +84,9 @@ def test_teacher_forced_logprobs_match_hf(tiny_llama):
     torch.testing.assert_close(torch.cat(gen.target_logprobs), expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("spec", ["freekv:budget=4096,page=8,window=16", "quest:budget=4096,page=8,window=16",
-                                  "freekv:budget=4096,page=8,window=16,tau=0"])
+@pytest.mark.parametrize("spec", ["freekv:budget=4096,page=8,window=16,min_context=0",
+                                  "quest:budget=4096,page=8,window=16,min_context=0",
+                                  "freekv:budget=4096,page=8,window=16,tau=0,min_context=0"])
 def test_retrieval_with_covering_budget_equals_full(tiny_llama, spec):
     _, _, directory = tiny_llama
     full = kvtrt.load(directory).generate(PROMPT, max_new_tokens=60)
@@ -97,17 +98,35 @@ def test_retrieval_batch_with_covering_budget_equals_full(tiny_llama):
     _, _, directory = tiny_llama
     prompts = [PROMPT, "Short one"]
     full = kvtrt.load(directory).generate(prompts, max_new_tokens=40)
-    got = kvtrt.load(directory, kv="freekv:budget=4096,page=8,window=16").generate(prompts, max_new_tokens=40)
+    spec = "freekv:budget=4096,page=8,window=16,min_context=0"
+    got = kvtrt.load(directory, kv=spec).generate(prompts, max_new_tokens=40)
     assert [r.token_ids for r in got] == [r.token_ids for r in full]
 
 
 def test_small_retrieval_budget_attends_fewer_tokens_and_reports_stats(tiny_llama):
     _, _, directory = tiny_llama
-    result = kvtrt.load(directory, kv="freekv:budget=64,page=8,window=16,tau=0.5").generate(PROMPT, max_new_tokens=50)
+    result = kvtrt.load(directory, kv="freekv:budget=64,page=8,window=16,tau=0.5,min_context=0").generate(
+        PROMPT, max_new_tokens=50)
     stats = result.stats.kv
+    assert stats["retrieval_engaged"] == 1
     assert stats["slots"] <= 64 + 8
     assert 0 <= stats["correction_rate"] <= 1 and 0 <= stats["page_hit_rate"] <= 1
     assert stats["steps"] == 49
+
+
+def test_retrieval_engages_only_above_min_context(tiny_llama):
+    """A cache no longer than min_context (default twice the budget) decodes densely: exactly the
+    full cache's tokens, and the stats say retrieval did not run; a longer one retrieves."""
+    _, _, directory = tiny_llama
+    llm = kvtrt.load(directory)
+    n = len(llm.encode(PROMPT))
+    full = llm.generate(PROMPT, max_new_tokens=30)
+    dense = kvtrt.load(directory, kv=f"freekv:budget={n // 2},page=8,window=16").generate(PROMPT, max_new_tokens=30)
+    assert dense.stats.kv == {"retrieval_engaged": 0, "retrieval_min_context": 2 * (n // 2)}
+    assert dense.token_ids == full.token_ids
+    sparse = kvtrt.load(directory, kv=f"freekv:budget={n // 2},page=8,window=16,min_context={n - 1}").generate(
+        PROMPT, max_new_tokens=30)
+    assert sparse.stats.kv["retrieval_engaged"] == 1 and sparse.stats.kv["slots"] < n
 
 
 def test_decode_compaction_keeps_memory_bounded(tiny_llama):

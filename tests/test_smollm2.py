@@ -52,12 +52,13 @@ def _nll(llm, prompt, target, spec):
 def test_retrieval_with_covering_budget_is_exact_on_real_text(long_sample):
     llm, prompt, _ = long_sample
     full = llm.generate(prompt, max_new_tokens=24)
-    for spec in ("freekv:budget=2048,tau=0.9", "quest:budget=2048"):
+    for spec in ("freekv:budget=2048,tau=0.9,min_context=0", "quest:budget=2048,min_context=0"):
         assert kvtrt.load(llm.directory, kv=spec).generate(prompt, max_new_tokens=24).token_ids == full.token_ids
 
 
 @pytest.mark.parametrize("spec", ["snapkv:budget=0.5", "kvcrush:budget=0.5,base=snapkv",
-                                  "freekv:budget=512,tau=0.9", "kvcrush:budget=0.75+freekv:budget=512"])
+                                  "freekv:budget=512,tau=0.9,min_context=0",
+                                  "kvcrush:budget=0.75+freekv:budget=512,min_context=0"])
 def test_compressed_cache_stays_close_to_full_on_real_text(long_sample, spec):
     """Teacher-forced perplexity on an essay continuation: within 10% of the full cache's, while
     holding (compaction) or attending (retrieval) about half of the context."""

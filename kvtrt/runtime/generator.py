@@ -208,7 +208,11 @@ class Generation:
         self.stats.prefill_s = time.perf_counter() - start
         self.ids_buf = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos_buf = torch.tensor([[len(p)] for p in self.prompts], dtype=torch.long, device=dev)
-        if self.retrieval is not None:
+        held = int(store.mask.sum(1).max())  # tokens stored per sequence (after any compaction)
+        engaged = self.retrieval is not None and self.retrieval.engages(held)
+        if self.retrieval is not None and not engaged:  # short cache: dense decode, said in the stats
+            self.stats.kv = {"retrieval_engaged": 0, "retrieval_min_context": self.retrieval.threshold(held)}
+        if engaged:
             query = [torch.cat([q[layer] for q in queries]) for layer in range(self.m.n_layers)]
             steps = self._decode_retrieval(store, query, token)
         else:
@@ -297,7 +301,8 @@ class Generation:
                 token = self._choose(outputs["logits"][:, 0], step + 1)
             self.stats.decode_s = time.perf_counter() - t0
             self.stats.kv_bytes = r.nbytes
-            self.stats.kv = {k: v for k, v in r.stats().items() if isinstance(v, (int, float))}
+            self.stats.kv = {"retrieval_engaged": 1,
+                             **{k: v for k, v in r.stats().items() if isinstance(v, (int, float))}}
         finally:
             r.close()
 

@@ -65,8 +65,9 @@ class KVStore:
         n = self.length
         for tensors in self._tensors():
             for i, old in enumerate(tensors):
-                new = old.new_zeros(*old.shape[:2], capacity, *old.shape[3:])
+                new = old.new_empty(*old.shape[:2], capacity, *old.shape[3:])
                 new[:, :, :n] = old[:, :, :n]
+                new[:, :, n:] = 0  # dead slots are masked but still multiplied by 0: keep them finite
                 tensors[i] = new
         mask = torch.zeros(self.batch, capacity, dtype=torch.long, device=self.device)
         mask[:, :n] = self.mask[:, :n]
