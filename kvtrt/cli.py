@@ -20,6 +20,9 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
                    help="ONNX Runtime execution provider (cuda/tensorrt need onnxruntime-gpu and a GPU)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill graph call")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                   help="onnxruntime (any --provider), or tensorrt: native engines from `kvtrt build-engine` "
+                        "(NVIDIA GPU, kvtrt[trt])")
 
 
 def _cmd_export(args) -> int:
@@ -54,14 +57,15 @@ def _cmd_generate(args) -> int:
     prompt = _read_prompt(args)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               seed=args.seed, stop=args.stop or (), chat=args.chat, truncate=args.truncate, progress=True)
-    llm = load(args.dir, provider=args.provider, kv=args.kv, threads=args.threads, prefill_chunk=args.prefill_chunk)
+    llm = load(args.dir, provider=args.provider, kv=args.kv, threads=args.threads, prefill_chunk=args.prefill_chunk,
+               backend=args.backend)
     for piece in llm.stream(prompt, **kw):
         print(piece, end="", flush=True)
     print()
     stats = llm.last_stats
     _print_stats(f"kv={llm.kv}", stats)
     if args.compare_full and not llm.kv.is_full:
-        full = load(args.dir, provider=args.provider, kv="full", threads=args.threads,
+        full = load(args.dir, provider=args.provider, kv="full", threads=args.threads, backend=args.backend,
                     prefill_chunk=args.prefill_chunk).generate(prompt, **{**kw, "progress": False})
         _print_stats("kv=full", full.stats)
         stored = stats.kv.get("stored_bytes", stats.kv_bytes)

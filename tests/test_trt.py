@@ -152,6 +152,16 @@ def test_trt_engine_without_gpu_says_why(fp16_export):
         TrtEngine(directory)
 
 
+def test_generate_cli_backend_tensorrt_without_gpu_says_why(fp16_export, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present; the clear-error path is for machines without one")
+    from kvtrt.cli import main
+
+    _, directory = fp16_export
+    assert main(["generate", str(directory), "--prompt", "Hi", "--backend", "tensorrt"]) == 2
+    assert "NVIDIA GPU" in capsys.readouterr().err
+
+
 def _need_tensorrt():
     if not torch.cuda.is_available():
         pytest.skip("TensorRT backend needs an NVIDIA GPU; none is visible to torch on this machine")
