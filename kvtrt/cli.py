@@ -129,7 +129,7 @@ def _cmd_eval(args) -> int:
 
     runs = expand_specs(args.kv, args.budget)
     evaluator = Evaluator(args.dir, args.context, texts=args.texts, num_texts=args.num_texts, threads=args.threads,
-                          prefill_chunk=args.prefill_chunk)
+                          prefill_chunk=args.prefill_chunk, baseline=args.baseline)
     rows = []
     for task in args.task:
         task_runs = runs
@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", type=_floats, default=None, help="needle depths (default 0.1,0.2,...,0.9)")
     p.add_argument("--texts", help="text file or folder (default ../shared/data/haystack)")
     p.add_argument("--num-texts", type=int, default=10, help="samples (each starts at a different text)")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="another export of the same model (e.g. the fp32 export when DIR is int4): ppl rows also "
+                        "report its full-cache perplexity on the same samples and the ratio to it")
     p.add_argument("--json", help="write the rows as JSON here")
     p.add_argument("--plot", help="write a PNG plot (metric against budget, one line per policy)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")

@@ -57,6 +57,38 @@ def test_eval_writes_rows_and_plot(tiny_llama, text_file, tmp_path, capsys):
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_eval_baseline_reports_the_other_exports_full_cache(tiny_exports, text_file, tmp_path, capsys):
+    """--baseline: ppl rows carry the baseline export's full-cache perplexity on the same samples
+    (here an int4 copy evaluated against its float export), and exports that tokenize differently
+    are refused."""
+    import shutil
+
+    from kvtrt.export.quantize import quantize_export
+
+    _, _, directory = tiny_exports["llama"]
+    int4 = tmp_path / "int4"
+    shutil.copytree(directory, int4)
+    quantize_export(int4)
+    common = ["--task", "ppl", "--kv", "snapkv", "--budget", "0.5", "--context", "120", "--new-tokens", "16",
+              "--texts", str(text_file), "--num-texts", "1"]
+    assert main(["eval", str(directory), *common, "--json", str(tmp_path / "float.json")]) == 0
+    assert main(["eval", str(int4), *common, "--baseline", str(directory), "--json", str(tmp_path / "q.json")]) == 0
+    float_full = next(r for r in json.loads((tmp_path / "float.json").read_text()) if r["kv"] == "full")
+    rows = json.loads((tmp_path / "q.json").read_text())
+    for row in rows:
+        assert row["baseline_value"] == pytest.approx(float_full["value"], rel=1e-5)
+    assert rows[0]["value"] != pytest.approx(float_full["value"], rel=1e-6)  # int4 is a different model
+    assert "vs baseline" in capsys.readouterr().err
+    other = tmp_path / "other-tokenizer"  # same model, two byte tokens' ids swapped
+    shutil.copytree(directory, other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["T"], vocab["h"] = vocab["h"], vocab["T"]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    assert main(["eval", str(int4), *common, "--baseline", str(other)]) == 2
+    assert "tokenizes differently" in capsys.readouterr().err
+
+
 def test_bench_writes_rows_and_plot(tiny_llama, text_file, tmp_path):
     _, _, directory = tiny_llama
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"

@@ -8,6 +8,10 @@ every spec, so a spec differs from the reference only by what the KV manager doe
 - agreement: greedy continuation of `new_tokens`; fraction of positions equal to the full cache's.
 - needle: a pass key hidden at each depth of an N-token haystack, asked for at the end of a
   chat-templated prompt; exact-match accuracy (the key's digits in the answer).
+
+With a `baseline` export of the same model (e.g. the fp32 export when evaluating an int4 one), ppl
+rows also carry the baseline's full-cache perplexity on the same samples (`baseline_value`), so
+the table shows what the export's own precision costs next to what the KV spec costs.
 """
 
 from __future__ import annotations
@@ -93,8 +97,17 @@ class Evaluator:
     """Runs the tasks for one export at one context length."""
 
     def __init__(self, directory: str, context: int, texts: str | None = None, num_texts: int = 10,
-                 threads: int | None = None, prefill_chunk: int = 512, progress: bool = True, seed: int = 0):
+                 threads: int | None = None, prefill_chunk: int = 512, progress: bool = True, seed: int = 0,
+                 baseline: str | None = None):
         self.llm = load(directory, threads=threads, prefill_chunk=prefill_chunk)
+        self.baseline = None
+        if baseline is not None:
+            self.baseline = load(baseline, threads=threads, prefill_chunk=prefill_chunk)
+            probe = "The pass key is 12345.\n"
+            if self.baseline.manifest.vocab_size != self.llm.manifest.vocab_size or \
+                    self.baseline.codec.encode(probe) != self.llm.codec.encode(probe):
+                raise ValueError(f"--baseline {baseline} tokenizes differently from {directory}: give an export "
+                                 f"of the same model (e.g. its fp32 export)")
         self.context = context
         self.corpus = load_texts(texts)
         self.num_texts = min(num_texts, len(self.corpus))
@@ -131,9 +144,17 @@ class Evaluator:
                 build_policy(run.spec.compaction).budget_tokens(self.context)
         full = SpecRun(KVSpec(), "full", None)
         totals = {r.label: Totals() for r in [full, *runs]}
+        base = Totals() if self.baseline is not None and task == "ppl" else None
         jobs = self._jobs(task, new_tokens, depths)
         bar = tqdm(total=len(jobs) * (len(runs) + 1), desc=f"eval {task}", unit="run", disable=not self.progress)
         for prompt, payload in jobs:
+            if base is not None:  # the baseline export, full cache, same sample
+                gen = Generation(self.baseline.engine, [prompt], len(payload), SamplingParams(), [],
+                                 self.baseline.prefill_chunk, teacher=[payload])
+                for _ in gen.run():
+                    pass
+                base.nll -= float(torch.cat(gen.target_logprobs).sum())
+                base.tokens += len(payload)
             prefilled = self._prefill(prompt)
             reference = None
             for run in [full, *runs]:
@@ -155,7 +176,12 @@ class Evaluator:
                 total.add_stats(gen)
                 bar.update()
         bar.close()
-        return [self._row(task, r, totals[r.label], totals[full.label]) for r in [full, *runs]]
+        rows = [self._row(task, r, totals[r.label], totals[full.label]) for r in [full, *runs]]
+        if base is not None:
+            for row in rows:
+                row["baseline"] = str(self.baseline.directory)
+                row["baseline_value"] = math.exp(base.nll / base.tokens)
+        return rows
 
     def _jobs(self, task: str, new_tokens: int | None, depths: list[float] | None) -> list[tuple[list[int], object]]:
         encode, n = self.llm.codec.encode, self.context
@@ -216,11 +242,17 @@ def _sentence_end(codec, ids: list[int], at: int) -> int:
 
 def table(rows: list[dict]) -> str:
     """Markdown table of eval rows."""
-    lines = ["| task | kv | budget | metric | value | full cache | ratio | KV MiB | correction rate |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    base = any("baseline_value" in r for r in rows)
+    lines = ["| task | kv | budget | metric | value | full cache | ratio | KV MiB | correction rate |"
+             + (" baseline full cache | vs baseline |" if base else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if base else "")]
     for r in rows:
         ratio = r["value"] / r["full_value"] if r["full_value"] else float("nan")
         corr = f"{r['correction_rate']:.3f}" if "correction_rate" in r else ""
-        lines.append(f"| {r['task']} | {r['kv']} | {r['budget'] if r['budget'] is not None else ''} | {r['metric']} | "
-                     f"{r['value']:.4f} | {r['full_value']:.4f} | {ratio:.4f} | {r['kv_mib']:.1f} | {corr} |")
+        line = (f"| {r['task']} | {r['kv']} | {r['budget'] if r['budget'] is not None else ''} | {r['metric']} | "
+                f"{r['value']:.4f} | {r['full_value']:.4f} | {ratio:.4f} | {r['kv_mib']:.1f} | {corr} |")
+        if base:
+            b = r.get("baseline_value")
+            line += f" {b:.4f} | {r['value'] / b:.4f} |" if b else " | |"
+        lines.append(line)
     return "\n".join(lines)
