@@ -34,7 +34,9 @@ def _cmd_export(args) -> int:
         from .export.quantize import quantize_export
 
         manifest = quantize_export(args.output, method=args.quantize)
-    print(f"exported {manifest.source} ({manifest.model_type}, {manifest.n_layers} layers, {manifest.dtype}, "
+    weights = f"{manifest.quantize} weights, {manifest.dtype} activations" if manifest.quantize != "none" \
+        else manifest.dtype
+    print(f"exported {manifest.source} ({manifest.model_type}, {manifest.n_layers} layers, {weights}, "
           f"{manifest.max_positions} positions) to {args.output}")
     return 0
 

@@ -664,16 +664,20 @@ class FreeKVRetrieval:
 
     def _copy_pages(self, buf: KVView, li: Tensor, bi: Tensor, hi: Tensor, slots: Tensor, pages: Tensor) -> None:
         m = int(pages.numel())
-        if m:
+        if m and not self._cuda:
+            # flat row copies: one index_select of whole pages from the pool, one index_copy_ of
+            # their rows into the view (a quarter faster than 4-index advanced indexing)
+            src = ((li * self.B + bi) * self.pool.capacity + pages) * self.Hkv + hi
+            blk = self.pool.data.view(-1, 2, self.page * self.D).index_select(0, src)  # [M, 2, page*D]
+            first = ((li * self.B + bi) * self.Hkv + hi) * self.slots + self.S + slots * self.page
+            rows = (first[:, None] + torch.arange(self.page, device=first.device)).reshape(-1)
+            buf.all_keys.view(-1, self.D).index_copy_(0, rows, blk[:, 0].reshape(-1, self.D))
+            buf.all_values.view(-1, self.D).index_copy_(0, rows, blk[:, 1].reshape(-1, self.D))
+        elif m:
             shape = (self.L, self.B, self.Hkv, self.k, self.page, self.D)
             pk = buf.all_keys[:, :, :, self.S : self.ring_off].view(shape)
             pv = buf.all_values[:, :, :, self.S : self.ring_off].view(shape)
-            if not self._cuda:
-                blk = self.pool.data[li, bi, pages, hi]  # [M, 2, page, D]
-                pk[li, bi, hi, slots] = blk[:, 0]
-                pv[li, bi, hi, slots] = blk[:, 1]
-            else:
-                self._copy_pages_cuda(pk, pv, li, bi, hi, slots, pages)
+            self._copy_pages_cuda(pk, pv, li, bi, hi, slots, pages)
         if self.copy_hook is not None:
             self.copy_hook(m)
 
