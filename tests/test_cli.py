@@ -103,6 +103,19 @@ def test_bench_writes_rows_and_plot(tiny_llama, text_file, tmp_path):
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bench_peak_rss_is_the_workers_own():
+    """A bench worker reports its own peak memory, not the (large) parent's it was forked from."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(600 * 2**20)  # the parent holds 600 MiB when it spawns the worker
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])  # touch every page
+    out = subprocess.run([sys.executable, "-c", "from kvtrt.eval.bench import peak_rss_mib; print(peak_rss_mib())"],
+                         capture_output=True, text=True, check=True).stdout
+    assert 5 < float(out) < 500
+    del ballast
+
+
 def test_bench_refuses_context_past_positions(tiny_llama, text_file, capsys):
     _, _, directory = tiny_llama
     assert main(["bench", str(directory), "--context", "600", "--text", str(text_file)]) == 2

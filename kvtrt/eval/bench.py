@@ -104,8 +104,21 @@ def _worker(args: dict) -> None:
         row = measure_kvtrt(args["dir"], ids, args["new_tokens"], args["kv"], args["threads"], args["prefill_chunk"])
     else:
         row = measure_ortgenai(args["peer_dir"], ids, args["new_tokens"], args["threads"])
-    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row["peak_rss_mib"] = peak_rss_mib()
     print("KVTRT_BENCH_ROW " + json.dumps(row))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB. Linux: VmHWM, the high-water mark of this
+    program's own address space. (`ru_maxrss` is not used there: it keeps the parent's size at
+    fork, so a worker spawned by a bench that had just built the peer reported the parent's 1.2 GB.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _spawn(args: dict) -> dict:
