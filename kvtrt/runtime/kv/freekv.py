@@ -406,24 +406,24 @@ class FreeKVRetrieval:
         for b in range(self.B):
             if mask is None:
                 n = n_tok
-                kb = torch.stack([k[b] for k in keys])  # [L, Hkv, n, D]
-                vb = torch.stack([v[b] for v in values])
+                kb, vb = [k[b] for k in keys], [v[b] for v in values]  # per layer [Hkv, n, D]; views, no copy
             else:
                 idx = torch.nonzero(mask[b].to(torch.bool), as_tuple=True)[0].to(keys[0].device)
                 n = int(idx.numel())
-                kb = torch.stack([k[b].index_select(1, idx) for k in keys])
-                vb = torch.stack([v[b].index_select(1, idx) for v in values])
+                kb = [k[b].index_select(1, idx) for k in keys]
+                vb = [v[b].index_select(1, idx) for v in values]
             s = min(self.S, n)
-            self._mk[:, b, :, :s] = kb[:, :, :s]
-            self._mv[:, b, :, :s] = vb[:, :, :s]
             n_pages = max(0, (n - s - self.W) // self.page)
             lo = self.S + n_pages * self.page
             if n_pages:
-                self.pool.append(b, kb[:, :, self.S : lo].cpu(), vb[:, :, self.S : lo].cpu())
-            if n > lo:
-                slots = self._master_slots(torch.arange(lo, n)).to(self.device)
-                self._mk[:, b][:, :, slots] = kb[:, :, lo:n].to(self.device, self.dtype)
-                self._mv[:, b][:, :, slots] = vb[:, :, lo:n].to(self.device, self.dtype)
+                self.pool.append(b, [k[:, self.S : lo].cpu() for k in kb], [v[:, self.S : lo].cpu() for v in vb])
+            slots = self._master_slots(torch.arange(lo, n)).to(self.device) if n > lo else None
+            for layer in range(self.L):
+                self._mk[layer, b, :, :s] = kb[layer][:, :s]
+                self._mv[layer, b, :, :s] = vb[layer][:, :s]
+                if slots is not None:
+                    self._mk[layer, b][:, slots] = kb[layer][:, lo:n].to(self.device, self.dtype)
+                    self._mv[layer, b][:, slots] = vb[layer][:, lo:n].to(self.device, self.dtype)
             self._n[b] = n
         self._query = torch.stack([q.detach() for q in query]).to(self.device).clone()
         self._cur = 0

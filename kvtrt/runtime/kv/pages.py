@@ -215,9 +215,8 @@ class PagePool:
         ``keys``/``values``: per layer ``[Hkv, n*page, D]`` (a list, or one ``[L, Hkv, n*page, D]``
         tensor). Returns the new page ids.
         """
-        if not isinstance(keys, Tensor):
-            keys, values = torch.stack(list(keys)), torch.stack(list(values))
-        n_tok = keys.shape[-2]
+        keys, values = list(keys), list(values)  # per layer; written one layer at a time (no stacked copy)
+        n_tok = keys[0].shape[-2]
         if n_tok % self.page:
             raise ValueError(f"{n_tok} tokens is not a whole number of {self.page}-token pages")
         n_new = n_tok // self.page
@@ -225,15 +224,15 @@ class PagePool:
         if n_new == 0:
             return range(p0, p0)
         self.reserve(p0 + n_new)
-        L, h, d, pg = self.n_layers, self.n_kv_heads, self.head_dim, self.page
-        k = keys.reshape(L, h, n_new, pg, d).transpose(1, 2)  # [L, n, Hkv, page, D]
-        v = values.reshape(L, h, n_new, pg, d).transpose(1, 2)
-        dst = self.data[:, b, p0 : p0 + n_new]  # [L, n, Hkv, 2, page, D]
-        dst[:, :, :, 0].copy_(k)
-        dst[:, :, :, 1].copy_(v)
-        lo, hi = summarize(k.to(self.summary_device, torch.float32))  # [L, n, Hkv, D]
-        self.kmin[:, b, :, p0 : p0 + n_new] = lo.transpose(1, 2)
-        self.kmax[:, b, :, p0 : p0 + n_new] = hi.transpose(1, 2)
+        h, d, pg = self.n_kv_heads, self.head_dim, self.page
+        for layer, (kl, vl) in enumerate(zip(keys, values)):
+            k = kl.reshape(h, n_new, pg, d).transpose(0, 1)  # [n, Hkv, page, D]
+            dst = self.data[layer, b, p0 : p0 + n_new]  # [n, Hkv, 2, page, D]
+            dst[:, :, 0].copy_(k)
+            dst[:, :, 1].copy_(vl.reshape(h, n_new, pg, d).transpose(0, 1))
+            lo, hi = summarize(k.to(self.summary_device, torch.float32))  # [n, Hkv, D]
+            self.kmin[layer, b, :, p0 : p0 + n_new] = lo.transpose(0, 1)
+            self.kmax[layer, b, :, p0 : p0 + n_new] = hi.transpose(0, 1)
         self.n_pages[b] = p0 + n_new
         return range(p0, p0 + n_new)
 
