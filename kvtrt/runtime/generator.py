@@ -217,6 +217,7 @@ class Generation:
             steps = self._decode_retrieval(store, query, token)
         else:
             steps = self._decode_store(store, token, bucket)
+        del store  # the decode owns the cache now (retrieval drops it once its pool is built)
         yield from steps
         self.stats.kv_full_bytes = (self.stats.prompt_tokens + self.stats.new_tokens) * self.m.kv_bytes_per_token
 
