@@ -57,6 +57,13 @@ def smollm2():
     return model, tokenizer, directory
 
 
+def real_text(min_chars: int = 40000) -> str:
+    """The real essays, or a skip: perplexity checks mean nothing on filler."""
+    if not HAYSTACK.exists():
+        pytest.skip(f"quality check needs the real essays in {HAYSTACK}; filler text is not natural language")
+    return haystack_text(min_chars)
+
+
 def haystack_text(min_chars: int = 40000) -> str:
     """Real essays from ../shared when present, else generated filler of the same kind."""
     if HAYSTACK.exists():

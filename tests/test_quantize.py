@@ -195,14 +195,14 @@ def _teacher_nll(llm, prompt, target) -> float:
 
 @pytest.mark.slow
 def test_smollm2_int4_perplexity_within_5_percent_and_coherent(smollm2, tmp_path, capsys):
-    from conftest import haystack_text
+    from conftest import real_text
 
     _, _, directory = smollm2
     out = _copy(directory, tmp_path)
     quantize_export(out)
     assert (out / "weights.bin").stat().st_size < 0.25 * (directory / "weights.bin").stat().st_size
     fp32, int4 = _load(directory), _load(out)
-    ids = fp32.encode(haystack_text())
+    ids = fp32.encode(real_text())
     prompt, target = ids[:128], ids[128:128 + 256]
     nll_fp32, nll_int4 = _teacher_nll(fp32, prompt, target), _teacher_nll(int4, prompt, target)
     ratio = math.exp(nll_int4 - nll_fp32)

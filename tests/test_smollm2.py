@@ -12,7 +12,7 @@ from kvtrt.runtime.generator import Generation
 from kvtrt.runtime.kv.spec import parse_kv_spec
 from kvtrt.runtime.sampling import SamplingParams
 
-from conftest import haystack_text
+from conftest import HAYSTACK, haystack_text
 
 pytestmark = pytest.mark.slow
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea and the wind."}]
@@ -37,7 +37,7 @@ def test_greedy_chat_matches_transformers(smollm2):
 def long_sample(smollm2):
     _, _, directory = smollm2
     llm = kvtrt.load(directory)
-    ids = llm.encode(haystack_text())
+    ids = llm.encode(haystack_text())  # real essays; filler when ../shared is absent (exactness only)
     return llm, ids[:1024], ids[1024:1088]
 
 
@@ -62,6 +62,8 @@ def test_retrieval_with_covering_budget_is_exact_on_real_text(long_sample):
 def test_compressed_cache_stays_close_to_full_on_real_text(long_sample, spec):
     """Teacher-forced perplexity on an essay continuation: within 10% of the full cache's, while
     holding (compaction) or attending (retrieval) about half of the context."""
+    if not HAYSTACK.exists():
+        pytest.skip(f"quality check needs the real essays in {HAYSTACK}; filler text is not natural language")
     llm, prompt, target = long_sample
     full_nll, full_gen = _nll(llm, prompt, target, "full")
     nll, gen = _nll(llm, prompt, target, spec)
