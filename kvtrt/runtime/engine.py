@@ -39,16 +39,6 @@ class Engine(Protocol):
     def run(self, variant: str, binding) -> None: ...
 
 
-def _copy_options(options):
-    import onnxruntime as ort
-
-    copy = ort.SessionOptions()
-    for name in ("graph_optimization_level", "intra_op_num_threads", "inter_op_num_threads", "log_severity_level",
-                 "execution_order"):
-        setattr(copy, name, getattr(options, name))
-    return copy
-
-
 class OrtEngine:
     """ONNX Runtime sessions for an export folder, run through IO binding."""
 

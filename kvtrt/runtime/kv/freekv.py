@@ -301,6 +301,10 @@ class KVView:
         self.length = [0] * len(self.length)
 
 
+def _nbytes(*tensors: Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _cos_per_kv_head(q: Tensor, q_ref: Tensor, n_kv_heads: int) -> Tensor:
     """Cosine similarity ``[..., B, Hkv]`` between two ``[..., B, H, D]`` queries, averaged per group."""
     cos = torch.nn.functional.cosine_similarity(q.float(), q_ref.float(), dim=-1, eps=1e-8)  # [..., B, H]
@@ -772,7 +776,3 @@ __all__ = [
     "DEFAULT_BUDGET", "DEFAULT_PAGE", "DEFAULT_SINK", "DEFAULT_WINDOW", "DEFAULT_TAU", "DEFAULT_COMBINE",
     "RetrievalConfig", "build_retrieval", "FreeKVRetrieval", "KVView",
 ]
-
-
-def _nbytes(*tensors: Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
