@@ -277,7 +277,7 @@ class Generation:
                                   device=self.engine.device, mask_dtype=torch.long, max_context=context)
         try:
             t0 = time.perf_counter()
-            r.start(store.keys, store.values, query, mask=store.mask, reserve_tokens=self.max_new_tokens)
+            r.start(store.keys, store.values, query, mask=store.mask, reserve_tokens=self.max_new_tokens, release=True)
             del store
             self.stats.prefill_s += time.perf_counter() - t0  # building the pool is part of the prompt's cost
             outputs = self._outputs(batch, 1, r.slots + 1)

@@ -387,11 +387,12 @@ class FreeKVRetrieval:
 
     def start(
         self,
-        keys: Sequence[Tensor],
-        values: Sequence[Tensor],
+        keys: list[Tensor],
+        values: list[Tensor],
         query: Sequence[Tensor],
         mask: Tensor | None = None,
         reserve_tokens: int = 0,
+        release: bool = False,
     ) -> KVView:
         """Load a prefilled prompt and build the first view from its last query.
 
@@ -399,6 +400,9 @@ class FreeKVRetrieval:
         (optional, nonzero = real token) drops padding or dead slots (any pattern).
         ``reserve_tokens``: tokens decoding may still add; the pool is sized once for the prompt
         plus those (no doubling overshoot when the caller knows the length).
+        ``release``: the caller hands the KV over; each layer's entry of ``keys``/``values`` is set
+        to ``None`` once it is in the pool, so the prompt's KV is never held twice (peak memory:
+        the pool plus one layer of the prefilled store, not both whole).
         """
         self._drain()
         self.pool.reset()
@@ -407,28 +411,30 @@ class FreeKVRetrieval:
         self._reset_stats()
         n_tok = keys[0].shape[2]
         self.pool.reserve(max(1, -(-(n_tok + reserve_tokens - self.S - self.W) // self.page)), exact=True)
+        live = [None if mask is None else torch.nonzero(mask[b].to(torch.bool), as_tuple=True)[0].to(keys[0].device)
+                for b in range(self.B)]
+        counts = [n_tok if idx is None else int(idx.numel()) for idx in live]
+        pages = [max(0, (n - min(self.S, n) - self.W) // self.page) for n in counts]
+        for layer in range(self.L):
+            for b in range(self.B):
+                n, idx, lo = counts[b], live[b], self.S + pages[b] * self.page
+                # [Hkv, n, D]: views without a mask, one layer's gathered copy with one
+                kb = keys[layer][b] if idx is None else keys[layer][b].index_select(1, idx)
+                vb = values[layer][b] if idx is None else values[layer][b].index_select(1, idx)
+                s = min(self.S, n)
+                if pages[b]:
+                    self.pool.write(layer, b, 0, kb[:, self.S : lo].cpu(), vb[:, self.S : lo].cpu())
+                self._mk[layer, b, :, :s] = kb[:, :s]
+                self._mv[layer, b, :, :s] = vb[:, :s]
+                if n > lo:
+                    slots = self._master_slots(torch.arange(lo, n)).to(self.device)
+                    self._mk[layer, b][:, slots] = kb[:, lo:n].to(self.device, self.dtype)
+                    self._mv[layer, b][:, slots] = vb[:, lo:n].to(self.device, self.dtype)
+            if release:
+                keys[layer] = values[layer] = None
         for b in range(self.B):
-            if mask is None:
-                n = n_tok
-                kb, vb = [k[b] for k in keys], [v[b] for v in values]  # per layer [Hkv, n, D]; views, no copy
-            else:
-                idx = torch.nonzero(mask[b].to(torch.bool), as_tuple=True)[0].to(keys[0].device)
-                n = int(idx.numel())
-                kb = [k[b].index_select(1, idx) for k in keys]
-                vb = [v[b].index_select(1, idx) for v in values]
-            s = min(self.S, n)
-            n_pages = max(0, (n - s - self.W) // self.page)
-            lo = self.S + n_pages * self.page
-            if n_pages:
-                self.pool.append(b, [k[:, self.S : lo].cpu() for k in kb], [v[:, self.S : lo].cpu() for v in vb])
-            slots = self._master_slots(torch.arange(lo, n)).to(self.device) if n > lo else None
-            for layer in range(self.L):
-                self._mk[layer, b, :, :s] = kb[layer][:, :s]
-                self._mv[layer, b, :, :s] = vb[layer][:, :s]
-                if slots is not None:
-                    self._mk[layer, b][:, slots] = kb[layer][:, lo:n].to(self.device, self.dtype)
-                    self._mv[layer, b][:, slots] = vb[layer][:, lo:n].to(self.device, self.dtype)
-            self._n[b] = n
+            self.pool.n_pages[b] = pages[b]
+            self._n[b] = counts[b]
         self._query = torch.stack([q.detach() for q in query]).to(self.device).clone()
         self._cur = 0
         self._prepare(self._bufs[0], self._query, count=False, wait=True)

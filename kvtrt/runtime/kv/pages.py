@@ -224,17 +224,25 @@ class PagePool:
         if n_new == 0:
             return range(p0, p0)
         self.reserve(p0 + n_new)
-        h, d, pg = self.n_kv_heads, self.head_dim, self.page
         for layer, (kl, vl) in enumerate(zip(keys, values)):
-            k = kl.reshape(h, n_new, pg, d).transpose(0, 1)  # [n, Hkv, page, D]
-            dst = self.data[layer, b, p0 : p0 + n_new]  # [n, Hkv, 2, page, D]
-            dst[:, :, 0].copy_(k)
-            dst[:, :, 1].copy_(vl.reshape(h, n_new, pg, d).transpose(0, 1))
-            lo, hi = summarize(k.to(self.summary_device, torch.float32))  # [n, Hkv, D]
-            self.kmin[layer, b, :, p0 : p0 + n_new] = lo.transpose(0, 1)
-            self.kmax[layer, b, :, p0 : p0 + n_new] = hi.transpose(0, 1)
+            self.write(layer, b, p0, kl, vl)
         self.n_pages[b] = p0 + n_new
         return range(p0, p0 + n_new)
+
+    def write(self, layer: int, b: int, first_page: int, keys: Tensor, values: Tensor) -> None:
+        """Store one layer's whole pages ``keys``/``values`` ``[Hkv, n*page, D]`` of sequence ``b`` at
+        page ids ``first_page..``, with their summaries. Room must be reserved; ``n_pages`` is the
+        caller's to advance once every layer is written (``append`` does both)."""
+        h, d, pg = self.n_kv_heads, self.head_dim, self.page
+        n_new = keys.shape[-2] // pg
+        p0 = first_page
+        k = keys.reshape(h, n_new, pg, d).transpose(0, 1)  # [n, Hkv, page, D]
+        dst = self.data[layer, b, p0 : p0 + n_new]  # [n, Hkv, 2, page, D]
+        dst[:, :, 0].copy_(k)
+        dst[:, :, 1].copy_(values.reshape(h, n_new, pg, d).transpose(0, 1))
+        lo, hi = summarize(k.to(self.summary_device, torch.float32))  # [n, Hkv, D]
+        self.kmin[layer, b, :, p0 : p0 + n_new] = lo.transpose(0, 1)
+        self.kmax[layer, b, :, p0 : p0 + n_new] = hi.transpose(0, 1)
 
     # ------------------------------------------------------------------ reading
     def page_kv(self, layer: int, b: int, page_id: int) -> tuple[Tensor, Tensor]:
