@@ -138,6 +138,7 @@ class Generation:
             binding = self.engine.new_binding("prefill")
             self.engine.bind(binding, inputs, outputs)
             self.engine.run("prefill", binding)
+            del inputs, binding  # let reserve() free each old layer as it copies it (peak: store + 1 layer)
             store.reserve(s)
             last = i == len(chunks) - 1  # its last queries are the observation window
             store.append(self._layer_outputs(outputs, "key"), self._layer_outputs(outputs, "value"),
