@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -122,3 +123,41 @@ def test_query_and_score_match_hf(tiny_exports, family):
             np.testing.assert_allclose(result[f"score.{layer}"][0], ref, atol=1e-5)
         ref = attn[:, 14, :15].reshape(c.num_key_value_heads, group, 15).mean(axis=1)
         np.testing.assert_allclose(out3[f"score.{layer}"][0], ref, atol=1e-5)
+
+
+def test_fused_and_standard_op_prefill_agree(tiny_llama, tmp_path):
+    """`--prefill-attention gqa` (com.microsoft GroupQueryAttention, the fp32 default) and `ops`
+    (standard ONNX, for TensorRT) give the same outputs, for a batch of two with a past that has a
+    dead slot holding garbage and a chunk shorter than the score window on one call, longer on the other."""
+    from tiny import tiny_tokenizer
+
+    from kvtrt.export import export_model
+    from kvtrt.manifest import Manifest
+
+    model, _, fused_dir = tiny_llama
+    ops_dir = tmp_path / "ops"
+    score_window = Manifest.load(fused_dir).score_window
+    export_model((model, tiny_tokenizer()), ops_dir, prefill_attention="ops", score_window=score_window,
+                 progress=False)
+    def op_types(directory):
+        return {n.op_type for n in onnx.load(str(directory / "prefill.onnx"), load_external_data=False).graph.node}
+
+    assert "GroupQueryAttention" in op_types(fused_dir) and "GroupQueryAttention" not in op_types(ops_dir)
+    fused, ops = _session(fused_dir, "prefill"), _session(ops_dir, "prefill")
+    rng = np.random.default_rng(0)
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    for past_len, new in ((9, 3), (6, score_window + 5)):
+        past = [(rng.standard_normal((2, c.num_key_value_heads, past_len, head_dim)).astype(np.float32),
+                 rng.standard_normal((2, c.num_key_value_heads, past_len, head_dim)).astype(np.float32))
+                for _ in range(c.num_hidden_layers)]
+        mask = np.ones((2, past_len), np.int64)
+        mask[1, 2] = 0
+        for k, v in past:
+            k[1, :, 2], v[1, :, 2] = 1e4, -1e4  # garbage in the dead slot
+        ids = rng.integers(5, 200, (2, new))
+        positions = np.tile(np.arange(past_len, past_len + new), (2, 1))
+        a, b = _run(fused, ids, positions, mask, past), _run(ops, ids, positions, mask, past)
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_allclose(a[name], b[name], atol=2e-5, rtol=1e-4, err_msg=f"{name} P={past_len} S={new}")

@@ -136,10 +136,23 @@ def test_graphs_use_standard_ops_and_int4_is_refused(fp16_export, tmp_path):
         write_trt_commands(quantized, tmp_path / "cmds")
 
 
-def test_fp32_export_gets_a_note(tiny_llama, tmp_path):
-    _, _, directory = tiny_llama
-    written = write_trt_commands(directory, tmp_path)
+def test_fp32_export_gets_a_note(tmp_path):
+    from tiny import tiny_model, tiny_tokenizer
+
+    from kvtrt.export import export_model
+
+    directory = tmp_path / "fp32-ops"
+    export_model((tiny_model("llama"), tiny_tokenizer()), directory, prefill_attention="ops", progress=False)
+    written = write_trt_commands(directory, tmp_path / "cmds")
     assert any("strongly typed" in note and "fp32 engine" in note for note in written.notes)
+
+
+def test_fused_attention_export_is_refused_with_the_fix(tiny_llama, tmp_path):
+    _, _, directory = tiny_llama  # fp32 default: prefill attention is com.microsoft GroupQueryAttention
+    assert Manifest.load(directory).export_options["prefill_attention"] == "gqa"
+    assert check_trt_graph(directory)["decode"].standard_only
+    with pytest.raises(ValueError, match=r"GroupQueryAttention.*--prefill-attention ops"):
+        write_trt_commands(directory, tmp_path / "cmds")
 
 
 def test_trt_engine_without_gpu_says_why(fp16_export):

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import onnx
 import torch
-from onnx import TensorProto, external_data_helper
+from onnx import TensorProto, external_data_helper, helper
 from tqdm.auto import tqdm
 
 from ..manifest import Manifest
 from ..models import get_adapter, input_names, output_names
+from ..models.base import PREFILL_ATTENTION
 from ..models.loading import DEFAULT_MODEL, load_hf
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -25,14 +26,21 @@ INLINE_LIMIT = 1024  # smaller initializers stay inside the graph
 
 def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export", *, dtype: str = "fp32",
                  max_positions: int | None = None, score_window: int = 32, opset: int = 18,
-                 progress: bool = True) -> Manifest:
+                 prefill_attention: str = "auto", progress: bool = True) -> Manifest:
     """Export `model` to `out_dir` and return the manifest.
 
     `model` is a HF folder, a .gguf file, an alias (see `kvtrt.models.loading.ALIASES`), or an
-    already loaded `(transformers model, tokenizer)` pair.
+    already loaded `(transformers model, tokenizer)` pair. `prefill_attention`: "gqa" (ONNX
+    Runtime's fused GroupQueryAttention in the prefill graph; fastest on CPU), "ops" (standard
+    ONNX ops only, which TensorRT needs), or "auto" (gqa for fp32, ops for fp16).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    if prefill_attention == "auto":
+        prefill_attention = "gqa" if dtype == "fp32" else "ops"
+    if prefill_attention not in PREFILL_ATTENTION:
+        raise ValueError(f"prefill attention {prefill_attention!r} is unknown; use auto, "
+                         f"{', '.join(PREFILL_ATTENTION)}")
     out = Path(out_dir)
     bar = tqdm(total=6, desc="kvtrt export", disable=not progress, unit="step")
     bar.set_postfix_str("loading model")
@@ -58,7 +66,8 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
     with tempfile.TemporaryDirectory() as tmp:
         for variant in graphs:
             bar.set_postfix_str(f"tracing {variant} graph")
-            module = adapter.build(hf_model, max_positions, score_window, DTYPES[dtype], decode=variant == "decode")
+            module = adapter.build(hf_model, max_positions, score_window, DTYPES[dtype], decode=variant == "decode",
+                                   prefill_attention=prefill_attention)
             protos[variant] = _trace(module, arch, variant, Path(tmp) / f"{variant}.onnx", opset, DTYPES[dtype])
             bar.update()
         bar.set_postfix_str("writing weights")
@@ -75,7 +84,8 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
         n_kv_heads=arch.n_kv_heads, head_dim=arch.head_dim, hidden_size=arch.hidden_size,
         vocab_size=arch.vocab_size, dtype=dtype, max_positions=max_positions, score_window=score_window,
         graphs=graphs, weights_file=WEIGHTS_FILE, export_options={"dtype": dtype, "max_positions": max_positions,
-                                                                   "score_window": score_window, "opset": opset},
+                                                                   "score_window": score_window, "opset": opset,
+                                                                   "prefill_attention": prefill_attention},
         **_save_tokenizer(tokenizer, config, out))
     manifest.save(out)
     bar.update()
@@ -106,8 +116,29 @@ def _trace(module, arch, variant: str, path: Path, opset: int, dtype: torch.dtyp
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(module.eval(), tuple(args), str(path), input_names=ins, output_names=outs,
-                          dynamic_axes=dyn, opset_version=opset, dynamo=False, do_constant_folding=True)
-    return onnx.load(str(path), load_external_data=True)
+                          dynamic_axes=dyn, opset_version=opset, dynamo=False, do_constant_folding=True,
+                          custom_opsets={"kvtrt": 1} if module.gqa else None)
+    return _contrib_ops(onnx.load(str(path), load_external_data=True))
+
+
+def _contrib_ops(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Turn the traced `kvtrt::GroupQueryAttention` placeholders into `com.microsoft` nodes with
+    the op's input layout (cos/sin cache, position_ids, head_sink, KV scales and qk-norm weights
+    omitted)."""
+    found = False
+    for node in proto.graph.node:
+        if node.domain == "kvtrt" and node.op_type == "GroupQueryAttention":
+            q, k, v, past_k, past_v, seqlens, total, bias, query_lens = node.input
+            del node.input[:]
+            node.input.extend([q, k, v, past_k, past_v, seqlens, total, "", "", "", bias, *[""] * 5, query_lens])
+            node.domain = "com.microsoft"
+            found = True
+    kept = [o for o in proto.opset_import if o.domain != "kvtrt"]
+    if found and not any(o.domain == "com.microsoft" for o in kept):
+        kept.append(helper.make_opsetid("com.microsoft", 1))
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
+    return proto
 
 
 def _save_shared(protos: dict[str, onnx.ModelProto], graphs: dict[str, str], out: Path) -> None:

@@ -172,9 +172,12 @@ def _require_trt_graph(directory: Path, manifest: Manifest) -> list[str]:
     for graph, check in checks.items():
         if not check.standard_only:
             custom = sorted(d for d in check.domains if d not in ("", "ai.onnx"))
-            raise ValueError(f"{graph} graph uses ops of domain(s) {custom} (e.g. int4 MatMulNBits), which TensorRT's "
-                             f"ONNX parser cannot read; build engines from a float export "
-                             f"(`kvtrt export MODEL --dtype fp16 -o DIR`), not a quantized one")
+            contrib = sorted(op for op in ("GroupQueryAttention", "MatMulNBits", "GatherBlockQuantized")
+                             if op in check.op_types)
+            raise ValueError(f"{graph} graph uses ops of domain(s) {custom} ({', '.join(contrib) or 'contrib ops'}), "
+                             f"which TensorRT's ONNX parser cannot read; build engines from a float export with "
+                             f"standard-op attention (`kvtrt export MODEL --dtype fp16 -o DIR`, or "
+                             f"`--prefill-attention ops` for fp32), not a quantized one")
     notes.append("graphs use standard ONNX ops only (domain ai.onnx, no com.microsoft): "
                  + ", ".join(f"{op}" for op in checks[next(iter(checks))].op_types))
     if manifest.dtype != "fp16":

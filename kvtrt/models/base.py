@@ -35,6 +35,9 @@ import torch
 from torch import Tensor, nn
 
 
+PREFILL_ATTENTION = ("ops", "gqa")
+
+
 @dataclass(frozen=True)
 class ArchConfig:
     """Shapes and constants of a Llama-family decoder, as the graph needs them."""
@@ -61,11 +64,15 @@ class DecoderGraph(nn.Module):
     """Llama-family decoder forward in the kvtrt graph contract (see module docstring)."""
 
     def __init__(self, arch: ArchConfig, weights: dict[str, Tensor], inv_freq: Tensor,
-                 rope_scaling: float = 1.0, score_window: int = 32, decode: bool = False):
+                 rope_scaling: float = 1.0, score_window: int = 32, decode: bool = False,
+                 prefill_attention: str = "ops"):
         super().__init__()
+        if prefill_attention not in PREFILL_ATTENTION:
+            raise ValueError(f"prefill_attention={prefill_attention!r}; use one of {', '.join(PREFILL_ATTENTION)}")
         self.arch = arch
         self.score_window = score_window
         self.decode = decode
+        self.gqa = prefill_attention == "gqa" and not decode
         self.rope_scaling = float(rope_scaling)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         for name, tensor in weights.items():
@@ -115,12 +122,15 @@ class DecoderGraph(nn.Module):
         zero = torch.tensor(0.0, dtype=dtype)
         past_bias = torch.where(past_mask.unsqueeze(1).unsqueeze(1) != 0, zero, neg_inf)  # [B,1,1,P]
         if not self.decode:
-            # causal among the new tokens by absolute position, tiled over the query group, after the past
+            # causal among the new tokens by absolute position, after the past: [B,1,S,P+S]
+            B, S = input_ids.shape[0], input_ids.shape[1]
             allowed = position_ids.unsqueeze(1) <= position_ids.unsqueeze(2)  # [B,S(q),S(k)]
-            new_bias = torch.where(allowed, zero, neg_inf).unsqueeze(1).unsqueeze(1)  # [B,1,1,S,S]
-            S = input_ids.shape[1]
-            new_bias = new_bias.expand(-1, 1, g, -1, -1).reshape(input_ids.shape[0], 1, g * S, S)
-            bias = torch.cat((past_bias.expand(-1, 1, g * S, -1), new_bias), dim=-1)  # [B,1,gS,P+S]
+            new_bias = torch.where(allowed, zero, neg_inf).unsqueeze(1)  # [B,1,S,S]
+            bias = torch.cat((past_bias.expand(-1, 1, S, -1), new_bias), dim=-1)
+            if self.gqa:  # the fused op reads `bias`; the score rows need it for the last w queries, per group
+                score_bias = _tile_group(bias[:, :, -self.score_window:], g)  # [B,1,g*w,P+S]
+            else:
+                bias = _tile_group(bias, g)  # [B,1,gS,P+S]
         outputs_kv, outputs_q, outputs_s = [], [], []
         n_past = past_mask.shape[1]  # read once: a per-layer shape lookup costs ORT three nodes a layer
         for layer in range(a.n_layers):
@@ -142,8 +152,19 @@ class DecoderGraph(nn.Module):
                 attn = attn.reshape(-1, 1, H * D)
                 outputs_s.append(_fp32(probs.mean(dim=2)))
                 outputs_q.append(q)
+            elif self.gqa:
+                qk = self.rotate(qk.reshape(B, S, H + Hkv, D), cos, sin)
+                q, k = qk.split([H, Hkv], dim=2)
+                outputs_q.append(q[:, -1])
+                attn, keys, _ = GroupQueryAttention.apply(q.reshape(B, S, H * D), k.reshape(B, S, Hkv * D), v,
+                                                          past_k, past_v, bias, H, Hkv)
+                k, v = k.transpose(1, 2), v.reshape(B, S, Hkv, D).transpose(1, 2)  # [B,Hkv,S,D]
+                # score: the last w queries' attention, recomputed beside the fused op (w/S of its work)
+                q_last = q[:, -self.score_window:].reshape(B, -1, Hkv, g, D).permute(0, 2, 3, 1, 4)
+                q_last = q_last.reshape(B, Hkv, -1, D)  # [B,Hkv,g*w,D], w = min(score_window, S)
+                last = torch.softmax(torch.matmul(q_last, keys.transpose(2, 3)) + score_bias, dim=-1)
+                outputs_s.append(_fp32(last.mean(dim=2)))
             else:
-                B, S = input_ids.shape[0], input_ids.shape[1]
                 qk = self.rotate(qk.reshape(B, S, H + Hkv, D), cos, sin)
                 q, k = qk.split([H, Hkv], dim=2)
                 outputs_q.append(q[:, -1])
@@ -164,6 +185,54 @@ class DecoderGraph(nn.Module):
         h = self.rms_norm(h[:, -1:, :], self.w("norm.weight"))
         logits = _fp32(h @ table)
         return (logits, *outputs_kv, *outputs_q, *outputs_s)
+
+
+def _tile_group(bias: Tensor, group: int) -> Tensor:
+    """[B,1,S,T] -> [B,1,group*S,T]: the rows of every query head of a KV group, head-major."""
+    return bias.unsqueeze(2).expand(-1, -1, group, -1, -1).flatten(2, 3)
+
+
+class GroupQueryAttention(torch.autograd.Function):
+    """Prefill attention as ONNX Runtime's fused `com.microsoft::GroupQueryAttention` (CPU/CUDA).
+
+    In torch (tracing, the validation reference) it is the plain computation; exported, it is
+    one node per layer that never materialises the [B,Hkv,gS,P+S] score matrix in memory
+    (`kvtrt export --prefill-attention gqa`, the fp32 default; TensorRT needs `ops`).
+    q [B,S,H*D] (rotated, pre-scaled: scale 1), k/v [B,S,Hkv*D], past [B,Hkv,P,D], bias
+    [B,1,S,P+S] (past mask + causal by position). Returns attn [B,S,H*D] and the concatenated
+    keys/values [B,Hkv,P+S,D]. The op's own causal mask (by slot) agrees with the position mask
+    for a chunk whose positions follow the past's, which is how the runtime prefills.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, past_k, past_v, bias, n_heads: int, n_kv_heads: int):
+        b, s, _ = q.shape
+        d, g = past_k.shape[-1], n_heads // n_kv_heads
+        keys = torch.cat((past_k, k.reshape(b, s, n_kv_heads, d).transpose(1, 2)), dim=2)
+        values = torch.cat((past_v, v.reshape(b, s, n_kv_heads, d).transpose(1, 2)), dim=2)
+        qh = q.reshape(b, s, n_heads, d).transpose(1, 2)  # [B,H,S,D]
+        scores = qh @ keys.repeat_interleave(g, dim=1).transpose(2, 3) + bias
+        attn = torch.softmax(scores, dim=-1) @ values.repeat_interleave(g, dim=1)
+        return attn.transpose(1, 2).reshape(b, s, n_heads * d), keys, values
+
+    @staticmethod
+    def symbolic(g, q, k, v, past_k, past_v, bias, n_heads: int, n_kv_heads: int):
+        def const(value, dtype=torch.long):
+            return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+        past_len = g.op("Gather", g.op("Shape", past_k), const(2), axis_i=0)
+        new_len = g.op("Gather", g.op("Shape", q), const(1), axis_i=0)
+        total = g.op("Cast", g.op("Add", past_len, new_len), to_i=6)  # int32 scalar
+        batch = g.op("Gather", g.op("Shape", q), const([0]), axis_i=0)
+        seqlens = g.op("Expand", g.op("Sub", total, const(1, torch.int32)), batch)  # [B] int32: total - 1
+        # every row of the chunk is a real token (query_seqlens = S): what lets batch > 1 chunks have a past
+        query_lens = g.op("Expand", g.op("Cast", new_len, to_i=6), batch)
+        # a placeholder node; `export.onnx_export` renames it to com.microsoft with the optional inputs
+        outs = g.op("kvtrt::GroupQueryAttention", q, k, v, past_k, past_v, seqlens, total, bias, query_lens,
+                    num_heads_i=n_heads, kv_num_heads_i=n_kv_heads, scale_f=1.0, outputs=3)
+        for out, like in zip(outs, (q, past_k, past_v)):  # rank and dtype for the exporter's shape inference
+            out.setType(like.type().with_sizes([None] * like.type().dim()))
+        return outs
 
 
 def _fp32(x: Tensor) -> Tensor:
