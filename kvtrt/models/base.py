@@ -22,7 +22,8 @@ Choices that the measurements in ARCHITECTURE.md motivated:
   reshapes in the decode graph. The query is pre-scaled by 1/sqrt(head_dim): `query.{l}` is the
   rotated query times head_dim**-0.5 (rankings and cosines are unaffected).
 - Prefill concatenates past and new K/V (small next to its [gS, P+S] score matrix); decode never
-  does (scores are tiny there, the cache is not).
+  does (scores are tiny there, the cache is not). With `prefill_attention="gqa"` the prefill
+  attention is ORT's fused GroupQueryAttention instead (see `GroupQueryAttention`).
 - Weights are stored pre-transposed ([in, out]) so every projection is a plain MatMul on a named
   initializer; a tied embedding is stored once, as the lm_head matrix, and looked up by column.
 """
