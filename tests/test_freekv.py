@@ -667,3 +667,29 @@ def test_property_views_consistent(page, sink, window, extra_pages, n0, steps, t
     live = r.view().mask.sum(-1)
     assert (live <= budget + page).all()  # the ring holds up to window + page tokens
     r.close()
+
+
+def test_start_release_hands_each_layer_over_and_changes_nothing():
+    """`start(release=True)` empties the caller's per-layer lists (the prompt's KV is never held
+    twice) and builds exactly the views and pool that `release=False` builds, also with a mask."""
+    seq = Seq(L=3, B=2, total=180, seed=21)
+    k, v = seq.kv(0, 150)
+    mask = torch.ones(2, 150, dtype=torch.long)
+    mask[1, :7] = 0  # left padding of the shorter sequence
+    mask[0, 40] = 0  # a dead slot inside
+    kept = make(f"freekv:budget=44,{SMALL},tau=0.8", seq, threaded=False)
+    handed = make(f"freekv:budget=44,{SMALL},tau=0.8", seq, threaded=False)
+    kept.start(list(k), list(v), seq.q(149), mask=mask)
+    keys, values = list(k), list(v)
+    handed.start(keys, values, seq.q(149), mask=mask, release=True)
+    assert keys == [None] * seq.L and values == [None] * seq.L
+    assert all(t is not None for t in k)  # only the lists handed over were emptied
+    assert kept.lengths == handed.lengths == [149, 143]
+    a, b = kept.view(), handed.view()
+    for name in ("all_keys", "all_values", "mask", "slot_pages"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(kept.pool.n_pages, handed.pool.n_pages)
+    for s, n in enumerate(kept.pool.n_pages.tolist()):  # written pages only (the rest is never read)
+        assert torch.equal(kept.pool.data[:, s, :n], handed.pool.data[:, s, :n])
+        assert torch.equal(kept.pool.kmin[:, s, :, :n], handed.pool.kmin[:, s, :, :n])
+        assert torch.equal(kept.pool.kmax[:, s, :, :n], handed.pool.kmax[:, s, :, :n])
