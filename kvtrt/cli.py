@@ -34,7 +34,7 @@ def _cmd_export(args) -> int:
     if args.quantize != "none":
         from .export.quantize import quantize_export
 
-        manifest = quantize_export(args.output, method=args.quantize)
+        manifest = quantize_export(args.output, method=args.quantize, lm_head_bits=args.lm_head_bits)
     weights = f"{manifest.quantize} weights, {manifest.dtype} activations" if manifest.quantize != "none" \
         else manifest.dtype
     print(f"exported {manifest.source} ({manifest.model_type}, {manifest.n_layers} layers, {weights}, "
@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "for fp32, ops for fp16. The decode graph always uses standard ops")
     p.add_argument("--quantize", default="none", choices=["none", "int4"],
                    help="int4: 4-bit block-32 MatMulNBits weights (lm_head and tied embedding included; CPU/CUDA)")
+    p.add_argument("--lm-head-bits", type=int, default=4, choices=[4, 8],
+                   help="with --quantize int4: 8 keeps the lm_head and tied embedding at 8 bits (exact for a GGUF "
+                        "Q8_0 table, as SmolLM2's is; closer to fp32 quality, a slightly slower step)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_export)
 

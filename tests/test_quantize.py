@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import kvtrt
-from kvtrt.export.quantize import add_quantize_parser, dequantized_weights, quantize_blocks, quantize_export
+from kvtrt.export.quantize import (add_quantize_parser, dequantized_weights, quantize_blocks, quantize_blocks8,
+                                   quantize_export)
 from kvtrt.manifest import Manifest
 from kvtrt.runtime.generator import Generation
 from kvtrt.runtime.sampling import SamplingParams
@@ -48,6 +49,19 @@ def test_blocks_reproduce_a_q4_1_grid_exactly():
     levels = np.stack([packed & 0xF, packed >> 4], -1).reshape(7, 8, 32).astype(np.float32)
     rebuilt = ((levels - 8) * scales[..., None] + offsets.T[..., None]).reshape(7, 256).T
     assert np.abs(rebuilt - plain).max() <= (scales.max() / 2) * 1.001
+
+
+def test_8bit_blocks_reproduce_a_q8_0_table_exactly():
+    rng = np.random.default_rng(1)
+    # a GGUF Q8_0 table: per block of 32, d (fp16) * q with |q| <= 127 and the largest at 127
+    q = rng.integers(-127, 128, size=(6, 8, 32))
+    q[:, :, 3] = rng.choice([-127, 127], size=(6, 8))
+    d = rng.uniform(1e-3, 2e-2, size=(6, 8, 1)).astype(np.float16).astype(np.float32)
+    weight_t = (d * q).reshape(6, 256).T.astype(np.float32)  # [K=256, N=6]
+    packed, scales = quantize_blocks8(weight_t)
+    assert packed.shape == (6, 8, 32) and packed.dtype == np.uint8 and scales.shape == (6, 8)
+    rebuilt = ((packed.astype(np.float32) - 128) * scales[..., None]).reshape(6, 256).T
+    np.testing.assert_array_equal(rebuilt, weight_t)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -102,6 +116,29 @@ def test_int4_graph_computes_its_dequantized_model(tiny_exports, tmp_path, famil
     weights = [c for c in report.checks if c.case == "int4 weights"]
     assert len(weights) == 4 * model.config.num_hidden_layers + 1 + (family == "qwen2")  # + untied embedding
     assert all(c.max_rel <= 1 for c in weights)  # within half a step of the float weights
+
+
+def test_8bit_lm_head_is_shared_with_the_lookup_and_computes_its_dequantized_model(tiny_llama, tmp_path):
+    from kvtrt.validate import validate
+
+    model, _, directory = tiny_llama
+    out = _copy(directory, tmp_path)
+    manifest = quantize_export(out, accuracy_level=1, lm_head_bits=8)
+    assert manifest.export_options["quantize"]["lm_head_bits"] == 8
+    graph = onnx.load(str(out / "decode.onnx"), load_external_data=False).graph
+    bits = {n.input[1] if n.op_type == "MatMulNBits" else n.input[0]:
+            next(a.i for a in n.attribute if a.name == "bits")
+            for n in graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+    assert bits.pop("lm_head_weight_t_Q8") == 8 and set(bits.values()) == {4}  # the lookup shares the Q8 table
+    assert not any(t.name == "lm_head_weight_t_offsets" for t in graph.initializer)
+    report = validate(out, reference_model=model, save_dir=tmp_path / "val", run_lint=False)
+    assert report.passed, report.table()
+    assert max(c.max_abs for c in report.checks if c.output == "logits") < 1e-4
+    head = next(c for c in report.checks if c.case == "int4 weights" and c.output == "lm_head_weight_t")
+    int4 = quantize_blocks(model.lm_head.weight.detach().numpy().T)
+    assert head.max_abs < 0.2 * np.abs(int4[1]).max()  # an 8-bit step, far below the 4-bit one
+    with pytest.raises(ValueError, match="rtn"):
+        quantize_export(_copy(directory, tmp_path, "rtn8"), scheme="rtn", lm_head_bits=8)
 
 
 def test_default_int4_validates_and_a_corrupted_int4_weight_is_caught(tiny_llama, tmp_path):

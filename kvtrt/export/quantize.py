@@ -81,13 +81,14 @@ _LOG = logging.getLogger(__name__)
 
 def quantize_export(directory: str | os.PathLike, method: str = "int4", block_size: int = 32, *,
                     scheme: str = "offset", symmetric: bool = False, accuracy_level: int = 4,
-                    embedding: str = "shared") -> Manifest:
+                    embedding: str = "shared", lm_head_bits: int = 4) -> Manifest:
     """Rewrite the export folder `directory` in place with int4 weights; return its new manifest.
 
     `scheme`: "offset" (default; MatMulNBits + per-block float offsets, see the module docstring)
     or "rtn" (onnxruntime's MatMulNBitsQuantizer as is; `symmetric` picks its variant).
     `embedding`: "shared" looks the tied embedding up in the int4 lm_head (GatherBlockQuantized),
-    "float" keeps the lookup in float. The manifest records `quantize: "int4"` and the options in
+    "float" keeps the lookup in float. `lm_head_bits=8` keeps the lm_head (and the tied table) at
+    8 bits, symmetric blocks, exact for a GGUF Q8_0 table (offset scheme only). The manifest records `quantize: "int4"` and the options in
     `export_options["quantize"]`.
     """
     directory = Path(directory)
@@ -105,6 +106,10 @@ def quantize_export(directory: str | os.PathLike, method: str = "int4", block_si
         raise ValueError(f"accuracy_level must be 0..4 (4 = int8 compute on CPU), got {accuracy_level}")
     if embedding not in ("shared", "float"):
         raise ValueError(f"embedding must be 'shared' or 'float', got {embedding!r}")
+    if lm_head_bits not in (4, 8):
+        raise ValueError(f"lm_head_bits must be 4 or 8, got {lm_head_bits}")
+    if lm_head_bits == 8 and scheme != "offset":
+        raise ValueError("an 8-bit lm_head needs scheme 'offset' (the rtn scheme quantizes everything to 4 bits)")
 
     from .onnx_export import WEIGHTS_FILE, _save_shared
 
@@ -113,7 +118,8 @@ def quantize_export(directory: str | os.PathLike, method: str = "int4", block_si
     for variant, filename in manifest.graphs.items():
         proto = onnx.load(str(directory / filename), load_external_data=True)
         protos[variant] = quantize_model(proto, block_size, scheme=scheme, symmetric=symmetric,
-                                         accuracy_level=accuracy_level, embedding=embedding, notes=notes)
+                                         accuracy_level=accuracy_level, embedding=embedding, notes=notes,
+                                         lm_head_bits=lm_head_bits)
     # write into a scratch folder first, then move the files over the originals
     with tempfile.TemporaryDirectory(dir=directory, prefix=".quantize-") as tmp:
         _save_shared(protos, manifest.graphs, Path(tmp))
@@ -126,13 +132,14 @@ def quantize_export(directory: str | os.PathLike, method: str = "int4", block_si
     manifest.export_options = {**manifest.export_options, "quantize": {
         "method": method, "scheme": scheme, "block_size": block_size,
         "symmetric": symmetric if scheme == "rtn" else None, "accuracy_level": accuracy_level,
-        "embedding": notes.get("embedding", embedding)}}
+        "embedding": notes.get("embedding", embedding), "lm_head_bits": lm_head_bits}}
     manifest.save(directory)
     return manifest
 
 
 def quantize_model(model: onnx.ModelProto, block_size: int = 32, *, scheme: str = "offset", symmetric: bool = False,
-                   accuracy_level: int = 4, embedding: str = "shared", notes: dict | None = None) -> onnx.ModelProto:
+                   accuracy_level: int = 4, embedding: str = "shared", notes: dict | None = None,
+                   lm_head_bits: int = 4) -> onnx.ModelProto:
     """One graph: MatMul on `*_weight_t` -> MatMulNBits (+ offsets); embedding -> GatherBlockQuantized."""
     notes = notes if notes is not None else {}
     if any(not n.name for n in model.graph.node if n.op_type == "MatMul"):
@@ -141,7 +148,7 @@ def quantize_model(model: onnx.ModelProto, block_size: int = 32, *, scheme: str 
     if scheme == "rtn":
         model = _quantize_rtn(model, block_size, symmetric, accuracy_level)
     else:
-        _quantize_offset(model, block_size, accuracy_level, ranks)
+        _quantize_offset(model, block_size, accuracy_level, ranks, {"lm_head_weight_t"} if lm_head_bits == 8 else set())
     if not any(n.op_type == "MatMulNBits" for n in model.graph.node):
         raise RuntimeError("no MatMul was quantized: the graph has no `*_weight_t` projection initializers")
     notes["embedding"] = _quantize_embedding(model, block_size, scheme, symmetric, ranks) \
@@ -197,8 +204,24 @@ def quantize_blocks(weight: np.ndarray, block_size: int = 32) -> tuple[np.ndarra
     return packed, scale.astype(weight.dtype), np.ascontiguousarray(offsets).astype(weight.dtype)
 
 
-def _quantize_offset(model, block_size: int, accuracy_level: int, ranks: dict[str, int]) -> None:
-    """MatMul(x, W) -> MatMulNBits(x, q, s) + ReduceSum(blocks of x) @ offsets (see module docstring)."""
+def quantize_blocks8(weight: np.ndarray, block_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric 8-bit blocks of a [K, N] weight along K: MatMulNBits' B ([N, K/block, block] uint8,
+    zero point 128) and scales ([N, K/block]) with `W[k, n] = (q - 128) * scale`. The scale is the
+    block's max |w| / 127, so a GGUF Q8_0 block (`d * q`, |q| <= 127, the largest at 127) is exact."""
+    K, N = weight.shape
+    if K % block_size:
+        raise ValueError(f"K={K} is not a multiple of the block size {block_size}")
+    blocks = np.ascontiguousarray(weight.astype(np.float32).T).reshape(N, K // block_size, block_size)
+    scale = np.abs(blocks).max(-1) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(blocks / scale[..., None]), -127, 127).astype(np.int16) + 128
+    return q.astype(np.uint8), scale.astype(weight.dtype)
+
+
+def _quantize_offset(model, block_size: int, accuracy_level: int, ranks: dict[str, int],
+                     eight_bit: set[str] = frozenset()) -> None:
+    """MatMul(x, W) -> MatMulNBits(x, q, s) + ReduceSum(blocks of x) @ offsets (see module docstring);
+    the weights named in `eight_bit` become plain symmetric 8-bit MatMulNBits (no offsets)."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     new_nodes = []
@@ -214,8 +237,14 @@ def _quantize_offset(model, block_size: int, accuracy_level: int, ranks: dict[st
             new_nodes.append(node)
             continue
         kb = K // block_size
-        packed, scales, offsets = _shared_quantized(graph, inits, name, weight, block_size)
         x, y, p = node.input[0], node.output[0], node.name.replace("/", "_").strip("_")
+        if name in eight_bit:
+            packed, scales = _shared_quantized8(graph, inits, name, weight, block_size)
+            new_nodes.append(helper.make_node("MatMulNBits", [x, packed, scales], [y], name=f"{p}_MatMulNBits",
+                                              domain="com.microsoft", K=K, N=N, bits=8, block_size=block_size,
+                                              accuracy_level=accuracy_level))
+            continue
+        packed, scales, offsets = _shared_quantized(graph, inits, name, weight, block_size)
         main, sums = f"{p}_nbits", f"{p}_block_sums"
         new_nodes.append(helper.make_node("MatMulNBits", [x, packed, scales], [main], name=f"{p}_MatMulNBits",
                                           domain="com.microsoft", K=K, N=N, bits=4, block_size=block_size,
@@ -244,6 +273,17 @@ def _shared_quantized(graph, inits: dict, name: str, weight: np.ndarray, block_s
     names = (f"{name}_Q4", f"{name}_scales", f"{name}_offsets")
     if names[0] not in inits:
         for tensor_name, array in zip(names, quantize_blocks(weight, block_size)):
+            tensor = numpy_helper.from_array(array, tensor_name)
+            graph.initializer.append(tensor)
+            inits[tensor_name] = tensor
+    return names
+
+
+def _shared_quantized8(graph, inits: dict, name: str, weight: np.ndarray, block_size: int) -> tuple[str, str]:
+    """`_shared_quantized` for symmetric 8-bit blocks (`{name}_Q8`, `{name}_scales`)."""
+    names = (f"{name}_Q8", f"{name}_scales")
+    if names[0] not in inits:
+        for tensor_name, array in zip(names, quantize_blocks8(weight, block_size)):
             tensor = numpy_helper.from_array(array, tensor_name)
             graph.initializer.append(tensor)
             inits[tensor_name] = tensor
@@ -280,7 +320,7 @@ def _quantize_embedding(model: onnx.ModelProto, block_size: int, scheme: str, sy
         axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
         if len(table.dims) != 2 or table.data_type not in FLOAT_TYPES:
             continue
-        if axis == 1 and f"{table.name}_Q4" in inits:
+        if axis == 1 and (f"{table.name}_Q4" in inits or f"{table.name}_Q8" in inits):
             # tied: columns of lm_head.weight_t [K, V], then Transpose(perm=[1,0]) -> [n, K]
             after = consumers.get(node.output[0], [])
             if len(after) != 1 or after[0].op_type != "Transpose" or \
@@ -289,7 +329,8 @@ def _quantize_embedding(model: onnx.ModelProto, block_size: int, scheme: str, sy
                 continue
             K, V = table.dims
             out_name, remove = after[0].output[0], [node, after[0]]
-            done = "shared with the int4 lm_head (GatherBlockQuantized)"
+            bits = 8 if f"{table.name}_Q8" in inits else 4
+            done = f"shared with the int{bits} lm_head (GatherBlockQuantized)"
         elif axis == 0:
             # untied: rows of embed.weight [V, K] = columns of its transpose, quantized like a MatMul B
             V, K = table.dims
@@ -300,7 +341,7 @@ def _quantize_embedding(model: onnx.ModelProto, block_size: int, scheme: str, sy
                 _rtn_table(graph, inits, table.name, weight.T, block_size, symmetric)
             else:
                 _shared_quantized(graph, inits, table.name, np.ascontiguousarray(weight.T), block_size)
-            out_name, remove = node.output[0], [node]
+            out_name, remove, bits = node.output[0], [node], 4
             done = "int4 GatherBlockQuantized (untied table)"
         else:
             continue
@@ -308,24 +349,25 @@ def _quantize_embedding(model: onnx.ModelProto, block_size: int, scheme: str, sy
         if not rank:
             _LOG.warning("the rank of the token ids is unknown; keeping a float embedding table")
             continue
-        graph.node.extend(_lookup_nodes(graph, inits, table.name, node, V, K, block_size, out_name, rank))
+        graph.node.extend(_lookup_nodes(graph, inits, table.name, node, V, K, block_size, out_name, rank, bits))
         for n in remove:
             graph.node.remove(n)
     return done
 
 
-def _lookup_nodes(graph, inits, table: str, node, V: int, K: int, block: int, out_name: str, rank: int) -> list:
+def _lookup_nodes(graph, inits, table: str, node, V: int, K: int, block: int, out_name: str, rank: int,
+                  bits: int = 4) -> list:
     """GatherBlockQuantized over the MatMulNBits layout of `table` (+ offsets or zero points)."""
     kb = -(-K // block)
     p = (node.name.replace("/", "_").strip("_") or table) + "_q4"
     ids = node.input[1]
     nodes = [helper.make_node("Reshape", [f"{table}_scales", _const(graph, f"{p}_scales_shape", [V, kb, 1])],
                               [f"{p}_scales3"], name=f"{p}_scales3")]
-    inputs = [f"{table}_Q4", ids, f"{p}_scales3"]
+    inputs = [f"{table}_Q{bits}", ids, f"{p}_scales3"]
     if f"{table}_zero_points" in inits:  # rtn asymmetric: one zero point per block, unpacked
         inputs.append(_unpacked_zero_points(graph, inits, table, V, kb))
     nodes.append(helper.make_node("GatherBlockQuantized", inputs, [f"{p}_gathered"], name=f"{p}_gather",
-                                  domain="com.microsoft", gather_axis=0, quantize_axis=2, block_size=block, bits=4))
+                                  domain="com.microsoft", gather_axis=0, quantize_axis=2, block_size=block, bits=bits))
     blocks = f"{p}_gathered"
     if f"{table}_offsets" in inits:  # [kb, V]: the token's offsets are its column
         nodes += [helper.make_node("Gather", [f"{table}_offsets", ids], [f"{p}_off_t"], axis=1, name=f"{p}_off"),
@@ -437,15 +479,21 @@ def dequantized_weights(directory: str | os.PathLike, variant: str = "decode") -
         if name in out or name + "_scales" not in inits:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("bits", 4) != 4:
-            raise ValueError(f"{node.name}: only 4-bit weights can be dequantized here")
+        bits = attrs.get("bits", 4)
+        if bits not in (4, 8):
+            raise ValueError(f"{node.name}: only 4- and 8-bit weights can be dequantized here")
         block = attrs["block_size"]
         packed = inits[data]
         rows = packed.shape[0]
         scales = inits[name + "_scales"].astype(np.float32).reshape(rows, -1)
         kb = scales.shape[1]
-        q = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(rows, kb, block).astype(np.float32)
-        if name + "_zero_points_gather" in inits:  # unpacked copy (an untied rtn table)
+        if bits == 8:
+            q = packed.reshape(rows, kb, block).astype(np.float32)
+        else:
+            q = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(rows, kb, block).astype(np.float32)
+        if bits == 8:  # symmetric, zero point 128
+            zp = np.full((rows, kb), 128.0, dtype=np.float32)
+        elif name + "_zero_points_gather" in inits:  # unpacked copy (an untied rtn table)
             zp = inits[name + "_zero_points_gather"].reshape(rows, kb).astype(np.float32)
         elif name + "_zero_points" in inits:
             zp = inits[name + "_zero_points"].reshape(rows, -1)
@@ -482,13 +530,17 @@ def add_quantize_parser(subparsers) -> None:
                    help="MatMulNBits compute type on CPU: 4 = int8 activations (fastest, default), 1 = fp32")
     p.add_argument("--float-embedding", action="store_true",
                    help="keep the embedding lookup in float (an extra copy) instead of sharing the int4 lm_head")
+    p.add_argument("--lm-head-bits", type=int, default=4, choices=[4, 8],
+                   help="8: keep the lm_head and the tied embedding at 8 bits (exact for a GGUF Q8_0 table, as "
+                        "SmolLM2's is: int4 perplexity closer to fp32, a slightly slower decode step)")
     p.set_defaults(func=_cmd_quantize)
 
 
 def _cmd_quantize(args) -> int:
     manifest = quantize_export(args.dir, args.method, args.block_size, scheme=args.scheme, symmetric=args.symmetric,
                                accuracy_level=args.accuracy_level,
-                               embedding="float" if args.float_embedding else "shared")
+                               embedding="float" if args.float_embedding else "shared",
+                               lm_head_bits=args.lm_head_bits)
     size = (Path(args.dir) / manifest.weights_file).stat().st_size
     print(f"quantized {args.dir} to {manifest.quantize} ({args.scheme}, block {args.block_size}, accuracy_level "
           f"{args.accuracy_level}, embedding {manifest.export_options['quantize']['embedding']}); "
@@ -496,5 +548,6 @@ def _cmd_quantize(args) -> int:
     return 0
 
 
-__all__ = ["quantize_export", "quantize_model", "quantize_blocks", "dequantized_weights", "add_quantize_parser",
+__all__ = ["quantize_export", "quantize_model", "quantize_blocks", "quantize_blocks8", "dequantized_weights",
+           "add_quantize_parser",
            "METHODS", "SCHEMES"]
