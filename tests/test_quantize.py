@@ -68,7 +68,7 @@ def test_8bit_blocks_reproduce_a_q8_0_table_exactly():
 def test_int4_graph_structure_shared_weights_and_manifest(tiny_exports, tmp_path, family):
     _, _, directory = tiny_exports[family]
     out = _copy(directory, tmp_path)
-    manifest = quantize_export(out)
+    manifest = quantize_export(out, lm_head_bits=4)  # 8-bit head: its own test
     assert manifest.quantize == "int4" and Manifest.load(out).quantize == "int4"
     assert Manifest.load(out).export_options["quantize"]["block_size"] == 32
     layers = manifest.n_layers
@@ -106,7 +106,7 @@ def test_int4_graph_computes_its_dequantized_model(tiny_exports, tmp_path, famil
 
     model, _, directory = tiny_exports[family]
     out = _copy(directory, tmp_path)
-    quantize_export(out, accuracy_level=1)
+    quantize_export(out, accuracy_level=1, lm_head_bits=4)
     deq = dequantized_weights(out)
     assert "lm_head_weight_t" in deq and deq["layers_0_qkv_weight_t"].shape[0] == model.config.hidden_size
     report = validate(out, reference_model=model, save_dir=tmp_path / "val", run_lint=False)
@@ -118,12 +118,12 @@ def test_int4_graph_computes_its_dequantized_model(tiny_exports, tmp_path, famil
     assert all(c.max_rel <= 1 for c in weights)  # within half a step of the float weights
 
 
-def test_8bit_lm_head_is_shared_with_the_lookup_and_computes_its_dequantized_model(tiny_llama, tmp_path):
+def test_8bit_lm_head_default_is_shared_with_the_lookup_and_computes_its_dequantized_model(tiny_llama, tmp_path):
     from kvtrt.validate import validate
 
     model, _, directory = tiny_llama
     out = _copy(directory, tmp_path)
-    manifest = quantize_export(out, accuracy_level=1, lm_head_bits=8)
+    manifest = quantize_export(out, accuracy_level=1)  # the default with the offset scheme
     assert manifest.export_options["quantize"]["lm_head_bits"] == 8
     graph = onnx.load(str(out / "decode.onnx"), load_external_data=False).graph
     bits = {n.input[1] if n.op_type == "MatMulNBits" else n.input[0]:
