@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "long prompts on CPU); ops: standard ONNX ops only, as TensorRT needs; auto (default): gqa "
                         "for fp32, ops for fp16. The decode graph always uses standard ops")
     p.add_argument("--quantize", default="none", choices=["none", "int4"],
-                   help="int4: 4-bit block-32 MatMulNBits weights (lm_head and tied embedding included; CPU/CUDA)")
+                   help="int4: 4-bit block-32 MatMulNBits projection weights, the lm_head and tied embedding at "
+                        "--lm-head-bits (ONNX Runtime CPU/CUDA)")
     p.add_argument("--lm-head-bits", type=int, default=8, choices=[4, 8],
                    help="with --quantize int4: bits of the lm_head and tied embedding; 8 (default) is exact for a "
                         "GGUF Q8_0 table, as SmolLM2's is (1.001x fp32 perplexity against 1.056x with 4, at the "
