@@ -248,7 +248,7 @@ def _quantize_offset(model, block_size: int, accuracy_level: int, ranks: dict[st
         kb = K // block_size
         x, y, p = node.input[0], node.output[0], node.name.replace("/", "_").strip("_")
         if name in eight_bit:
-            packed, scales = _shared_quantized8(graph, inits, name, weight, block_size)
+            packed, scales = _shared_quantized(graph, inits, name, weight, block_size, bits=8)
             new_nodes.append(helper.make_node("MatMulNBits", [x, packed, scales], [y], name=f"{p}_MatMulNBits",
                                               domain="com.microsoft", K=K, N=N, bits=8, block_size=block_size,
                                               accuracy_level=accuracy_level))
@@ -277,22 +277,16 @@ def _quantize_offset(model, block_size: int, accuracy_level: int, ranks: dict[st
     graph.node.extend(new_nodes)
 
 
-def _shared_quantized(graph, inits: dict, name: str, weight: np.ndarray, block_size: int) -> tuple[str, str, str]:
-    """Quantize `name` once (a second user reuses the same initializers)."""
-    names = (f"{name}_Q4", f"{name}_scales", f"{name}_offsets")
+def _shared_quantized(graph, inits: dict, name: str, weight: np.ndarray, block_size: int,
+                      bits: int = 4) -> tuple[str, ...]:
+    """Quantize `name` once (a second user reuses the same initializers): 4-bit min/max blocks
+    (`{name}_Q4`, `_scales`, `_offsets`) or symmetric 8-bit blocks (`{name}_Q8`, `_scales`)."""
+    if bits == 8:
+        names, arrays = (f"{name}_Q8", f"{name}_scales"), quantize_blocks8
+    else:
+        names, arrays = (f"{name}_Q4", f"{name}_scales", f"{name}_offsets"), quantize_blocks
     if names[0] not in inits:
-        for tensor_name, array in zip(names, quantize_blocks(weight, block_size)):
-            tensor = numpy_helper.from_array(array, tensor_name)
-            graph.initializer.append(tensor)
-            inits[tensor_name] = tensor
-    return names
-
-
-def _shared_quantized8(graph, inits: dict, name: str, weight: np.ndarray, block_size: int) -> tuple[str, str]:
-    """`_shared_quantized` for symmetric 8-bit blocks (`{name}_Q8`, `{name}_scales`)."""
-    names = (f"{name}_Q8", f"{name}_scales")
-    if names[0] not in inits:
-        for tensor_name, array in zip(names, quantize_blocks8(weight, block_size)):
+        for tensor_name, array in zip(names, arrays(weight, block_size)):
             tensor = numpy_helper.from_array(array, tensor_name)
             graph.initializer.append(tensor)
             inits[tensor_name] = tensor
@@ -496,19 +490,12 @@ def dequantized_weights(directory: str | os.PathLike, variant: str = "decode") -
         rows = packed.shape[0]
         scales = inits[name + "_scales"].astype(np.float32).reshape(rows, -1)
         kb = scales.shape[1]
-        if bits == 8:
+        if bits == 8:  # symmetric, zero point 128
             q = packed.reshape(rows, kb, block).astype(np.float32)
+            zp = np.full((rows, kb), 128.0, dtype=np.float32)
         else:
             q = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(rows, kb, block).astype(np.float32)
-        if bits == 8:  # symmetric, zero point 128
-            zp = np.full((rows, kb), 128.0, dtype=np.float32)
-        elif name + "_zero_points_gather" in inits:  # unpacked copy (an untied rtn table)
-            zp = inits[name + "_zero_points_gather"].reshape(rows, kb).astype(np.float32)
-        elif name + "_zero_points" in inits:
-            zp = inits[name + "_zero_points"].reshape(rows, -1)
-            zp = np.stack([zp & 0xF, zp >> 4], axis=-1).reshape(rows, -1)[:, :kb].astype(np.float32)
-        else:
-            zp = np.full((rows, kb), 8.0, dtype=np.float32)
+            zp = _zero_points4(inits, name, rows, kb)
         blocks = (q - zp[..., None]) * scales[..., None]
         if name + "_offsets" in inits:
             blocks = blocks + inits[name + "_offsets"].astype(np.float32).T[..., None]
@@ -516,6 +503,17 @@ def dequantized_weights(directory: str | os.PathLike, variant: str = "decode") -
         weight = blocks.reshape(rows, kb * block)[:, :width]  # [N, K]
         out[name] = np.ascontiguousarray(weight if name == "embed_weight" else weight.T)
     return out
+
+
+def _zero_points4(inits: dict, name: str, rows: int, kb: int) -> np.ndarray:
+    """Zero points [rows, kb] of a 4-bit table: stored (packed, or the unpacked copy of an untied
+    rtn table) or the implicit 8 of symmetric blocks."""
+    if name + "_zero_points_gather" in inits:
+        return inits[name + "_zero_points_gather"].reshape(rows, kb).astype(np.float32)
+    if name + "_zero_points" in inits:
+        zp = inits[name + "_zero_points"].reshape(rows, -1)
+        return np.stack([zp & 0xF, zp >> 4], axis=-1).reshape(rows, -1)[:, :kb].astype(np.float32)
+    return np.full((rows, kb), 8.0, dtype=np.float32)
 
 
 # -- command line ----------------------------------------------------------------------------------

@@ -153,31 +153,29 @@ class DecoderGraph(nn.Module):
                 attn = attn.reshape(-1, 1, H * D)
                 outputs_s.append(_fp32(probs.mean(dim=2)))
                 outputs_q.append(q)
-            elif self.gqa:
-                qk = self.rotate(qk.reshape(B, S, H + Hkv, D), cos, sin)
-                q, k = qk.split([H, Hkv], dim=2)
-                outputs_q.append(q[:, -1])
-                attn, keys, _ = GroupQueryAttention.apply(q.reshape(B, S, H * D), k.reshape(B, S, Hkv * D), v,
-                                                          past_k, past_v, bias, H, Hkv)
-                k, v = k.transpose(1, 2), v.reshape(B, S, Hkv, D).transpose(1, 2)  # [B,Hkv,S,D]
-                # score: the last w queries' attention, recomputed beside the fused op (w/S of its work)
-                q_last = q[:, -self.score_window:].reshape(B, -1, Hkv, g, D).permute(0, 2, 3, 1, 4)
-                q_last = q_last.reshape(B, Hkv, -1, D)  # [B,Hkv,g*w,D], w = min(score_window, S)
-                last = torch.softmax(torch.matmul(q_last, keys.transpose(2, 3)) + score_bias, dim=-1)
-                outputs_s.append(_fp32(last.mean(dim=2)))
             else:
                 qk = self.rotate(qk.reshape(B, S, H + Hkv, D), cos, sin)
                 q, k = qk.split([H, Hkv], dim=2)
                 outputs_q.append(q[:, -1])
-                q = q.reshape(B, S, Hkv, g, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, g * S, D)
-                k = k.transpose(1, 2)  # [B,Hkv,S,D]
-                v = v.reshape(B, S, Hkv, D).transpose(1, 2)
-                keys, values = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
-                probs = torch.softmax(torch.matmul(q, keys.transpose(2, 3)) + bias, dim=-1)  # [B,Hkv,gS,P+S]
-                attn = torch.matmul(probs, values).reshape(B, Hkv, g, S, D).permute(0, 3, 1, 2, 4)
-                attn = attn.reshape(B, S, H * D)
-                last = probs.reshape(B, Hkv, g, S, -1)[:, :, :, -self.score_window:, :]
-                outputs_s.append(_fp32(last.mean(dim=(2, 3))))
+                if self.gqa:
+                    attn, keys, _ = GroupQueryAttention.apply(q.reshape(B, S, H * D), k.reshape(B, S, Hkv * D), v,
+                                                              past_k, past_v, bias, H, Hkv)
+                    k, v = k.transpose(1, 2), v.reshape(B, S, Hkv, D).transpose(1, 2)  # [B,Hkv,S,D]
+                    # score: the last w queries' attention, recomputed beside the fused op (w/S of its work)
+                    q_last = q[:, -self.score_window:].reshape(B, -1, Hkv, g, D).permute(0, 2, 3, 1, 4)
+                    q_last = q_last.reshape(B, Hkv, -1, D)  # [B,Hkv,g*w,D], w = min(score_window, S)
+                    last = torch.softmax(torch.matmul(q_last, keys.transpose(2, 3)) + score_bias, dim=-1)
+                    outputs_s.append(_fp32(last.mean(dim=2)))
+                else:
+                    q = q.reshape(B, S, Hkv, g, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, g * S, D)
+                    k = k.transpose(1, 2)  # [B,Hkv,S,D]
+                    v = v.reshape(B, S, Hkv, D).transpose(1, 2)
+                    keys, values = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
+                    probs = torch.softmax(torch.matmul(q, keys.transpose(2, 3)) + bias, dim=-1)  # [B,Hkv,gS,P+S]
+                    attn = torch.matmul(probs, values).reshape(B, Hkv, g, S, D).permute(0, 3, 1, 2, 4)
+                    attn = attn.reshape(B, S, H * D)
+                    last = probs.reshape(B, Hkv, g, S, -1)[:, :, :, -self.score_window:, :]
+                    outputs_s.append(_fp32(last.mean(dim=(2, 3))))
             outputs_kv += [k, v]
             h = h + self.linear(attn, p + "o")
             x = self.rms_norm(h, self.w(p + "post_norm.weight"))

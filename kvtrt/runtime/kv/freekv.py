@@ -415,9 +415,11 @@ class FreeKVRetrieval:
                 for b in range(self.B)]
         counts = [n_tok if idx is None else int(idx.numel()) for idx in live]
         pages = [max(0, (n - min(self.S, n) - self.W) // self.page) for n in counts]
+        ends = [self.S + p * self.page for p in pages]  # first token of the recent ring, per sequence
+        recent = [self._master_slots(torch.arange(lo, max(lo, n))).to(self.device) for lo, n in zip(ends, counts)]
         for layer in range(self.L):
             for b in range(self.B):
-                n, idx, lo = counts[b], live[b], self.S + pages[b] * self.page
+                n, idx, lo, slots = counts[b], live[b], ends[b], recent[b]
                 # [Hkv, n, D]: views without a mask, one layer's gathered copy with one
                 kb = keys[layer][b] if idx is None else keys[layer][b].index_select(1, idx)
                 vb = values[layer][b] if idx is None else values[layer][b].index_select(1, idx)
@@ -427,7 +429,6 @@ class FreeKVRetrieval:
                 self._mk[layer, b, :, :s] = kb[:, :s]
                 self._mv[layer, b, :, :s] = vb[:, :s]
                 if n > lo:
-                    slots = self._master_slots(torch.arange(lo, n)).to(self.device)
                     self._mk[layer, b][:, slots] = kb[:, lo:n].to(self.device, self.dtype)
                     self._mv[layer, b][:, slots] = vb[:, lo:n].to(self.device, self.dtype)
             if release:
