@@ -29,7 +29,7 @@ def _cmd_export(args) -> int:
     from .export import export_model
 
     manifest = export_model(args.model, args.output, dtype=args.dtype, max_positions=args.max_positions,
-                            score_window=args.score_window, prefill_attention=args.prefill_attention,
+                            score_window=args.score_window, attention=args.attention,
                             progress=not args.quiet)
     if args.quantize != "none":
         from .export.quantize import quantize_export
@@ -166,10 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest sequence the export accepts (default: the model's max_position_embeddings)")
     p.add_argument("--score-window", type=int, default=32,
                    help="last prompt queries whose attention mass forms the score.{l} outputs (SnapKV window)")
-    p.add_argument("--prefill-attention", default="auto", choices=["auto", "gqa", "ops"],
+    p.add_argument("--attention", default="auto", choices=["auto", "gqa", "ops"],
                    help="gqa: ONNX Runtime's fused com.microsoft GroupQueryAttention in the prefill graph (faster "
-                        "long prompts on CPU); ops: standard ONNX ops only, as TensorRT needs; auto (default): gqa "
-                        "for fp32, ops for fp16. The decode graph always uses standard ops")
+                        "long prompts) plus a third graph, decode_shared, that decodes the full cache in place "
+                        "(faster decode; CPU and CUDA providers); ops: standard ONNX ops only, as TensorRT needs; "
+                        "auto (default): gqa for fp32, ops for fp16. The decode graph that compaction and "
+                        "retrieval use is always standard ops")
     p.add_argument("--quantize", default="none", choices=["none", "int4"],
                    help="int4: 4-bit block-32 MatMulNBits projection weights, the lm_head and tied embedding at "
                         "--lm-head-bits (ONNX Runtime CPU/CUDA)")

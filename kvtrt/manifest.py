@@ -14,7 +14,7 @@ from pathlib import Path
 from . import __version__
 
 #: bump when the graph contract changes; an export with another format is refused
-FORMAT = 1
+FORMAT = 2  # 2: the decode_shared graph and export_options["attention"]
 MANIFEST_NAME = "manifest.json"
 
 

@@ -175,7 +175,7 @@ class ValidationReport:
 @dataclass
 class Case:
     name: str
-    graph: str  # "prefill" | "decode"
+    graph: str  # "prefill" | "decode" | "decode_shared"
     inputs: "OrderedDict[str, np.ndarray]"
     reference: "OrderedDict[str, np.ndarray]"
     hf_logits: np.ndarray | None = None
@@ -205,8 +205,9 @@ def _modules(hf_model, manifest: Manifest, directory: Path, weight_checks: list 
     from .models import get_adapter
 
     adapter = get_adapter(manifest.model_type)
-    modules = {v: adapter.build(hf_model, manifest.max_positions, manifest.score_window, torch.float32,
-                                decode=v == "decode") for v in manifest.graphs}
+    attention = manifest.export_options.get("attention", "ops")
+    modules = {v: adapter.build(hf_model, manifest.max_positions, manifest.score_window, torch.float32, v,
+                                attention=attention) for v in manifest.graphs}
     if manifest.quantize != "none":
         from .export.quantize import dequantized_weights
 
@@ -261,7 +262,7 @@ def build_cases(hf_model, manifest: Manifest, directory: Path, batch: int = 2, f
     """The four validation cases (see the module docstring), with reference outputs; for a quantized
     export, `weight_checks` (a list) receives `check_quantized_weights`' results."""
     modules = _modules(hf_model, manifest, directory, weight_checks)
-    L, names = manifest.n_layers, output_names(manifest.n_layers)
+    L = manifest.n_layers
     np_dtype = np.float16 if manifest.dtype == "fp16" else np.float32
     gen = torch.Generator().manual_seed(seed)
     vocab = min(manifest.vocab_size, hf_model.config.vocab_size)
@@ -270,13 +271,17 @@ def build_cases(hf_model, manifest: Manifest, directory: Path, batch: int = 2, f
     ids3 = torch.randint(0, vocab, (batch, 1), generator=gen)
     empty = [torch.zeros(batch, manifest.n_kv_heads, 0, manifest.head_dim) for _ in range(2 * L)]
 
-    def run(variant, ids, start, mask, past):
+    def run(variant, ids, start, mask, past, write_slot=None):
         pos = torch.arange(start, start + ids.shape[1]).repeat(batch, 1)
+        extra = [] if write_slot is None else [torch.tensor(write_slot)]
         with torch.no_grad():
-            out = modules[variant](ids, pos, mask, *past)
+            out = modules[variant](ids, pos, mask, *extra, *past)
         inputs = OrderedDict(input_ids=ids.numpy(), position_ids=pos.numpy(), past_mask=mask.numpy())
+        if write_slot is not None:
+            inputs["write_slot"] = np.array(write_slot, dtype=np.int64)
         for name, tensor in zip(input_names(L)[3:], past):
             inputs[name] = tensor.numpy().astype(np_dtype)
+        names = output_names(L, variant)
         return inputs, OrderedDict((n, t.float().numpy()) for n, t in zip(names, out)), out
 
     def kv(out):
@@ -305,6 +310,14 @@ def build_cases(hf_model, manifest: Manifest, directory: Path, batch: int = 2, f
     mask[-1, :3] = 0  # and at the start of the other sequence
     inp, ref, _ = run("decode", ids3, P, mask, past2)
     cases.append(Case(f"decode P={P} masked", "decode", inp, ref, None))
+    if "decode_shared" in modules:  # the buffer has one free slot, the one the step writes
+        buffers = [torch.cat([t, torch.zeros_like(t[:, :, :1])], 2) for t in past2]
+        live = torch.ones(batch, 1, dtype=torch.long)
+        inp, ref, _ = run("decode_shared", ids3, P, torch.ones(batch, P + 1, dtype=torch.long), buffers, P)
+        cases.append(Case(f"decode_shared P={P}", "decode_shared", inp, ref,
+                          hf_logits(torch.cat([ids1, ids2, ids3], 1))))
+        inp, ref, _ = run("decode_shared", ids3, P, torch.cat([mask, live], 1), buffers, P)
+        cases.append(Case(f"decode_shared P={P} masked", "decode_shared", inp, ref, None))
     return cases
 
 
@@ -360,7 +373,7 @@ def compare(directory: Path, manifest: Manifest, cases: list[Case], kind: str,
         from polygraphy.comparator import CompareFunc
 
         SimpleCompareFunc = CompareFunc.simple
-    names = output_names(manifest.n_layers)
+    names = list(dict.fromkeys(n for graph in manifest.graphs for n in output_names(manifest.n_layers, graph)))
     checks = []
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
         for graph in dict.fromkeys(c.graph for c in cases):
@@ -430,7 +443,7 @@ def lint(directory: Path, manifest: Manifest, files: dict[str, str], timeout: fl
 
 def write_polygraphy_script(out_dir: Path, directory: Path, manifest: Manifest, kind: str) -> Path:
     """`polygraphy_run.sh`: the same comparison from the command line (ONNX Runtime vs the goldens)."""
-    names = output_names(manifest.n_layers)
+    names = list(dict.fromkeys(n for graph in manifest.graphs for n in output_names(manifest.n_layers, graph)))
     atol, rtol = _tolerances(kind, REFERENCE, names)
     groups: dict[tuple, list[str]] = {}
     for n in names:

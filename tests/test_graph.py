@@ -126,7 +126,7 @@ def test_query_and_score_match_hf(tiny_exports, family):
 
 
 def test_fused_and_standard_op_prefill_agree(tiny_llama, tmp_path):
-    """`--prefill-attention gqa` (com.microsoft GroupQueryAttention, the fp32 default) and `ops`
+    """`--attention gqa` (com.microsoft GroupQueryAttention, the fp32 default) and `ops`
     (standard ONNX, for TensorRT) give the same outputs, for a batch of two with a past that has a
     dead slot holding garbage and a chunk shorter than the score window on one call, longer on the other."""
     from tiny import tiny_tokenizer
@@ -137,7 +137,7 @@ def test_fused_and_standard_op_prefill_agree(tiny_llama, tmp_path):
     model, _, fused_dir = tiny_llama
     ops_dir = tmp_path / "ops"
     score_window = Manifest.load(fused_dir).score_window
-    export_model((model, tiny_tokenizer()), ops_dir, prefill_attention="ops", score_window=score_window,
+    export_model((model, tiny_tokenizer()), ops_dir, attention="ops", score_window=score_window,
                  progress=False)
     def op_types(directory):
         return {n.op_type for n in onnx.load(str(directory / "prefill.onnx"), load_external_data=False).graph.node}
@@ -161,3 +161,48 @@ def test_fused_and_standard_op_prefill_agree(tiny_llama, tmp_path):
         assert a.keys() == b.keys()
         for name in a:
             np.testing.assert_allclose(a[name], b[name], atol=2e-5, rtol=1e-4, err_msg=f"{name} P={past_len} S={new}")
+
+
+def test_shared_cache_decode_writes_in_place_and_matches_decode(tiny_llama):
+    """The `decode_shared` graph, run the way the runtime runs it (past and present bound to the same
+    buffers through IO binding), gives the `decode` graph's logits, writes exactly the new token's
+    K/V into `write_slot` and leaves every other slot untouched; dead slots (garbage inside) and the
+    free slots after `write_slot` are ignored."""
+    model, _, directory = tiny_llama
+    shared, decode = _session(directory, "decode_shared"), _session(directory, "decode")
+    c = model.config
+    layers, head_dim = c.num_hidden_layers, c.hidden_size // c.num_attention_heads
+    rng = np.random.default_rng(1)
+    past_len, capacity = 11, 16
+    buffers = [rng.standard_normal((2, c.num_key_value_heads, capacity, head_dim)).astype(np.float32)
+               for _ in range(2 * layers)]
+    mask = np.zeros((2, capacity), np.int64)
+    mask[:, :past_len + 1] = 1  # the written slot counts as live
+    mask[0, 3] = mask[1, :2] = 0  # a hole, and left padding of the shorter sequence
+    for b in buffers:
+        b[0, :, 3], b[1, :, :2] = 1e4, -1e4  # garbage in the dead slots
+        b[:, :, past_len + 1:] = np.nan  # free slots after the write slot are never read
+    before = [b.copy() for b in buffers]
+    ids, positions = np.array([[7], [42]]), np.array([[past_len], [past_len - 2]])
+    expect = _run(decode, ids, positions, mask[:, :past_len],
+                  [(buffers[2 * i][:, :, :past_len], buffers[2 * i + 1][:, :, :past_len]) for i in range(layers)])
+    binding = shared.io_binding()
+    feeds = {"input_ids": ids.astype(np.int64), "position_ids": positions.astype(np.int64), "past_mask": mask,
+             "write_slot": np.array(past_len, np.int64)}
+    for name, array in feeds.items():
+        binding.bind_cpu_input(name, array)
+    logits = np.zeros((2, 1, c.vocab_size), np.float32)
+    binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+    for layer in range(layers):
+        for j, kind in enumerate(("key", "value")):
+            b = buffers[2 * layer + j]
+            binding.bind_input(f"past_{kind}.{layer}", "cpu", 0, np.float32, b.shape, b.ctypes.data)
+            binding.bind_output(f"present_{kind}.{layer}", "cpu", 0, np.float32, b.shape, b.ctypes.data)
+    shared.run_with_iobinding(binding)
+    np.testing.assert_allclose(logits, expect["logits"], atol=2e-5, rtol=1e-4)
+    for layer in range(layers):
+        for j, kind in enumerate(("key", "value")):
+            b, old = buffers[2 * layer + j], before[2 * layer + j]
+            np.testing.assert_allclose(b[:, :, past_len], expect[f"{kind}.{layer}"][:, :, 0], atol=1e-5, rtol=1e-5)
+            others = [s for s in range(capacity) if s != past_len]
+            np.testing.assert_array_equal(b[:, :, others], old[:, :, others])  # NaN == NaN here

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from collections import Counter
 
 import pytest
 import torch
@@ -42,6 +43,25 @@ def test_batch_of_different_lengths_matches_single_and_hf(tiny_llama):
     assert len(batch) == 2
     for prompt, result in zip(PROMPTS, batch):
         assert result.token_ids == hf_greedy(model, tokenizer, prompt, 32)
+
+
+def test_full_cache_decodes_in_place_across_reallocations(tiny_llama, monkeypatch):
+    """A gqa export decodes the full cache with the `decode_shared` graph (K/V written in place, no
+    append), also after the store grows and is rebound, token-identical to HF; a batch too."""
+    from kvtrt.runtime import generator
+
+    model, tokenizer, directory = tiny_llama
+    llm = kvtrt.load(directory)
+    llm.manifest.eos_token_ids = []
+    ran = Counter()
+    run = llm.engine.run
+    monkeypatch.setattr(llm.engine, "run", lambda variant, binding: (ran.update([variant]), run(variant, binding)))
+    monkeypatch.setattr(generator, "DECODE_BUCKET", 5)  # reallocate and rebind every 5 tokens
+    result = llm.generate(PROMPTS[1], max_new_tokens=32)
+    assert ran["decode_shared"] == 31 and ran["decode"] == 0
+    assert result.token_ids == hf_greedy(model, tokenizer, PROMPTS[1], 32)
+    for prompt, one in zip(PROMPTS, llm.generate(PROMPTS, max_new_tokens=32)):
+        assert one.token_ids == hf_greedy(model, tokenizer, prompt, 32)
 
 
 def test_stream_yields_the_generated_text(tiny_llama):

@@ -142,16 +142,16 @@ def test_fp32_export_gets_a_note(tmp_path):
     from kvtrt.export import export_model
 
     directory = tmp_path / "fp32-ops"
-    export_model((tiny_model("llama"), tiny_tokenizer()), directory, prefill_attention="ops", progress=False)
+    export_model((tiny_model("llama"), tiny_tokenizer()), directory, attention="ops", progress=False)
     written = write_trt_commands(directory, tmp_path / "cmds")
     assert any("strongly typed" in note and "fp32 engine" in note for note in written.notes)
 
 
 def test_fused_attention_export_is_refused_with_the_fix(tiny_llama, tmp_path):
     _, _, directory = tiny_llama  # fp32 default: prefill attention is com.microsoft GroupQueryAttention
-    assert Manifest.load(directory).export_options["prefill_attention"] == "gqa"
+    assert Manifest.load(directory).export_options["attention"] == "gqa"
     assert check_trt_graph(directory)["decode"].standard_only
-    with pytest.raises(ValueError, match=r"GroupQueryAttention.*--prefill-attention ops"):
+    with pytest.raises(ValueError, match=r"GroupQueryAttention.*--attention ops"):
         write_trt_commands(directory, tmp_path / "cmds")
 
 

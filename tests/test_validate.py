@@ -28,14 +28,16 @@ def test_tiny_export_passes_with_every_case_output_and_reference(tiny_llama, tmp
     report = validate(directory, reference_model=model, save_dir=tmp_path / "val", json_out=tmp_path / "report.json")
     assert report.passed, report.table()
     cases = {c.case for c in report.checks}
-    assert cases == {"prefill P=0", "prefill P=12", "decode P=19", "decode P=19 masked"}
+    assert cases == {"prefill P=0", "prefill P=12", "decode P=19", "decode P=19 masked", "decode_shared P=19",
+                     "decode_shared P=19 masked"}
     outputs = {c.output for c in report.checks if c.reference == REFERENCE}
-    assert {"logits", "key.0", "value.1", "query.1", "score.0"} <= outputs
-    assert {c.case for c in report.checks if c.reference == HF} == cases - {"decode P=19 masked"}
+    assert {"logits", "key.0", "value.1", "query.1", "score.0", "present_key.0", "present_value.1"} <= outputs
+    assert {c.case for c in report.checks if c.reference == HF} == cases - {"decode P=19 masked",
+                                                                            "decode_shared P=19 masked"}
     assert all(c.max_abs < 1e-4 for c in report.checks)  # fp32: the graph is the reference's math
     assert all(l.passed for l in report.lint)
     if importlib.util.find_spec("onnx_graphsurgeon") is not None:  # polygraphy lint needs it
-        assert [l.skipped for l in report.lint] == [None, None]
+        assert [l.skipped for l in report.lint] == [None, None, None]
     # polygraphy's own formats, loadable by `polygraphy run --load-inputs/--load-outputs`
     from polygraphy.comparator import RunResults
     from polygraphy.json import load_json
@@ -43,6 +45,8 @@ def test_tiny_export_passes_with_every_case_output_and_reference(tiny_llama, tmp
     inputs = load_json(report.files["decode_inputs"])
     assert [feed["past_mask"].shape for feed in inputs] == [(2, 19), (2, 19)]
     assert inputs[1]["past_mask"].min() == 0  # the masked case
+    shared = load_json(report.files["decode_shared_inputs"])  # one free slot: the one the step writes
+    assert shared[0]["past_mask"].shape == (2, 20) and int(shared[0]["write_slot"]) == 19
     golden = RunResults.load(report.files["prefill_golden"])
     assert len(golden[REFERENCE]) == 2 and "score.1" in golden[REFERENCE][0]
     data = json.loads((tmp_path / "report.json").read_text())
@@ -116,5 +120,6 @@ def test_smollm2_fp32_export_passes(smollm2, tmp_path, capsys):
     with capsys.disabled():
         print("\n" + report.table())
     assert report.passed, report.table()
-    assert len(report.checks) == 4 * (1 + 4 * 30) + 3  # 4 cases x all outputs vs kvtrt-torch + 3 x HF logits
+    # 4 cases x all outputs vs kvtrt-torch, 2 decode_shared cases x (logits + 60 buffers), 4 x HF logits
+    assert len(report.checks) == 4 * (1 + 4 * 30) + 2 * (1 + 2 * 30) + 4
     assert all(l.passed for l in report.lint)

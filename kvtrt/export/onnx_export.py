@@ -1,4 +1,5 @@
-"""torch -> ONNX: two graphs (prefill, decode) sharing one weights file, plus manifest and tokenizer."""
+"""torch -> ONNX: the graphs (prefill, decode, and with fused attention decode_shared) sharing one
+weights file, plus manifest and tokenizer."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..manifest import Manifest
 from ..models import get_adapter, input_names, output_names
-from ..models.base import PREFILL_ATTENTION
+from ..models.base import ATTENTION
 from ..models.loading import DEFAULT_MODEL, load_hf
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -26,21 +27,21 @@ INLINE_LIMIT = 1024  # smaller initializers stay inside the graph
 
 def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export", *, dtype: str = "fp32",
                  max_positions: int | None = None, score_window: int = 32, opset: int = 18,
-                 prefill_attention: str = "auto", progress: bool = True) -> Manifest:
+                 attention: str = "auto", progress: bool = True) -> Manifest:
     """Export `model` to `out_dir` and return the manifest.
 
     `model` is a HF folder, a .gguf file, an alias (see `kvtrt.models.loading.ALIASES`), or an
-    already loaded `(transformers model, tokenizer)` pair. `prefill_attention`: "gqa" (ONNX
-    Runtime's fused GroupQueryAttention in the prefill graph; fastest on CPU), "ops" (standard
-    ONNX ops only, which TensorRT needs), or "auto" (gqa for fp32, ops for fp16).
+    already loaded `(transformers model, tokenizer)` pair. `attention`: "gqa" (ONNX Runtime's
+    fused GroupQueryAttention in the prefill graph, plus a `decode_shared` graph that decodes the
+    full cache in place; fastest on CPU), "ops" (standard ONNX ops only, which TensorRT needs), or
+    "auto" (gqa for fp32, ops for fp16).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    if prefill_attention == "auto":
-        prefill_attention = "gqa" if dtype == "fp32" else "ops"
-    if prefill_attention not in PREFILL_ATTENTION:
-        raise ValueError(f"prefill attention {prefill_attention!r} is unknown; use auto, "
-                         f"{', '.join(PREFILL_ATTENTION)}")
+    if attention == "auto":
+        attention = "gqa" if dtype == "fp32" else "ops"
+    if attention not in ATTENTION:
+        raise ValueError(f"attention {attention!r} is unknown; use auto, {', '.join(ATTENTION)}")
     out = Path(out_dir)
     bar = tqdm(total=6, desc="kvtrt export", disable=not progress, unit="step")
     bar.set_postfix_str("loading model")
@@ -62,12 +63,14 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
 
     out.mkdir(parents=True, exist_ok=True)
     graphs = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
+    if attention == "gqa":
+        graphs["decode_shared"] = "decode_shared.onnx"
+    bar.total += len(graphs) - 2
     protos = {}
     with tempfile.TemporaryDirectory() as tmp:
         for variant in graphs:
             bar.set_postfix_str(f"tracing {variant} graph")
-            module = adapter.build(hf_model, max_positions, score_window, DTYPES[dtype], decode=variant == "decode",
-                                   prefill_attention=prefill_attention)
+            module = adapter.build(hf_model, max_positions, score_window, DTYPES[dtype], variant, attention=attention)
             protos[variant] = _trace(module, arch, variant, Path(tmp) / f"{variant}.onnx", opset, DTYPES[dtype])
             bar.update()
         bar.set_postfix_str("writing weights")
@@ -85,7 +88,7 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
         vocab_size=arch.vocab_size, dtype=dtype, max_positions=max_positions, score_window=score_window,
         graphs=graphs, weights_file=WEIGHTS_FILE, export_options={"dtype": dtype, "max_positions": max_positions,
                                                                    "score_window": score_window, "opset": opset,
-                                                                   "prefill_attention": prefill_attention},
+                                                                   "attention": attention},
         **_save_tokenizer(tokenizer, config, out))
     manifest.save(out)
     bar.update()
@@ -95,20 +98,27 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
 
 def _trace(module, arch, variant: str, path: Path, opset: int, dtype: torch.dtype) -> onnx.ModelProto:
     L, Hkv, D = arch.n_layers, arch.n_kv_heads, arch.head_dim
-    B, S, P = 2, (1 if variant == "decode" else 3), 5
+    decode = variant != "prefill"
+    B, S, P = 2, (1 if decode else 3), 5
     args = [torch.zeros(B, S, dtype=torch.long), torch.arange(P, P + S).repeat(B, 1),
             torch.ones(B, P, dtype=torch.long)]
+    if variant == "decode_shared":
+        args.append(torch.tensor(P - 2))  # write_slot
     args += [torch.zeros(B, Hkv, P, D, dtype=dtype) for _ in range(2 * L)]
-    ins, outs = input_names(L), output_names(L)
-    dyn = {"input_ids": {0: "batch"} if variant == "decode" else {0: "batch", 1: "new"},
-           "position_ids": {0: "batch"} if variant == "decode" else {0: "batch", 1: "new"},
-           "past_mask": {0: "batch", 1: "past"}, "logits": {0: "batch"}}
-    for name in ins[3:]:
-        dyn[name] = {0: "batch", 2: "past"}
+    ins, outs = input_names(L, variant), output_names(L, variant)
+    past = "capacity" if variant == "decode_shared" else "past"
+    dyn = {"input_ids": {0: "batch"} if decode else {0: "batch", 1: "new"},
+           "position_ids": {0: "batch"} if decode else {0: "batch", 1: "new"},
+           "past_mask": {0: "batch", 1: past}, "logits": {0: "batch"}}
+    for name in ins:
+        if name.startswith(("past_key.", "past_value.")):
+            dyn[name] = {0: "batch", 2: past}
     for name in outs[1:]:
         kind = name.split(".")[0]
-        if kind in ("key", "value"):
-            dyn[name] = {0: "batch"} if variant == "decode" else {0: "batch", 2: "new"}
+        if kind.startswith("present_"):
+            dyn[name] = {0: "batch", 2: past}
+        elif kind in ("key", "value"):
+            dyn[name] = {0: "batch"} if decode else {0: "batch", 2: "new"}
         elif kind == "query":
             dyn[name] = {0: "batch"}
         else:

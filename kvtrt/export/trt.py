@@ -177,7 +177,7 @@ def _require_trt_graph(directory: Path, manifest: Manifest) -> list[str]:
             raise ValueError(f"{graph} graph uses ops of domain(s) {custom} ({', '.join(contrib) or 'contrib ops'}), "
                              f"which TensorRT's ONNX parser cannot read; build engines from a float export with "
                              f"standard-op attention (`kvtrt export MODEL --dtype fp16 -o DIR`, or "
-                             f"`--prefill-attention ops` for fp32), not a quantized one")
+                             f"`--attention ops` for fp32), not a quantized one")
     notes.append("graphs use standard ONNX ops only (domain ai.onnx, no com.microsoft): "
                  + ", ".join(f"{op}" for op in checks[next(iter(checks))].op_types))
     if manifest.dtype != "fp16":

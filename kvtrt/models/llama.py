@@ -87,9 +87,11 @@ class LlamaAdapter:
         return rotary.inv_freq.detach().float().clone(), float(getattr(rotary, "attention_scaling", 1.0))
 
     def build(self, model, max_positions: int, score_window: int, dtype: torch.dtype,
-              decode: bool, prefill_attention: str = "ops") -> DecoderGraph:
-        """The exportable module for `model` (prefill or decode variant; see `DecoderGraph`)."""
+              variant: str, attention: str = "ops") -> DecoderGraph:
+        """The exportable module for `model`, for one graph variant ("prefill", "decode" or
+        "decode_shared"; see `DecoderGraph`)."""
         arch = self.arch(model.config, max_positions)
         inv_freq, scaling = self.rope(model)
-        return DecoderGraph(arch, self.weights(model, arch, dtype), inv_freq, scaling, score_window, decode,
-                            prefill_attention)
+        return DecoderGraph(arch, self.weights(model, arch, dtype), inv_freq, scaling, score_window,
+                            decode=variant != "prefill", attention=attention,
+                            shared_cache=variant == "decode_shared")

@@ -1,6 +1,6 @@
 """Engines run one graph call over pre-allocated torch tensors bound by pointer.
 
-`OrtEngine` drives the two exported graphs (prefill, decode) through ONNX Runtime IO binding on
+`OrtEngine` drives the exported graphs (prefill, decode, and decode_shared when present) through ONNX Runtime IO binding on
 any execution provider (CPU, CUDA, TensorRT). The sessions are shared and thread-safe; every
 caller owns its `IOBinding`, so concurrent sequences never share state.
 """
@@ -83,11 +83,11 @@ class OrtEngine:
         m = self.manifest
         got_in = [i.name for i in session.get_inputs()]
         got_out = [o.name for o in session.get_outputs()]
-        if got_in != input_names(m.n_layers) or got_out != output_names(m.n_layers):
+        if got_in != input_names(m.n_layers, variant) or got_out != output_names(m.n_layers, variant):
             raise ExportMismatchError(
                 f"{variant} graph in {self.directory} does not have the inputs/outputs of its manifest "
                 f"({m.n_layers} layers): re-export the model with `kvtrt export`")
-        past = session.get_inputs()[3]
+        past = session.get_inputs()[got_in.index("past_key.0")]
         if past.shape[1] != m.n_kv_heads or past.shape[3] != m.head_dim:
             raise ExportMismatchError(
                 f"{variant} graph in {self.directory} has past_key shape {past.shape}, manifest says "
@@ -102,7 +102,7 @@ class OrtEngine:
                                       f"re-export the model")
 
     def new_binding(self, variant: str):
-        """A fresh IOBinding for `variant` ("prefill" or "decode"); one per caller."""
+        """A fresh IOBinding for `variant` ("prefill", "decode", "decode_shared"); one per caller."""
         return self.sessions[variant].io_binding()
 
     def bind(self, binding, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:

@@ -245,9 +245,10 @@ class Generation:
     def _decode_store(self, store: KVStore, token: Tensor, bucket: int) -> Iterator[tuple[int, int]]:
         batch = store.batch
         slack = COMPACTION_SLACK
+        # the full cache decodes in place when the export has the graph for it; policies need scores
+        shared = self.policy is None and "decode_shared" in self.m.graphs
         store.reserve(slack if self.policy is not None else bucket)
-        outputs = self._outputs(batch, 1, store.capacity + 1)
-        binding = self._bind(store.keys, store.values, store.mask, outputs)
+        binding, outputs = self._store_binding(store, shared)
         t0 = time.perf_counter()
         for step in range(self.max_new_tokens):
             yield from self._emit(token, step)
@@ -258,18 +259,39 @@ class Generation:
                     self._compact(store, slack)
                 else:
                     store.reserve(bucket)
-                outputs = self._outputs(batch, 1, store.capacity + 1)
-                binding = self._bind(store.keys, store.values, store.mask, outputs)
+                binding, outputs = self._store_binding(store, shared)
             self.ids_buf.copy_(token.view(batch, 1))
-            self.engine.run("decode", binding)
-            store.append(self._layer_outputs(outputs, "key"), self._layer_outputs(outputs, "value"),
-                         self._layer_outputs(outputs, "score") if self.policy is not None else None)
+            if shared:
+                self.slot_buf.fill_(store.claim_slot())
+                self.engine.run("decode_shared", binding)  # writes the new K/V into the claimed slot
+            else:
+                self.engine.run("decode", binding)
+                store.append(self._layer_outputs(outputs, "key"), self._layer_outputs(outputs, "value"),
+                             self._layer_outputs(outputs, "score") if self.policy is not None else None)
             self.pos_buf += 1
             self.stats.decode_steps += 1
             token = self._choose(outputs["logits"][:, 0], step + 1)
             self.stats.kv_bytes = max(self.stats.kv_bytes, store.nbytes)
         self.stats.decode_s = time.perf_counter() - t0
         self.stats.kv_bytes = max(self.stats.kv_bytes, store.nbytes)
+
+    def _store_binding(self, store: KVStore, shared: bool):
+        """Binding and outputs of a decode step over the store's current buffers: the `decode`
+        graph (new K/V as outputs, appended by the runtime), or `decode_shared` (the store's
+        buffers are both past and present; the graph writes the slot in `write_slot`)."""
+        if not shared:
+            outputs = self._outputs(store.batch, 1, store.capacity + 1)
+            return self._bind(store.keys, store.values, store.mask, outputs), outputs
+        self.slot_buf = torch.zeros((), dtype=torch.long, device=self.engine.device)
+        inputs = {"input_ids": self.ids_buf, "position_ids": self.pos_buf, "past_mask": store.mask,
+                  "write_slot": self.slot_buf}
+        outputs = {"logits": torch.empty(store.batch, 1, self.m.vocab_size, device=self.engine.device)}
+        for layer in range(self.m.n_layers):
+            inputs[f"past_key.{layer}"] = outputs[f"present_key.{layer}"] = store.keys[layer]
+            inputs[f"past_value.{layer}"] = outputs[f"present_value.{layer}"] = store.values[layer]
+        binding = self.engine.new_binding("decode_shared")
+        self.engine.bind(binding, inputs, outputs)
+        return binding, outputs
 
     def _decode_retrieval(self, store: KVStore, query: list[Tensor], token: Tensor) -> Iterator[tuple[int, int]]:
         batch, m = store.batch, self.m

@@ -100,6 +100,15 @@ class KVStore:
         self.mask[:, start:end] = 1
         self.length = end
 
+    def claim_slot(self) -> int:
+        """Mark the slot at the cursor live and return it, for an engine that writes the new token's
+        K/V there itself (the `decode_shared` graph); room must be reserved."""
+        if self.length == self.capacity:
+            raise RuntimeError("KVStore.claim_slot without reserve")
+        self.mask[:, self.length] = 1
+        self.length += 1
+        return self.length - 1
+
     @classmethod
     def merge(cls, stores: list["KVStore"], extra: int) -> "KVStore":
         """Batch single-sequence stores, right-aligned so all end at one cursor, with `extra` free slots."""
