@@ -203,27 +203,6 @@ def test_cli_parser(tiny_llama, tmp_path, capsys):
     assert "int4" in capsys.readouterr().out
 
 
-def _load(directory):
-    """kvtrt.load, with MLAS prepacking kept on for an int4 decode session. OrtEngine turns prepacking
-    off for the CPU decode session (right for fp32 GEMV); MatMulNBits then re-packs its weights on every
-    call (~660 ms/step instead of ~30): the engine should keep it on for quantized exports (issue 5
-    wiring). Until then, rebuild that one session here so the test measures the graph, not that."""
-    import onnxruntime as ort
-
-    llm = kvtrt.load(directory, threads=2)
-    session = llm.engine.sessions["decode"]
-    options = session.get_session_options()
-    try:
-        disabled = options.get_session_config_entry("session.disable_prepacking") == "1"
-    except Exception:  # noqa: BLE001 - entry absent
-        disabled = False
-    if llm.manifest.quantize != "none" and disabled:
-        options.add_session_config_entry("session.disable_prepacking", "0")
-        llm.engine.sessions["decode"] = ort.InferenceSession(str(directory / "decode.onnx"), options,
-                                                             providers=session.get_providers())
-    return llm
-
-
 def _teacher_nll(llm, prompt, target) -> float:
     gen = Generation(llm.engine, [prompt], len(target), SamplingParams(), [], 512, teacher=[target])
     assert [t for _, t in gen.run()] == target
@@ -238,7 +217,7 @@ def test_smollm2_int4_perplexity_within_5_percent_and_coherent(smollm2, tmp_path
     out = _copy(directory, tmp_path)
     quantize_export(out)
     assert (out / "weights.bin").stat().st_size < 0.25 * (directory / "weights.bin").stat().st_size
-    fp32, int4 = _load(directory), _load(out)
+    fp32, int4 = kvtrt.load(directory, threads=2), kvtrt.load(out, threads=2)
     ids = fp32.encode(real_text())
     prompt, target = ids[:128], ids[128:128 + 256]
     nll_fp32, nll_int4 = _teacher_nll(fp32, prompt, target), _teacher_nll(int4, prompt, target)

@@ -52,13 +52,16 @@ def test_full_cache_decodes_in_place_across_reallocations(tiny_llama, monkeypatc
 
     model, tokenizer, directory = tiny_llama
     llm = kvtrt.load(directory)
+    # one prefill and one decode session (each holds its own prepacked weights), the other on demand
+    assert set(llm.engine.sessions) == {"prefill", "decode_shared"}
+    assert set(kvtrt.load(directory, kv="h2o:budget=64").engine.sessions) == {"prefill", "decode"}
     llm.manifest.eos_token_ids = []
     ran = Counter()
     run = llm.engine.run
     monkeypatch.setattr(llm.engine, "run", lambda variant, binding: (ran.update([variant]), run(variant, binding)))
     monkeypatch.setattr(generator, "DECODE_BUCKET", 5)  # reallocate and rebind every 5 tokens
     result = llm.generate(PROMPTS[1], max_new_tokens=32)
-    assert ran["decode_shared"] == 31 and ran["decode"] == 0
+    assert ran["decode_shared"] == 31 and ran["decode"] == 0, ran
     assert result.token_ids == hf_greedy(model, tokenizer, PROMPTS[1], 32)
     for prompt, one in zip(PROMPTS, llm.generate(PROMPTS, max_new_tokens=32)):
         assert one.token_ids == hf_greedy(model, tokenizer, prompt, 32)

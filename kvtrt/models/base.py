@@ -145,6 +145,7 @@ class DecoderGraph(nn.Module):
             bias = torch.cat((past_bias.expand(-1, 1, S, -1), new_bias), dim=-1)
             if self.gqa:  # the fused op reads `bias`; the score rows need it for the last w queries, per group
                 score_bias = _tile_group(bias[:, :, -self.score_window:], g)  # [B,1,g*w,P+S]
+                lengths = AttentionLengths.apply(input_ids, past_mask, None)
             else:
                 bias = _tile_group(bias, g)  # [B,1,gS,P+S]
         outputs_kv, outputs_q, outputs_s = [], [], []
@@ -174,7 +175,7 @@ class DecoderGraph(nn.Module):
                 outputs_q.append(q[:, -1])
                 if self.gqa:
                     attn, keys, _ = GroupQueryAttention.apply(q.reshape(B, S, H * D), k.reshape(B, S, Hkv * D), v,
-                                                              past_k, past_v, bias, H, Hkv)
+                                                              past_k, past_v, bias, *lengths, H, Hkv)
                     k, v = k.transpose(1, 2), v.reshape(B, S, Hkv, D).transpose(1, 2)  # [B,Hkv,S,D]
                     # score: the last w queries' attention, recomputed beside the fused op (w/S of its work)
                     q_last = q[:, -self.score_window:].reshape(B, -1, Hkv, g, D).permute(0, 2, 3, 1, 4)
@@ -212,6 +213,7 @@ class DecoderGraph(nn.Module):
             h = self.w("embed.weight")[input_ids]
         cos, sin = self.rope(position_ids, h.dtype)
         bias = LivePrefixBias.apply(past_mask, write_slot, h)  # [B,1,1,write_slot+1]
+        lengths = AttentionLengths.apply(input_ids, past_mask, write_slot)
         presents = []
         for layer in range(a.n_layers):
             p = f"layers.{layer}."
@@ -220,7 +222,7 @@ class DecoderGraph(nn.Module):
             qk = self.rotate(qk.reshape(-1, H + Hkv, D), cos.squeeze(1), sin.squeeze(1))  # [B,H+Hkv,D]
             q, k = qk.split([H, Hkv], dim=1)
             attn, keys, values = SharedCacheAttention.apply(q.reshape(-1, 1, H * D), k.reshape(-1, 1, Hkv * D), v,
-                                                            past[2 * layer], past[2 * layer + 1], bias, write_slot,
+                                                            past[2 * layer], past[2 * layer + 1], bias, *lengths,
                                                             H, Hkv)
             presents += [keys, values]
             h = h + self.linear(attn, p + "o")
@@ -249,7 +251,7 @@ class GroupQueryAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, past_k, past_v, bias, n_heads: int, n_kv_heads: int):
+    def forward(ctx, q, k, v, past_k, past_v, bias, seqlens, total, query_lens, n_heads: int, n_kv_heads: int):
         b, s, _ = q.shape
         d, g = past_k.shape[-1], n_heads // n_kv_heads
         keys = torch.cat((past_k, k.reshape(b, s, n_kv_heads, d).transpose(1, 2)), dim=2)
@@ -260,12 +262,8 @@ class GroupQueryAttention(torch.autograd.Function):
         return attn.transpose(1, 2).reshape(b, s, n_heads * d), keys, values
 
     @staticmethod
-    def symbolic(g, q, k, v, past_k, past_v, bias, n_heads: int, n_kv_heads: int):
-        past_len = g.op("Gather", g.op("Shape", past_k), _const(g, 2), axis_i=0)
-        new_len = g.op("Gather", g.op("Shape", q), _const(g, 1), axis_i=0)
-        total = g.op("Cast", g.op("Add", past_len, new_len), to_i=6)  # int32 scalar
-        seqlens = g.op("Sub", total, _const(g, 1, torch.int32))  # total - 1, expanded to [B] below
-        return _gqa_node(g, q, k, v, past_k, past_v, seqlens, total, new_len, bias, n_heads, n_kv_heads)
+    def symbolic(g, q, k, v, past_k, past_v, bias, seqlens, total, query_lens, n_heads: int, n_kv_heads: int):
+        return _gqa_node(g, q, k, v, past_k, past_v, bias, seqlens, total, query_lens, n_heads, n_kv_heads)
 
 
 class SharedCacheAttention(torch.autograd.Function):
@@ -274,15 +272,15 @@ class SharedCacheAttention(torch.autograd.Function):
     attends over slots [0, write_slot]; nothing else of the cache is copied).
 
     q [B,1,H*D] (rotated, pre-scaled), k [B,1,Hkv*D], v [B,1,Hkv*D], past [B,Hkv,C,D], bias
-    [B,1,1,write_slot+1] (see `LivePrefixBias`), write_slot int64 scalar. Returns attn [B,1,H*D] and
-    the buffers with the new slot written. (Run unshared, e.g. by Polygraphy, the op returns the
+    [B,1,1,write_slot+1] (see `LivePrefixBias`), lengths from `AttentionLengths`. Returns attn
+    [B,1,H*D] and the buffers with the new slot written. (Run unshared, e.g. by Polygraphy, the op returns the
     same values in fresh tensors when write_slot = C-1.)
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, past_k, past_v, bias, write_slot, n_heads: int, n_kv_heads: int):
+    def forward(ctx, q, k, v, past_k, past_v, bias, seqlens, total, query_lens, n_heads: int, n_kv_heads: int):
         b, d = q.shape[0], past_k.shape[-1]
-        t = int(write_slot) + 1
+        t = int(total)
         keys, values = past_k.clone(), past_v.clone()
         keys[:, :, t - 1] = k.reshape(b, n_kv_heads, d)
         values[:, :, t - 1] = v.reshape(b, n_kv_heads, d)
@@ -293,11 +291,39 @@ class SharedCacheAttention(torch.autograd.Function):
         return attn.reshape(b, 1, n_heads * d), keys, values
 
     @staticmethod
-    def symbolic(g, q, k, v, past_k, past_v, bias, write_slot, n_heads: int, n_kv_heads: int):
-        seqlens = g.op("Cast", write_slot, to_i=6)  # the new token's slot = past length, int32
-        total = g.op("Add", seqlens, _const(g, 1, torch.int32))
-        new_len = g.op("Gather", g.op("Shape", q), _const(g, 1), axis_i=0)
-        return _gqa_node(g, q, k, v, past_k, past_v, seqlens, total, new_len, bias, n_heads, n_kv_heads)
+    def symbolic(g, q, k, v, past_k, past_v, bias, seqlens, total, query_lens, n_heads: int, n_kv_heads: int):
+        return _gqa_node(g, q, k, v, past_k, past_v, bias, seqlens, total, query_lens, n_heads, n_kv_heads)
+
+
+class AttentionLengths(torch.autograd.Function):
+    """GroupQueryAttention's length inputs, once per graph (per layer they cost ORT ~6 nodes each):
+    seqlens_k [B] int32 (the last new token's slot), total_sequence_length int32 scalar and
+    query_seqlens [B] int32 (S: every row of a chunk is a real token, which lets batch > 1 chunks
+    have a past). Prefill (`write_slot` None): the chunk follows the P past slots. Shared-cache
+    decode: the token goes to `write_slot`."""
+
+    @staticmethod
+    def forward(ctx, input_ids, past_mask, write_slot):
+        b, s = input_ids.shape
+        total = int(write_slot) + 1 if write_slot is not None else past_mask.shape[1] + s
+        return (torch.full((b,), total - 1, dtype=torch.int32), torch.tensor(total, dtype=torch.int32),
+                torch.full((b,), s, dtype=torch.int32))
+
+    @staticmethod
+    def symbolic(g, input_ids, past_mask, write_slot):
+        shape = g.op("Shape", input_ids)
+        batch = g.op("Gather", shape, _const(g, [0]), axis_i=0)
+        new_len = g.op("Cast", g.op("Gather", shape, _const(g, 1), axis_i=0), to_i=6)
+        if write_slot is None or write_slot.node().mustBeNone():
+            past_len = g.op("Cast", g.op("Gather", g.op("Shape", past_mask), _const(g, 1), axis_i=0), to_i=6)
+            total = g.op("Add", past_len, new_len)
+        else:
+            total = g.op("Cast", g.op("Add", write_slot, _const(g, 1)), to_i=6)
+        seqlens = g.op("Expand", g.op("Sub", total, _const(g, 1, torch.int32)), batch)
+        query_lens = g.op("Expand", new_len, batch)
+        for out, sizes in ((seqlens, [None]), (total, []), (query_lens, [None])):
+            out.setType(out.type().with_dtype(torch.int32).with_sizes(sizes))
+        return seqlens, total, query_lens
 
 
 class LivePrefixBias(torch.autograd.Function):
@@ -330,13 +356,9 @@ def _const(g, value, dtype=torch.long):
     return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
 
 
-def _gqa_node(g, q, k, v, past_k, past_v, seqlens, total, new_len, bias, n_heads: int, n_kv_heads: int):
+def _gqa_node(g, q, k, v, past_k, past_v, bias, seqlens, total, query_lens, n_heads: int, n_kv_heads: int):
     """A `kvtrt::GroupQueryAttention` placeholder; `export.onnx_export` renames it to com.microsoft
-    with the op's optional inputs. `seqlens` (int32 scalar) is expanded to [B]; every row of the
-    chunk is a real token (query_seqlens = S), which lets batch > 1 chunks have a past."""
-    batch = g.op("Gather", g.op("Shape", q), _const(g, [0]), axis_i=0)
-    seqlens = g.op("Expand", seqlens, batch)
-    query_lens = g.op("Expand", g.op("Cast", new_len, to_i=6), batch)
+    with the op's optional inputs (lengths from `AttentionLengths`)."""
     outs = g.op("kvtrt::GroupQueryAttention", q, k, v, past_k, past_v, seqlens, total, bias, query_lens,
                 num_heads_i=n_heads, kv_num_heads_i=n_kv_heads, scale_f=1.0, outputs=3)
     for out, like in zip(outs, (q, past_k, past_v)):  # rank and dtype for the exporter's shape inference

@@ -8,8 +8,9 @@ caller owns its `IOBinding`, so concurrent sequences never share state.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import numpy as np
 import torch
@@ -43,7 +44,10 @@ class OrtEngine:
     """ONNX Runtime sessions for an export folder, run through IO binding."""
 
     def __init__(self, directory: str | os.PathLike, manifest: Manifest | None = None, provider: str = "cpu",
-                 threads: int | None = None, device_id: int = 0):
+                 threads: int | None = None, device_id: int = 0, variants: Iterable[str] | None = None):
+        """`variants`: the graphs to load now (default: all); any other graph of the export loads on
+        first use. Each ONNX Runtime session keeps its own prepacked copy of the weights (~600 MB
+        for SmolLM2 fp32), so a runtime loads only the graphs its KV spec decodes with."""
         import onnxruntime as ort
 
         self.directory = Path(directory)
@@ -72,12 +76,30 @@ class OrtEngine:
                 provider_options.append({})
             else:
                 provider_options.append({"device_id": str(device_id)})
+        self._session_args = (options, wanted, provider_options)
+        self._lock = threading.Lock()
         self.sessions = {}
-        for variant, filename in self.manifest.graphs.items():
-            session = ort.InferenceSession(str(self.directory / filename), options, providers=wanted,
-                                           provider_options=provider_options)
-            self._check(variant, session)
-            self.sessions[variant] = session
+        for variant in self.manifest.graphs if variants is None else variants:
+            self.session(variant)
+
+    def session(self, variant: str):
+        """The ONNX Runtime session of graph `variant`, created (and checked) on first use."""
+        session = self.sessions.get(variant)
+        if session is not None:
+            return session
+        if variant not in self.manifest.graphs:
+            raise ValueError(f"this export has no {variant!r} graph (it has {', '.join(self.manifest.graphs)}); "
+                             f"re-export with `kvtrt export` for it")
+        import onnxruntime as ort
+
+        with self._lock:
+            if variant not in self.sessions:
+                options, wanted, provider_options = self._session_args
+                session = ort.InferenceSession(str(self.directory / self.manifest.graphs[variant]), options,
+                                               providers=wanted, provider_options=provider_options)
+                self._check(variant, session)
+                self.sessions[variant] = session
+            return self.sessions[variant]
 
     def _check(self, variant: str, session) -> None:
         m = self.manifest
@@ -103,7 +125,7 @@ class OrtEngine:
 
     def new_binding(self, variant: str):
         """A fresh IOBinding for `variant` ("prefill", "decode", "decode_shared"); one per caller."""
-        return self.sessions[variant].io_binding()
+        return self.session(variant).io_binding()
 
     def bind(self, binding, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         """Bind contiguous torch tensors by pointer (no copy)."""

@@ -64,6 +64,18 @@ def check_kv_spec(kv: KVSpec, manifest) -> None:
                           f"--score-window {base.window}")
 
 
+def uses_shared_decode(kv: KVSpec, manifest) -> bool:
+    """The plain full cache decodes in place (`decode_shared`) when the export has that graph;
+    compaction needs the decode graph's scores, and retrieval its views (and dense decode below
+    its threshold stays on the same graph, so one decode session serves the whole spec)."""
+    return kv.is_full and "decode_shared" in manifest.graphs
+
+
+def decode_graphs(kv: KVSpec, manifest) -> list[str]:
+    """The graphs a runtime with this KV spec runs: prefill and one decode variant."""
+    return ["prefill", "decode_shared" if uses_shared_decode(kv, manifest) else "decode"]
+
+
 def plan_chunks(n: int, chunk: int, min_last: int) -> list[tuple[int, int]]:
     """Split [0, n) into chunks of `chunk` tokens whose last one has at least `min_last` tokens
     (when n allows), so the graph's score window sees the last `min_last` prompt queries."""
@@ -245,8 +257,7 @@ class Generation:
     def _decode_store(self, store: KVStore, token: Tensor, bucket: int) -> Iterator[tuple[int, int]]:
         batch = store.batch
         slack = COMPACTION_SLACK
-        # the full cache decodes in place when the export has the graph for it; policies need scores
-        shared = self.policy is None and "decode_shared" in self.m.graphs
+        shared = uses_shared_decode(self.kv, self.m)
         store.reserve(slack if self.policy is not None else bucket)
         binding, outputs = self._store_binding(store, shared)
         t0 = time.perf_counter()

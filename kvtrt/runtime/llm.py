@@ -8,7 +8,7 @@ from typing import Iterator, Sequence, Union
 
 from ..manifest import Manifest
 from .engine import OrtEngine
-from .generator import Generation, GenerationStats, check_kv_spec
+from .generator import Generation, GenerationStats, check_kv_spec, decode_graphs
 from .kv.spec import KVSpec, parse_kv_spec
 from .sampling import SamplingParams
 from .tokenizer import Messages, StreamDecoder, TextCodec
@@ -46,8 +46,11 @@ class LLM:
             torch.set_num_threads(torch_threads)
         self.directory = directory
         self.manifest = Manifest.load(directory)
+        self.kv = parse_kv_spec(kv)
+        check_kv_spec(self.kv, self.manifest)
         if backend == "onnxruntime":
-            self.engine = OrtEngine(directory, self.manifest, provider=provider, threads=threads)
+            self.engine = OrtEngine(directory, self.manifest, provider=provider, threads=threads,
+                                    variants=decode_graphs(self.kv, self.manifest))
         elif backend == "tensorrt":
             from .trt_engine import TrtEngine  # GPU only, `trt` extra
 
@@ -55,8 +58,6 @@ class LLM:
         else:
             raise ValueError(f"backend {backend!r} is unknown; use 'onnxruntime' or 'tensorrt'")
         self.codec = TextCodec(directory, self.manifest)
-        self.kv = parse_kv_spec(kv)
-        check_kv_spec(self.kv, self.manifest)
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
