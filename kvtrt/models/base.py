@@ -212,18 +212,19 @@ class DecoderGraph(nn.Module):
         else:
             h = self.w("embed.weight")[input_ids]
         cos, sin = self.rope(position_ids, h.dtype)
+        # q, k and v heads rotated in one go (v by the identity: cos 1, sin 0, exact), so the packed
+        # projection goes to the fused op without a Split or Concat: [B,H+2Hkv,D]
+        cos = torch.cat((cos.squeeze(1).expand(-1, H + Hkv, -1), torch.ones_like(cos.squeeze(1)).expand(-1, Hkv, -1)), 1)
+        sin = torch.cat((sin.squeeze(1).expand(-1, H + Hkv, -1), torch.zeros_like(sin.squeeze(1)).expand(-1, Hkv, -1)), 1)
         bias = LivePrefixBias.apply(past_mask, write_slot, h)  # [B,1,1,write_slot+1]
         lengths = AttentionLengths.apply(input_ids, past_mask, write_slot)
         presents = []
         for layer in range(a.n_layers):
             p = f"layers.{layer}."
             x = self.rms_norm(h, self.w(p + "input_norm.weight"))
-            qk, v = self.linear(x, p + "qkv").split([(H + Hkv) * D, Hkv * D], dim=-1)
-            qk = self.rotate(qk.reshape(-1, H + Hkv, D), cos.squeeze(1), sin.squeeze(1))  # [B,H+Hkv,D]
-            q, k = qk.split([H, Hkv], dim=1)
-            attn, keys, values = SharedCacheAttention.apply(q.reshape(-1, 1, H * D), k.reshape(-1, 1, Hkv * D), v,
-                                                            past[2 * layer], past[2 * layer + 1], bias, *lengths,
-                                                            H, Hkv)
+            qkv = self.rotate(self.linear(x, p + "qkv").reshape(-1, H + 2 * Hkv, D), cos, sin)
+            attn, keys, values = SharedCacheAttention.apply(qkv.reshape(-1, 1, (H + 2 * Hkv) * D), past[2 * layer],
+                                                            past[2 * layer + 1], bias, *lengths, H, Hkv)
             presents += [keys, values]
             h = h + self.linear(attn, p + "o")
             x = self.rms_norm(h, self.w(p + "post_norm.weight"))
@@ -271,15 +272,16 @@ class SharedCacheAttention(torch.autograd.Function):
     `past_key` and `present_key` bound to one tensor: the op writes the new K/V at `write_slot` and
     attends over slots [0, write_slot]; nothing else of the cache is copied).
 
-    q [B,1,H*D] (rotated, pre-scaled), k [B,1,Hkv*D], v [B,1,Hkv*D], past [B,Hkv,C,D], bias
+    qkv [B,1,(H+2Hkv)*D] (q and k rotated, q pre-scaled), past [B,Hkv,C,D], bias
     [B,1,1,write_slot+1] (see `LivePrefixBias`), lengths from `AttentionLengths`. Returns attn
     [B,1,H*D] and the buffers with the new slot written. (Run unshared, e.g. by Polygraphy, the op returns the
     same values in fresh tensors when write_slot = C-1.)
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, past_k, past_v, bias, seqlens, total, query_lens, n_heads: int, n_kv_heads: int):
-        b, d = q.shape[0], past_k.shape[-1]
+    def forward(ctx, qkv, past_k, past_v, bias, seqlens, total, query_lens, n_heads: int, n_kv_heads: int):
+        b, d = qkv.shape[0], past_k.shape[-1]
+        q, k, v = qkv.split([n_heads * d, n_kv_heads * d, n_kv_heads * d], dim=-1)
         t = int(total)
         keys, values = past_k.clone(), past_v.clone()
         keys[:, :, t - 1] = k.reshape(b, n_kv_heads, d)
@@ -291,8 +293,8 @@ class SharedCacheAttention(torch.autograd.Function):
         return attn.reshape(b, 1, n_heads * d), keys, values
 
     @staticmethod
-    def symbolic(g, q, k, v, past_k, past_v, bias, seqlens, total, query_lens, n_heads: int, n_kv_heads: int):
-        return _gqa_node(g, q, k, v, past_k, past_v, bias, seqlens, total, query_lens, n_heads, n_kv_heads)
+    def symbolic(g, qkv, past_k, past_v, bias, seqlens, total, query_lens, n_heads: int, n_kv_heads: int):
+        return _gqa_node(g, qkv, None, None, past_k, past_v, bias, seqlens, total, query_lens, n_heads, n_kv_heads)
 
 
 class AttentionLengths(torch.autograd.Function):
@@ -358,8 +360,9 @@ def _const(g, value, dtype=torch.long):
 
 def _gqa_node(g, q, k, v, past_k, past_v, bias, seqlens, total, query_lens, n_heads: int, n_kv_heads: int):
     """A `kvtrt::GroupQueryAttention` placeholder; `export.onnx_export` renames it to com.microsoft
-    with the op's optional inputs (lengths from `AttentionLengths`)."""
-    outs = g.op("kvtrt::GroupQueryAttention", q, k, v, past_k, past_v, seqlens, total, bias, query_lens,
+    with the op's optional inputs (lengths from `AttentionLengths`). k and v None: q is packed QKV."""
+    kv = [] if k is None else [k, v]
+    outs = g.op("kvtrt::GroupQueryAttention", q, *kv, past_k, past_v, seqlens, total, bias, query_lens,
                 num_heads_i=n_heads, kv_num_heads_i=n_kv_heads, scale_f=1.0, outputs=3)
     for out, like in zip(outs, (q, past_k, past_v)):  # rank and dtype for the exporter's shape inference
         out.setType(like.type().with_sizes([None] * like.type().dim()))

@@ -64,16 +64,13 @@ def check_kv_spec(kv: KVSpec, manifest) -> None:
                           f"--score-window {base.window}")
 
 
-def uses_shared_decode(kv: KVSpec, manifest) -> bool:
-    """The plain full cache decodes in place (`decode_shared`) when the export has that graph;
-    compaction needs the decode graph's scores, and retrieval its views (and dense decode below
-    its threshold stays on the same graph, so one decode session serves the whole spec)."""
-    return kv.is_full and "decode_shared" in manifest.graphs
-
-
 def decode_graphs(kv: KVSpec, manifest) -> list[str]:
-    """The graphs a runtime with this KV spec runs: prefill and one decode variant."""
-    return ["prefill", "decode_shared" if uses_shared_decode(kv, manifest) else "decode"]
+    """The graphs a runtime with this KV spec loads up front: prefill and its decode variant. The
+    plain full cache decodes in place (`decode_shared`) when the export has that graph; compaction
+    needs the decode graph's scores and retrieval its views. (Retrieval on a cache too short to
+    engage it decodes densely like the full cache, loading `decode_shared` on first use.)"""
+    shared = kv.is_full and "decode_shared" in manifest.graphs
+    return ["prefill", "decode_shared" if shared else "decode"]
 
 
 def plan_chunks(n: int, chunk: int, min_last: int) -> list[tuple[int, int]]:
@@ -257,7 +254,7 @@ class Generation:
     def _decode_store(self, store: KVStore, token: Tensor, bucket: int) -> Iterator[tuple[int, int]]:
         batch = store.batch
         slack = COMPACTION_SLACK
-        shared = uses_shared_decode(self.kv, self.m)
+        shared = self.policy is None and "decode_shared" in self.m.graphs  # policies need the scores
         store.reserve(slack if self.policy is not None else bucket)
         binding, outputs = self._store_binding(store, shared)
         t0 = time.perf_counter()
