@@ -132,11 +132,15 @@ def _trace(module, arch, variant: str, path: Path, opset: int, dtype: torch.dtyp
 
 
 def _contrib_ops(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Turn the traced `kvtrt::GroupQueryAttention` placeholders into `com.microsoft` nodes with
+    """Turn the traced `kvtrt::` placeholders into `com.microsoft` nodes: SkipSimplifiedLayerNormalization
+    as it is, GroupQueryAttention with
     the op's input layout (cos/sin cache, position_ids, head_sink, KV scales and qk-norm weights
     omitted; key and value too when the query input is packed QKV)."""
     found = False
     for node in proto.graph.node:
+        if node.domain == "kvtrt" and node.op_type == "SkipSimplifiedLayerNormalization":  # same inputs
+            node.domain = "com.microsoft"
+            found = True
         if node.domain == "kvtrt" and node.op_type == "GroupQueryAttention":
             if len(node.input) == 7:  # packed QKV: key and value inputs empty
                 q, past_k, past_v, seqlens, total, bias, query_lens = node.input
