@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .texts import load_texts, token_prefix
@@ -22,7 +23,11 @@ def measure_kvtrt(directory: str, ids: list[int], new_tokens: int, kv: str, thre
     from ..runtime.sampling import SamplingParams
 
     llm = load(directory, kv=kv, threads=threads, prefill_chunk=prefill_chunk)
-    warm = Generation(llm.engine, [ids[:16]], 4, SamplingParams(), [], prefill_chunk, kv=llm.kv)
+    warm_kv = llm.kv
+    if warm_kv.retrieval is not None:  # engage retrieval on the short warm-up prompt too: the same graphs
+        stage = warm_kv.retrieval
+        warm_kv = replace(warm_kv, retrieval=replace(stage, params={**stage.params, "min_context": "0"}))
+    warm = Generation(llm.engine, [ids[:16]], 4, SamplingParams(), [], prefill_chunk, kv=warm_kv)
     for _ in warm.run():
         pass
     gen = Generation(llm.engine, [ids], new_tokens, SamplingParams(), [], prefill_chunk, kv=llm.kv)
