@@ -206,8 +206,8 @@ def _modules(hf_model, manifest: Manifest, directory: Path, weight_checks: list 
 
     adapter = get_adapter(manifest.model_type)
     attention = manifest.export_options.get("attention", "ops")
-    modules = {v: adapter.build(hf_model, manifest.max_positions, manifest.score_window, torch.float32, v,
-                                attention=attention) for v in manifest.graphs}
+    modules = {v: adapter.build(hf_model, manifest.max_positions, torch.float32, v, attention=attention)
+               for v in manifest.graphs}
     if manifest.quantize != "none":
         from .export.quantize import dequantized_weights
 
@@ -273,13 +273,16 @@ def build_cases(hf_model, manifest: Manifest, directory: Path, batch: int = 2, f
 
     def run(variant, ids, start, mask, past, write_slot=None):
         pos = torch.arange(start, start + ids.shape[1]).repeat(batch, 1)
-        extra = [] if write_slot is None else [torch.tensor(write_slot)]
-        with torch.no_grad():
-            out = modules[variant](ids, pos, mask, *extra, *past)
-        inputs = OrderedDict(input_ids=ids.numpy(), position_ids=pos.numpy(), past_mask=mask.numpy())
+        extra = {}
+        if variant == "prefill":  # the score window's rows, as the runtime asks on a last chunk
+            extra["score_queries"] = torch.arange(max(0, ids.shape[1] - manifest.score_window), ids.shape[1])
         if write_slot is not None:
-            inputs["write_slot"] = np.array(write_slot, dtype=np.int64)
-        for name, tensor in zip(input_names(L)[3:], past):
+            extra["write_slot"] = torch.tensor(write_slot)
+        with torch.no_grad():
+            out = modules[variant](ids, pos, mask, *extra.values(), *past)
+        inputs = OrderedDict(input_ids=ids.numpy(), position_ids=pos.numpy(), past_mask=mask.numpy())
+        inputs.update((name, tensor.numpy()) for name, tensor in extra.items())
+        for name, tensor in zip([n for n in input_names(L) if n.startswith(("past_key.", "past_value."))], past):
             inputs[name] = tensor.numpy().astype(np_dtype)
         names = output_names(L, variant)
         return inputs, OrderedDict((n, t.float().numpy()) for n, t in zip(names, out)), out

@@ -15,9 +15,13 @@ def _session(directory, variant):
     return ort.InferenceSession(str(directory / f"{variant}.onnx"), providers=["CPUExecutionProvider"])
 
 
-def _run(session, ids, positions, mask, past):
+def _run(session, ids, positions, mask, past, rows=None):
+    """One graph call; a prefill's `score_queries` default to the last 4 rows (the tiny exports' window)."""
     feeds = {"input_ids": np.asarray(ids, np.int64), "position_ids": np.asarray(positions, np.int64),
              "past_mask": np.asarray(mask, np.int64)}
+    if "score_queries" in {i.name for i in session.get_inputs()}:
+        n = feeds["input_ids"].shape[1]
+        feeds["score_queries"] = np.asarray(range(max(0, n - 4), n) if rows is None else rows, np.int64)
     for layer, (k, v) in enumerate(past):
         feeds[f"past_key.{layer}"], feeds[f"past_value.{layer}"] = k, v
     names = [o.name for o in session.get_outputs()]
@@ -109,6 +113,8 @@ def test_query_and_score_match_hf(tiny_exports, family):
     out = _run(prefill, ids[:, :10], [list(range(10))], np.zeros((1, 0)), _empty_past(model))
     past = _append(_empty_past(model), out)
     out2 = _run(prefill, ids[:, 10:14], [list(range(10, 14))], np.ones((1, 10)), past)
+    chosen = [0, 2]  # any rows of the chunk, not only the last ones
+    out2_rows = _run(prefill, ids[:, 10:14], [list(range(10, 14))], np.ones((1, 10)), past, rows=chosen)
     past = _append(past, out2)
     out3 = _run(decode, ids[:, 14:15], [[14]], np.ones((1, 14)), past)
     for layer in range(c.num_hidden_layers):
@@ -121,6 +127,10 @@ def test_query_and_score_match_hf(tiny_exports, family):
             rows = attn[:, max(start, end - window):end, :end]  # queries of this call only
             ref = rows.reshape(c.num_key_value_heads, group, rows.shape[1], end).mean(axis=(1, 2))
             np.testing.assert_allclose(result[f"score.{layer}"][0], ref, atol=1e-5)
+        picked = attn[:, [10 + r for r in chosen], :14]
+        ref = picked.reshape(c.num_key_value_heads, group, len(chosen), 14).mean(axis=(1, 2))
+        np.testing.assert_allclose(out2_rows[f"score.{layer}"][0], ref, atol=1e-5)
+        np.testing.assert_allclose(out2_rows["logits"], out2["logits"], atol=0)  # rows change only the score
         ref = attn[:, 14, :15].reshape(c.num_key_value_heads, group, 15).mean(axis=1)
         np.testing.assert_allclose(out3[f"score.{layer}"][0], ref, atol=1e-5)
 

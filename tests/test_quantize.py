@@ -232,7 +232,9 @@ def test_smollm2_int4_perplexity_within_5_percent_and_coherent(smollm2, tmp_path
             print(f"  fp32: {prompt_text}{a.text!r}\n  int4: {prompt_text}{b.text!r}")
     assert ratio < 1.05
     france, story = texts["The capital of France is"], texts["Once upon a time"]
-    assert "Paris" in france[1].text and france[1].token_ids[:8] == france[0].token_ids[:8]
+    # " Paris.\n\nThe" agrees; the next token is a near-tie in fp32 (HF: " answer" -3.21 vs " United"
+    # -3.43 log-prob) that the int4 model flips
+    assert "Paris" in france[1].text and france[1].token_ids[:5] == france[0].token_ids[:5]
     # ", the city of" agrees; the name after it is a near-tie ("Nova"/"New" Haven) that int8
     # activation rounding (accuracy_level 4) can flip, so the story is checked for prose instead
     assert story[1].token_ids[:4] == story[0].token_ids[:4]

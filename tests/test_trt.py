@@ -34,12 +34,13 @@ def _assert_consistent(profiles: dict, manifest: Manifest, chunk: int, capacity:
     """What every profile must satisfy, checked on shapes parsed back from the written commands."""
     assert set(profiles) == {"prefill", "decode"}
     for graph, shapes in profiles.items():
-        assert sorted(shapes) == sorted(input_names(manifest.n_layers))
+        assert sorted(shapes) == sorted(input_names(manifest.n_layers, graph))
         for name, (lo, opt, hi) in shapes.items():
             assert all(a <= b <= c for a, b, c in zip(lo, opt, hi)), (graph, name, lo, opt, hi)
         for which in range(3):
             shape = {name: s[which] for name, s in shapes.items()}
-            assert len({s[0] for s in shape.values()}) == 1, f"{graph}: batch differs across inputs"
+            assert len({s[0] for n, s in shape.items() if n != "score_queries"}) == 1, f"{graph}: batch differs"
+            assert shape.get("score_queries", (1,))[0] <= shape["input_ids"][1]  # rows of the chunk
             assert shape["input_ids"] == shape["position_ids"]
             slots = shape["past_mask"][1]
             for layer in range(manifest.n_layers):
@@ -93,7 +94,7 @@ def test_saved_inputs_fit_the_profiles_and_run_in_onnxruntime(fp16_export, tmp_p
             shape = tuple(int(d) for d in dims.split("x"))
             lo, _, hi = profiles[graph][name]
             assert all(a <= d <= b for a, d, b in zip(lo, shape, hi))
-            dtype = np.int64 if name in ("input_ids", "position_ids", "past_mask") else np.float16
+            dtype = np.int64 if name in ("input_ids", "position_ids", "past_mask", "score_queries") else np.float16
             raw = np.fromfile(tmp_path / "inputs" / graph / f"{name}.bin", dtype=dtype)
             assert raw.size == int(np.prod(shape)), name
     # the polygraphy inputs are valid for the graphs: replay them with the ONNX Runtime half of the command

@@ -70,7 +70,7 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
     with tempfile.TemporaryDirectory() as tmp:
         for variant in graphs:
             bar.set_postfix_str(f"tracing {variant} graph")
-            module = adapter.build(hf_model, max_positions, score_window, DTYPES[dtype], variant, attention=attention)
+            module = adapter.build(hf_model, max_positions, DTYPES[dtype], variant, attention=attention)
             protos[variant] = _trace(module, arch, variant, Path(tmp) / f"{variant}.onnx", opset, DTYPES[dtype])
             bar.update()
         bar.set_postfix_str("writing weights")
@@ -102,6 +102,8 @@ def _trace(module, arch, variant: str, path: Path, opset: int, dtype: torch.dtyp
     B, S, P = 2, (1 if decode else 3), 5
     args = [torch.zeros(B, S, dtype=torch.long), torch.arange(P, P + S).repeat(B, 1),
             torch.ones(B, P, dtype=torch.long)]
+    if variant == "prefill":
+        args.append(torch.tensor([1, 2]))  # score_queries
     if variant == "decode_shared":
         args.append(torch.tensor(P - 2))  # write_slot
     args += [torch.zeros(B, Hkv, P, D, dtype=dtype) for _ in range(2 * L)]
@@ -110,6 +112,8 @@ def _trace(module, arch, variant: str, path: Path, opset: int, dtype: torch.dtyp
     dyn = {"input_ids": {0: "batch"} if decode else {0: "batch", 1: "new"},
            "position_ids": {0: "batch"} if decode else {0: "batch", 1: "new"},
            "past_mask": {0: "batch", 1: past}, "logits": {0: "batch"}}
+    if variant == "prefill":
+        dyn["score_queries"] = {0: "score_queries"}
     for name in ins:
         if name.startswith(("past_key.", "past_value.")):
             dyn[name] = {0: "batch", 2: past}

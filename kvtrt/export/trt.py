@@ -90,9 +90,11 @@ def trt_profiles(manifest: Manifest, *, max_batch: int = 1, prefill_chunk: int =
 def _profile(manifest: Manifest, graph: str, b: tuple, s: tuple, p: tuple) -> Profile:
     Hkv, D = manifest.n_kv_heads, manifest.head_dim
     shapes = {}
-    for name in input_names(manifest.n_layers):
+    for name in input_names(manifest.n_layers, graph):
         if name in ("input_ids", "position_ids"):
             shapes[name] = tuple((b[i], s[i]) for i in range(3))
+        elif name == "score_queries":  # 1 row, the score window, at most every row of a chunk
+            shapes[name] = ((1,), (min(manifest.score_window, s[1]),), (s[2],))
         elif name == "past_mask":
             shapes[name] = tuple((b[i], p[i]) for i in range(3))
         else:
@@ -103,8 +105,8 @@ def _profile(manifest: Manifest, graph: str, b: tuple, s: tuple, p: tuple) -> Pr
 def check_profiles(profiles: dict[str, Profile], manifest: Manifest) -> list[str]:
     """Every way the profiles could disagree with each other or with the graph contract."""
     problems = []
-    want = input_names(manifest.n_layers)
     for graph, profile in profiles.items():
+        want = input_names(manifest.n_layers, graph)
         if sorted(profile.shapes) != sorted(want):
             problems.append(f"{graph}: inputs {sorted(set(want) ^ set(profile.shapes))} missing or extra")
             continue
@@ -115,7 +117,7 @@ def check_profiles(profiles: dict[str, Profile], manifest: Manifest) -> list[str
                 problems.append(f"{graph}/{name}: not min <= opt <= max ({lo}, {opt}, {hi})")
         for which, label in enumerate(("min", "opt", "max")):
             shapes = profile.select(which)
-            batches = {name: s[0] for name, s in shapes.items()}
+            batches = {name: s[0] for name, s in shapes.items() if name != "score_queries"}
             if len(set(batches.values())) != 1:
                 problems.append(f"{graph} {label}: batch differs across inputs {sorted(set(batches.values()))}")
             if shapes["input_ids"] != shapes["position_ids"] or len(shapes["input_ids"]) != 2:
@@ -123,6 +125,9 @@ def check_profiles(profiles: dict[str, Profile], manifest: Manifest) -> list[str
                                 f"{shapes['position_ids']}")
             if graph == "decode" and shapes["input_ids"][1] != 1:
                 problems.append(f"decode {label}: S must be 1, got {shapes['input_ids'][1]}")
+            if "score_queries" in shapes and shapes["score_queries"][0] > shapes["input_ids"][1]:
+                problems.append(f"{graph} {label}: {shapes['score_queries'][0]} score rows but S = "
+                                f"{shapes['input_ids'][1]}")
             slots = shapes["past_mask"][1]
             for name, shape in shapes.items():
                 if name.startswith("past_") and name != "past_mask":
@@ -215,7 +220,9 @@ def sample_inputs(manifest: Manifest, graph: str, batch: int = 1, new: int = 8, 
     out = {"input_ids": rng.integers(0, manifest.vocab_size, (batch, new), dtype=np.int64),
            "position_ids": np.tile(np.arange(past, past + new, dtype=np.int64), (batch, 1)),
            "past_mask": np.ones((batch, past), dtype=np.int64)}
-    for name in input_names(manifest.n_layers)[3:]:
+    if graph == "prefill":
+        out["score_queries"] = np.arange(max(0, new - manifest.score_window), new, dtype=np.int64)
+    for name in input_names(manifest.n_layers, graph)[len(out):]:
         out[name] = (rng.standard_normal((batch, manifest.n_kv_heads, past, manifest.head_dim)) * 0.5).astype(dtype)
     return out
 

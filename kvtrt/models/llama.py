@@ -86,12 +86,11 @@ class LlamaAdapter:
         rotary = model.model.rotary_emb
         return rotary.inv_freq.detach().float().clone(), float(getattr(rotary, "attention_scaling", 1.0))
 
-    def build(self, model, max_positions: int, score_window: int, dtype: torch.dtype,
+    def build(self, model, max_positions: int, dtype: torch.dtype,
               variant: str, attention: str = "ops") -> DecoderGraph:
         """The exportable module for `model`, for one graph variant ("prefill", "decode" or
         "decode_shared"; see `DecoderGraph`)."""
         arch = self.arch(model.config, max_positions)
         inv_freq, scaling = self.rope(model)
-        return DecoderGraph(arch, self.weights(model, arch, dtype), inv_freq, scaling, score_window,
-                            decode=variant != "prefill", attention=attention,
+        return DecoderGraph(arch, self.weights(model, arch, dtype), inv_freq, scaling, decode=variant != "prefill", attention=attention,
                             shared_cache=variant == "decode_shared")

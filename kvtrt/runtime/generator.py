@@ -139,8 +139,11 @@ class Generation:
         for i, (a, b) in enumerate(chunks):
             s, p = b - a, store.capacity
             outputs = self._outputs(1, s, p + s)
+            last = i == len(chunks) - 1  # its last queries are the observation window
+            # score rows: the window on the last chunk; one row elsewhere (its score is not used)
+            rows = torch.arange(max(0, s - m.score_window) if last else s - 1, s, device=dev)
             inputs = {"input_ids": tokens[a:b].unsqueeze(0), "position_ids": torch.arange(a, b, device=dev)[None],
-                      "past_mask": store.mask}
+                      "past_mask": store.mask, "score_queries": rows}
             for layer in range(m.n_layers):
                 inputs[f"past_key.{layer}"] = store.keys[layer]
                 inputs[f"past_value.{layer}"] = store.values[layer]
@@ -149,7 +152,6 @@ class Generation:
             self.engine.run("prefill", binding)
             del inputs, binding  # let reserve() free each old layer as it copies it (peak: store + 1 layer)
             store.reserve(s)
-            last = i == len(chunks) - 1  # its last queries are the observation window
             store.append(self._layer_outputs(outputs, "key"), self._layer_outputs(outputs, "value"),
                          self._layer_outputs(outputs, "score") if last else None)
             bar.update(s)

@@ -91,12 +91,12 @@ class TrtEngine:
     def _check(self, variant: str, engine) -> None:
         trt = self.trt
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        want = input_names(self.manifest.n_layers) + output_names(self.manifest.n_layers)
+        want = input_names(self.manifest.n_layers, variant) + output_names(self.manifest.n_layers, variant)
         if sorted(names) != sorted(want):
             raise ExportMismatchError(f"the {variant} engine's tensors do not match the manifest's "
                                       f"{self.manifest.n_layers} layers; rebuild with `kvtrt build-engine "
                                       f"{self.directory}`")
-        for name in input_names(self.manifest.n_layers):
+        for name in input_names(self.manifest.n_layers, variant):
             if engine.get_tensor_mode(name) != trt.TensorIOMode.INPUT:
                 raise ExportMismatchError(f"{variant} engine: {name} is not an input; rebuild the engine")
 
