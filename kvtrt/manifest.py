@@ -14,7 +14,7 @@ from pathlib import Path
 from . import __version__
 
 #: bump when the graph contract changes; an export with another format is refused
-FORMAT = 3  # 2: the decode_shared graph, export_options["attention"]; 3: prefill input score_queries
+FORMAT = 4  # 2: decode_shared, export_options["attention"]; 3: prefill input score_queries; 4: prefill_shared
 MANIFEST_NAME = "manifest.json"
 
 

@@ -175,7 +175,7 @@ class ValidationReport:
 @dataclass
 class Case:
     name: str
-    graph: str  # "prefill" | "decode" | "decode_shared"
+    graph: str  # a variant of the export: "prefill", "decode", "prefill_shared", "decode_shared"
     inputs: "OrderedDict[str, np.ndarray]"
     reference: "OrderedDict[str, np.ndarray]"
     hf_logits: np.ndarray | None = None
@@ -274,7 +274,7 @@ def build_cases(hf_model, manifest: Manifest, directory: Path, batch: int = 2, f
     def run(variant, ids, start, mask, past, write_slot=None):
         pos = torch.arange(start, start + ids.shape[1]).repeat(batch, 1)
         extra = {}
-        if variant == "prefill":  # the score window's rows, as the runtime asks on a last chunk
+        if variant.startswith("prefill"):  # the score window's rows, as the runtime asks on a last chunk
             extra["score_queries"] = torch.arange(max(0, ids.shape[1] - manifest.score_window), ids.shape[1])
         if write_slot is not None:
             extra["write_slot"] = torch.tensor(write_slot)
@@ -306,6 +306,14 @@ def build_cases(hf_model, manifest: Manifest, directory: Path, batch: int = 2, f
     past2 = [torch.cat([a, b.to(torch.float16).float() if np_dtype == np.float16 else b], 2)
              for a, b in zip(past1, kv(out2))]
     P = first + second
+    if "prefill_shared" in modules:  # the same two chunks written in place into buffers they fill
+        buffers = [torch.zeros_like(t) for t in past1]
+        inp, ref, _ = run("prefill_shared", ids1, 0, torch.ones(batch, first, dtype=torch.long), buffers, 0)
+        cases.append(Case("prefill_shared P=0", "prefill_shared", inp, ref, hf_logits(ids1)))
+        buffers = [torch.cat([t, torch.zeros_like(t[:, :, :second])], 2) for t in past1]
+        inp, ref, _ = run("prefill_shared", ids2, first, torch.ones(batch, P, dtype=torch.long), buffers, first)
+        cases.append(Case(f"prefill_shared P={first}", "prefill_shared", inp, ref,
+                          hf_logits(torch.cat([ids1, ids2], 1))))
     inp, ref, _ = run("decode", ids3, P, torch.ones(batch, P, dtype=torch.long), past2)
     cases.append(Case(f"decode P={P}", "decode", inp, ref, hf_logits(torch.cat([ids1, ids2, ids3], 1))))
     mask = torch.ones(batch, P, dtype=torch.long)

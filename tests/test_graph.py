@@ -216,3 +216,54 @@ def test_shared_cache_decode_writes_in_place_and_matches_decode(tiny_llama):
             np.testing.assert_allclose(b[:, :, past_len], expect[f"{kind}.{layer}"][:, :, 0], atol=1e-5, rtol=1e-5)
             others = [s for s in range(capacity) if s != past_len]
             np.testing.assert_array_equal(b[:, :, others], old[:, :, others])  # NaN == NaN here
+
+
+def test_shared_cache_prefill_writes_the_chunk_in_place_and_matches_prefill(tiny_llama):
+    """`prefill_shared`, run as the runtime runs it (store buffers bound as past and present), gives
+    the `prefill` graph's logits, query and score (for chosen rows), writes the chunk's K/V into
+    slots [write_slot, write_slot + S) and nothing else; dead slots hold garbage, free slots NaN."""
+    model, _, directory = tiny_llama
+    shared, prefill = _session(directory, "prefill_shared"), _session(directory, "prefill")
+    c = model.config
+    layers, head_dim = c.num_hidden_layers, c.hidden_size // c.num_attention_heads
+    rng = np.random.default_rng(2)
+    past_len, new, capacity = 9, 6, 20
+    buffers = [rng.standard_normal((1, c.num_key_value_heads, capacity, head_dim)).astype(np.float32)
+               for _ in range(2 * layers)]
+    mask = np.zeros((1, capacity), np.int64)
+    mask[:, :past_len + new] = 1
+    mask[0, 4] = 0
+    for b in buffers:
+        b[0, :, 4] = 1e4  # garbage in the dead slot
+        b[:, :, past_len + new:] = np.nan  # free slots
+    before = [b.copy() for b in buffers]
+    ids, positions, rows = rng.integers(5, 200, (1, new)), np.arange(past_len, past_len + new)[None], [1, 3, 5]
+    expect = _run(prefill, ids, positions, mask[:, :past_len],
+                  [(buffers[2 * i][:, :, :past_len], buffers[2 * i + 1][:, :, :past_len]) for i in range(layers)],
+                  rows=rows)
+    binding = shared.io_binding()
+    feeds = {"input_ids": ids.astype(np.int64), "position_ids": positions.astype(np.int64), "past_mask": mask,
+             "score_queries": np.array(rows, np.int64), "write_slot": np.array(past_len, np.int64)}
+    for name, array in feeds.items():
+        binding.bind_cpu_input(name, array)
+    got = {"logits": np.zeros((1, 1, c.vocab_size), np.float32)}
+    for layer in range(layers):
+        got[f"query.{layer}"] = np.zeros((1, c.num_attention_heads, head_dim), np.float32)
+        got[f"score.{layer}"] = np.zeros((1, c.num_key_value_heads, past_len + new), np.float32)
+    for name, array in got.items():
+        binding.bind_output(name, "cpu", 0, np.float32, array.shape, array.ctypes.data)
+    for layer in range(layers):
+        for j, kind in enumerate(("key", "value")):
+            b = buffers[2 * layer + j]
+            binding.bind_input(f"past_{kind}.{layer}", "cpu", 0, np.float32, b.shape, b.ctypes.data)
+            binding.bind_output(f"present_{kind}.{layer}", "cpu", 0, np.float32, b.shape, b.ctypes.data)
+    shared.run_with_iobinding(binding)
+    for name, array in got.items():
+        np.testing.assert_allclose(array, expect[name], atol=2e-5, rtol=1e-4, err_msg=name)
+    chunk = slice(past_len, past_len + new)
+    for layer in range(layers):
+        for j, kind in enumerate(("key", "value")):
+            b, old = buffers[2 * layer + j], before[2 * layer + j]
+            np.testing.assert_allclose(b[:, :, chunk], expect[f"{kind}.{layer}"], atol=1e-5, rtol=1e-5)
+            others = [s for s in range(capacity) if not past_len <= s < past_len + new]
+            np.testing.assert_array_equal(b[:, :, others], old[:, :, others])  # NaN == NaN here

@@ -122,7 +122,7 @@ def test_retrieval_engages_only_above_min_context(tiny_llama):
     n = len(llm.encode(PROMPT))
     full = llm.generate(PROMPT, max_new_tokens=30)
     retrieval = kvtrt.load(directory, kv=f"freekv:budget={n // 2},page=8,window=16")
-    assert set(retrieval.engine.sessions) == {"prefill", "decode"}
+    assert set(retrieval.engine.sessions) == {"prefill_shared", "decode"}
     dense = retrieval.generate(PROMPT, max_new_tokens=30)
     assert dense.stats.kv == {"retrieval_engaged": 0, "retrieval_min_context": 2 * (n // 2)}
     assert dense.token_ids == full.token_ids

@@ -53,8 +53,8 @@ def test_full_cache_decodes_in_place_across_reallocations(tiny_llama, monkeypatc
     model, tokenizer, directory = tiny_llama
     llm = kvtrt.load(directory)
     # one prefill and one decode session (each holds its own prepacked weights), the other on demand
-    assert set(llm.engine.sessions) == {"prefill", "decode_shared"}
-    assert set(kvtrt.load(directory, kv="h2o:budget=64").engine.sessions) == {"prefill", "decode"}
+    assert set(llm.engine.sessions) == {"prefill_shared", "decode_shared"}
+    assert set(kvtrt.load(directory, kv="h2o:budget=64").engine.sessions) == {"prefill_shared", "decode"}
     llm.manifest.eos_token_ids = []
     ran = Counter()
     run = llm.engine.run

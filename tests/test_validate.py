@@ -29,7 +29,7 @@ def test_tiny_export_passes_with_every_case_output_and_reference(tiny_llama, tmp
     assert report.passed, report.table()
     cases = {c.case for c in report.checks}
     assert cases == {"prefill P=0", "prefill P=12", "decode P=19", "decode P=19 masked", "decode_shared P=19",
-                     "decode_shared P=19 masked"}
+                     "decode_shared P=19 masked", "prefill_shared P=0", "prefill_shared P=12"}
     outputs = {c.output for c in report.checks if c.reference == REFERENCE}
     assert {"logits", "key.0", "value.1", "query.1", "score.0", "present_key.0", "present_value.1"} <= outputs
     assert {c.case for c in report.checks if c.reference == HF} == cases - {"decode P=19 masked",
@@ -37,7 +37,7 @@ def test_tiny_export_passes_with_every_case_output_and_reference(tiny_llama, tmp
     assert all(c.max_abs < 1e-4 for c in report.checks)  # fp32: the graph is the reference's math
     assert all(l.passed for l in report.lint)
     if importlib.util.find_spec("onnx_graphsurgeon") is not None:  # polygraphy lint needs it
-        assert [l.skipped for l in report.lint] == [None, None, None]
+        assert [l.skipped for l in report.lint] == [None] * 4
     # polygraphy's own formats, loadable by `polygraphy run --load-inputs/--load-outputs`
     from polygraphy.comparator import RunResults
     from polygraphy.json import load_json
@@ -120,6 +120,7 @@ def test_smollm2_fp32_export_passes(smollm2, tmp_path, capsys):
     with capsys.disabled():
         print("\n" + report.table())
     assert report.passed, report.table()
-    # 4 cases x all outputs vs kvtrt-torch, 2 decode_shared cases x (logits + 60 buffers), 4 x HF logits
-    assert len(report.checks) == 4 * (1 + 4 * 30) + 2 * (1 + 2 * 30) + 4
+    # vs kvtrt-torch: 4 cases x all outputs, 2 prefill_shared cases x (logits + 60 buffers + 60 query/score),
+    # 2 decode_shared cases x (logits + 60 buffers); 6 x HF logits
+    assert len(report.checks) == 4 * (1 + 4 * 30) + 2 * (1 + 4 * 30) + 2 * (1 + 2 * 30) + 6
     assert all(l.passed for l in report.lint)

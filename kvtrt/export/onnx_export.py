@@ -64,7 +64,7 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
     out.mkdir(parents=True, exist_ok=True)
     graphs = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
     if attention == "gqa":
-        graphs["decode_shared"] = "decode_shared.onnx"
+        graphs.update(prefill_shared="prefill_shared.onnx", decode_shared="decode_shared.onnx")
     bar.total += len(graphs) - 2
     protos = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,21 +98,21 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
 
 def _trace(module, arch, variant: str, path: Path, opset: int, dtype: torch.dtype) -> onnx.ModelProto:
     L, Hkv, D = arch.n_layers, arch.n_kv_heads, arch.head_dim
-    decode = variant != "prefill"
+    decode = variant.startswith("decode")
     B, S, P = 2, (1 if decode else 3), 5
     args = [torch.zeros(B, S, dtype=torch.long), torch.arange(P, P + S).repeat(B, 1),
             torch.ones(B, P, dtype=torch.long)]
-    if variant == "prefill":
+    if not decode:
         args.append(torch.tensor([1, 2]))  # score_queries
-    if variant == "decode_shared":
-        args.append(torch.tensor(P - 2))  # write_slot
+    if variant.endswith("_shared"):
+        args.append(torch.tensor(P - S))  # write_slot: the chunk fills the buffer
     args += [torch.zeros(B, Hkv, P, D, dtype=dtype) for _ in range(2 * L)]
     ins, outs = input_names(L, variant), output_names(L, variant)
-    past = "capacity" if variant == "decode_shared" else "past"
+    past = "capacity" if variant.endswith("_shared") else "past"
     dyn = {"input_ids": {0: "batch"} if decode else {0: "batch", 1: "new"},
            "position_ids": {0: "batch"} if decode else {0: "batch", 1: "new"},
            "past_mask": {0: "batch", 1: past}, "logits": {0: "batch"}}
-    if variant == "prefill":
+    if not decode:
         dyn["score_queries"] = {0: "score_queries"}
     for name in ins:
         if name.startswith(("past_key.", "past_value.")):
@@ -126,7 +126,7 @@ def _trace(module, arch, variant: str, path: Path, opset: int, dtype: torch.dtyp
         elif kind == "query":
             dyn[name] = {0: "batch"}
         else:
-            dyn[name] = {0: "batch", 1: "past_plus_new"}
+            dyn[name] = {0: "batch", 2: "past_plus_new"}  # score
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(module.eval(), tuple(args), str(path), input_names=ins, output_names=outs,

@@ -52,7 +52,6 @@ from torch import Tensor, nn
 
 
 ATTENTION = ("ops", "gqa")
-VARIANTS = ("prefill", "decode", "decode_shared")
 
 
 @dataclass(frozen=True)
@@ -86,8 +85,8 @@ class DecoderGraph(nn.Module):
         super().__init__()
         if attention not in ATTENTION:
             raise ValueError(f"attention={attention!r}; use one of {', '.join(ATTENTION)}")
-        if shared_cache and not (decode and attention == "gqa"):
-            raise ValueError("shared_cache needs decode=True and attention='gqa'")
+        if shared_cache and attention != "gqa":
+            raise ValueError("shared_cache needs attention='gqa'")
         self.arch = arch
         self.decode = decode
         self.shared_cache = shared_cache
@@ -128,7 +127,9 @@ class DecoderGraph(nn.Module):
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, past_mask: Tensor, *rest: Tensor):
         if self.shared_cache:
-            return self.forward_shared(input_ids, position_ids, past_mask, rest[0], rest[1:])
+            if self.decode:
+                return self.forward_shared(input_ids, position_ids, past_mask, None, rest[0], rest[1:])
+            return self.forward_shared(input_ids, position_ids, past_mask, rest[0], rest[1], rest[2:])
         score_queries, past = (None, rest) if self.decode else (rest[0], rest[1:])
         a = self.arch
         H, Hkv, D, g = a.n_heads, a.n_kv_heads, a.head_dim, a.group
@@ -207,37 +208,52 @@ class DecoderGraph(nn.Module):
         logits = _fp32(h @ table)
         return (logits, *outputs_kv, *outputs_q, *outputs_s)
 
-    def forward_shared(self, input_ids: Tensor, position_ids: Tensor, past_mask: Tensor, write_slot: Tensor,
-                       past: tuple[Tensor, ...]):
-        """The `shared_cache` decode step (see module docstring): logits and the updated buffers."""
+    def forward_shared(self, input_ids: Tensor, position_ids: Tensor, past_mask: Tensor, score_queries: Tensor | None,
+                       write_slot: Tensor, past: tuple[Tensor, ...]):
+        """The `shared_cache` variants (see module docstring): a decode step (logits and the buffers)
+        or a prefill chunk (also query and score), writing the new K/V into the shared buffers."""
         a = self.arch
-        H, Hkv, D = a.n_heads, a.n_kv_heads, a.head_dim
+        H, Hkv, D, g = a.n_heads, a.n_kv_heads, a.head_dim, a.group
+        B, S = (-1, 1) if self.decode else (input_ids.shape[0], input_ids.shape[1])
         table = self.w("lm_head.weight_t")
         if a.tie_embeddings:
-            h = table.index_select(1, input_ids.reshape(-1)).transpose(0, 1).reshape(-1, 1, a.hidden_size)
+            h = table.index_select(1, input_ids.reshape(-1)).transpose(0, 1).reshape(B, S, a.hidden_size)
         else:
             h = self.w("embed.weight")[input_ids]
-        cos, sin = self.rope(position_ids, h.dtype)
+        cos, sin = self.rope(position_ids, h.dtype)  # [B,S,1,D]
         # q, k and v heads rotated in one go (v by the identity: cos 1, sin 0, exact), so the packed
-        # projection goes to the fused op without a Split or Concat: [B,H+2Hkv,D]
-        cos = torch.cat((cos.squeeze(1).expand(-1, H + Hkv, -1), torch.ones_like(cos.squeeze(1)).expand(-1, Hkv, -1)), 1)
-        sin = torch.cat((sin.squeeze(1).expand(-1, H + Hkv, -1), torch.zeros_like(sin.squeeze(1)).expand(-1, Hkv, -1)), 1)
-        bias = LivePrefixBias.apply(past_mask, write_slot, h)  # [B,1,1,write_slot+1]
+        # projection goes to the fused op without a Split or Concat: [B,S,H+2Hkv,D]
+        cos = torch.cat((cos.expand(-1, -1, H + Hkv, -1), torch.ones_like(cos).expand(-1, -1, Hkv, -1)), 2)
+        sin = torch.cat((sin.expand(-1, -1, H + Hkv, -1), torch.zeros_like(sin).expand(-1, -1, Hkv, -1)), 2)
         lengths = AttentionLengths.apply(input_ids, past_mask, write_slot)
-        presents = []
+        bias = ChunkBias.apply(past_mask, lengths[1], input_ids, h)  # [B,1,S,total]: live slots
+        if not self.decode:  # score rows: live slots, causal by slot within the chunk, per group
+            rows_bias = bias.index_select(2, score_queries) + CausalRows.apply(score_queries, write_slot, lengths[1], h)
+            score_bias = _tile_group(rows_bias, g)  # [B,1,g*n,total]
+        presents, queries, scores = [], [], []
         x = self.rms_norm(h, self.w("layers.0.input_norm.weight"))
         for layer in range(a.n_layers):
             p = f"layers.{layer}."
-            qkv = self.rotate(self.linear(x, p + "qkv").reshape(-1, H + 2 * Hkv, D), cos, sin)
-            attn, keys, values = SharedCacheAttention.apply(qkv.reshape(-1, 1, (H + 2 * Hkv) * D), past[2 * layer],
+            qkv = self.rotate(self.linear(x, p + "qkv").reshape(B, S, H + 2 * Hkv, D), cos, sin)
+            attn, keys, values = SharedCacheAttention.apply(qkv.reshape(B, S, (H + 2 * Hkv) * D), past[2 * layer],
                                                             past[2 * layer + 1], bias, *lengths, H, Hkv)
             presents += [keys, values]
+            if not self.decode:
+                queries.append(qkv[:, -1, :H])
+                # score: the chosen rows' attention, recomputed beside the fused op over the live prefix
+                q_rows = qkv.index_select(1, score_queries)[:, :, :H].reshape(B, -1, Hkv, g, D).permute(0, 2, 3, 1, 4)
+                k_live = LeadingSlots.apply(keys, lengths[1])  # [B,Hkv,total,D]
+                probs = torch.softmax(torch.matmul(q_rows.reshape(B, Hkv, -1, D), k_live.transpose(2, 3)) + score_bias,
+                                      dim=-1)
+                scores.append(_fp32(probs.mean(dim=2)))
             x, h = ResidualRMSNorm.apply(self.linear(attn, p + "o"), h, self.w(p + "post_norm.weight"), a.rms_eps)
             gate, up = self.linear(x, p + "gate_up").split([a.intermediate_size] * 2, dim=-1)
             following = f"layers.{layer + 1}.input_norm.weight" if layer + 1 < a.n_layers else "norm.weight"
             x, h = ResidualRMSNorm.apply(self.linear(torch.nn.functional.silu(gate) * up, p + "down"), h,
                                          self.w(following), a.rms_eps)
-        return (_fp32(x @ table), *presents)
+        if self.decode:
+            return (_fp32(x @ table), *presents)
+        return (_fp32(x[:, -1:] @ table), *presents, *queries, *scores)
 
 
 def _tile_group(bias: Tensor, group: int) -> Tensor:
@@ -274,29 +290,32 @@ class GroupQueryAttention(torch.autograd.Function):
 
 
 class SharedCacheAttention(torch.autograd.Function):
-    """Decode attention over a buffer that is both past and present (ORT GroupQueryAttention with
-    `past_key` and `present_key` bound to one tensor: the op writes the new K/V at `write_slot` and
-    attends over slots [0, write_slot]; nothing else of the cache is copied).
+    """Attention over a buffer that is both past and present (ORT GroupQueryAttention with
+    `past_key` and `present_key` bound to one tensor: the op writes the S new K/V at slots
+    [write_slot, write_slot + S) and row i attends over slots [0, write_slot + i], causal by slot;
+    nothing else of the cache is copied).
 
-    qkv [B,1,(H+2Hkv)*D] (q and k rotated, q pre-scaled), past [B,Hkv,C,D], bias
-    [B,1,1,write_slot+1] (see `LivePrefixBias`), lengths from `AttentionLengths`. Returns attn
-    [B,1,H*D] and the buffers with the new slot written. (Run unshared, e.g. by Polygraphy, the op returns the
-    same values in fresh tensors when write_slot = C-1.)
+    qkv [B,S,(H+2Hkv)*D] (q and k rotated, q pre-scaled), past [B,Hkv,C,D], bias [B,1,S,total]
+    (see `ChunkBias`), lengths from `AttentionLengths`. Returns attn [B,S,H*D] and the buffers with
+    the new slots written. (Run unshared, e.g. by Polygraphy, the op returns the same values in fresh
+    tensors when write_slot + S = C.)
     """
 
     @staticmethod
     def forward(ctx, qkv, past_k, past_v, bias, seqlens, total, query_lens, n_heads: int, n_kv_heads: int):
-        b, d = qkv.shape[0], past_k.shape[-1]
+        b, s, d = qkv.shape[0], qkv.shape[1], past_k.shape[-1]
         q, k, v = qkv.split([n_heads * d, n_kv_heads * d, n_kv_heads * d], dim=-1)
         t = int(total)
+        start = t - s  # the chunk's first slot
         keys, values = past_k.clone(), past_v.clone()
-        keys[:, :, t - 1] = k.reshape(b, n_kv_heads, d)
-        values[:, :, t - 1] = v.reshape(b, n_kv_heads, d)
+        keys[:, :, start:t] = k.reshape(b, s, n_kv_heads, d).transpose(1, 2)
+        values[:, :, start:t] = v.reshape(b, s, n_kv_heads, d).transpose(1, 2)
         g = n_heads // n_kv_heads
-        qh = q.reshape(b, n_heads, 1, d)
+        qh = q.reshape(b, s, n_heads, d).transpose(1, 2)  # [B,H,S,D]
         scores = qh @ keys[:, :, :t].repeat_interleave(g, dim=1).transpose(2, 3) + bias
-        attn = torch.softmax(scores, dim=-1) @ values[:, :, :t].repeat_interleave(g, dim=1)
-        return attn.reshape(b, 1, n_heads * d), keys, values
+        later = torch.arange(t)[None, :] > (start + torch.arange(s))[:, None]  # the op's own causal mask, by slot
+        attn = torch.softmax(scores.masked_fill(later, float("-inf")), dim=-1) @ values[:, :, :t].repeat_interleave(g, dim=1)
+        return attn.transpose(1, 2).reshape(b, s, n_heads * d), keys, values
 
     @staticmethod
     def symbolic(g, qkv, past_k, past_v, bias, seqlens, total, query_lens, n_heads: int, n_kv_heads: int):
@@ -327,13 +346,13 @@ class AttentionLengths(torch.autograd.Function):
     """GroupQueryAttention's length inputs, once per graph (per layer they cost ORT ~6 nodes each):
     seqlens_k [B] int32 (the last new token's slot), total_sequence_length int32 scalar and
     query_seqlens [B] int32 (S: every row of a chunk is a real token, which lets batch > 1 chunks
-    have a past). Prefill (`write_slot` None): the chunk follows the P past slots. Shared-cache
-    decode: the token goes to `write_slot`."""
+    have a past). `write_slot` None: the chunk follows the P past slots; shared cache: the chunk
+    goes to slots [write_slot, write_slot + S)."""
 
     @staticmethod
     def forward(ctx, input_ids, past_mask, write_slot):
         b, s = input_ids.shape
-        total = int(write_slot) + 1 if write_slot is not None else past_mask.shape[1] + s
+        total = (int(write_slot) if write_slot is not None else past_mask.shape[1]) + s
         return (torch.full((b,), total - 1, dtype=torch.int32), torch.tensor(total, dtype=torch.int32),
                 torch.full((b,), s, dtype=torch.int32))
 
@@ -346,7 +365,7 @@ class AttentionLengths(torch.autograd.Function):
             past_len = g.op("Cast", g.op("Gather", g.op("Shape", past_mask), _const(g, 1), axis_i=0), to_i=6)
             total = g.op("Add", past_len, new_len)
         else:
-            total = g.op("Cast", g.op("Add", write_slot, _const(g, 1)), to_i=6)
+            total = g.op("Add", g.op("Cast", write_slot, to_i=6), new_len)
         seqlens = g.op("Expand", g.op("Sub", total, _const(g, 1, torch.int32)), batch)
         query_lens = g.op("Expand", new_len, batch)
         for out, sizes in ((seqlens, [None]), (total, []), (query_lens, [None])):
@@ -354,27 +373,69 @@ class AttentionLengths(torch.autograd.Function):
         return seqlens, total, query_lens
 
 
-class LivePrefixBias(torch.autograd.Function):
-    """Additive attention bias [B,1,1,write_slot+1] from a [B,C] slot mask: 0 for live slots,
-    -inf for dead ones, over the slots a shared-cache step attends (`like` gives the dtype)."""
+class ChunkBias(torch.autograd.Function):
+    """Additive attention bias [B,1,S,total] from a [B,C] slot mask: 0 for live slots, -inf for
+    dead ones, over the slots [0, total) a shared-cache call attends, the same for every row (the
+    fused op adds causality within the chunk). `input_ids` gives S, `like` the dtype."""
 
     @staticmethod
-    def forward(ctx, mask, write_slot, like):
-        live = mask[:, : int(write_slot) + 1] != 0
+    def forward(ctx, mask, total, input_ids, like):
+        live = mask[:, : int(total)] != 0
         zero, neg_inf = torch.zeros((), dtype=like.dtype), torch.full((), float("-inf"), dtype=like.dtype)
-        return torch.where(live, zero, neg_inf)[:, None, None, :]
+        return torch.where(live, zero, neg_inf)[:, None, None, :].expand(-1, 1, input_ids.shape[1], -1)
 
     @staticmethod
-    def symbolic(g, mask, write_slot, like):
-        end = g.op("Unsqueeze", g.op("Add", write_slot, _const(g, 1)), _const(g, [0]))
+    def symbolic(g, mask, total, input_ids, like):
+        end = g.op("Unsqueeze", g.op("Cast", total, to_i=7), _const(g, [0]))
         live = g.op("Slice", mask, _const(g, [0]), end, _const(g, [1]))
-        dtype = like.type().scalarType()
-        zero = g.op("Constant", value_t=torch.zeros((), dtype=_SCALAR_DTYPES[dtype]))
-        neg_inf = g.op("Constant", value_t=torch.full((), float("-inf"), dtype=_SCALAR_DTYPES[dtype]))
-        bias = g.op("Where", g.op("Cast", live, to_i=9), zero, neg_inf)  # Cast to bool: nonzero is live
-        out = g.op("Unsqueeze", bias, _const(g, [1, 2]))
-        out.setType(like.type().with_sizes([None, 1, 1, None]))
+        bias = g.op("Where", g.op("Cast", live, to_i=9), *_zero_and_neg_inf(g, like))  # Cast to bool: nonzero is live
+        bias = g.op("Unsqueeze", bias, _const(g, [1, 2]))  # [B,1,1,total]
+        rows = g.op("Gather", g.op("Shape", input_ids), _const(g, [1]), axis_i=0)
+        shape = g.op("Concat", _const(g, [1, 1]), rows, _const(g, [1]), axis_i=0)
+        out = g.op("Expand", bias, shape)
+        out.setType(like.type().with_sizes([None, 1, None, None]))
         return out
+
+
+class CausalRows(torch.autograd.Function):
+    """[1,1,n,total] additive mask for the score rows of a shared-cache chunk: row r (a chunk row,
+    at slot write_slot + r) sees slots up to its own."""
+
+    @staticmethod
+    def forward(ctx, rows, write_slot, total, like):
+        later = torch.arange(int(total))[None, :] > (int(write_slot) + rows)[:, None]
+        return torch.zeros(later.shape, dtype=like.dtype).masked_fill(later, float("-inf"))[None, None]
+
+    @staticmethod
+    def symbolic(g, rows, write_slot, total, like):
+        slots = g.op("Range", _const(g, 0), g.op("Cast", total, to_i=7), _const(g, 1))  # [total]
+        own = g.op("Unsqueeze", g.op("Add", rows, write_slot), _const(g, [1]))  # [n,1]
+        zero, neg_inf = _zero_and_neg_inf(g, like)
+        out = g.op("Where", g.op("Greater", g.op("Unsqueeze", slots, _const(g, [0])), own), neg_inf, zero)
+        out = g.op("Unsqueeze", out, _const(g, [0, 1]))
+        out.setType(like.type().with_sizes([1, 1, None, None]))
+        return out
+
+
+class LeadingSlots(torch.autograd.Function):
+    """x[:, :, :total] for a total known only at run time (one Slice node)."""
+
+    @staticmethod
+    def forward(ctx, x, total):
+        return x[:, :, : int(total)].clone()
+
+    @staticmethod
+    def symbolic(g, x, total):
+        end = g.op("Unsqueeze", g.op("Cast", total, to_i=7), _const(g, [0]))
+        out = g.op("Slice", x, _const(g, [0]), end, _const(g, [2]))
+        out.setType(x.type().with_sizes([None] * x.type().dim()))
+        return out
+
+
+def _zero_and_neg_inf(g, like):
+    dtype = _SCALAR_DTYPES[like.type().scalarType()]
+    return (g.op("Constant", value_t=torch.zeros((), dtype=dtype)),
+            g.op("Constant", value_t=torch.full((), float("-inf"), dtype=dtype)))
 
 
 _SCALAR_DTYPES = {"Float": torch.float32, "Half": torch.float16}
@@ -412,7 +473,8 @@ def rotate_half_matrix(head_dim: int) -> Tensor:
 def input_names(n_layers: int, variant: str = "prefill") -> list[str]:
     """Graph input names of `variant` (prefill and decode share them)."""
     names = ["input_ids", "position_ids", "past_mask"]
-    names += {"prefill": ["score_queries"], "decode_shared": ["write_slot"]}.get(variant, [])
+    names += {"prefill": ["score_queries"], "prefill_shared": ["score_queries", "write_slot"],
+              "decode_shared": ["write_slot"]}.get(variant, [])
     for layer in range(n_layers):
         names += [f"past_key.{layer}", f"past_value.{layer}"]
     return names
@@ -420,8 +482,11 @@ def input_names(n_layers: int, variant: str = "prefill") -> list[str]:
 
 def output_names(n_layers: int, variant: str = "prefill") -> list[str]:
     """Graph output names of `variant` (prefill and decode share them)."""
-    if variant == "decode_shared":
-        return ["logits"] + [f"present_{kind}.{layer}" for layer in range(n_layers) for kind in ("key", "value")]
+    if variant.endswith("_shared"):
+        names = ["logits"] + [f"present_{kind}.{layer}" for layer in range(n_layers) for kind in ("key", "value")]
+        if variant == "prefill_shared":
+            names += [f"query.{layer}" for layer in range(n_layers)] + [f"score.{layer}" for layer in range(n_layers)]
+        return names
     names = ["logits"]
     for layer in range(n_layers):
         names += [f"key.{layer}", f"value.{layer}"]

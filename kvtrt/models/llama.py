@@ -88,9 +88,9 @@ class LlamaAdapter:
 
     def build(self, model, max_positions: int, dtype: torch.dtype,
               variant: str, attention: str = "ops") -> DecoderGraph:
-        """The exportable module for `model`, for one graph variant ("prefill", "decode" or
-        "decode_shared"; see `DecoderGraph`)."""
+        """The exportable module for `model`, for one graph variant ("prefill", "decode",
+        "prefill_shared" or "decode_shared"; see `DecoderGraph`)."""
         arch = self.arch(model.config, max_positions)
         inv_freq, scaling = self.rope(model)
-        return DecoderGraph(arch, self.weights(model, arch, dtype), inv_freq, scaling, decode=variant != "prefill", attention=attention,
-                            shared_cache=variant == "decode_shared")
+        return DecoderGraph(arch, self.weights(model, arch, dtype), inv_freq, scaling, decode=variant.startswith("decode"),
+                            attention=attention, shared_cache=variant.endswith("_shared"))

@@ -70,7 +70,8 @@ def decode_graphs(kv: KVSpec, manifest) -> list[str]:
     needs the decode graph's scores and retrieval its views. (Retrieval on a cache too short to
     engage it decodes densely like the full cache, loading `decode_shared` on first use.)"""
     shared = kv.is_full and "decode_shared" in manifest.graphs
-    return ["prefill", "decode_shared" if shared else "decode"]
+    prefill = "prefill_shared" if "prefill_shared" in manifest.graphs else "prefill"
+    return [prefill, "decode_shared" if shared else "decode"]
 
 
 def plan_chunks(n: int, chunk: int, min_last: int) -> list[tuple[int, int]]:
@@ -130,30 +131,48 @@ class Generation:
         """Run one prompt through the prefill graph in chunks.
 
         Returns its store (with the last chunk's attention mass per slot when a policy needs it, or
-        `track_scores`), the last logits [1,V] and the last prompt query of every layer [1,H,D]."""
+        `track_scores`), the last logits [1,V] and the last prompt query of every layer [1,H,D].
+        With a `prefill_shared` graph the store is allocated once and every chunk writes its K/V
+        into it in place; otherwise the store grows by each chunk's `key`/`value` outputs."""
         m, dev = self.m, self.engine.device
         store = self._new_store(1, track_scores=bool(track_scores) or self.policy is not None)
+        shared = "prefill_shared" in m.graphs
+        if shared:
+            store.reserve(len(ids))
         chunks = plan_chunks(len(ids), self.prefill_chunk, m.score_window)
         tokens = torch.tensor(ids, dtype=torch.long, device=dev)
         bar = tqdm(total=len(ids), desc="prefill", unit="tok", disable=not (self.progress and len(chunks) > 1))
         for i, (a, b) in enumerate(chunks):
-            s, p = b - a, store.capacity
-            outputs = self._outputs(1, s, p + s)
+            s = b - a
             last = i == len(chunks) - 1  # its last queries are the observation window
             # score rows: the window on the last chunk; one row elsewhere (its score is not used)
             rows = torch.arange(max(0, s - m.score_window) if last else s - 1, s, device=dev)
             inputs = {"input_ids": tokens[a:b].unsqueeze(0), "position_ids": torch.arange(a, b, device=dev)[None],
                       "past_mask": store.mask, "score_queries": rows}
+            if shared:
+                inputs["write_slot"] = torch.tensor(store.claim(s), device=dev)
+                outputs = self._outputs(1, 0, store.length)
+                for kind in ("key", "value"):
+                    for layer in range(m.n_layers):
+                        del outputs[f"{kind}.{layer}"]
+                        outputs[f"present_{kind}.{layer}"] = (store.keys if kind == "key" else store.values)[layer]
+            else:
+                outputs = self._outputs(1, s, store.capacity + s)
             for layer in range(m.n_layers):
                 inputs[f"past_key.{layer}"] = store.keys[layer]
                 inputs[f"past_value.{layer}"] = store.values[layer]
-            binding = self.engine.new_binding("prefill")
+            variant = "prefill_shared" if shared else "prefill"
+            binding = self.engine.new_binding(variant)
             self.engine.bind(binding, inputs, outputs)
-            self.engine.run("prefill", binding)
+            self.engine.run(variant, binding)
             del inputs, binding  # let reserve() free each old layer as it copies it (peak: store + 1 layer)
-            store.reserve(s)
-            store.append(self._layer_outputs(outputs, "key"), self._layer_outputs(outputs, "value"),
-                         self._layer_outputs(outputs, "score") if last else None)
+            if shared:
+                if last:
+                    store.add_scores(self._layer_outputs(outputs, "score"))
+            else:
+                store.reserve(s)
+                store.append(self._layer_outputs(outputs, "key"), self._layer_outputs(outputs, "value"),
+                             self._layer_outputs(outputs, "score") if last else None)
             bar.update(s)
         bar.close()
         return store, outputs["logits"][:, 0], self._layer_outputs(outputs, "query")
@@ -272,7 +291,7 @@ class Generation:
                 binding, outputs = self._store_binding(store, shared)
             self.ids_buf.copy_(token.view(batch, 1))
             if shared:
-                self.slot_buf.fill_(store.claim_slot())
+                self.slot_buf.fill_(store.claim())
                 self.engine.run("decode_shared", binding)  # writes the new K/V into the claimed slot
             else:
                 self.engine.run("decode", binding)

@@ -100,14 +100,22 @@ class KVStore:
         self.mask[:, start:end] = 1
         self.length = end
 
-    def claim_slot(self) -> int:
-        """Mark the slot at the cursor live and return it, for an engine that writes the new token's
-        K/V there itself (the `decode_shared` graph); room must be reserved."""
-        if self.length == self.capacity:
-            raise RuntimeError("KVStore.claim_slot without reserve")
-        self.mask[:, self.length] = 1
-        self.length += 1
-        return self.length - 1
+    def claim(self, count: int = 1) -> int:
+        """Mark `count` slots at the cursor live and return the first, for an engine that writes the
+        new tokens' K/V there itself (the `*_shared` graphs); room must be reserved."""
+        if self.length + count > self.capacity:
+            raise RuntimeError("KVStore.claim without reserve")
+        start = self.length
+        self.mask[:, start:start + count] = 1
+        self.length += count
+        return start
+
+    def add_scores(self, scores: list[Tensor]) -> None:
+        """Add a call's attention mass over the live prefix (`[B,Hkv,length]` per layer, the
+        `prefill_shared` graph's score output) to the tracked mass of those slots."""
+        if self.scores is not None:
+            for acc, new in zip(self.scores, scores):
+                acc[:, :, :new.shape[2]] += new
 
     @classmethod
     def merge(cls, stores: list["KVStore"], extra: int) -> "KVStore":
