@@ -30,15 +30,17 @@ Choices that the measurements in ARCHITECTURE.md motivated:
 - Prefill concatenates past and new K/V (small next to its [gS, P+S] score matrix); decode never
   does (scores are tiny there, the cache is not). With `attention="gqa"` the prefill attention is
   ORT's fused GroupQueryAttention instead (see `GroupQueryAttention`).
-- `shared_cache=True` (with `attention="gqa"`) builds a third, leaner decode variant for the full
-  cache: ORT's GroupQueryAttention reads the cache and writes the new token's K/V into the same
-  buffer (past and present bound to one tensor), and there are no `query`/`score` outputs. Its
-  contract: inputs `input_ids`, `position_ids`, `past_mask` [B,C] (the whole buffer; the slot
-  being written counts as live), `write_slot` int64 scalar (the slot the new K/V goes to; every
-  sequence of a batch writes the same slot, as the runtime right-aligns them), `past_key.{l}` /
-  `past_value.{l}` [B,Hkv,C,D]; outputs `logits` and `present_key.{l}` / `present_value.{l}`
-  [B,Hkv,C,D] (the same buffer, the new slot written). Measured with inputs bound (SmolLM2 fp32,
-  2 threads): 1.5-3 ms less per step than the plain-op decode graph at 512-7680 tokens.
+- `shared_cache=True` (with `attention="gqa"`) builds the in-place variants `prefill_shared` and
+  `decode_shared`: ORT's GroupQueryAttention reads the cache and writes the new tokens' K/V into
+  the same buffer (past and present bound to one tensor). Their contract: inputs `input_ids`,
+  `position_ids`, `past_mask` [B,C] (the whole buffer; the slots being written count as live),
+  prefill only `score_queries`, `write_slot` int64 scalar (the first slot the new K/V go to;
+  every sequence of a batch writes the same slots, as the runtime right-aligns them),
+  `past_key.{l}` / `past_value.{l}` [B,Hkv,C,D]; outputs `logits`, `present_key.{l}` /
+  `present_value.{l}` [B,Hkv,C,D] (the same buffers, the new slots written) and, prefill only,
+  `query.{l}` and `score.{l}` [B,Hkv,write_slot+S] (over the live prefix). No `key`/`value`
+  outputs; decode has no `query`/`score`. Measured with inputs bound (SmolLM2 fp32, 2 threads):
+  1.5-3 ms less per decode step than the plain-op decode graph at 512-7680 tokens.
 - Weights are stored pre-transposed ([in, out]) so every projection is a plain MatMul on a named
   initializer; a tied embedding is stored once, as the lm_head matrix, and looked up by column.
 """
