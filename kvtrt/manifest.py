@@ -14,7 +14,7 @@ from pathlib import Path
 from . import __version__
 
 #: bump when the graph contract changes; an export with another format is refused
-FORMAT = 4  # 2: decode_shared, export_options["attention"]; 3: prefill input score_queries; 4: prefill_shared
+FORMAT = 5  # 2: decode_shared, export_options["attention"]; 3: prefill input score_queries; 4: prefill_shared; 5: decode_shared query outputs
 MANIFEST_NAME = "manifest.json"
 
 

@@ -501,6 +501,35 @@ def test_views_are_stable_buffers_and_threaded_matches_inline():
     b.close()
 
 
+def test_staging_slot_leaves_the_view_unchanged():
+    """With a staging slot (the in-place decode graph writes each step's K/V there), every view
+    holds exactly what a view without one holds, plus one always-live slot at the end that the
+    retrieval never writes; page copies land in the same slots."""
+    seq = Seq(L=2, B=2, total=220, seed=13, drift=0.3)
+    plain = make(f"freekv:budget=44,{SMALL},tau=0.8", seq)
+    staged = make(f"freekv:budget=44,{SMALL},tau=0.8", seq, staging_slot=True)
+    ka, va = seq.kv(0, 120)
+    plain.start(ka, va, seq.q(119))
+    staged.start(ka, va, seq.q(119))
+    for v in staged.views:
+        for t in v.keys + v.values:
+            t[:, :, -1] = 7.0  # what the graph would have written; retrieval must not touch it
+    n = 120
+    for _ in range(20):
+        for r in (plain, staged):
+            r.prefetch()
+            nk, nv = seq.kv(n, n + 1)
+            r.finish_step(seq.q(n), nk, nv)
+        n += 1
+        a, b = plain.view(), staged.view()
+        assert b.keys[0].shape[2] == a.keys[0].shape[2] + 1 == staged.slots + 1
+        for x, y in zip(a.keys + a.values, b.keys + b.values):
+            assert torch.equal(x, y[:, :, :-1]) and bool((y[:, :, -1] == 7.0).all())
+        assert torch.equal(a.mask, b.mask[:, :-1]) and bool(b.mask[:, -1].all())
+    plain.close()
+    staged.close()
+
+
 def test_needle_page_is_retrieved():
     """A page whose keys align with the query is selected and attention over the view is close to full."""
     seq = Seq(L=1, B=1, Hkv=1, G=2, D=16, total=400, seed=13)

@@ -121,6 +121,6 @@ def test_smollm2_fp32_export_passes(smollm2, tmp_path, capsys):
         print("\n" + report.table())
     assert report.passed, report.table()
     # vs kvtrt-torch: 4 cases x all outputs, 2 prefill_shared cases x (logits + 60 buffers + 60 query/score),
-    # 2 decode_shared cases x (logits + 60 buffers); 6 x HF logits
-    assert len(report.checks) == 4 * (1 + 4 * 30) + 2 * (1 + 4 * 30) + 2 * (1 + 2 * 30) + 6
+    # 2 decode_shared cases x (logits + 60 buffers + 30 queries); 6 x HF logits
+    assert len(report.checks) == 4 * (1 + 4 * 30) + 2 * (1 + 4 * 30) + 2 * (1 + 3 * 30) + 6
     assert all(l.passed for l in report.lint)

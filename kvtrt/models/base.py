@@ -38,8 +38,9 @@ Choices that the measurements in ARCHITECTURE.md motivated:
   every sequence of a batch writes the same slots, as the runtime right-aligns them),
   `past_key.{l}` / `past_value.{l}` [B,Hkv,C,D]; outputs `logits`, `present_key.{l}` /
   `present_value.{l}` [B,Hkv,C,D] (the same buffers, the new slots written) and, prefill only,
-  `query.{l}` and `score.{l}` [B,Hkv,write_slot+S] (over the live prefix). No `key`/`value`
-  outputs; decode has no `query`/`score`. Measured with inputs bound (SmolLM2 fp32, 2 threads):
+  `query.{l}`, and prefill only `score.{l}` [B,Hkv,write_slot+S] (over the live prefix). No
+  `key`/`value` outputs. FreeKV's views decode with it too: each view has one extra slot at its
+  end, the `write_slot`, where the step's K/V land before the runtime files them. Measured with inputs bound (SmolLM2 fp32, 2 threads):
   1.5-3 ms less per decode step than the plain-op decode graph at 512-7680 tokens.
 - Weights are stored pre-transposed ([in, out]) so every projection is a plain MatMul on a named
   initializer; a tied embedding is stored once, as the lm_head matrix, and looked up by column.
@@ -240,8 +241,8 @@ class DecoderGraph(nn.Module):
             attn, keys, values = SharedCacheAttention.apply(qkv.reshape(B, S, (H + 2 * Hkv) * D), past[2 * layer],
                                                             past[2 * layer + 1], bias, *lengths, H, Hkv)
             presents += [keys, values]
+            queries.append(qkv[:, -1, :H])
             if not self.decode:
-                queries.append(qkv[:, -1, :H])
                 # score: the chosen rows' attention, recomputed beside the fused op over the live prefix
                 q_rows = qkv.index_select(1, score_queries)[:, :, :H].reshape(B, -1, Hkv, g, D).permute(0, 2, 3, 1, 4)
                 k_live = LeadingSlots.apply(keys, lengths[1])  # [B,Hkv,total,D]
@@ -254,7 +255,7 @@ class DecoderGraph(nn.Module):
             x, h = ResidualRMSNorm.apply(self.linear(torch.nn.functional.silu(gate) * up, p + "down"), h,
                                          self.w(following), a.rms_eps)
         if self.decode:
-            return (_fp32(x @ table), *presents)
+            return (_fp32(x @ table), *presents, *queries)
         return (_fp32(x[:, -1:] @ table), *presents, *queries, *scores)
 
 
@@ -486,8 +487,9 @@ def output_names(n_layers: int, variant: str = "prefill") -> list[str]:
     """Graph output names of `variant` (prefill and decode share them)."""
     if variant.endswith("_shared"):
         names = ["logits"] + [f"present_{kind}.{layer}" for layer in range(n_layers) for kind in ("key", "value")]
+        names += [f"query.{layer}" for layer in range(n_layers)]
         if variant == "prefill_shared":
-            names += [f"query.{layer}" for layer in range(n_layers)] + [f"score.{layer}" for layer in range(n_layers)]
+            names += [f"score.{layer}" for layer in range(n_layers)]
         return names
     names = ["logits"]
     for layer in range(n_layers):

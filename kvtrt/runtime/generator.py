@@ -66,10 +66,10 @@ def check_kv_spec(kv: KVSpec, manifest) -> None:
 
 def decode_graphs(kv: KVSpec, manifest) -> list[str]:
     """The graphs a runtime with this KV spec loads up front: prefill and its decode variant. The
-    plain full cache decodes in place (`decode_shared`) when the export has that graph; compaction
-    needs the decode graph's scores and retrieval its views. (Retrieval on a cache too short to
-    engage it decodes densely like the full cache, loading `decode_shared` on first use.)"""
-    shared = kv.is_full and "decode_shared" in manifest.graphs
+    full cache and retrieval views decode in place (`decode_shared`) when the export has that
+    graph; compaction needs the decode graph's scores. (A compacted cache too short to engage
+    retrieval decodes with `decode`, loaded on first use.)"""
+    shared = (kv.is_full or kv.retrieval is not None) and "decode_shared" in manifest.graphs
     prefill = "prefill_shared" if "prefill_shared" in manifest.graphs else "prefill"
     return [prefill, "decode_shared" if shared else "decode"]
 
@@ -318,6 +318,9 @@ class Generation:
         for layer in range(self.m.n_layers):
             inputs[f"past_key.{layer}"] = outputs[f"present_key.{layer}"] = store.keys[layer]
             inputs[f"past_value.{layer}"] = outputs[f"present_value.{layer}"] = store.values[layer]
+        for layer in range(self.m.n_layers):
+            outputs[f"query.{layer}"] = torch.empty(store.batch, self.m.n_heads, self.m.head_dim,
+                                                    dtype=self.engine.dtype, device=self.engine.device)
         binding = self.engine.new_binding("decode_shared")
         self.engine.bind(binding, inputs, outputs)
         return binding, outputs
@@ -325,30 +328,43 @@ class Generation:
     def _decode_retrieval(self, store: KVStore, query: list[Tensor], token: Tensor) -> Iterator[tuple[int, int]]:
         batch, m = store.batch, self.m
         context = max(len(p) for p in self.prompts)
+        # in place when the export can: each view gets a staging slot the graph writes the new K/V to
+        shared = "decode_shared" in m.graphs
         r = self.retrieval.create(m.n_layers, m.n_kv_heads, m.n_heads, m.head_dim, batch, self.engine.dtype,
-                                  device=self.engine.device, mask_dtype=torch.long, max_context=context)
+                                  device=self.engine.device, mask_dtype=torch.long, max_context=context,
+                                  staging_slot=shared)
         try:
             t0 = time.perf_counter()
             r.start(store.keys, store.values, query, mask=store.mask, reserve_tokens=self.max_new_tokens, release=True)
             del store
             self.stats.prefill_s += time.perf_counter() - t0  # building the pool is part of the prompt's cost
-            outputs = self._outputs(batch, 1, r.slots + 1)
-            bindings = [self._bind(v.keys, v.values, v.mask, outputs) for v in r.views]
-            new_q, new_k, new_v = (self._layer_outputs(outputs, kind) for kind in ("query", "key", "value"))
+            if shared:
+                self.slot_buf = torch.tensor(r.slots, device=self.engine.device)
+                bound = [self._view_binding(v) for v in r.views]
+            else:
+                outputs = self._outputs(batch, 1, r.slots + 1)
+                bound = [(self._bind(v.keys, v.values, v.mask, outputs), outputs) for v in r.views]
             t0 = time.perf_counter()
             for step in range(self.max_new_tokens):
                 yield from self._emit(token, step)
                 if self.done:
                     break
                 self.ids_buf.copy_(token.view(batch, 1))
-                binding = bindings[r.view().index]
+                view = r.view()
+                binding, outputs = bound[view.index]
+                variant = "decode_shared" if shared else "decode"
                 if r.mode == "quest":  # select with the current query: probe, re-select, run again
-                    self.engine.run("decode", binding)
-                    r.select(new_q)
+                    self.engine.run(variant, binding)
+                    r.select(self._layer_outputs(outputs, "query"))
                 else:
                     r.prefetch()
-                self.engine.run("decode", binding)
-                r.finish_step(new_q, new_k, new_v)
+                self.engine.run(variant, binding)
+                if shared:  # the new K/V sit in the view's staging slot
+                    new_k = [k[:, :, r.slots:] for k in view.keys]
+                    new_v = [v[:, :, r.slots:] for v in view.values]
+                else:
+                    new_k, new_v = self._layer_outputs(outputs, "key"), self._layer_outputs(outputs, "value")
+                r.finish_step(self._layer_outputs(outputs, "query"), new_k, new_v)
                 self.pos_buf += 1
                 self.stats.decode_steps += 1
                 token = self._choose(outputs["logits"][:, 0], step + 1)
@@ -358,6 +374,23 @@ class Generation:
                              **{k: v for k, v in r.stats().items() if isinstance(v, (int, float))}}
         finally:
             r.close()
+
+    def _view_binding(self, view):
+        """`decode_shared` over a retrieval view: the view is past and present, its staging slot
+        (`write_slot`) receives the new K/V; its own logits and query outputs."""
+        m, dev = self.m, self.engine.device
+        inputs = {"input_ids": self.ids_buf, "position_ids": self.pos_buf, "past_mask": view.mask,
+                  "write_slot": self.slot_buf}
+        outputs = {"logits": torch.empty(view.mask.shape[0], 1, m.vocab_size, device=dev)}
+        for layer in range(m.n_layers):
+            inputs[f"past_key.{layer}"] = outputs[f"present_key.{layer}"] = view.keys[layer]
+            inputs[f"past_value.{layer}"] = outputs[f"present_value.{layer}"] = view.values[layer]
+        for layer in range(m.n_layers):
+            outputs[f"query.{layer}"] = torch.empty(view.mask.shape[0], m.n_heads, m.head_dim, dtype=self.engine.dtype,
+                                                    device=dev)
+        binding = self.engine.new_binding("decode_shared")
+        self.engine.bind(binding, inputs, outputs)
+        return binding, outputs
 
     def stop(self, index: int) -> None:
         """Finish sequence `index` early (a stop string was seen)."""

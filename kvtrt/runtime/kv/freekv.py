@@ -215,10 +215,12 @@ class RetrievalConfig:
         mask_dtype: torch.dtype = torch.bool,
         max_context: int | None = None,
         threaded: bool = True,
+        staging_slot: bool = False,
     ) -> FreeKVRetrieval:
         return FreeKVRetrieval(
             self, n_layers, n_kv_heads, n_heads, head_dim, batch, dtype,
             device=device, mask_dtype=mask_dtype, max_context=max_context, threaded=threaded,
+            staging_slot=staging_slot,
         )
 
 
@@ -275,21 +277,24 @@ def build_retrieval(stage: Stage | str) -> RetrievalConfig:
 class KVView:
     """One of the two fixed view buffers.
 
-    ``keys[l]``/``values[l]`` ``[B, Hkv, slots, D]`` (contiguous; slices of one ``[L, ...]`` tensor)
-    and ``mask`` ``[B, slots]`` are allocated once and only ever filled in place.
+    ``keys[l]``/``values[l]`` ``[B, Hkv, slots + staging, D]`` (contiguous; slices of one ``[L, ...]``
+    tensor) and ``mask`` ``[B, slots + staging]`` are allocated once and only ever filled in place.
+    With ``staging`` (1) the last slot is where an in-place graph writes the step's new K/V
+    (``write_slot = slots``); it is always live, and the runtime files its content afterwards.
     ``slot_pages`` ``[L, B, Hkv, k]`` is the page id held by each page slot (``-1`` empty);
     ``n_pages[b]`` is the pool snapshot this buffer was prepared against (its ring covers tokens
     from ``sink + n_pages[b]*page``); ``length[b]`` counts the tokens it has received.
     """
 
-    def __init__(self, index, n_layers, batch, n_kv_heads, slots, head_dim, k, dtype, device, mask_dtype):
+    def __init__(self, index, n_layers, batch, n_kv_heads, slots, head_dim, k, dtype, device, mask_dtype,
+                 staging: int = 0):
         self.index = index
-        shape = (n_layers, batch, n_kv_heads, slots, head_dim)
+        shape = (n_layers, batch, n_kv_heads, slots + staging, head_dim)
         self.all_keys = torch.zeros(shape, dtype=dtype, device=device)
         self.all_values = torch.zeros(shape, dtype=dtype, device=device)
         self.keys = list(self.all_keys.unbind(0))
         self.values = list(self.all_values.unbind(0))
-        self.mask = torch.zeros((batch, slots), dtype=mask_dtype, device=device)
+        self.mask = torch.zeros((batch, slots + staging), dtype=mask_dtype, device=device)
         self.slot_pages = torch.full((n_layers, batch, n_kv_heads, k), -1, dtype=torch.long, device=device)
         self.n_pages = [0] * batch
         self.length = [0] * batch
@@ -328,6 +333,7 @@ class FreeKVRetrieval:
         mask_dtype: torch.dtype = torch.bool,
         max_context: int | None = None,
         threaded: bool = True,
+        staging_slot: bool = False,
     ) -> None:
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
@@ -342,6 +348,7 @@ class FreeKVRetrieval:
         self.k = config.k_pages(max_context)
         self.ring_off = self.S + self.k * self.page
         self.slots = self.ring_off + self.R
+        self.staging = int(staging_slot)  # one slot after the view for an in-place graph's new K/V
         self.tau = config.tau
         self.combine = config.combine
         self._cuda = self.device.type == "cuda"
@@ -352,7 +359,8 @@ class FreeKVRetrieval:
         self._mk = torch.zeros(mshape, dtype=dtype, device=self.device)
         self._mv = torch.zeros(mshape, dtype=dtype, device=self.device)
         self._bufs = tuple(
-            KVView(i, n_layers, batch, n_kv_heads, self.slots, head_dim, self.k, dtype, self.device, mask_dtype)
+            KVView(i, n_layers, batch, n_kv_heads, self.slots, head_dim, self.k, dtype, self.device, mask_dtype,
+                   self.staging)
             for i in range(2)
         )
         self._cur = 0
@@ -695,7 +703,7 @@ class FreeKVRetrieval:
     def _page_blocks(self, view: Tensor) -> Tensor:
         """The page region of a view tensor ``[L, B, Hkv, slots, D]`` as ``[L*B*Hkv, k, page*D]`` blocks."""
         return view.view(-1).as_strided((self.L * self.B * self.Hkv, self.k, self.page * self.D),
-                                        (self.slots * self.D, self.page * self.D, 1),
+                                        ((self.slots + self.staging) * self.D, self.page * self.D, 1),
                                         view.storage_offset() + self.S * self.D)
 
     def _copy_pages_cuda(self, pk, pv, li, bi, hi, slots, pages) -> None:
@@ -718,7 +726,8 @@ class FreeKVRetrieval:
         st["stream"].synchronize()  # the pinned staging buffer is reused by the next copy
 
     def _update_mask(self, buf: KVView) -> None:
-        m = torch.zeros((self.B, self.slots), dtype=torch.bool)
+        m = torch.zeros((self.B, self.slots + self.staging), dtype=torch.bool)
+        m[:, self.slots:] = True  # the staging slot holds this step's own K/V
         for b in range(self.B):
             n, npg = self._n[b], buf.n_pages[b]
             m[b, : min(self.S, n)] = True
