@@ -173,6 +173,21 @@ def test_fused_and_standard_op_prefill_agree(tiny_llama, tmp_path):
             np.testing.assert_allclose(a[name], b[name], atol=2e-5, rtol=1e-4, err_msg=f"{name} P={past_len} S={new}")
 
 
+def _run_in_place(session, feeds, outputs, buffers):
+    """Run an in-place graph as the runtime does: `buffers` (past_key.0, past_value.0, ...) bound
+    as both past and present through IO binding, `outputs` filled in place."""
+    binding = session.io_binding()
+    for name, array in feeds.items():
+        binding.bind_cpu_input(name, array)
+    for name, array in outputs.items():
+        binding.bind_output(name, "cpu", 0, np.float32, array.shape, array.ctypes.data)
+    for i, b in enumerate(buffers):
+        kind, layer = ("key", "value")[i % 2], i // 2
+        binding.bind_input(f"past_{kind}.{layer}", "cpu", 0, np.float32, b.shape, b.ctypes.data)
+        binding.bind_output(f"present_{kind}.{layer}", "cpu", 0, np.float32, b.shape, b.ctypes.data)
+    session.run_with_iobinding(binding)
+
+
 def test_shared_cache_decode_writes_in_place_and_matches_decode(tiny_llama):
     """The `decode_shared` graph, run the way the runtime runs it (past and present bound to the same
     buffers through IO binding), gives the `decode` graph's logits, writes exactly the new token's
@@ -196,19 +211,10 @@ def test_shared_cache_decode_writes_in_place_and_matches_decode(tiny_llama):
     ids, positions = np.array([[7], [42]]), np.array([[past_len], [past_len - 2]])
     expect = _run(decode, ids, positions, mask[:, :past_len],
                   [(buffers[2 * i][:, :, :past_len], buffers[2 * i + 1][:, :, :past_len]) for i in range(layers)])
-    binding = shared.io_binding()
     feeds = {"input_ids": ids.astype(np.int64), "position_ids": positions.astype(np.int64), "past_mask": mask,
              "write_slot": np.array(past_len, np.int64)}
-    for name, array in feeds.items():
-        binding.bind_cpu_input(name, array)
     logits = np.zeros((2, 1, c.vocab_size), np.float32)
-    binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
-    for layer in range(layers):
-        for j, kind in enumerate(("key", "value")):
-            b = buffers[2 * layer + j]
-            binding.bind_input(f"past_{kind}.{layer}", "cpu", 0, np.float32, b.shape, b.ctypes.data)
-            binding.bind_output(f"present_{kind}.{layer}", "cpu", 0, np.float32, b.shape, b.ctypes.data)
-    shared.run_with_iobinding(binding)
+    _run_in_place(shared, feeds, {"logits": logits}, buffers)
     np.testing.assert_allclose(logits, expect["logits"], atol=2e-5, rtol=1e-4)
     for layer in range(layers):
         for j, kind in enumerate(("key", "value")):
@@ -241,23 +247,13 @@ def test_shared_cache_prefill_writes_the_chunk_in_place_and_matches_prefill(tiny
     expect = _run(prefill, ids, positions, mask[:, :past_len],
                   [(buffers[2 * i][:, :, :past_len], buffers[2 * i + 1][:, :, :past_len]) for i in range(layers)],
                   rows=rows)
-    binding = shared.io_binding()
     feeds = {"input_ids": ids.astype(np.int64), "position_ids": positions.astype(np.int64), "past_mask": mask,
              "score_queries": np.array(rows, np.int64), "write_slot": np.array(past_len, np.int64)}
-    for name, array in feeds.items():
-        binding.bind_cpu_input(name, array)
     got = {"logits": np.zeros((1, 1, c.vocab_size), np.float32)}
     for layer in range(layers):
         got[f"query.{layer}"] = np.zeros((1, c.num_attention_heads, head_dim), np.float32)
         got[f"score.{layer}"] = np.zeros((1, c.num_key_value_heads, past_len + new), np.float32)
-    for name, array in got.items():
-        binding.bind_output(name, "cpu", 0, np.float32, array.shape, array.ctypes.data)
-    for layer in range(layers):
-        for j, kind in enumerate(("key", "value")):
-            b = buffers[2 * layer + j]
-            binding.bind_input(f"past_{kind}.{layer}", "cpu", 0, np.float32, b.shape, b.ctypes.data)
-            binding.bind_output(f"present_{kind}.{layer}", "cpu", 0, np.float32, b.shape, b.ctypes.data)
-    shared.run_with_iobinding(binding)
+    _run_in_place(shared, feeds, got, buffers)
     for name, array in got.items():
         np.testing.assert_allclose(array, expect[name], atol=2e-5, rtol=1e-4, err_msg=name)
     chunk = slice(past_len, past_len + new)

@@ -1,5 +1,5 @@
-"""torch -> ONNX: the graphs (prefill, decode, and with fused attention decode_shared) sharing one
-weights file, plus manifest and tokenizer."""
+"""torch -> ONNX: the graphs (prefill, decode, and with fused attention prefill_shared and
+decode_shared) sharing one weights file, plus manifest and tokenizer."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
 
     `model` is a HF folder, a .gguf file, an alias (see `kvtrt.models.loading.ALIASES`), or an
     already loaded `(transformers model, tokenizer)` pair. `attention`: "gqa" (ONNX Runtime's
-    fused GroupQueryAttention in the prefill graph, plus a `decode_shared` graph that decodes the
-    full cache in place; fastest on CPU), "ops" (standard ONNX ops only, which TensorRT needs), or
+    fused GroupQueryAttention in the prefill graph, plus `prefill_shared` and `decode_shared`
+    graphs that write the KV cache in place; fastest on CPU), "ops" (standard ONNX ops only, which TensorRT needs), or
     "auto" (gqa for fp32, ops for fp16).
     """
     if dtype not in DTYPES:
@@ -137,9 +137,9 @@ def _trace(module, arch, variant: str, path: Path, opset: int, dtype: torch.dtyp
 
 def _contrib_ops(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Turn the traced `kvtrt::` placeholders into `com.microsoft` nodes: SkipSimplifiedLayerNormalization
-    as it is, GroupQueryAttention with
-    the op's input layout (cos/sin cache, position_ids, head_sink, KV scales and qk-norm weights
-    omitted; key and value too when the query input is packed QKV)."""
+    as it is, GroupQueryAttention with the op's input layout (cos/sin cache, position_ids,
+    head_sink, KV scales and qk-norm weights omitted; key and value too when the query input is
+    packed QKV)."""
     found = False
     for node in proto.graph.node:
         if node.domain == "kvtrt" and node.op_type == "SkipSimplifiedLayerNormalization":  # same inputs

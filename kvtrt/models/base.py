@@ -37,11 +37,12 @@ Choices that the measurements in ARCHITECTURE.md motivated:
   prefill only `score_queries`, `write_slot` int64 scalar (the first slot the new K/V go to;
   every sequence of a batch writes the same slots, as the runtime right-aligns them),
   `past_key.{l}` / `past_value.{l}` [B,Hkv,C,D]; outputs `logits`, `present_key.{l}` /
-  `present_value.{l}` [B,Hkv,C,D] (the same buffers, the new slots written) and, prefill only,
-  `query.{l}`, and prefill only `score.{l}` [B,Hkv,write_slot+S] (over the live prefix). No
-  `key`/`value` outputs. FreeKV's views decode with it too: each view has one extra slot at its
-  end, the `write_slot`, where the step's K/V land before the runtime files them. Measured with inputs bound (SmolLM2 fp32, 2 threads):
-  1.5-3 ms less per decode step than the plain-op decode graph at 512-7680 tokens.
+  `present_value.{l}` [B,Hkv,C,D] (the same buffers, the new slots written), `query.{l}` and,
+  prefill only, `score.{l}` [B,Hkv,write_slot+S] (over the live prefix). No `key`/`value`
+  outputs. FreeKV's views decode with it too: each view has one extra slot at its end, the
+  `write_slot`, where the step's K/V land before the runtime files them. Measured with inputs
+  bound (SmolLM2 fp32, 2 threads): 1.5-3 ms less per decode step than the plain-op decode graph
+  at 512-7680 tokens.
 - Weights are stored pre-transposed ([in, out]) so every projection is a plain MatMul on a named
   initializer; a tied embedding is stored once, as the lm_head matrix, and looked up by column.
 """
@@ -187,11 +188,7 @@ class DecoderGraph(nn.Module):
                     attn, keys, _ = GroupQueryAttention.apply(q.reshape(B, S, H * D), k.reshape(B, S, Hkv * D), v,
                                                               past_k, past_v, bias, *lengths, H, Hkv)
                     k, v = k.transpose(1, 2), v.reshape(B, S, Hkv, D).transpose(1, 2)  # [B,Hkv,S,D]
-                    # score: the last w queries' attention, recomputed beside the fused op (w/S of its work)
-                    q_last = q.index_select(1, score_queries).reshape(B, -1, Hkv, g, D).permute(0, 2, 3, 1, 4)
-                    q_last = q_last.reshape(B, Hkv, -1, D)  # [B,Hkv,g*n,D]
-                    last = torch.softmax(torch.matmul(q_last, keys.transpose(2, 3)) + score_bias, dim=-1)
-                    outputs_s.append(_fp32(last.mean(dim=2)))
+                    outputs_s.append(_row_scores(q.index_select(1, score_queries), keys, score_bias))
                 else:
                     q = q.reshape(B, S, Hkv, g, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, g * S, D)
                     k = k.transpose(1, 2)  # [B,Hkv,S,D]
@@ -242,13 +239,9 @@ class DecoderGraph(nn.Module):
                                                             past[2 * layer + 1], bias, *lengths, H, Hkv)
             presents += [keys, values]
             queries.append(qkv[:, -1, :H])
-            if not self.decode:
-                # score: the chosen rows' attention, recomputed beside the fused op over the live prefix
-                q_rows = qkv.index_select(1, score_queries)[:, :, :H].reshape(B, -1, Hkv, g, D).permute(0, 2, 3, 1, 4)
-                k_live = LeadingSlots.apply(keys, lengths[1])  # [B,Hkv,total,D]
-                probs = torch.softmax(torch.matmul(q_rows.reshape(B, Hkv, -1, D), k_live.transpose(2, 3)) + score_bias,
-                                      dim=-1)
-                scores.append(_fp32(probs.mean(dim=2)))
+            if not self.decode:  # over the live prefix [0, total) of the buffer
+                q_rows = qkv.index_select(1, score_queries)[:, :, :H]
+                scores.append(_row_scores(q_rows, LeadingSlots.apply(keys, lengths[1]), score_bias))
             x, h = ResidualRMSNorm.apply(self.linear(attn, p + "o"), h, self.w(p + "post_norm.weight"), a.rms_eps)
             gate, up = self.linear(x, p + "gate_up").split([a.intermediate_size] * 2, dim=-1)
             following = f"layers.{layer + 1}.input_norm.weight" if layer + 1 < a.n_layers else "norm.weight"
@@ -257,6 +250,17 @@ class DecoderGraph(nn.Module):
         if self.decode:
             return (_fp32(x @ table), *presents, *queries)
         return (_fp32(x[:, -1:] @ table), *presents, *queries, *scores)
+
+
+def _row_scores(q_rows: Tensor, keys: Tensor, bias: Tensor) -> Tensor:
+    """`score` beside a fused attention op: the attention mass per key [B,Hkv,T] of the chosen
+    query rows q_rows [B,n,H,D] over keys [B,Hkv,T,D] with bias [B,1,g*n,T] (head-major rows,
+    see `_tile_group`), averaged over the rows and the query heads of each KV group. It is n/S of
+    the op's work; the runtime asks for one row except on a prompt's last chunk."""
+    b, _, h, d = q_rows.shape
+    hkv = keys.shape[1]
+    q = q_rows.reshape(b, -1, hkv, h // hkv, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, -1, d)  # [B,Hkv,g*n,D]
+    return _fp32(torch.softmax(torch.matmul(q, keys.transpose(2, 3)) + bias, dim=-1).mean(dim=2))
 
 
 def _tile_group(bias: Tensor, group: int) -> Tensor:
@@ -317,7 +321,8 @@ class SharedCacheAttention(torch.autograd.Function):
         qh = q.reshape(b, s, n_heads, d).transpose(1, 2)  # [B,H,S,D]
         scores = qh @ keys[:, :, :t].repeat_interleave(g, dim=1).transpose(2, 3) + bias
         later = torch.arange(t)[None, :] > (start + torch.arange(s))[:, None]  # the op's own causal mask, by slot
-        attn = torch.softmax(scores.masked_fill(later, float("-inf")), dim=-1) @ values[:, :, :t].repeat_interleave(g, dim=1)
+        probs = torch.softmax(scores.masked_fill(later, float("-inf")), dim=-1)
+        attn = probs @ values[:, :, :t].repeat_interleave(g, dim=1)
         return attn.transpose(1, 2).reshape(b, s, n_heads * d), keys, values
 
     @staticmethod
@@ -474,7 +479,7 @@ def rotate_half_matrix(head_dim: int) -> Tensor:
 
 
 def input_names(n_layers: int, variant: str = "prefill") -> list[str]:
-    """Graph input names of `variant` (prefill and decode share them)."""
+    """Graph input names of `variant` ("prefill", "decode", "prefill_shared", "decode_shared")."""
     names = ["input_ids", "position_ids", "past_mask"]
     names += {"prefill": ["score_queries"], "prefill_shared": ["score_queries", "write_slot"],
               "decode_shared": ["write_slot"]}.get(variant, [])
@@ -484,7 +489,8 @@ def input_names(n_layers: int, variant: str = "prefill") -> list[str]:
 
 
 def output_names(n_layers: int, variant: str = "prefill") -> list[str]:
-    """Graph output names of `variant` (prefill and decode share them)."""
+    """Graph output names of `variant` ("prefill" and "decode" share them; the in-place variants
+    have `present_*` instead of `key`/`value`, and only prefill_shared a `score`)."""
     if variant.endswith("_shared"):
         names = ["logits"] + [f"present_{kind}.{layer}" for layer in range(n_layers) for kind in ("key", "value")]
         names += [f"query.{layer}" for layer in range(n_layers)]

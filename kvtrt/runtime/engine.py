@@ -1,7 +1,8 @@
 """Engines run one graph call over pre-allocated torch tensors bound by pointer.
 
-`OrtEngine` drives the exported graphs (prefill, decode, and decode_shared when present) through ONNX Runtime IO binding on
-any execution provider (CPU, CUDA, TensorRT). The sessions are shared and thread-safe; every
+`OrtEngine` drives the exported graphs (prefill, decode and the in-place prefill_shared and
+decode_shared when present) through ONNX Runtime IO binding on any execution provider (CPU, CUDA,
+TensorRT). The sessions are shared and thread-safe; every
 caller owns its `IOBinding`, so concurrent sequences never share state.
 """
 

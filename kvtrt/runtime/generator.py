@@ -151,11 +151,7 @@ class Generation:
                       "past_mask": store.mask, "score_queries": rows}
             if shared:
                 inputs["write_slot"] = torch.tensor(store.claim(s), device=dev)
-                outputs = self._outputs(1, 0, store.length)
-                for kind in ("key", "value"):
-                    for layer in range(m.n_layers):
-                        del outputs[f"{kind}.{layer}"]
-                        outputs[f"present_{kind}.{layer}"] = (store.keys if kind == "key" else store.values)[layer]
+                outputs = self._outputs(1, s, store.length, cache=(store.keys, store.values))
             else:
                 outputs = self._outputs(1, s, store.capacity + s)
             for layer in range(m.n_layers):
@@ -177,16 +173,24 @@ class Generation:
         bar.close()
         return store, outputs["logits"][:, 0], self._layer_outputs(outputs, "query")
 
-    def _outputs(self, batch: int, new: int, scored: int) -> dict[str, Tensor]:
+    def _outputs(self, batch: int, new: int, scored: int | None,
+                 cache: tuple[list[Tensor], list[Tensor]] | None = None) -> dict[str, Tensor]:
+        """Output buffers of one graph call: logits, the new tokens' `key`/`value` (or, for the
+        in-place graphs, `present_key`/`present_value` bound to the `cache` buffers), `query`, and
+        `score` over `scored` slots (none when `scored` is None)."""
         m, dev, dt = self.m, self.engine.device, self.engine.dtype
         out = {"logits": torch.empty(batch, 1, m.vocab_size, device=dev)}
         for layer in range(m.n_layers):
-            out[f"key.{layer}"] = torch.empty(batch, m.n_kv_heads, new, m.head_dim, dtype=dt, device=dev)
-            out[f"value.{layer}"] = torch.empty(batch, m.n_kv_heads, new, m.head_dim, dtype=dt, device=dev)
+            if cache is None:
+                out[f"key.{layer}"] = torch.empty(batch, m.n_kv_heads, new, m.head_dim, dtype=dt, device=dev)
+                out[f"value.{layer}"] = torch.empty(batch, m.n_kv_heads, new, m.head_dim, dtype=dt, device=dev)
+            else:
+                out[f"present_key.{layer}"], out[f"present_value.{layer}"] = cache[0][layer], cache[1][layer]
         for layer in range(m.n_layers):
             out[f"query.{layer}"] = torch.empty(batch, m.n_heads, m.head_dim, dtype=dt, device=dev)
-        for layer in range(m.n_layers):
-            out[f"score.{layer}"] = torch.empty(batch, m.n_kv_heads, scored, device=dev)
+        if scored is not None:
+            for layer in range(m.n_layers):
+                out[f"score.{layer}"] = torch.empty(batch, m.n_kv_heads, scored, device=dev)
         return out
 
     def _layer_outputs(self, outputs: dict[str, Tensor], kind: str) -> list[Tensor]:
@@ -238,6 +242,7 @@ class Generation:
         token = self._choose(torch.cat(first_logits), 0)
         self.stats.prefill_s = time.perf_counter() - start
         self.ids_buf = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.slot_buf = torch.zeros((), dtype=torch.long, device=dev)  # write_slot of the in-place graph
         self.pos_buf = torch.tensor([[len(p)] for p in self.prompts], dtype=torch.long, device=dev)
         held = int(store.mask.sum(1).max())  # tokens stored per sequence (after any compaction)
         engaged = self.retrieval is not None and self.retrieval.engages(held)
@@ -308,19 +313,19 @@ class Generation:
         """Binding and outputs of a decode step over the store's current buffers: the `decode`
         graph (new K/V as outputs, appended by the runtime), or `decode_shared` (the store's
         buffers are both past and present; the graph writes the slot in `write_slot`)."""
-        if not shared:
-            outputs = self._outputs(store.batch, 1, store.capacity + 1)
-            return self._bind(store.keys, store.values, store.mask, outputs), outputs
-        self.slot_buf = torch.zeros((), dtype=torch.long, device=self.engine.device)
-        inputs = {"input_ids": self.ids_buf, "position_ids": self.pos_buf, "past_mask": store.mask,
+        if shared:
+            return self._bind_shared(store.keys, store.values, store.mask)
+        outputs = self._outputs(store.batch, 1, store.capacity + 1)
+        return self._bind(store.keys, store.values, store.mask, outputs), outputs
+
+    def _bind_shared(self, keys: list[Tensor], values: list[Tensor], mask: Tensor):
+        """Binding and outputs of `decode_shared` over `keys`/`values` (both past and present;
+        the graph writes the new K/V at `self.slot_buf`)."""
+        outputs = self._outputs(mask.shape[0], 1, None, cache=(keys, values))
+        inputs = {"input_ids": self.ids_buf, "position_ids": self.pos_buf, "past_mask": mask,
                   "write_slot": self.slot_buf}
-        outputs = {"logits": torch.empty(store.batch, 1, self.m.vocab_size, device=self.engine.device)}
         for layer in range(self.m.n_layers):
-            inputs[f"past_key.{layer}"] = outputs[f"present_key.{layer}"] = store.keys[layer]
-            inputs[f"past_value.{layer}"] = outputs[f"present_value.{layer}"] = store.values[layer]
-        for layer in range(self.m.n_layers):
-            outputs[f"query.{layer}"] = torch.empty(store.batch, self.m.n_heads, self.m.head_dim,
-                                                    dtype=self.engine.dtype, device=self.engine.device)
+            inputs[f"past_key.{layer}"], inputs[f"past_value.{layer}"] = keys[layer], values[layer]
         binding = self.engine.new_binding("decode_shared")
         self.engine.bind(binding, inputs, outputs)
         return binding, outputs
@@ -338,33 +343,34 @@ class Generation:
             r.start(store.keys, store.values, query, mask=store.mask, reserve_tokens=self.max_new_tokens, release=True)
             del store
             self.stats.prefill_s += time.perf_counter() - t0  # building the pool is part of the prompt's cost
-            if shared:
-                self.slot_buf = torch.tensor(r.slots, device=self.engine.device)
-                bound = [self._view_binding(v) for v in r.views]
-            else:
-                outputs = self._outputs(batch, 1, r.slots + 1)
-                bound = [(self._bind(v.keys, v.values, v.mask, outputs), outputs) for v in r.views]
+            # per view: binding, outputs, and where its step's query and new K/V are read from
+            bound = []
+            self.slot_buf.fill_(r.slots)  # decode_shared writes the new K/V into each view's staging slot
+            plain_outputs = None if shared else self._outputs(batch, 1, r.slots + 1)  # one set for both views
+            for v in r.views:
+                if shared:
+                    binding, outputs = self._bind_shared(v.keys, v.values, v.mask)
+                    new_k, new_v = [k[:, :, r.slots:] for k in v.keys], [x[:, :, r.slots:] for x in v.values]
+                else:
+                    outputs = plain_outputs
+                    binding = self._bind(v.keys, v.values, v.mask, outputs)
+                    new_k, new_v = self._layer_outputs(outputs, "key"), self._layer_outputs(outputs, "value")
+                bound.append((binding, outputs, self._layer_outputs(outputs, "query"), new_k, new_v))
+            variant = "decode_shared" if shared else "decode"
             t0 = time.perf_counter()
             for step in range(self.max_new_tokens):
                 yield from self._emit(token, step)
                 if self.done:
                     break
                 self.ids_buf.copy_(token.view(batch, 1))
-                view = r.view()
-                binding, outputs = bound[view.index]
-                variant = "decode_shared" if shared else "decode"
+                binding, outputs, new_q, new_k, new_v = bound[r.view().index]
                 if r.mode == "quest":  # select with the current query: probe, re-select, run again
                     self.engine.run(variant, binding)
-                    r.select(self._layer_outputs(outputs, "query"))
+                    r.select(new_q)
                 else:
                     r.prefetch()
                 self.engine.run(variant, binding)
-                if shared:  # the new K/V sit in the view's staging slot
-                    new_k = [k[:, :, r.slots:] for k in view.keys]
-                    new_v = [v[:, :, r.slots:] for v in view.values]
-                else:
-                    new_k, new_v = self._layer_outputs(outputs, "key"), self._layer_outputs(outputs, "value")
-                r.finish_step(self._layer_outputs(outputs, "query"), new_k, new_v)
+                r.finish_step(new_q, new_k, new_v)
                 self.pos_buf += 1
                 self.stats.decode_steps += 1
                 token = self._choose(outputs["logits"][:, 0], step + 1)
@@ -374,23 +380,6 @@ class Generation:
                              **{k: v for k, v in r.stats().items() if isinstance(v, (int, float))}}
         finally:
             r.close()
-
-    def _view_binding(self, view):
-        """`decode_shared` over a retrieval view: the view is past and present, its staging slot
-        (`write_slot`) receives the new K/V; its own logits and query outputs."""
-        m, dev = self.m, self.engine.device
-        inputs = {"input_ids": self.ids_buf, "position_ids": self.pos_buf, "past_mask": view.mask,
-                  "write_slot": self.slot_buf}
-        outputs = {"logits": torch.empty(view.mask.shape[0], 1, m.vocab_size, device=dev)}
-        for layer in range(m.n_layers):
-            inputs[f"past_key.{layer}"] = outputs[f"present_key.{layer}"] = view.keys[layer]
-            inputs[f"past_value.{layer}"] = outputs[f"present_value.{layer}"] = view.values[layer]
-        for layer in range(m.n_layers):
-            outputs[f"query.{layer}"] = torch.empty(view.mask.shape[0], m.n_heads, m.head_dim, dtype=self.engine.dtype,
-                                                    device=dev)
-        binding = self.engine.new_binding("decode_shared")
-        self.engine.bind(binding, inputs, outputs)
-        return binding, outputs
 
     def stop(self, index: int) -> None:
         """Finish sequence `index` early (a stop string was seen)."""
