@@ -350,7 +350,7 @@ class Generation:
             for v in r.views:
                 if shared:
                     binding, outputs = self._bind_shared(v.keys, v.values, v.mask)
-                    new_k, new_v = [k[:, :, r.slots:] for k in v.keys], [x[:, :, r.slots:] for x in v.values]
+                    new_k, new_v = v.all_keys[:, :, :, r.slots:], v.all_values[:, :, :, r.slots:]  # staging slot
                 else:
                     outputs = plain_outputs
                     binding = self._bind(v.keys, v.values, v.mask, outputs)

@@ -310,6 +310,11 @@ def _nbytes(*tensors: Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _stacked(per_layer: Sequence[Tensor] | Tensor) -> Tensor:
+    """One ``[L, ...]`` tensor from per-layer tensors (a tensor already stacked is used as is)."""
+    return per_layer.detach() if isinstance(per_layer, Tensor) else torch.stack([t.detach() for t in per_layer])
+
+
 def _cos_per_kv_head(q: Tensor, q_ref: Tensor, n_kv_heads: int) -> Tensor:
     """Cosine similarity ``[..., B, Hkv]`` between two ``[..., B, H, D]`` queries, averaged per group."""
     cos = torch.nn.functional.cosine_similarity(q.float(), q_ref.float(), dim=-1, eps=1e-8)  # [..., B, H]
@@ -397,7 +402,7 @@ class FreeKVRetrieval:
         self,
         keys: list[Tensor],
         values: list[Tensor],
-        query: Sequence[Tensor],
+        query: Sequence[Tensor] | Tensor,
         mask: Tensor | None = None,
         reserve_tokens: int = 0,
         release: bool = False,
@@ -444,7 +449,7 @@ class FreeKVRetrieval:
         for b in range(self.B):
             self.pool.n_pages[b] = pages[b]
             self._n[b] = counts[b]
-        self._query = torch.stack([q.detach() for q in query]).to(self.device).clone()
+        self._query = _stacked(query).to(self.device).clone()
         self._cur = 0
         self._prepare(self._bufs[0], self._query, count=False, wait=True)
         self._sync_device()
@@ -479,16 +484,19 @@ class FreeKVRetrieval:
             self._pending = fut
 
     def finish_step(
-        self, query: Sequence[Tensor], new_keys: Sequence[Tensor], new_values: Sequence[Tensor]
+        self,
+        query: Sequence[Tensor] | Tensor,
+        new_keys: Sequence[Tensor] | Tensor,
+        new_values: Sequence[Tensor] | Tensor,
     ) -> KVView:
         """After the engine call: append the new token, correct drifted heads, swap buffers.
 
-        ``query[l]`` ``[B, H, D]``, ``new_keys[l]``/``new_values[l]`` ``[B, Hkv, 1, D]``.
-        Returns the view for the next step.
+        ``query[l]`` ``[B, H, D]``, ``new_keys[l]``/``new_values[l]`` ``[B, Hkv, 1, D]`` (per-layer
+        lists, or tensors with the layers stacked in front). Returns the view for the next step.
         """
         self._check_started()
         nxt = self._bufs[1 - self._cur]
-        q = torch.stack([t.detach() for t in query]).to(self.device).clone()
+        q = _stacked(query).to(self.device).clone()
         speculative = self._pending is not None
         if speculative:
             t0 = time.perf_counter()
@@ -503,12 +511,13 @@ class FreeKVRetrieval:
             self._stat["heads_checked"] += corr.numel()
             n_corr = int(corr.sum())
             self._stat["heads_corrected"] += n_corr
-            with self._stream_ctx(wait=True):
-                if n_corr:
+            if n_corr:
+                with self._stream_ctx(wait=True):
                     fresh = self._select(q, nxt)
                     self._recall(nxt, torch.where(corr[..., None], fresh, nxt.slot_pages))
-                self._update_mask(nxt)
-            self._sync_device()
+                self._sync_device()
+            # nxt's mask is current: the worker set it, _append_token marked the new token's slot,
+            # and a correction only swaps pages within the live page slots
             self._stat["correction_s"] += time.perf_counter() - t0
         else:
             self._prepare(nxt, q, wait=True)
@@ -520,7 +529,7 @@ class FreeKVRetrieval:
         self._stat["steps"] += 1
         return self.view()
 
-    def select(self, query: Sequence[Tensor]) -> KVView:
+    def select(self, query: Sequence[Tensor] | Tensor) -> KVView:
         """Re-select the *current* view in place with ``query`` (Quest: the current step's query).
 
         Only missing pages are recalled. Not allowed while a prefetch is in flight.
@@ -528,7 +537,7 @@ class FreeKVRetrieval:
         self._check_started()
         if self._pending is not None:
             raise RuntimeError("select() while a prefetch is in flight; call it before prefetch()")
-        q = torch.stack([t.detach() for t in query]).to(self.device).clone()
+        q = _stacked(query).to(self.device).clone()
         self._prepare(self.view(), q, wait=True)
         self._sync_device()
         self._query = q
@@ -737,10 +746,11 @@ class FreeKVRetrieval:
                 m[b, self._view_slots(torch.arange(lo, n))] = True
         buf.mask.copy_(m.to(buf.mask.dtype), non_blocking=self._cuda)
 
-    def _append_token(self, new_keys: Sequence[Tensor], new_values: Sequence[Tensor], buf: KVView | None) -> None:
+    def _append_token(self, new_keys: Sequence[Tensor] | Tensor, new_values: Sequence[Tensor] | Tensor,
+                      buf: KVView | None) -> None:
         """Write the step's token into the master store (and ``buf``); spill a full page to the pool."""
-        k = torch.stack([t[:, :, -1] for t in new_keys]).to(self.device, self.dtype)  # [L, B, Hkv, D]
-        v = torch.stack([t[:, :, -1] for t in new_values]).to(self.device, self.dtype)
+        k = _stacked(new_keys)[:, :, :, -1].to(self.device, self.dtype)  # [L, B, Hkv, D]
+        v = _stacked(new_values)[:, :, :, -1].to(self.device, self.dtype)
         for b in range(self.B):
             idx = self._n[b]
             ms = idx if idx < self.S else self.S + (idx - self.S) % self.R
@@ -750,6 +760,7 @@ class FreeKVRetrieval:
                 vs = idx if idx < self.S else self.ring_off + (idx - self.S) % self.R
                 buf.all_keys[:, b, :, vs] = k[:, b]
                 buf.all_values[:, b, :, vs] = v[:, b]
+                buf.mask[b, vs] = 1  # the newest token is always live (sink or ring)
                 if buf.length[b] == idx:
                     buf.length[b] = idx + 1
             self._n[b] = idx + 1
