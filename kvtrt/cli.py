@@ -131,8 +131,14 @@ def _cmd_eval(args) -> int:
     from .eval.plot import line_plot
 
     runs = expand_specs(args.kv, args.budget)
+    peer_dir = None
+    if args.peer:
+        from .eval.bench import build_ortgenai, peer_directory
+
+        peer_dir = build_ortgenai(args.dir, Path(peer_directory(args.dir, args.peer_dir, args.peer_precision)),
+                                  args.peer_precision)
     evaluator = Evaluator(args.dir, args.context, texts=args.texts, num_texts=args.num_texts, threads=args.threads,
-                          prefill_chunk=args.prefill_chunk, baseline=args.baseline)
+                          prefill_chunk=args.prefill_chunk, baseline=args.baseline, peer_dir=peer_dir)
     rows = []
     for task in args.task:
         task_runs = runs
@@ -244,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", metavar="DIR",
                    help="another export of the same model (e.g. the fp32 export when DIR is int4): ppl rows also "
                         "report its full-cache perplexity on the same samples and the ratio to it")
+    p.add_argument("--peer", choices=["ortgenai"],
+                   help="ppl rows also report onnxruntime-genai's perplexity on the same samples (its own model "
+                        "built from the same source, as `kvtrt bench --peer` builds it; needs the bench extra)")
+    p.add_argument("--peer-dir", help="where the peer model is built and cached (default: DIR-ortgenai-PRECISION)")
+    p.add_argument("--peer-precision", default="fp32", choices=["fp32", "int4"],
+                   help="weights of the onnxruntime-genai peer (int4: its own int4 re-quantization)")
     p.add_argument("--json", help="write the rows as JSON here")
     p.add_argument("--plot", help="write a PNG plot (metric against budget, one line per policy)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")

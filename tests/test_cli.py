@@ -89,6 +89,31 @@ def test_eval_baseline_reports_the_other_exports_full_cache(tiny_exports, text_f
     assert "tokenizes differently" in capsys.readouterr().err
 
 
+def test_eval_peer_reports_onnxruntime_genai_perplexity(tiny_llama, text_file, tmp_path, capsys):
+    """--peer ortgenai: ppl rows carry onnxruntime-genai's teacher-forced perplexity on the same
+    samples; a peer built from the same fp32 weights matches kvtrt's full cache, one built from
+    other weights does not."""
+    pytest.importorskip("onnxruntime_genai", reason="the peer needs the bench extra (onnxruntime-genai)")
+    from kvtrt.eval.bench import build_ortgenai
+    from tiny import tiny_model, tiny_tokenizer
+
+    model, tokenizer, directory = tiny_llama
+    same = build_ortgenai(str(directory), tmp_path / "same", "fp32", hf=(model, tokenizer))
+    other = build_ortgenai(str(directory), tmp_path / "other", "fp32", hf=(tiny_model("llama", seed=1), tokenizer))
+    common = ["--task", "ppl", "--kv", "snapkv", "--budget", "0.5", "--context", "120", "--new-tokens", "16",
+              "--texts", str(text_file), "--num-texts", "2", "--peer", "ortgenai"]
+    assert main(["eval", str(directory), *common, "--peer-dir", str(same), "--json", str(tmp_path / "s.json")]) == 0
+    assert "vs peer" in capsys.readouterr().err
+    rows = json.loads((tmp_path / "s.json").read_text())
+    full = next(r for r in rows if r["kv"] == "full")
+    assert all(r["peer"] == str(same) for r in rows)
+    assert full["peer_value"] == pytest.approx(full["value"], rel=1e-4)
+    assert main(["eval", str(directory), *common, "--peer-dir", str(other), "--json", str(tmp_path / "o.json")]) == 0
+    full_other = next(r for r in json.loads((tmp_path / "o.json").read_text()) if r["kv"] == "full")
+    assert full_other["value"] == pytest.approx(full["value"], rel=1e-9)
+    assert abs(full_other["peer_value"] / full["value"] - 1) > 0.05
+
+
 def test_bench_writes_rows_and_plot(tiny_llama, text_file, tmp_path):
     _, _, directory = tiny_llama
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"

@@ -11,7 +11,10 @@ every spec, so a spec differs from the reference only by what the KV manager doe
 
 With a `baseline` export of the same model (e.g. the fp32 export when evaluating an int4 one), ppl
 rows also carry the baseline's full-cache perplexity on the same samples (`baseline_value`), so
-the table shows what the export's own precision costs next to what the KV spec costs.
+the table shows what the export's own precision costs next to what the KV spec costs. With a
+`peer_dir` (an onnxruntime-genai model of the same source, as `kvtrt bench --peer` builds it) they
+also carry the peer's perplexity on the same samples (`peer_value`): its own weights (e.g. its
+int4 re-quantization), graphs and KV cache.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ..runtime.kv.policies import build_policy
 from ..runtime.kv.spec import KVSpec, Stage, parse_budget, parse_kv_spec
 from ..runtime.llm import load
 from ..runtime.sampling import SamplingParams
+from .bench import ortgenai_model, ortgenai_nll
 from .texts import load_texts, token_prefix
 
 TASKS = ("ppl", "agreement", "needle")
@@ -98,8 +102,10 @@ class Evaluator:
 
     def __init__(self, directory: str, context: int, texts: str | None = None, num_texts: int = 10,
                  threads: int | None = None, prefill_chunk: int = 512, progress: bool = True, seed: int = 0,
-                 baseline: str | None = None):
+                 baseline: str | None = None, peer_dir: str | None = None):
         self.llm = load(directory, threads=threads, prefill_chunk=prefill_chunk)
+        self.peer_dir = peer_dir
+        self.peer = ortgenai_model(peer_dir, threads) if peer_dir is not None else None
         self.baseline = None
         if baseline is not None:
             self.baseline = load(baseline, threads=threads, prefill_chunk=prefill_chunk)
@@ -145,6 +151,7 @@ class Evaluator:
         full = SpecRun(KVSpec(), "full", None)
         totals = {r.label: Totals() for r in [full, *runs]}
         base = Totals() if self.baseline is not None and task == "ppl" else None
+        peer = Totals() if self.peer is not None and task == "ppl" else None
         jobs = self._jobs(task, new_tokens, depths)
         bar = tqdm(total=len(jobs) * (len(runs) + 1), desc=f"eval {task}", unit="run", disable=not self.progress)
         for prompt, payload in jobs:
@@ -155,6 +162,9 @@ class Evaluator:
                     pass
                 base.nll -= float(torch.cat(gen.target_logprobs).sum())
                 base.tokens += len(payload)
+            if peer is not None:  # the onnxruntime-genai model, same sample
+                peer.nll += ortgenai_nll(self.peer, prompt, payload)
+                peer.tokens += len(payload)
             prefilled = self._prefill(prompt)
             reference = None
             for run in [full, *runs]:
@@ -181,6 +191,10 @@ class Evaluator:
             for row in rows:
                 row["baseline"] = str(self.baseline.directory)
                 row["baseline_value"] = math.exp(base.nll / base.tokens)
+        if peer is not None:
+            for row in rows:
+                row["peer"] = str(self.peer_dir)
+                row["peer_value"] = math.exp(peer.nll / peer.tokens)
         return rows
 
     def _jobs(self, task: str, new_tokens: int | None, depths: list[float] | None) -> list[tuple[list[int], object]]:
@@ -242,17 +256,17 @@ def _sentence_end(codec, ids: list[int], at: int) -> int:
 
 def table(rows: list[dict]) -> str:
     """Markdown table of eval rows."""
-    base = any("baseline_value" in r for r in rows)
+    others = [name for name in ("baseline", "peer") if any(f"{name}_value" in r for r in rows)]
     lines = ["| task | kv | budget | metric | value | full cache | ratio | KV MiB | correction rate |"
-             + (" baseline full cache | vs baseline |" if base else ""),
-             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if base else "")]
+             + "".join(f" {name} full cache | vs {name} |" for name in others),
+             "|---|---|---|---|---|---|---|---|---|" + "---|---|" * len(others)]
     for r in rows:
         ratio = r["value"] / r["full_value"] if r["full_value"] else float("nan")
         corr = f"{r['correction_rate']:.3f}" if "correction_rate" in r else ""
         line = (f"| {r['task']} | {r['kv']} | {r['budget'] if r['budget'] is not None else ''} | {r['metric']} | "
                 f"{r['value']:.4f} | {r['full_value']:.4f} | {ratio:.4f} | {r['kv_mib']:.1f} | {corr} |")
-        if base:
-            b = r.get("baseline_value")
+        for name in others:
+            b = r.get(f"{name}_value")
             line += f" {b:.4f} | {r['value'] / b:.4f} |" if b else " | |"
         lines.append(line)
     return "\n".join(lines)

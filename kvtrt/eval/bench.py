@@ -4,6 +4,7 @@ its own subprocess, optionally beside onnxruntime-genai on the same model and th
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import subprocess
@@ -12,6 +13,8 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 from .texts import load_texts, token_prefix
 
@@ -38,14 +41,48 @@ def measure_kvtrt(directory: str, ids: list[int], new_tokens: int, kv: str, thre
             "new_tokens": s.new_tokens, "kv_stats": s.kv}
 
 
+def ortgenai_model(model_dir: str, threads: int | None):
+    """The onnxruntime-genai model in `model_dir` with `threads` intra-op threads (None: its default)."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        raise RuntimeError("the onnxruntime-genai peer needs `pip install 'kvtrt[bench]'`") from None
+    config = og.Config(str(model_dir))
+    if threads:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+    return og.Model(config)
+
+
+def ortgenai_nll(model, prompt: list[int], targets: list[int]) -> float:
+    """Teacher-forced negative log-likelihood (nats, summed) of `targets` after `prompt` under the
+    onnxruntime-genai `model`: its own KV cache and graphs, the logits of each step scored in float64."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + len(targets), do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    nll = 0.0
+    for i, target in enumerate(targets):
+        logits = generator.get_logits()[0, -1].astype(np.float64)
+        top = logits.max()
+        nll += top + math.log(np.exp(logits - top).sum()) - logits[target]
+        if i + 1 < len(targets):
+            generator.append_tokens([target])
+    return nll
+
+
+def peer_directory(directory: str, peer_dir: str | None, precision: str) -> str:
+    """Where the peer model of export `directory` is cached: `peer_dir`, or DIR-ortgenai-PRECISION beside it."""
+    return peer_dir or str(Path(directory).resolve().parent / f"{Path(directory).name}-ortgenai-{precision}")
+
+
 def measure_ortgenai(model_dir: str, ids: list[int], new_tokens: int, threads: int) -> dict:
     """Runs in the worker process: the same greedy generation with onnxruntime-genai."""
     import onnxruntime_genai as og
 
-    config = og.Config(model_dir)
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads,
-                                                                            "inter_op_num_threads": 1}}}}))
-    model = og.Model(config)
+    model = ortgenai_model(model_dir, threads)
     total = len(ids) + new_tokens
 
     def run(prompt: list[int], n: int) -> tuple[float, float]:
@@ -71,16 +108,16 @@ def measure_ortgenai(model_dir: str, ids: list[int], new_tokens: int, threads: i
     return {"prefill_s": prefill_s, "decode_tok_s": tok_s, "kv_mib": kv_mib, "new_tokens": new_tokens, "kv_stats": {}}
 
 
-def build_ortgenai(directory: str, out: Path, precision: str = "fp32") -> Path:
-    """Build (once, cached in `out`) an onnxruntime-genai model from the export's source model."""
+def build_ortgenai(directory: str, out: Path, precision: str = "fp32", hf=None) -> Path:
+    """Build (once, cached in `out`) an onnxruntime-genai model from the export's source model
+    (or from `hf`, an in-memory (model, tokenizer) pair)."""
     if (out / "genai_config.json").is_file():
         return out
     from ..manifest import Manifest
     from ..models.loading import load_hf
 
-    manifest = Manifest.load(directory)
     with tempfile.TemporaryDirectory() as tmp:
-        _save_plain_hf(*load_hf(manifest.source), Path(tmp))
+        _save_plain_hf(*(hf or load_hf(Manifest.load(directory).source)), Path(tmp))
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", tmp, "-o", str(out), "-p", precision,
                "-e", "cpu", "-c", str(Path(tmp) / "cache")]
         print("building onnxruntime-genai peer:", " ".join(cmd), file=sys.stderr)
@@ -153,8 +190,7 @@ def run_bench(directory: str, contexts: list[int], kv_specs: list[str], new_toke
     if peer:
         if peer != "ortgenai":
             raise ValueError(f"--peer {peer!r} is unknown; the supported peer is 'ortgenai'")
-        peer_dir = peer_dir or str(Path(directory).resolve().parent
-                                   / f"{Path(directory).name}-ortgenai-{peer_precision}")
+        peer_dir = peer_directory(directory, peer_dir, peer_precision)
         build_ortgenai(directory, Path(peer_dir), peer_precision)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
