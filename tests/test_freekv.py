@@ -113,6 +113,18 @@ def decode(r, seq: Seq, n0, steps, on_step=None, prefetch=True):
     return n
 
 
+def lockstep(managers, seq: Seq, n: int, steps: int):
+    """Run the same simulated decode steps on several managers side by side, from length ``n``;
+    yields the length after each step."""
+    for _ in range(steps):
+        for r in managers:
+            r.prefetch()
+            nk, nv = seq.kv(n, n + 1)
+            r.finish_step(seq.q(n), nk, nv)
+        n += 1
+        yield n
+
+
 def make(spec, seq: Seq, **kw):
     return build_retrieval(spec).create(seq.L, seq.Hkv, seq.H, seq.D, batch=seq.B, **kw)
 
@@ -484,13 +496,7 @@ def test_views_are_stable_buffers_and_threaded_matches_inline():
     ka, va = seq.kv(0, 120)
     a.start(ka, va, seq.q(119))
     b.start(ka, va, seq.q(119))
-    n = 120
-    for _ in range(20):
-        for r in (a, b):
-            r.prefetch()
-            nk, nv = seq.kv(n, n + 1)
-            r.finish_step(seq.q(n), nk, nv)
-        n += 1
+    for _ in lockstep((a, b), seq, 120, 20):
         va_, vb_ = a.view(), b.view()
         assert va_.index == vb_.index
         for x, y in zip(va_.keys + va_.values + [va_.mask], vb_.keys + vb_.values + [vb_.mask]):
@@ -514,13 +520,7 @@ def test_staging_slot_leaves_the_view_unchanged():
     for v in staged.views:
         for t in v.keys + v.values:
             t[:, :, -1] = 7.0  # what the graph would have written; retrieval must not touch it
-    n = 120
-    for _ in range(20):
-        for r in (plain, staged):
-            r.prefetch()
-            nk, nv = seq.kv(n, n + 1)
-            r.finish_step(seq.q(n), nk, nv)
-        n += 1
+    for _ in lockstep((plain, staged), seq, 120, 20):
         a, b = plain.view(), staged.view()
         assert b.keys[0].shape[2] == a.keys[0].shape[2] + 1 == staged.slots + 1
         for x, y in zip(a.keys + a.values, b.keys + b.values):
