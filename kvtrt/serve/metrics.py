@@ -22,10 +22,13 @@ TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20
 
 # scheduler stats field -> (metric name without the `kvtrt:` prefix, help); gauges are read as they are
 GAUGES = {
-    "running": ("num_requests_running", "Requests in the running batch (prefilling or decoding)."),
+    "running": ("num_requests_running", "Requests admitted and running (prefilling or decoding)."),
+    "prefilling": ("num_requests_prefilling", "Admitted requests whose prompt is being prefilled."),
     "waiting": ("num_requests_waiting", "Requests waiting for admission (KV memory or queue)."),
-    "kv_bytes_used": ("kv_cache_usage_bytes", "KV bytes held by all sequences (stores, views, pools, cached prefixes)."),
+    "kv_bytes_used": ("kv_cache_usage_bytes", "KV bytes held by live requests (decode batches, FreeKV pools and views, prefills)."),
     "kv_bytes_cap": ("kv_cache_capacity_bytes", "The kv_memory cap in bytes (absent when unlimited)."),
+    "cached_prefixes": ("cached_prefixes", "Finished conversations whose KV is kept for a next turn."),
+    "cached_prefix_bytes": ("cached_prefix_bytes", "KV bytes of the cached prefixes (evicted first under kv_memory)."),
     "correction_rate": ("freekv_correction_rate",
                         "FreeKV: fraction of (layer, KV head) selections corrected with the fresh query."),
 }
@@ -35,8 +38,10 @@ COUNTERS = {
     "generation_tokens_total": ("generation_tokens", "Generated tokens."),
     "reused_prefix_tokens_total": ("reused_prefix_tokens", "Prompt tokens served from a cached prefix (multi-turn reuse) instead of prefilled."),
     "compactions_total": ("kv_compactions", "KV compactions run (KVCrush, SnapKV, H2O, StreamingLLM)."),
-    "corrections_total": ("freekv_corrections", "FreeKV selections corrected with the fresh query."),
+    "corrections_total": ("freekv_corrections", "FreeKV (layer, KV head) selections corrected with the fresh query."),
+    "correction_checks_total": ("freekv_correction_checks", "FreeKV (layer, KV head) selections checked."),
     "requests_finished_total": ("requests_finished", "Requests the scheduler finished (any reason)."),
+    "requests_cancelled_total": ("requests_cancelled", "Requests cancelled (client disconnects included)."),
 }
 
 
@@ -62,6 +67,12 @@ class _SchedulerCollector:
         names, values = list(self.labels), list(self.labels.values())
         for field, (name, doc) in GAUGES.items():
             value = getattr(stats, field, None) if stats is not None else None
+            if field == "running" and value is not None:
+                value += getattr(stats, "prefilling", 0) or 0  # vLLM counts prefilling requests as running
+            if field == "correction_rate" and value is None:
+                checks = getattr(stats, "correction_checks_total", None)
+                if checks:
+                    value = (getattr(stats, "corrections_total", 0) or 0) / checks
             if value is None and field in ("running", "waiting", "kv_bytes_used"):
                 value = 0
             if value is None:
