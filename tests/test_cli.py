@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kvtrt.cli import build_parser, main
+from kvtrt.cli import command_options, command_parsers, main
 
 from conftest import haystack_text
 
@@ -19,11 +19,11 @@ def text_file(tmp_path_factory):
 
 
 def test_every_option_has_help():
-    parser = build_parser()
-    for name, sub in parser._subparsers._group_actions[0].choices.items():
-        for action in sub._actions:
-            if action.dest != "help":
-                assert action.help, f"kvtrt {name} {action.dest} has no help"
+    parsers = command_parsers()
+    assert {"export", "generate", "bench", "eval", "validate", "build-engine", "quantize"} <= set(parsers)
+    for name, sub in parsers.items():
+        for action in command_options(sub):
+            assert action.help, f"kvtrt {name} {action.dest} has no help"
 
 
 def test_generate_streams_and_reports(tiny_llama, capsys):
@@ -94,7 +94,7 @@ def test_eval_peer_reports_onnxruntime_genai_perplexity(tiny_llama, text_file, t
     samples; a peer built from the same fp32 weights matches kvtrt's full cache, one built from
     other weights does not."""
     pytest.importorskip("onnxruntime_genai", reason="the peer needs the bench extra (onnxruntime-genai)")
-    from kvtrt.eval.bench import build_ortgenai
+    from kvtrt.eval.peers import build_ortgenai
     from tiny import tiny_model, tiny_tokenizer
 
     model, tokenizer, directory = tiny_llama
@@ -145,3 +145,36 @@ def test_bench_refuses_context_past_positions(tiny_llama, text_file, capsys):
     _, _, directory = tiny_llama
     assert main(["bench", str(directory), "--context", "600", "--text", str(text_file)]) == 2
     assert "positions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, module, extra", [
+    (["validate", "--no-lint"], "polygraphy", "validate"),
+    (["validate", "--trt-commands", "OUT/trt-commands"], "polygraphy", "validate"),
+    (["bench", "--context", "64", "--plot", "OUT/bench.png"], "matplotlib", "bench"),
+    (["eval", "--kv", "snapkv", "--peer", "ortgenai"], "onnxruntime_genai", "bench"),
+    (["build-engine", "-o", "OUT/engines"], "tensorrt", "trt"),
+])
+def test_a_missing_extra_fails_at_once_with_the_install_command(tiny_llama, tmp_path, monkeypatch, capsys, command,
+                                                                module, extra):
+    """A command whose optional extra is not installed exits 2 before any work, naming the pip command."""
+    import sys
+
+    import kvtrt.eval.accuracy
+    import kvtrt.eval.bench
+    import kvtrt.eval.peers
+    import kvtrt.export.trt
+    import kvtrt.export.validate
+
+    _, _, directory = tiny_llama
+    monkeypatch.setitem(sys.modules, module, None)  # importlib.util.find_spec now says: not installed
+    calls = []
+    for owner, name in ((kvtrt.export.validate, "validate"), (kvtrt.export.validate, "load_reference"),
+                        (kvtrt.export.trt, "write_trt_commands"), (kvtrt.export.trt, "build_engines"),
+                        (kvtrt.eval.bench, "run_bench"), (kvtrt.eval.peers, "build_ortgenai"),
+                        (kvtrt.eval.accuracy, "Evaluator")):
+        monkeypatch.setattr(owner, name, lambda *a, name=name, **k: calls.append(name))
+    argv = [command[0], str(directory), *(w.replace("OUT", str(tmp_path)) for w in command[1:])]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"pip install 'kvtrt[{extra}]'" in err and module in err
+    assert calls == [] and list(tmp_path.iterdir()) == []  # nothing ran, nothing was written

@@ -1,8 +1,7 @@
-"""int4 exports (`kvtrt.export.quantize`): graph structure, exactness, shared weights, SmolLM2 quality (issue 5)."""
+"""int4 exports (`kvtrt.export.quantize`): graph structure, exactness, shared weights, SmolLM2 quality."""
 
 from __future__ import annotations
 
-import argparse
 import math
 import shutil
 from collections import Counter
@@ -13,8 +12,9 @@ import pytest
 import torch
 
 import kvtrt
-from kvtrt.export.quantize import (add_quantize_parser, dequantized_weights, quantize_blocks, quantize_blocks8,
-                                   quantize_export)
+from kvtrt.cli import main
+from kvtrt.contract import DEFAULT_PREFILL_CHUNK
+from kvtrt.export.quantize import dequantized_weights, quantize_blocks, quantize_blocks8, quantize_export
 from kvtrt.manifest import Manifest
 from kvtrt.runtime.generator import Generation
 from kvtrt.runtime.sampling import SamplingParams
@@ -102,7 +102,7 @@ def test_int4_graph_structure_shared_weights_and_manifest(tiny_exports, tmp_path
 def test_int4_graph_computes_its_dequantized_model(tiny_exports, tmp_path, family):
     """accuracy_level 1 (fp32 compute): the graph equals the adapter rebuilt with dequantized weights,
     checked through `kvtrt validate` (Polygraphy) against that reference."""
-    from kvtrt.validate import validate
+    from kvtrt.export.validate import validate
 
     model, _, directory = tiny_exports[family]
     out = _copy(directory, tmp_path)
@@ -119,7 +119,7 @@ def test_int4_graph_computes_its_dequantized_model(tiny_exports, tmp_path, famil
 
 
 def test_8bit_lm_head_default_is_shared_with_the_lookup_and_computes_its_dequantized_model(tiny_llama, tmp_path):
-    from kvtrt.validate import validate
+    from kvtrt.export.validate import validate
 
     model, _, directory = tiny_llama
     out = _copy(directory, tmp_path)
@@ -144,7 +144,7 @@ def test_8bit_lm_head_default_is_shared_with_the_lookup_and_computes_its_dequant
 def test_default_int4_validates_and_a_corrupted_int4_weight_is_caught(tiny_llama, tmp_path):
     """accuracy_level 4 (int8 activations): outputs checked on mean errors. The graph comparison's reference
     is dequantized from the export itself, so corrupted int4 weights are caught by the weight check."""
-    from kvtrt.validate import validate
+    from kvtrt.export.validate import validate
 
     model, _, directory = tiny_llama
     out = _copy(directory, tmp_path)
@@ -175,7 +175,9 @@ def test_int4_differs_from_float_and_generates(tiny_llama, tmp_path):
     ids = float_llm.encode("Once upon a time")
     logits = []
     for llm in (float_llm, int4_llm):
-        _, last, _ = Generation(llm.engine, [ids], 1, SamplingParams(), [], 16).prefill(ids)
+        gen = Generation(engine=llm.engine, prompts=[ids], max_new_tokens=1, sampling=SamplingParams(), eos_ids=[],
+                         prefill_chunk=16)
+        _, last, _ = gen.prefill(ids)
         logits.append(last)
     assert 1e-3 < (logits[0] - logits[1]).abs().max() < 5  # quantized, but not broken
     assert len(int4_llm.generate("Once upon a time", max_new_tokens=10).token_ids) == 10
@@ -195,16 +197,14 @@ def test_rtn_scheme_and_float_embedding(tiny_llama, tmp_path):
 
 def test_cli_parser(tiny_llama, tmp_path, capsys):
     _, _, directory = tiny_llama
-    parser = argparse.ArgumentParser(prog="kvtrt")
-    add_quantize_parser(parser.add_subparsers(dest="command"))
     out = _copy(directory, tmp_path)
-    args = parser.parse_args(["quantize", str(out), "--accuracy-level", "4"])
-    assert args.func(args) == 0
+    assert main(["quantize", str(out), "--accuracy-level", "4"]) == 0
     assert "int4" in capsys.readouterr().out
 
 
 def _teacher_nll(llm, prompt, target) -> float:
-    gen = Generation(llm.engine, [prompt], len(target), SamplingParams(), [], 512, teacher=[target])
+    gen = Generation(engine=llm.engine, prompts=[prompt], max_new_tokens=len(target), sampling=SamplingParams(),
+                     eos_ids=[], prefill_chunk=DEFAULT_PREFILL_CHUNK, teacher=[target])
     assert [t for _, t in gen.run()] == target
     return -torch.cat(gen.target_logprobs).mean().item()
 

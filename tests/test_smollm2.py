@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kvtrt
+from kvtrt.contract import DEFAULT_PREFILL_CHUNK
 from kvtrt.runtime.generator import Generation
 from kvtrt.runtime.kv.spec import parse_kv_spec
 from kvtrt.runtime.sampling import SamplingParams
@@ -42,8 +43,8 @@ def long_sample(smollm2):
 
 
 def _nll(llm, prompt, target, spec):
-    gen = Generation(llm.engine, [prompt], len(target), SamplingParams(), [], 512, kv=parse_kv_spec(spec),
-                     teacher=[target])
+    gen = Generation(engine=llm.engine, prompts=[prompt], max_new_tokens=len(target), sampling=SamplingParams(),
+                     eos_ids=[], prefill_chunk=DEFAULT_PREFILL_CHUNK, kv=parse_kv_spec(spec), teacher=[target])
     for _ in gen.run():
         pass
     return -float(torch.cat(gen.target_logprobs).mean()), gen

@@ -1,4 +1,4 @@
-"""TensorRT: written trtexec/polygraphy commands and their profiles; engine build + TrtEngine on a GPU (issue 5)."""
+"""TensorRT: written trtexec/polygraphy commands and their profiles; engine build + TrtEngine on a GPU."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 
 from kvtrt.export.trt import (check_profiles, check_trt_graph, parse_trtexec_profiles, trt_profiles,
                               write_trt_commands)
+from kvtrt.contract import input_names
 from kvtrt.manifest import Manifest
-from kvtrt.models.base import input_names
 
 
 @pytest.fixture(scope="module")
@@ -202,8 +202,11 @@ def test_build_engines_and_generate_like_onnxruntime(fp16_export, tmp_path):
     engine = TrtEngine(exported)
     llm = kvtrt.load(exported, provider="cuda") if "CUDAExecutionProvider" in _ort_providers() else kvtrt.load(exported)
     ids = llm.encode("Once upon a time, in a land far away")
-    want = [t for _, t in Generation(llm.engine, [ids], 16, SamplingParams(), [], 16).run()]
-    got = [t for _, t in Generation(engine, [ids], 16, SamplingParams(), [], 16).run()]
+    def tokens(engine):
+        return [t for _, t in Generation(engine=engine, prompts=[ids], max_new_tokens=16, sampling=SamplingParams(),
+                                         eos_ids=[], prefill_chunk=16).run()]
+
+    want, got = tokens(llm.engine), tokens(engine)
     assert got[:8] == want[:8]  # fp16 on two backends: allow late divergence
 
 

@@ -1,8 +1,7 @@
-"""`kvtrt validate`: Polygraphy lint + comparison against the PyTorch/HF reference (issue 5)."""
+"""`kvtrt validate`: Polygraphy lint + comparison against the PyTorch/HF reference."""
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import shutil
@@ -13,14 +12,9 @@ import pytest
 
 pytest.importorskip("polygraphy")
 
-from kvtrt import validate as validate_module  # noqa: E402
-from kvtrt.validate import HF, REFERENCE, add_validate_parser, validate  # noqa: E402
-
-
-def _parser():
-    parser = argparse.ArgumentParser(prog="kvtrt")
-    add_validate_parser(parser.add_subparsers(dest="command"))
-    return parser
+from kvtrt.cli import build_parser, command_parsers, main  # noqa: E402
+from kvtrt.export import validate as validate_module  # noqa: E402
+from kvtrt.export.validate import HF, REFERENCE, validate  # noqa: E402
 
 
 def test_tiny_export_passes_with_every_case_output_and_reference(tiny_llama, tmp_path):
@@ -88,10 +82,9 @@ def test_corrupted_weight_fails_naming_the_outputs(tiny_llama, tmp_path, monkeyp
     assert not failed & {"key.0", "value.0", "query.0", "score.0"}
     assert "FAILED: prefill output 'key.1'" in report.table()
     # the CLI path exits 1 on failure (reference injected: the tiny model lives in memory)
-    monkeypatch.setattr(validate_module, "_load_reference", lambda manifest, ref: model.float().eval())
-    args = _parser().parse_args(["validate", str(broken), "--no-lint", "--save-dir", str(tmp_path / "cli"),
-                                 "--json", str(tmp_path / "cli.json")])
-    assert args.func(args) == 1
+    monkeypatch.setattr(validate_module, "load_reference", lambda manifest, ref=None: model.float().eval())
+    assert main(["validate", str(broken), "--no-lint", "--save-dir", str(tmp_path / "cli"),
+                 "--json", str(tmp_path / "cli.json")]) == 1
     out = capsys.readouterr().out
     assert "validation FAILED" in out and "key.1" in out
     assert json.loads((tmp_path / "cli.json").read_text())["passed"] is False
@@ -109,7 +102,7 @@ def test_wrong_reference_family_is_refused(tiny_exports):
 
 
 def test_help_text():
-    text = _parser().format_help() + _parser()._subparsers._group_actions[0].choices["validate"].format_help()
+    text = build_parser().format_help() + command_parsers()["validate"].format_help()
     assert "--json" in text and "--trt-commands" in text and "Polygraphy" in text
 
 

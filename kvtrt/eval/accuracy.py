@@ -31,7 +31,7 @@ from ..runtime.kv.policies import build_policy
 from ..runtime.kv.spec import KVSpec, Stage, parse_budget, parse_kv_spec
 from ..runtime.llm import load
 from ..runtime.sampling import SamplingParams
-from .bench import ortgenai_model, ortgenai_nll
+from .peers import ortgenai_model, ortgenai_nll
 from .texts import load_texts, token_prefix
 
 TASKS = ("ppl", "agreement", "needle")

@@ -4,7 +4,6 @@ its own subprocess, optionally beside onnxruntime-genai on the same model and th
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import subprocess
@@ -14,8 +13,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
+from ..contract import DEFAULT_PREFILL_CHUNK
+from .peers import PEERS, build_ortgenai, ortgenai_model, peer_directory
 from .texts import load_texts, token_prefix
 
 
@@ -39,43 +38,6 @@ def measure_kvtrt(directory: str, ids: list[int], new_tokens: int, kv: str, thre
     s = gen.stats
     return {"prefill_s": s.prefill_s, "decode_tok_s": s.decode_tok_s, "kv_mib": s.kv_bytes / 2**20,
             "new_tokens": s.new_tokens, "kv_stats": s.kv}
-
-
-def ortgenai_model(model_dir: str, threads: int | None):
-    """The onnxruntime-genai model in `model_dir` with `threads` intra-op threads (None: its default)."""
-    try:
-        import onnxruntime_genai as og
-    except ImportError:
-        raise RuntimeError("the onnxruntime-genai peer needs `pip install 'kvtrt[bench]'`") from None
-    config = og.Config(str(model_dir))
-    if threads:
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
-    return og.Model(config)
-
-
-def ortgenai_nll(model, prompt: list[int], targets: list[int]) -> float:
-    """Teacher-forced negative log-likelihood (nats, summed) of `targets` after `prompt` under the
-    onnxruntime-genai `model`: its own KV cache and graphs, the logits of each step scored in float64."""
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + len(targets), do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    nll = 0.0
-    for i, target in enumerate(targets):
-        logits = generator.get_logits()[0, -1].astype(np.float64)
-        top = logits.max()
-        nll += top + math.log(np.exp(logits - top).sum()) - logits[target]
-        if i + 1 < len(targets):
-            generator.append_tokens([target])
-    return nll
-
-
-def peer_directory(directory: str, peer_dir: str | None, precision: str) -> str:
-    """Where the peer model of export `directory` is cached: `peer_dir`, or DIR-ortgenai-PRECISION beside it."""
-    return peer_dir or str(Path(directory).resolve().parent / f"{Path(directory).name}-ortgenai-{precision}")
 
 
 def measure_ortgenai(model_dir: str, ids: list[int], new_tokens: int, threads: int) -> dict:
@@ -106,38 +68,6 @@ def measure_ortgenai(model_dir: str, ids: list[int], new_tokens: int, threads: i
     kv_heads, head = info["decoder"]["num_key_value_heads"], info["decoder"]["head_size"]
     kv_mib = 2 * layers * kv_heads * head * total * 4 / 2**20  # fp32 KV on CPU (also for int4 weights)
     return {"prefill_s": prefill_s, "decode_tok_s": tok_s, "kv_mib": kv_mib, "new_tokens": new_tokens, "kv_stats": {}}
-
-
-def build_ortgenai(directory: str, out: Path, precision: str = "fp32", hf=None) -> Path:
-    """Build (once, cached in `out`) an onnxruntime-genai model from the export's source model
-    (or from `hf`, an in-memory (model, tokenizer) pair)."""
-    if (out / "genai_config.json").is_file():
-        return out
-    from ..manifest import Manifest
-    from ..models.loading import load_hf
-
-    with tempfile.TemporaryDirectory() as tmp:
-        _save_plain_hf(*(hf or load_hf(Manifest.load(directory).source)), Path(tmp))
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", tmp, "-o", str(out), "-p", precision,
-               "-e", "cpu", "-c", str(Path(tmp) / "cache")]
-        print("building onnxruntime-genai peer:", " ".join(cmd), file=sys.stderr)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return out
-
-
-def _save_plain_hf(model, tokenizer, folder: Path) -> None:
-    """A plain safetensors HF folder (transformers refuses save_pretrained for GGUF-loaded models)."""
-    from safetensors.torch import save_file
-
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config["architectures"] = config.get("architectures") or [type(model).__name__]
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save_pretrained(str(folder))
 
 
 def _worker(args: dict) -> None:
@@ -175,7 +105,7 @@ def _spawn(args: dict) -> dict:
 
 def run_bench(directory: str, contexts: list[int], kv_specs: list[str], new_tokens: int = 64, threads: int = 2,
               peer: str | None = None, peer_dir: str | None = None, texts: str | None = None,
-              prefill_chunk: int = 512, repeat: int = 2, peer_precision: str = "fp32") -> list[dict]:
+              prefill_chunk: int = DEFAULT_PREFILL_CHUNK, repeat: int = 2, peer_precision: str = "fp32") -> list[dict]:
     """Measure every (context, kv spec) and the peer; returns the rows (also printed as a table)."""
     from ..manifest import Manifest
     from ..runtime.tokenizer import TextCodec
@@ -188,8 +118,8 @@ def run_bench(directory: str, contexts: list[int], kv_specs: list[str], new_toke
     codec = TextCodec(directory, manifest)
     corpus = load_texts(texts)
     if peer:
-        if peer != "ortgenai":
-            raise ValueError(f"--peer {peer!r} is unknown; the supported peer is 'ortgenai'")
+        if peer not in PEERS:
+            raise ValueError(f"--peer {peer!r} is unknown; the supported peer is {', '.join(map(repr, PEERS))}")
         peer_dir = peer_directory(directory, peer_dir, peer_precision)
         build_ortgenai(directory, Path(peer_dir), peer_precision)
     rows = []

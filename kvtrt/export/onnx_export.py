@@ -11,22 +11,23 @@ from pathlib import Path
 
 import onnx
 import torch
-from onnx import TensorProto, external_data_helper, helper
+from onnx import TensorProto, external_data_helper
 from tqdm.auto import tqdm
 
-from ..manifest import Manifest
-from ..models import get_adapter, input_names, output_names
-from ..models.base import ATTENTION
+from ..contract import (ATTENTION, CONTRACT_VARIANTS, DEFAULT_SCORE_WINDOW, IN_PLACE_VARIANTS, WEIGHTS_FILE,
+                        GraphVariant, input_names, output_names)
+from ..manifest import Manifest, generation_defaults, generation_eos_ids
+from ..models import get_adapter
 from ..models.loading import DEFAULT_MODEL, load_hf
+from ..plugins import PLACEHOLDER_DOMAIN, to_contrib_ops
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-WEIGHTS_FILE = "weights.bin"
 ALIGN = 1 << 16  # external data offsets aligned so ORT can map them
 INLINE_LIMIT = 1024  # smaller initializers stay inside the graph
 
 
 def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export", *, dtype: str = "fp32",
-                 max_positions: int | None = None, score_window: int = 32, opset: int = 18,
+                 max_positions: int | None = None, score_window: int = DEFAULT_SCORE_WINDOW, opset: int = 18,
                  attention: str = "auto", progress: bool = True) -> Manifest:
     """Export `model` to `out_dir` and return the manifest.
 
@@ -62,19 +63,18 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
     bar.update()
 
     out.mkdir(parents=True, exist_ok=True)
-    graphs = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
-    if attention == "gqa":
-        graphs.update(prefill_shared="prefill_shared.onnx", decode_shared="decode_shared.onnx")
+    variants = CONTRACT_VARIANTS + (IN_PLACE_VARIANTS if attention == "gqa" else ())
+    graphs = {str(variant): variant.onnx_file for variant in variants}  # manifest keys are plain strings
     bar.total += len(graphs) - 2
     protos = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in graphs:
+        for variant in variants:
             bar.set_postfix_str(f"tracing {variant} graph")
             module = adapter.build(hf_model, max_positions, DTYPES[dtype], variant, attention=attention)
-            protos[variant] = _trace(module, arch, variant, Path(tmp) / f"{variant}.onnx", opset, DTYPES[dtype])
+            protos[str(variant)] = _trace(module, arch, variant, Path(tmp) / variant.onnx_file, opset, DTYPES[dtype])
             bar.update()
         bar.set_postfix_str("writing weights")
-        _save_shared(protos, graphs, out)
+        save_shared(protos, graphs, out)
         bar.update()
     bar.set_postfix_str("checking graphs")
     for name in graphs.values():
@@ -89,26 +89,30 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
         graphs=graphs, weights_file=WEIGHTS_FILE, export_options={"dtype": dtype, "max_positions": max_positions,
                                                                    "score_window": score_window, "opset": opset,
                                                                    "attention": attention},
+        generation_defaults=generation_defaults(getattr(hf_model, "generation_config", None)),
         **_save_tokenizer(tokenizer, config, out))
+    # HF generate stops at generation_config's EOS ids too (Llama 3: <|eot_id|> besides <|end_of_text|>)
+    manifest.eos_token_ids = sorted({*manifest.eos_token_ids,
+                                     *generation_eos_ids(getattr(hf_model, "generation_config", None))})
     manifest.save(out)
     bar.update()
     bar.close()
     return manifest
 
 
-def _trace(module, arch, variant: str, path: Path, opset: int, dtype: torch.dtype) -> onnx.ModelProto:
+def _trace(module, arch, variant: GraphVariant, path: Path, opset: int, dtype: torch.dtype) -> onnx.ModelProto:
     L, Hkv, D = arch.n_layers, arch.n_kv_heads, arch.head_dim
-    decode = variant.startswith("decode")
+    decode = variant.is_decode
     B, S, P = 2, (1 if decode else 3), 5
     args = [torch.zeros(B, S, dtype=torch.long), torch.arange(P, P + S).repeat(B, 1),
             torch.ones(B, P, dtype=torch.long)]
-    if not decode:
+    if variant.is_prefill:
         args.append(torch.tensor([1, 2]))  # score_queries
-    if variant.endswith("_shared"):
+    if variant.in_place:
         args.append(torch.tensor(P - S))  # write_slot: the chunk fills the buffer
     args += [torch.zeros(B, Hkv, P, D, dtype=dtype) for _ in range(2 * L)]
     ins, outs = input_names(L, variant), output_names(L, variant)
-    past = "capacity" if variant.endswith("_shared") else "past"
+    past = "capacity" if variant.in_place else "past"
     dyn = {"input_ids": {0: "batch"} if decode else {0: "batch", 1: "new"},
            "position_ids": {0: "batch"} if decode else {0: "batch", 1: "new"},
            "past_mask": {0: "batch", 1: past}, "logits": {0: "batch"}}
@@ -131,39 +135,11 @@ def _trace(module, arch, variant: str, path: Path, opset: int, dtype: torch.dtyp
         warnings.simplefilter("ignore")
         torch.onnx.export(module.eval(), tuple(args), str(path), input_names=ins, output_names=outs,
                           dynamic_axes=dyn, opset_version=opset, dynamo=False, do_constant_folding=True,
-                          custom_opsets={"kvtrt": 1} if module.gqa else None)
-    return _contrib_ops(onnx.load(str(path), load_external_data=True))
+                          custom_opsets={PLACEHOLDER_DOMAIN: 1} if module.fused else None)
+    return to_contrib_ops(onnx.load(str(path), load_external_data=True))
 
 
-def _contrib_ops(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Turn the traced `kvtrt::` placeholders into `com.microsoft` nodes: SkipSimplifiedLayerNormalization
-    as it is, GroupQueryAttention with the op's input layout (cos/sin cache, position_ids,
-    head_sink, KV scales and qk-norm weights omitted; key and value too when the query input is
-    packed QKV)."""
-    found = False
-    for node in proto.graph.node:
-        if node.domain == "kvtrt" and node.op_type == "SkipSimplifiedLayerNormalization":  # same inputs
-            node.domain = "com.microsoft"
-            found = True
-        if node.domain == "kvtrt" and node.op_type == "GroupQueryAttention":
-            if len(node.input) == 7:  # packed QKV: key and value inputs empty
-                q, past_k, past_v, seqlens, total, bias, query_lens = node.input
-                k = v = ""
-            else:
-                q, k, v, past_k, past_v, seqlens, total, bias, query_lens = node.input
-            del node.input[:]
-            node.input.extend([q, k, v, past_k, past_v, seqlens, total, "", "", "", bias, *[""] * 5, query_lens])
-            node.domain = "com.microsoft"
-            found = True
-    kept = [o for o in proto.opset_import if o.domain != "kvtrt"]
-    if found and not any(o.domain == "com.microsoft" for o in kept):
-        kept.append(helper.make_opsetid("com.microsoft", 1))
-    del proto.opset_import[:]
-    proto.opset_import.extend(kept)
-    return proto
-
-
-def _save_shared(protos: dict[str, onnx.ModelProto], graphs: dict[str, str], out: Path) -> None:
+def save_shared(protos: dict[str, onnx.ModelProto], graphs: dict[str, str], out: Path) -> None:
     """Write every large initializer once into WEIGHTS_FILE and point all graphs at it."""
     written: dict[str, tuple[int, int, bytes]] = {}
     with open(out / WEIGHTS_FILE, "wb") as f:
@@ -222,4 +198,4 @@ def _save_tokenizer(tokenizer, config, out: Path) -> dict:
             "eos_token": tokenizer.eos_token}
 
 
-__all__ = ["export_model", "DTYPES"]
+__all__ = ["export_model", "save_shared", "DTYPES"]

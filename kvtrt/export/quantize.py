@@ -3,7 +3,7 @@
 Every projection (`*_weight_t` MatMul initializers: fused QKV, o, gate/up, down, and the lm_head)
 becomes ONNX Runtime's `com.microsoft::MatMulNBits` (4-bit, block 32 along K). Both graphs keep
 sharing ONE weights file: quantization is deterministic, so prefill and decode produce identical
-quantized initializers under identical names and `onnx_export._save_shared` writes each once
+quantized initializers under identical names and `onnx_export.save_shared` writes each once
 (checking the bytes agree).
 
 Two schemes, measured on SmolLM2-135M (teacher-forced perplexity on the haystack essays, 384
@@ -77,10 +77,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..contract import QUANTIZE_METHODS as METHODS
+from ..contract import QUANTIZE_SCHEMES as SCHEMES
+from ..contract import WEIGHTS_FILE
 from ..manifest import Manifest
 
-METHODS = ("int4",)
-SCHEMES = ("offset", "rtn")
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 _LOG = logging.getLogger(__name__)
 
@@ -95,8 +96,8 @@ def quantize_export(directory: str | os.PathLike, method: str = "int4", block_si
     `embedding`: "shared" looks the tied embedding up in the int4 lm_head (GatherBlockQuantized),
     "float" keeps the lookup in float. `lm_head_bits`: 8 (the default with the offset scheme) keeps
     the lm_head and the tied table at 8 bits, symmetric blocks, exact for a GGUF Q8_0 table; 4
-    quantizes it like the projections (the default with rtn, which has no 8-bit path). The manifest records `quantize: "int4"` and the options in
-    `export_options["quantize"]`.
+    quantizes it like the projections (the default with rtn, which has no 8-bit path). The manifest
+    records `quantize: "int4"` and the options in `export_options["quantize"]`.
     """
     directory = Path(directory)
     manifest = Manifest.load(directory)
@@ -120,7 +121,7 @@ def quantize_export(directory: str | os.PathLike, method: str = "int4", block_si
     if lm_head_bits == 8 and scheme != "offset":
         raise ValueError("an 8-bit lm_head needs scheme 'offset' (the rtn scheme quantizes everything to 4 bits)")
 
-    from .onnx_export import WEIGHTS_FILE, _save_shared
+    from .onnx_export import save_shared
 
     protos = {}
     notes: dict[str, str] = {}
@@ -131,7 +132,7 @@ def quantize_export(directory: str | os.PathLike, method: str = "int4", block_si
                                          lm_head_bits=lm_head_bits)
     # write into a scratch folder first, then move the files over the originals
     with tempfile.TemporaryDirectory(dir=directory, prefix=".quantize-") as tmp:
-        _save_shared(protos, manifest.graphs, Path(tmp))
+        save_shared(protos, manifest.graphs, Path(tmp))
         for filename in [*manifest.graphs.values(), WEIGHTS_FILE]:
             os.replace(Path(tmp) / filename, directory / filename)
     if manifest.weights_file != WEIGHTS_FILE:
@@ -516,46 +517,5 @@ def _zero_points4(inits: dict, name: str, rows: int, kb: int) -> np.ndarray:
     return np.full((rows, kb), 8.0, dtype=np.float32)
 
 
-# -- command line ----------------------------------------------------------------------------------
-def add_quantize_parser(subparsers) -> None:
-    """Register `kvtrt quantize DIR` on an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "quantize", help="rewrite an export folder in place with int4 weights (ONNX Runtime MatMulNBits)",
-        description="Quantize every projection and the lm_head of the export in DIR to 4 bits per weight in blocks "
-                    "of 32 (com.microsoft MatMulNBits), keep prefill and decode sharing one weights.bin, look the "
-                    "tied embedding up in the int4 lm_head (GatherBlockQuantized), and record quantize=int4 in "
-                    "manifest.json. Runs on the ONNX Runtime CPU and CUDA providers; TensorRT cannot parse the "
-                    "result (build TensorRT engines from a float --dtype fp16 export).")
-    p.add_argument("dir", help="export folder made by `kvtrt export` (rewritten in place)")
-    p.add_argument("--method", default="int4", choices=METHODS, help="quantization (only int4 for now)")
-    p.add_argument("--scheme", default="offset", choices=SCHEMES,
-                   help="'offset' (default): min/max blocks with a float offset per block, exact for GGUF Q4_1 "
-                        "weights; 'rtn': onnxruntime's MatMulNBitsQuantizer with integer zero points")
-    p.add_argument("--block-size", type=int, default=32, help="weights per quantization block along K (default 32)")
-    p.add_argument("--symmetric", action="store_true", help="with --scheme rtn: symmetric blocks (no zero points)")
-    p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
-                   help="MatMulNBits compute type on CPU: 4 = int8 activations (fastest, default), 1 = fp32")
-    p.add_argument("--float-embedding", action="store_true",
-                   help="keep the embedding lookup in float (an extra copy) instead of sharing the int4 lm_head")
-    p.add_argument("--lm-head-bits", type=int, default=None, choices=[4, 8],
-                   help="bits of the lm_head and tied embedding: 8 (default with --scheme offset; exact for a GGUF "
-                        "Q8_0 table, as SmolLM2's is: 1.001x fp32 perplexity against 1.056x with 4, at the same "
-                        "measured decode speed) or 4 (default with --scheme rtn)")
-    p.set_defaults(func=_cmd_quantize)
-
-
-def _cmd_quantize(args) -> int:
-    manifest = quantize_export(args.dir, args.method, args.block_size, scheme=args.scheme, symmetric=args.symmetric,
-                               accuracy_level=args.accuracy_level,
-                               embedding="float" if args.float_embedding else "shared",
-                               lm_head_bits=args.lm_head_bits)
-    size = (Path(args.dir) / manifest.weights_file).stat().st_size
-    print(f"quantized {args.dir} to {manifest.quantize} ({args.scheme}, block {args.block_size}, accuracy_level "
-          f"{args.accuracy_level}, embedding {manifest.export_options['quantize']['embedding']}); "
-          f"{manifest.weights_file} is now {size / 2**20:.1f} MiB")
-    return 0
-
-
 __all__ = ["quantize_export", "quantize_model", "quantize_blocks", "quantize_blocks8", "dequantized_weights",
-           "add_quantize_parser",
            "METHODS", "SCHEMES"]

@@ -41,12 +41,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contract import DEFAULT_PREFILL_CHUNK, ENGINE_DIR, ENGINE_INDEX, GraphVariant, input_names
 from ..manifest import Manifest
-from ..models.base import input_names
+from ..runtime.trt_engine import import_tensorrt
 
 Shape = tuple[int, ...]
-ENGINE_DIR = "trt"  # default engine folder inside the export
-ENGINE_INDEX = "engines.json"
 
 
 @dataclass
@@ -61,7 +60,8 @@ class Profile:
         return {name: s[which] for name, s in self.shapes.items()}
 
 
-def trt_profiles(manifest: Manifest, *, max_batch: int = 1, prefill_chunk: int = 512, capacity: int | None = None,
+def trt_profiles(manifest: Manifest, *, max_batch: int = 1, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 capacity: int | None = None,
                  decode_view: int | None = None, opt_batch: int = 1) -> dict[str, Profile]:
     """The prefill and decode profiles (see the module docstring)."""
     capacity = manifest.max_positions if capacity is None else capacity
@@ -77,17 +77,17 @@ def trt_profiles(manifest: Manifest, *, max_batch: int = 1, prefill_chunk: int =
             raise ValueError(f"{label} {value} is more past slots than the export's {manifest.max_positions} positions "
                              f"allow; use at most {manifest.max_positions}")
     batch = (1, opt_batch, max_batch)
-    prefill = _profile(manifest, "prefill", batch, (1, prefill_chunk, prefill_chunk),
+    prefill = _profile(manifest, GraphVariant.PREFILL, batch, (1, prefill_chunk, prefill_chunk),
                        (0, capacity // 2, capacity))
-    decode = _profile(manifest, "decode", batch, (1, 1, 1), (1, max(1, decode_view // 2), decode_view))
-    profiles = {"prefill": prefill, "decode": decode}
+    decode = _profile(manifest, GraphVariant.DECODE, batch, (1, 1, 1), (1, max(1, decode_view // 2), decode_view))
+    profiles = {str(GraphVariant.PREFILL): prefill, str(GraphVariant.DECODE): decode}
     problems = check_profiles(profiles, manifest)
     if problems:  # a bug here, not a user error
         raise AssertionError("inconsistent TensorRT profiles: " + "; ".join(problems))
     return {k: v for k, v in profiles.items() if k in manifest.graphs}
 
 
-def _profile(manifest: Manifest, graph: str, b: tuple, s: tuple, p: tuple) -> Profile:
+def _profile(manifest: Manifest, graph: GraphVariant, b: tuple, s: tuple, p: tuple) -> Profile:
     Hkv, D = manifest.n_kv_heads, manifest.head_dim
     shapes = {}
     for name in input_names(manifest.n_layers, graph):
@@ -99,7 +99,7 @@ def _profile(manifest: Manifest, graph: str, b: tuple, s: tuple, p: tuple) -> Pr
             shapes[name] = tuple((b[i], p[i]) for i in range(3))
         else:
             shapes[name] = tuple((b[i], Hkv, p[i], D) for i in range(3))
-    return Profile(graph, shapes)
+    return Profile(str(graph), shapes)
 
 
 def check_profiles(profiles: dict[str, Profile], manifest: Manifest) -> list[str]:
@@ -123,7 +123,7 @@ def check_profiles(profiles: dict[str, Profile], manifest: Manifest) -> list[str
             if shapes["input_ids"] != shapes["position_ids"] or len(shapes["input_ids"]) != 2:
                 problems.append(f"{graph} {label}: input_ids {shapes['input_ids']} != position_ids "
                                 f"{shapes['position_ids']}")
-            if graph == "decode" and shapes["input_ids"][1] != 1:
+            if GraphVariant(graph).is_decode and shapes["input_ids"][1] != 1:
                 problems.append(f"decode {label}: S must be 1, got {shapes['input_ids'][1]}")
             if "score_queries" in shapes and shapes["score_queries"][0] > shapes["input_ids"][1]:
                 problems.append(f"{graph} {label}: {shapes['score_queries'][0]} score rows but S = "
@@ -215,12 +215,13 @@ def sample_inputs(manifest: Manifest, graph: str, batch: int = 1, new: int = 8, 
                   seed: int = 0) -> dict[str, np.ndarray]:
     """Small valid inputs for one graph call (random tokens, random past K/V, all slots live)."""
     rng = np.random.default_rng(seed)
-    new = 1 if graph == "decode" else new
+    variant = GraphVariant(graph)
+    new = 1 if variant.is_decode else new
     dtype = np.float16 if manifest.dtype == "fp16" else np.float32
     out = {"input_ids": rng.integers(0, manifest.vocab_size, (batch, new), dtype=np.int64),
            "position_ids": np.tile(np.arange(past, past + new, dtype=np.int64), (batch, 1)),
            "past_mask": np.ones((batch, past), dtype=np.int64)}
-    if graph == "prefill":
+    if variant.is_prefill:
         out["score_queries"] = np.arange(max(0, new - manifest.score_window), new, dtype=np.int64)
     for name in input_names(manifest.n_layers, graph)[len(out):]:
         out[name] = (rng.standard_normal((batch, manifest.n_kv_heads, past, manifest.head_dim)) * 0.5).astype(dtype)
@@ -228,8 +229,8 @@ def sample_inputs(manifest: Manifest, graph: str, batch: int = 1, new: int = 8, 
 
 
 def write_trt_commands(directory: str | os.PathLike, out_dir: str | os.PathLike, *, max_batch: int = 1,
-                       prefill_chunk: int = 512, capacity: int | None = None, decode_view: int | None = None,
-                       opt_batch: int = 1) -> TrtCommands:
+                       prefill_chunk: int = DEFAULT_PREFILL_CHUNK, capacity: int | None = None,
+                       decode_view: int | None = None, opt_batch: int = 1) -> TrtCommands:
     """Write `build.sh` (trtexec builds and runs, `polygraphy run --trt --onnxrt` comparisons),
     `profiles.json` and the input files they read into `out_dir`."""
     from polygraphy.json import save_json
@@ -330,19 +331,10 @@ def _parse_spec(spec: str) -> dict[str, Shape]:
 
 
 # -- engine build (GPU) ----------------------------------------------------------------------------
-def import_tensorrt():
-    """`tensorrt`, or a clear error saying how to get it."""
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise RuntimeError("TensorRT is not installed: `pip install 'kvtrt[trt]'` (tensorrt>=10) on a machine with an "
-                           f"NVIDIA GPU ({exc})") from None
-    return trt
-
-
 def build_engines(directory: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, max_batch: int = 1,
-                  prefill_chunk: int = 512, capacity: int | None = None, decode_view: int | None = None,
-                  opt_batch: int = 1, workspace_gib: float | None = None) -> dict[str, Path]:
+                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, capacity: int | None = None,
+                  decode_view: int | None = None, opt_batch: int = 1,
+                  workspace_gib: float | None = None) -> dict[str, Path]:
     """Build one serialized engine per graph with its profile into `out_dir` (default DIR/trt) and
     write `engines.json` (profiles, TensorRT version). UNVERIFIED: written to the documented
     TensorRT 10/11 Python API, never run here (no GPU)."""
@@ -387,38 +379,5 @@ def build_engines(directory: str | os.PathLike, out_dir: str | os.PathLike | Non
     return written
 
 
-# -- command line ----------------------------------------------------------------------------------
-def add_build_engine_parser(subparsers) -> None:
-    """Register `kvtrt build-engine DIR` on an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "build-engine", help="build TensorRT engines (prefill + decode) for an fp16 export (NVIDIA GPU, kvtrt[trt])",
-        description="Parse DIR's prefill.onnx and decode.onnx with TensorRT's ONNX parser and build one serialized "
-                    "engine per graph, each with one optimization profile: prefill (batch 1..--max-batch, new tokens "
-                    "1..--prefill-chunk, past slots 0..--capacity) and decode (new tokens 1, past slots "
-                    "1..--decode-view). TensorRT 11 is strongly typed, so export with --dtype fp16 for fp16 engines; "
-                    "quantized (int4) exports are refused. Engines go to DIR/trt (load them with "
-                    "`kvtrt generate DIR --backend tensorrt`). Needs `pip install 'kvtrt[trt]'` and a GPU.")
-    p.add_argument("dir", help="export folder made by `kvtrt export --dtype fp16`")
-    p.add_argument("-o", "--output", default=None, help="engine folder (default DIR/trt)")
-    p.add_argument("--max-batch", type=int, default=1, help="largest batch the engines accept (default 1)")
-    p.add_argument("--opt-batch", type=int, default=1, help="batch TensorRT tunes for (default 1)")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="most new tokens per prefill call (default 512)")
-    p.add_argument("--capacity", type=int, default=None,
-                   help="most past slots of a prefill call (default: the export's max positions)")
-    p.add_argument("--decode-view", type=int, default=None,
-                   help="most past slots of a decode call, i.e. the KV view size (default: max positions)")
-    p.add_argument("--workspace-gib", type=float, default=None, help="TensorRT workspace limit in GiB")
-    p.set_defaults(func=_cmd_build_engine)
-
-
-def _cmd_build_engine(args) -> int:
-    written = build_engines(args.dir, args.output, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
-                            capacity=args.capacity, decode_view=args.decode_view, opt_batch=args.opt_batch,
-                            workspace_gib=args.workspace_gib)
-    for graph, path in written.items():
-        print(f"{graph}: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
-    return 0
-
-
 __all__ = ["Profile", "trt_profiles", "check_profiles", "check_trt_graph", "write_trt_commands", "TrtCommands",
-           "parse_trtexec_profiles", "sample_inputs", "build_engines", "add_build_engine_parser", "import_tensorrt"]
+           "parse_trtexec_profiles", "sample_inputs", "build_engines"]

@@ -1,4 +1,4 @@
-"""`kvtrt validate DIR`: check an export's graphs against the PyTorch reference with Polygraphy.
+"""Check an export's graphs against the PyTorch reference with Polygraphy.
 
 What it does, in order:
 
@@ -57,8 +57,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .manifest import Manifest
-from .models.base import input_names, output_names
+from ..contract import GraphVariant, output_names, past_names
+from ..manifest import Manifest
 
 #: per export kind: the polygraphy error statistic ("stat") and (atol, rtol) per output kind ("" =
 #: default; "hf" = the HF-transformers logits comparison). See the module docstring for the numbers.
@@ -175,19 +175,21 @@ class ValidationReport:
 @dataclass
 class Case:
     name: str
-    graph: str  # a variant of the export: "prefill", "decode", "prefill_shared", "decode_shared"
+    graph: str  # a GraphVariant of the export
     inputs: "OrderedDict[str, np.ndarray]"
     reference: "OrderedDict[str, np.ndarray]"
     hf_logits: np.ndarray | None = None
 
 
 # -- reference -------------------------------------------------------------------------------------
-def _load_reference(manifest: Manifest, reference_model):
+def load_reference(manifest: Manifest, reference_model=None):
+    """The fp32 HF model the export came from: `reference_model` (a model or (model, tokenizer)),
+    or loaded from `manifest.source`; refused when its family differs from the export's."""
     if reference_model is None:
         if manifest.source in ("", "in-memory model"):
             raise ValueError("this export was made from an in-memory model, so validate cannot reload it: pass "
                              "the Hugging Face model as validate(directory, reference_model=model)")
-        from .models.loading import load_hf
+        from ..models.loading import load_hf
 
         reference_model, _ = load_hf(manifest.source)
     if isinstance(reference_model, tuple):
@@ -202,14 +204,14 @@ def _load_reference(manifest: Manifest, reference_model):
 
 
 def _modules(hf_model, manifest: Manifest, directory: Path, weight_checks: list | None = None):
-    from .models import get_adapter
+    from ..models import get_adapter
 
     adapter = get_adapter(manifest.model_type)
     attention = manifest.export_options.get("attention", "ops")
-    modules = {v: adapter.build(hf_model, manifest.max_positions, torch.float32, v, attention=attention)
+    modules = {GraphVariant(v): adapter.build(hf_model, manifest.max_positions, torch.float32, v, attention=attention)
                for v in manifest.graphs}
     if manifest.quantize != "none":
-        from .export.quantize import dequantized_weights
+        from .quantize import dequantized_weights
 
         options = manifest.export_options.get("quantize") or {}
         for variant, module in modules.items():
@@ -274,7 +276,7 @@ def build_cases(hf_model, manifest: Manifest, directory: Path, batch: int = 2, f
     def run(variant, ids, start, mask, past, write_slot=None):
         pos = torch.arange(start, start + ids.shape[1]).repeat(batch, 1)
         extra = {}
-        if variant.startswith("prefill"):  # the score window's rows, as the runtime asks on a last chunk
+        if variant.is_prefill:  # the score window's rows, as the runtime asks on a last chunk
             extra["score_queries"] = torch.arange(max(0, ids.shape[1] - manifest.score_window), ids.shape[1])
         if write_slot is not None:
             extra["write_slot"] = torch.tensor(write_slot)
@@ -282,7 +284,7 @@ def build_cases(hf_model, manifest: Manifest, directory: Path, batch: int = 2, f
             out = modules[variant](ids, pos, mask, *extra.values(), *past)
         inputs = OrderedDict(input_ids=ids.numpy(), position_ids=pos.numpy(), past_mask=mask.numpy())
         inputs.update((name, tensor.numpy()) for name, tensor in extra.items())
-        for name, tensor in zip([n for n in input_names(L) if n.startswith(("past_key.", "past_value."))], past):
+        for name, tensor in zip(past_names(L), past):
             inputs[name] = tensor.numpy().astype(np_dtype)
         names = output_names(L, variant)
         return inputs, OrderedDict((n, t.float().numpy()) for n, t in zip(names, out)), out
@@ -298,37 +300,39 @@ def build_cases(hf_model, manifest: Manifest, directory: Path, batch: int = 2, f
 
     cases = []
     mask0 = torch.ones(batch, 0, dtype=torch.long)
-    inp, ref, out1 = run("prefill", ids1, 0, mask0, empty)
-    cases.append(Case("prefill P=0", "prefill", inp, ref, hf_logits(ids1)))
+    prefill, prefill_shared = GraphVariant.PREFILL, GraphVariant.PREFILL_SHARED
+    decode, decode_shared = GraphVariant.DECODE, GraphVariant.DECODE_SHARED
+    inp, ref, out1 = run(prefill, ids1, 0, mask0, empty)
+    cases.append(Case("prefill P=0", prefill, inp, ref, hf_logits(ids1)))
     past1 = [t.to(torch.float16).float() if np_dtype == np.float16 else t for t in kv(out1)]
-    inp, ref, out2 = run("prefill", ids2, first, torch.ones(batch, first, dtype=torch.long), past1)
-    cases.append(Case(f"prefill P={first}", "prefill", inp, ref, hf_logits(torch.cat([ids1, ids2], 1))))
+    inp, ref, out2 = run(prefill, ids2, first, torch.ones(batch, first, dtype=torch.long), past1)
+    cases.append(Case(f"prefill P={first}", prefill, inp, ref, hf_logits(torch.cat([ids1, ids2], 1))))
     past2 = [torch.cat([a, b.to(torch.float16).float() if np_dtype == np.float16 else b], 2)
              for a, b in zip(past1, kv(out2))]
     P = first + second
-    if "prefill_shared" in modules:  # the same two chunks written in place into buffers they fill
+    if prefill_shared in modules:  # the same two chunks written in place into buffers they fill
         buffers = [torch.zeros_like(t) for t in past1]
-        inp, ref, _ = run("prefill_shared", ids1, 0, torch.ones(batch, first, dtype=torch.long), buffers, 0)
-        cases.append(Case("prefill_shared P=0", "prefill_shared", inp, ref, hf_logits(ids1)))
+        inp, ref, _ = run(prefill_shared, ids1, 0, torch.ones(batch, first, dtype=torch.long), buffers, 0)
+        cases.append(Case("prefill_shared P=0", prefill_shared, inp, ref, hf_logits(ids1)))
         buffers = [torch.cat([t, torch.zeros_like(t[:, :, :second])], 2) for t in past1]
-        inp, ref, _ = run("prefill_shared", ids2, first, torch.ones(batch, P, dtype=torch.long), buffers, first)
-        cases.append(Case(f"prefill_shared P={first}", "prefill_shared", inp, ref,
+        inp, ref, _ = run(prefill_shared, ids2, first, torch.ones(batch, P, dtype=torch.long), buffers, first)
+        cases.append(Case(f"prefill_shared P={first}", prefill_shared, inp, ref,
                           hf_logits(torch.cat([ids1, ids2], 1))))
-    inp, ref, _ = run("decode", ids3, P, torch.ones(batch, P, dtype=torch.long), past2)
-    cases.append(Case(f"decode P={P}", "decode", inp, ref, hf_logits(torch.cat([ids1, ids2, ids3], 1))))
+    inp, ref, _ = run(decode, ids3, P, torch.ones(batch, P, dtype=torch.long), past2)
+    cases.append(Case(f"decode P={P}", decode, inp, ref, hf_logits(torch.cat([ids1, ids2, ids3], 1))))
     mask = torch.ones(batch, P, dtype=torch.long)
     mask[0, 2:5] = 0  # evicted slots in the middle
     mask[-1, :3] = 0  # and at the start of the other sequence
-    inp, ref, _ = run("decode", ids3, P, mask, past2)
-    cases.append(Case(f"decode P={P} masked", "decode", inp, ref, None))
-    if "decode_shared" in modules:  # the buffer has one free slot, the one the step writes
+    inp, ref, _ = run(decode, ids3, P, mask, past2)
+    cases.append(Case(f"decode P={P} masked", decode, inp, ref, None))
+    if decode_shared in modules:  # the buffer has one free slot, the one the step writes
         buffers = [torch.cat([t, torch.zeros_like(t[:, :, :1])], 2) for t in past2]
         live = torch.ones(batch, 1, dtype=torch.long)
-        inp, ref, _ = run("decode_shared", ids3, P, torch.ones(batch, P + 1, dtype=torch.long), buffers, P)
-        cases.append(Case(f"decode_shared P={P}", "decode_shared", inp, ref,
+        inp, ref, _ = run(decode_shared, ids3, P, torch.ones(batch, P + 1, dtype=torch.long), buffers, P)
+        cases.append(Case(f"decode_shared P={P}", decode_shared, inp, ref,
                           hf_logits(torch.cat([ids1, ids2, ids3], 1))))
-        inp, ref, _ = run("decode_shared", ids3, P, torch.cat([mask, live], 1), buffers, P)
-        cases.append(Case(f"decode_shared P={P} masked", "decode_shared", inp, ref, None))
+        inp, ref, _ = run(decode_shared, ids3, P, torch.cat([mask, live], 1), buffers, P)
+        cases.append(Case(f"decode_shared P={P} masked", decode_shared, inp, ref, None))
     return cases
 
 
@@ -496,7 +500,7 @@ def validate(directory: str | os.PathLike, reference_model=None, *, json_out: st
     directory = Path(directory)
     manifest = Manifest.load(directory)
     kind = export_kind(manifest)
-    hf_model = _load_reference(manifest, reference_model)
+    hf_model = load_reference(manifest, reference_model)
     weight_checks: list[OutputCheck] = []
     cases = build_cases(hf_model, manifest, directory, batch=batch, seed=seed, weight_checks=weight_checks)
     tmp = None
@@ -520,54 +524,5 @@ def validate(directory: str | os.PathLike, reference_model=None, *, json_out: st
     return report
 
 
-# -- command line ----------------------------------------------------------------------------------
-def add_validate_parser(subparsers) -> None:
-    """Register `kvtrt validate DIR [--json OUT] [--trt-commands OUT_DIR]` on argparse subparsers."""
-    p = subparsers.add_parser(
-        "validate", help="check an export against the PyTorch/HF reference with Polygraphy (CPU)",
-        description="Lint the graphs (polygraphy check lint), build golden outputs from the PyTorch reference "
-                    "(the kvtrt adapter module and HF transformers' logits, loaded from the manifest's source) for "
-                    "prefill without and with a past, decode with a past and decode with masked slots, save them "
-                    "with their inputs in Polygraphy's JSON formats, run ONNX Runtime through Polygraphy and compare "
-                    "(CompareFunc.simple; fp32 elementwise atol 1e-4/rtol 1e-3, fp16 up to 1.5e-1, int4 against "
-                    "its own dequantized weights, plus a check of those weights against the float model). Prints "
-                    "max abs/rel error per output and exits 1 on any failure.")
-    p.add_argument("dir", help="export folder made by `kvtrt export`")
-    p.add_argument("--json", metavar="OUT", help="also write the report (every output's errors) as JSON to OUT")
-    p.add_argument("--save-dir", help="where to write the Polygraphy inputs, goldens and polygraphy_run.sh "
-                                      "(default DIR/validation)")
-    p.add_argument("--no-lint", action="store_true", help="skip `polygraphy check lint`")
-    p.add_argument("--all-outputs", action="store_true", help="one table row per output instead of per kind")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random validation tokens")
-    p.add_argument("--trt-commands", metavar="OUT_DIR",
-                   help="also write ready-to-run trtexec and `polygraphy run --trt --onnxrt` commands (build.sh, "
-                        "profiles.json, inputs) for TensorRT engines of this export; needs a --dtype fp16 export")
-    p.add_argument("--max-batch", type=int, default=1, help="with --trt-commands: largest batch of the profiles")
-    p.add_argument("--prefill-chunk", type=int, default=512,
-                   help="with --trt-commands: most new tokens per prefill call (S of the prefill profile)")
-    p.add_argument("--capacity", type=int, default=None,
-                   help="with --trt-commands: most past slots of a prefill call (default: max positions)")
-    p.add_argument("--decode-view", type=int, default=None,
-                   help="with --trt-commands: most past slots of a decode call (default: max positions)")
-    p.set_defaults(func=_cmd_validate)
-
-
-def _cmd_validate(args) -> int:
-    if args.trt_commands:
-        from .export.trt import write_trt_commands
-
-        written = write_trt_commands(args.dir, args.trt_commands, max_batch=args.max_batch,
-                                     prefill_chunk=args.prefill_chunk, capacity=args.capacity,
-                                     decode_view=args.decode_view)
-        for note in written.notes:
-            print(f"note: {note}", file=sys.stderr)
-        print(f"wrote TensorRT commands to {written.script}")
-    report = validate(args.dir, json_out=args.json, save_dir=args.save_dir, run_lint=not args.no_lint,
-                      seed=args.seed)
-    print(report.table(every_output=args.all_outputs))
-    print(f"polygraphy inputs/goldens: {Path(report.files['polygraphy_run']).parent}")
-    return 0 if report.passed else 1
-
-
-__all__ = ["validate", "ValidationReport", "OutputCheck", "LintResult", "TOLERANCES", "add_validate_parser",
-           "build_cases", "compare", "lint", "save_cases"]
+__all__ = ["validate", "ValidationReport", "OutputCheck", "LintResult", "TOLERANCES", "build_cases", "compare",
+           "lint", "load_reference", "save_cases"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import ArchConfig, DecoderGraph, input_names, output_names
+from .base import ArchConfig, DecoderGraph
 from .llama import LlamaAdapter, UnsupportedModelError
 from .mistral import MistralAdapter
 from .qwen2 import Qwen2Adapter
@@ -21,5 +21,4 @@ def get_adapter(model_type: str) -> LlamaAdapter:
             f"(Llama-family decoders). Add an adapter in kvtrt/models/ for other families.") from None
 
 
-__all__ = ["ADAPTERS", "ArchConfig", "DecoderGraph", "UnsupportedModelError", "get_adapter",
-           "input_names", "output_names"]
+__all__ = ["ADAPTERS", "ArchConfig", "DecoderGraph", "UnsupportedModelError", "get_adapter"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..contract import GraphVariant
 from .base import ArchConfig, DecoderGraph, rotate_half_matrix
 
 
@@ -86,11 +87,10 @@ class LlamaAdapter:
         rotary = model.model.rotary_emb
         return rotary.inv_freq.detach().float().clone(), float(getattr(rotary, "attention_scaling", 1.0))
 
-    def build(self, model, max_positions: int, dtype: torch.dtype,
-              variant: str, attention: str = "ops") -> DecoderGraph:
-        """The exportable module for `model`, for one graph variant ("prefill", "decode",
-        "prefill_shared" or "decode_shared"; see `DecoderGraph`)."""
+    def build(self, model, max_positions: int, dtype: torch.dtype, variant: GraphVariant | str,
+              attention: str = "ops") -> DecoderGraph:
+        """The exportable module for `model`, for one graph variant (see `DecoderGraph`)."""
         arch = self.arch(model.config, max_positions)
         inv_freq, scaling = self.rope(model)
-        return DecoderGraph(arch, self.weights(model, arch, dtype), inv_freq, scaling, decode=variant.startswith("decode"),
-                            attention=attention, shared_cache=variant.endswith("_shared"))
+        return DecoderGraph(arch, self.weights(model, arch, dtype), inv_freq, scaling, variant=variant,
+                            attention=attention)

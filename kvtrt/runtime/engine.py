@@ -16,8 +16,8 @@ from typing import Iterable, Protocol
 import numpy as np
 import torch
 
+from ..contract import GraphVariant, input_names, output_names
 from ..manifest import ExportMismatchError, Manifest
-from ..models.base import input_names, output_names
 
 NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -34,11 +34,11 @@ class Engine(Protocol):
     manifest: Manifest
     device: torch.device
 
-    def new_binding(self, variant: str): ...
+    def new_binding(self, variant: GraphVariant | str): ...
 
     def bind(self, binding, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None: ...
 
-    def run(self, variant: str, binding) -> None: ...
+    def run(self, variant: GraphVariant | str, binding) -> None: ...
 
 
 class OrtEngine:
@@ -88,7 +88,7 @@ class OrtEngine:
         for variant in self.manifest.graphs if variants is None else variants:
             self.session(variant)
 
-    def session(self, variant: str):
+    def session(self, variant: GraphVariant | str):
         """The ONNX Runtime session of graph `variant`, created (and checked) on first use."""
         session = self.sessions.get(variant)
         if session is not None:
@@ -107,7 +107,7 @@ class OrtEngine:
                 self.sessions[variant] = session
             return self.sessions[variant]
 
-    def _check(self, variant: str, session) -> None:
+    def _check(self, variant: GraphVariant | str, session) -> None:
         m = self.manifest
         got_in = [i.name for i in session.get_inputs()]
         got_out = [o.name for o in session.get_outputs()]
@@ -129,8 +129,8 @@ class OrtEngine:
             raise ExportMismatchError(f"{variant} graph has vocab {logits.shape[-1]}, manifest {m.vocab_size}: "
                                       f"re-export the model")
 
-    def new_binding(self, variant: str):
-        """A fresh IOBinding for `variant` ("prefill", "decode", "decode_shared"); one per caller."""
+    def new_binding(self, variant: GraphVariant | str):
+        """A fresh IOBinding for graph `variant`; one per caller."""
         return self.session(variant).io_binding()
 
     def bind(self, binding, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
@@ -146,7 +146,7 @@ class OrtEngine:
         device = "cpu" if tensor.device.type == "cpu" else "cuda"
         return device, tensor.device.index or 0, NP_DTYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr()
 
-    def run(self, variant: str, binding) -> None:
+    def run(self, variant: GraphVariant | str, binding) -> None:
         """One graph call on the bound tensors."""
         self.sessions[variant].run_with_iobinding(binding)
         if self.device.type == "cuda":

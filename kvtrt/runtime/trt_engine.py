@@ -29,18 +29,27 @@ from pathlib import Path
 
 import torch
 
-from ..export.trt import ENGINE_DIR, ENGINE_INDEX, import_tensorrt
+from ..contract import ENGINE_DIR, ENGINE_INDEX, GraphVariant, input_names, output_names
 from ..manifest import ExportMismatchError, Manifest
-from ..models.base import input_names, output_names
 from .engine import TORCH_DTYPES
 
 ALIGN = 256
 
 
+def import_tensorrt():
+    """`tensorrt`, or a clear error saying how to get it."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise RuntimeError("TensorRT is not installed: `pip install 'kvtrt[trt]'` (tensorrt>=10) on a machine with an "
+                           f"NVIDIA GPU ({exc})") from None
+    return trt
+
+
 class TrtBinding:
     """The tensors one caller bound for one graph call."""
 
-    def __init__(self, variant: str):
+    def __init__(self, variant: GraphVariant | str):
         self.variant = variant
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
@@ -88,7 +97,7 @@ class TrtEngine:
         self._empty = torch.empty(ALIGN, dtype=torch.uint8, device=self.device)
         self._staging: dict[tuple, torch.Tensor] = {}
 
-    def _check(self, variant: str, engine) -> None:
+    def _check(self, variant: GraphVariant | str, engine) -> None:
         trt = self.trt
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         want = input_names(self.manifest.n_layers, variant) + output_names(self.manifest.n_layers, variant)
@@ -101,7 +110,7 @@ class TrtEngine:
                 raise ExportMismatchError(f"{variant} engine: {name} is not an input; rebuild the engine")
 
     # -- Engine protocol --------------------------------------------------------------------------
-    def new_binding(self, variant: str) -> TrtBinding:
+    def new_binding(self, variant: GraphVariant | str) -> TrtBinding:
         if variant not in self.engines:
             raise ValueError(f"graph {variant!r} is unknown; use one of {', '.join(self.engines)}")
         return TrtBinding(variant)
@@ -121,7 +130,7 @@ class TrtEngine:
                                      f"(TensorRT is strongly typed: the export's dtype is the engine's)")
                 target[name] = tensor
 
-    def run(self, variant: str, binding: TrtBinding) -> None:
+    def run(self, variant: GraphVariant | str, binding: TrtBinding) -> None:
         engine, context = self.engines[variant], self.contexts[variant]
         stream = torch.cuda.current_stream(self.device)
         with self.locks[variant], torch.cuda.device(self.device):
@@ -158,7 +167,7 @@ class TrtEngine:
         staging.copy_(tensor)  # on the current stream, ordered before the engine call
         return staging.data_ptr()
 
-    def _check_shape(self, variant: str, engine, name: str, shape: tuple) -> None:
+    def _check_shape(self, variant: GraphVariant | str, engine, name: str, shape: tuple) -> None:
         lo, _, hi = (tuple(s) for s in engine.get_tensor_profile_shape(name, 0))
         if len(shape) != len(lo) or any(not a <= d <= b for a, d, b in zip(lo, shape, hi)):
             raise ValueError(f"{variant} input {name} has shape {shape}, outside the engine's profile {lo}..{hi}; "
@@ -177,4 +186,4 @@ def _torch_dtype(trt, dtype) -> torch.dtype:
     return table[dtype]
 
 
-__all__ = ["TrtEngine", "TrtBinding"]
+__all__ = ["TrtEngine", "TrtBinding", "import_tensorrt"]
