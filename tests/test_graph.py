@@ -8,11 +8,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from kvtrt.contract import GraphVariant
+
 FAMILIES = ["llama", "mistral", "qwen2"]
 
 
 def _session(directory, variant):
-    return ort.InferenceSession(str(directory / f"{variant}.onnx"), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(directory / GraphVariant(variant).onnx_file), providers=["CPUExecutionProvider"])
 
 
 def _run(session, ids, positions, mask, past, rows=None):
@@ -79,7 +81,7 @@ def _hf_queries_and_attn(model, ids):
     """Rotated queries of every layer and HF's attention probabilities (eager attention)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    model.config._attn_implementation = "eager"
+    model.set_attn_implementation("eager")
     captured = {}
     hooks = [layer.self_attn.q_proj.register_forward_hook(lambda m, i, o, idx=idx: captured.__setitem__(idx, o))
              for idx, layer in enumerate(model.model.layers)]
@@ -91,7 +93,7 @@ def _hf_queries_and_attn(model, ids):
     finally:
         for h in hooks:
             h.remove()
-        model.config._attn_implementation = "sdpa"
+        model.set_attn_implementation("sdpa")
     c = model.config
     head_dim = c.hidden_size // c.num_attention_heads
     queries = []
@@ -263,3 +265,17 @@ def test_shared_cache_prefill_writes_the_chunk_in_place_and_matches_prefill(tiny
             np.testing.assert_allclose(b[:, :, chunk], expect[f"{kind}.{layer}"], atol=1e-5, rtol=1e-5)
             others = [s for s in range(capacity) if not past_len <= s < past_len + new]
             np.testing.assert_array_equal(b[:, :, others], old[:, :, others])  # NaN == NaN here
+
+
+def test_every_graph_carries_the_contract_names(tiny_llama):
+    """Each variant's exported inputs and outputs are `kvtrt.contract`'s, in order; the variant
+    type says which graph reads `score_queries` and `write_slot` and which returns `score`."""
+    from kvtrt.contract import input_names, output_names
+
+    _, _, directory = tiny_llama
+    for variant in GraphVariant:
+        session = _session(directory, variant)
+        ins, outs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+        assert ins == input_names(2, variant) and outs == output_names(2, variant)
+        assert ("score_queries" in ins) == variant.is_prefill and ("write_slot" in ins) == variant.in_place
+        assert ("score.0" in outs) == variant.has_score and ("present_key.0" in outs) == variant.in_place
