@@ -7,6 +7,8 @@
 
 __version__ = "0.1.0"
 
-from .runtime.llm import LLM, GenerationResult, load  # noqa: E402
+from .runtime.llm import LLM, GenerationResult, PromptTooLongError, load  # noqa: E402
+from .runtime.request import KVMemoryError, QueueFullError, Request  # noqa: E402
 
-__all__ = ["LLM", "GenerationResult", "load", "__version__"]
+__all__ = ["LLM", "GenerationResult", "KVMemoryError", "PromptTooLongError", "QueueFullError", "Request", "load",
+           "__version__"]

@@ -1,42 +1,57 @@
-"""The embeddable API: `llm = kvtrt.load(dir); llm.generate(prompt)`."""
+"""The embeddable API: `llm = kvtrt.load(dir); llm.generate(prompt)`, `llm.submit(prompt)` for services.
+
+Every call goes through one scheduler (`scheduler.py`): `generate`, `stream` and `submit` are its
+clients, so concurrent callers share one running batch.
+"""
 
 from __future__ import annotations
 
+import itertools
 import os
-from dataclasses import dataclass
+import re
 from typing import Iterator, Sequence, Union
 
 from ..manifest import Manifest
 from .engine import OrtEngine
-from .generator import Generation, GenerationStats, check_kv_spec, decode_graphs
+from .generator import check_kv_spec, decode_graphs
 from .kv.spec import KVSpec, parse_kv_spec
+from .request import GenerationResult, Request, RequestStats
 from .sampling import SamplingParams
-from .tokenizer import Messages, StreamDecoder, TextCodec
+from .scheduler import Scheduler, SchedulerStats
+from .scheduler import Sequence as _Sequence
+from .tokenizer import Messages, TextCodec
 
 Prompt = Union[str, Messages, Sequence[int]]
+
+__all__ = ["LLM", "load", "GenerationResult", "RequestStats", "SchedulerStats", "PromptTooLongError", "parse_bytes"]
 
 
 class PromptTooLongError(ValueError):
     """The prompt plus the requested new tokens exceed the export's max positions."""
 
 
-@dataclass
-class GenerationResult:
-    """What one prompt produced."""
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30}
 
-    text: str
-    token_ids: list[int]
-    prompt_ids: list[int]
-    finish_reason: str  # "eos", "stop" or "length"
-    stats: GenerationStats
+
+def parse_bytes(value: str | int | None) -> int | None:
+    """`2GiB`, `512MiB`, `1.5GB` or a byte count -> bytes (None stays None: no cap)."""
+    if value is None or isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"kv_memory={value!r} is not a size; write e.g. '2GiB', '512MiB' or a byte count")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 class LLM:
-    """A loaded export. Thread-safe: each call owns its sequence state, the engine is shared."""
+    """A loaded export and its scheduler. Thread-safe: requests from any thread join one running
+    batch."""
 
     def __init__(self, directory: str | os.PathLike, provider: str = "cpu", kv: str | KVSpec = "full",
                  threads: int | None = None, prefill_chunk: int = 512, backend: str = "onnxruntime",
-                 torch_threads: int | None = 1):
+                 torch_threads: int | None = 1, kv_memory: str | int | None = None, max_queue: int | None = None,
+                 max_batch: int = 32, prefix_cache: str | int = "512MiB"):
         if torch_threads is not None:
             # the KV manager's torch ops are small (page copies, scoring); with torch's own thread
             # pool next to the engine's, the 2-core hosts this was built on oversubscribe and
@@ -47,7 +62,6 @@ class LLM:
         self.directory = directory
         self.manifest = Manifest.load(directory)
         self.kv = parse_kv_spec(kv)
-        check_kv_spec(self.kv, self.manifest)
         if backend == "onnxruntime":
             self.engine = OrtEngine(directory, self.manifest, provider=provider, threads=threads,
                                     variants=decode_graphs(self.kv, self.manifest))
@@ -61,6 +75,23 @@ class LLM:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
+        if max_queue is not None and max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self._stages: dict[str, tuple] = {}
+        self._stages_for(self.kv)
+        self._ids = itertools.count()
+        self.scheduler = Scheduler(self, kv_memory=parse_bytes(kv_memory), max_queue=max_queue, max_batch=max_batch,
+                                   prefix_cache_bytes=parse_bytes(prefix_cache) or 0)
+
+    def _stages_for(self, kv: KVSpec) -> tuple:
+        """(policy, retrieval config) of a spec, built and checked once per spec."""
+        stages = self._stages.get(str(kv))
+        if stages is None:
+            check_kv_spec(kv, self.manifest)
+            stages = self._stages[str(kv)] = (kv.compaction, kv.retrieval)
+        return stages
 
     # -- prompts ---------------------------------------------------------------------------
     def encode(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
@@ -93,81 +124,97 @@ class LLM:
         return ids
 
     # -- generation ------------------------------------------------------------------------
-    def _generation(self, prompts: list[Prompt], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                    seed: int, chat: bool | None, truncate: bool, progress: bool) -> Generation:
-        ids = [self._fit(self.encode(p, chat), max_new_tokens, truncate) for p in prompts]
+    def submit(self, prompt: Prompt, *, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), chat: bool | None = None,
+               kv: str | KVSpec | None = None, truncate: bool = False, progress: bool = False) -> Request:
+        """Queue one request and return at once; iterate the returned `Request` for text pieces,
+        `result()` for the `GenerationResult`, `cancel()` to end it.
+
+        `prompt` is text, chat messages or token ids; `chat=True` wraps text in the chat template.
+        temperature 0 is greedy. It ends at EOS or a `stop` string (finish_reason "stop"), after
+        `max_new_tokens` ("length"), or when cancelled. `kv` overrides the load's KV spec for this
+        request; `progress` shows a bar while a long prompt is prefilled. Raises `PromptTooLongError`, `KVSpecError`, `KVMemoryError` (can never fit under
+        `kv_memory`) or `QueueFullError` (`max_queue` requests already waiting)."""
+        spec = self.kv if kv is None else parse_kv_spec(kv)
+        policy, retrieval = self._stages_for(spec)
+        ids = self._fit(self.encode(prompt, chat), max_new_tokens, truncate)
+        if policy is not None:
+            policy.budget_tokens(len(ids))  # a budget that cannot hold sink + window fails here, not mid-run
         sampling = SamplingParams(temperature, top_k, top_p, seed)
-        return Generation(self.engine, ids, max_new_tokens, sampling, self.manifest.eos_token_ids,
-                          self.prefill_chunk, progress=progress, kv=self.kv)
+        stop = tuple(s for s in ([stop] if isinstance(stop, str) else stop) if s)
+        request = Request(next(self._ids), ids)
+        seq = _Sequence(request, ids, max_new_tokens, sampling, stop, spec, policy, retrieval, self.codec,
+                        set(self.manifest.eos_token_ids), progress=progress)
+        return self.scheduler.submit(seq)
 
     def generate(self, prompt: Prompt | list[Prompt], *, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
-                 chat: bool | None = None, truncate: bool = False,
+                 chat: bool | None = None, kv: str | KVSpec | None = None, truncate: bool = False,
                  progress: bool = False) -> GenerationResult | list[GenerationResult]:
-        """Generate for one prompt, or for a list of prompts as one batch (a list of results).
-
-        `prompt` is text, chat messages (`[{"role": ..., "content": ...}]`) or token ids; `chat=True`
-        wraps text in the chat template. temperature 0 is greedy. Generation ends at EOS, at a
-        `stop` string (not included in the text), or after `max_new_tokens`.
-        """
+        """Generate for one prompt, or for a list of prompts (a list of results; they decode in
+        one running batch). Options as in `submit`."""
         batched = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], (dict, int))
         prompts = list(prompt) if batched else [prompt]
-        gen = self._generation(prompts, max_new_tokens, temperature, top_k, top_p, seed, chat, truncate, progress)
-        tokens: list[list[int]] = [[] for _ in prompts]
-        reasons = ["length"] * len(prompts)
-        for index, token in gen.run():
-            if token in self.manifest.eos_token_ids:
-                reasons[index] = "eos"
-                continue
-            tokens[index].append(token)
-            if stop and any(s in self.codec.decode(tokens[index]) for s in stop):
-                reasons[index] = "stop"
-                gen.stop(index)
-        results = []
-        for index, ids in enumerate(tokens):
-            text = self.codec.decode(ids)
-            if reasons[index] == "stop":
-                text = text[:min(text.find(s) for s in stop if s in text)]
-            results.append(GenerationResult(text, ids, gen.prompts[index], reasons[index], gen.stats))
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                       stop=stop, chat=chat, kv=kv, truncate=truncate, progress=progress)
+        requests = [self.submit(p, **options) for p in prompts]
+        results = [request.result() for request in requests]
         return results if batched else results[0]
 
     def stream(self, prompt: Prompt, *, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), chat: bool | None = None,
-               truncate: bool = False, progress: bool = False) -> Iterator[str]:
+               kv: str | KVSpec | None = None, truncate: bool = False, progress: bool = False) -> Iterator[str]:
         """Yield text pieces as they decode (one prompt). After the loop, `self.last_stats` holds
-        the call's stats (per thread: use `generate` when several threads stream at once)."""
-        gen = self._generation([prompt], max_new_tokens, temperature, top_k, top_p, seed, chat, truncate, progress)
-        decoder = StreamDecoder(self.codec)
-        keep = max(map(len, stop), default=1) - 1  # a tail that could still be the start of a stop string
-        yielded, pending, done = "", "", False
-        tokens = gen.run()
-        while not done:
-            token = next(tokens, None)
-            if token is None or token[1] in self.manifest.eos_token_ids:
-                pending += decoder.flush()
-                done = True
-            else:
-                pending += decoder.push(token[1])
-            full = yielded + pending
-            hits = [full.find(s) for s in stop if s in full]
-            if hits:
-                pending, done = full[len(yielded):min(hits)], True
-                gen.stop(0)
-            cut = len(pending) if done else len(pending) - keep
-            if cut > 0:
-                yield pending[:cut]
-                yielded, pending = yielded + pending[:cut], pending[cut:]
-        for _ in tokens:  # let the loop finish its bookkeeping (it ends at once: the sequence is finished)
-            pass
-        self.last_stats = gen.stats
+        the request's stats (per LLM: with several threads, use `submit(...).result().stats`)."""
+        request = self.submit(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                              top_p=top_p, seed=seed, stop=stop, chat=chat, kv=kv, truncate=truncate, progress=progress)
+        try:
+            yield from request
+        finally:
+            if not request.done:
+                request.cancel()
+        self.last_stats = request.result().stats
+
+    def stats(self) -> SchedulerStats:
+        """The scheduler's gauges and counters: running, waiting, KV bytes used and cap, ..."""
+        return self.scheduler.stats()
+
+    def request_bytes(self, prompt: Prompt, max_new_tokens: int = 128, kv: str | KVSpec | None = None,
+                      chat: bool | None = None) -> int:
+        """The worst-case KV bytes one request needs alone: what admission under `kv_memory` counts."""
+        spec = self.kv if kv is None else parse_kv_spec(kv)
+        policy, retrieval = self._stages_for(spec)
+        ids = self.encode(prompt, chat)
+        seq = _Sequence(Request(-1, ids), ids, max_new_tokens, SamplingParams(), (), spec, policy, retrieval,
+                        self.codec, set())
+        return self.scheduler.worst_case_bytes(seq, alone=True)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish the running requests, fail the waiting ones, stop the scheduler thread."""
+        self.scheduler.close(timeout)
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def load(directory: str | os.PathLike, provider: str = "cpu", kv: str | KVSpec = "full", threads: int | None = None,
-         prefill_chunk: int = 512, backend: str = "onnxruntime", torch_threads: int | None = 1) -> LLM:
+         prefill_chunk: int = 512, backend: str = "onnxruntime", torch_threads: int | None = 1,
+         kv_memory: str | int | None = None, max_queue: int | None = None, max_batch: int = 32,
+         prefix_cache: str | int = "512MiB") -> LLM:
     """Load an export folder made by `kvtrt export`.
 
-    provider: "cpu", "cuda" or "tensorrt" (ONNX Runtime execution provider); kv: KV spec (see the
-    README); threads: engine intra-op threads (default all cores); prefill_chunk: prompt tokens per
-    prefill call; torch_threads: torch threads for the KV manager (process-wide; None leaves it)."""
+    provider: "cpu", "cuda" or "tensorrt" (ONNX Runtime execution provider); kv: the default KV spec
+    (see the README; `submit(kv=...)` overrides it per request); threads: engine intra-op threads
+    (default all cores); prefill_chunk: prompt tokens per prefill call (and per scheduler iteration
+    while other requests decode); torch_threads: torch threads for the KV manager (process-wide;
+    None leaves it); kv_memory: cap on the KV bytes of all requests together ("2GiB"; None: no
+    cap), requests wait in FIFO order until theirs fits; max_queue: waiting requests before
+    `submit` raises `QueueFullError` (None: unbounded); max_batch: sequences per decode call;
+    prefix_cache: bytes of finished conversations kept so a next turn prefills only what is new
+    (0: off; under kv_memory they are evicted first)."""
     return LLM(directory, provider=provider, kv=kv, threads=threads, prefill_chunk=prefill_chunk, backend=backend,
-               torch_threads=torch_threads)
+               torch_threads=torch_threads, kv_memory=kv_memory, max_queue=max_queue, max_batch=max_batch,
+               prefix_cache=prefix_cache)

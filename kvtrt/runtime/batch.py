@@ -1,0 +1,306 @@
+"""Decode groups: the sequences that share one graph call per step.
+
+Layout (why): the exported decode graphs take one `[B, Hkv, C, D]` buffer per layer, one
+`past_mask [B, C]` and, for the in-place graph, one `write_slot` for the whole batch. So the rows of
+a `DenseBatch` share a write cursor `c`: each row holds its sequence's KV right-aligned in
+`[c - span, c)`, everything left of it masked (and zeroed: masked slots are still multiplied by 0).
+Per-row positions are explicit inputs, so rows of any length decode together; no re-export is
+needed. A joining sequence is copied into the next free row; a leaving one is replaced by the last
+row (one row copy) so the active rows stay `[:R]` and are bound as views. When the cursor reaches
+the capacity, or a joiner is longer than the cursor, the batch is repacked: rows shifted left so the
+longest starts at slot 0, capacity = longest span + the steps still to come. Buffers are allocated
+for `max_rows` rows with `torch.empty`: rows never touched are never resident.
+
+`RetrievalGroup` decodes FreeKV/Quest sequences, each with its own views (one call per sequence).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .buffers import bind_decode, graph_outputs, per_layer
+from .kv.store import KVStore
+
+COMPACTION_SLACK = 64  # tokens a compacted row may grow past its budget before it is compacted again
+GROW_STEPS = 256  # cursor room added at a repack when rows have no nearer end (compacting rows)
+
+
+@dataclass
+class Row:
+    seq: object  # the scheduler's Sequence: .pending (next input token), .position, .keep, .policy, .remaining
+    start: int  # first live slot
+
+
+class DenseBatch:
+    """Rows decoding from dense KV buffers: `decode_shared` (in place) for the full cache, or
+    `decode` with per-slot attention scores when rows compact (any policy, each row its own)."""
+
+    def __init__(self, engine, scored: bool, max_rows: int):
+        m = engine.manifest
+        self.engine, self.m, self.scored, self.max_rows = engine, m, scored, max_rows
+        self.variant = "decode_shared" if not scored and "decode_shared" in m.graphs else "decode"
+        self.rows: list[Row] = []
+        self.capacity = self.cursor = 0
+        self.touched = 0  # rows written since the last allocation (resident memory)
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+        self.scores: list[Tensor] | None = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self._binding = None
+        self.slot_bytes = m.kv_bytes_per_token + (4 * m.n_kv_heads * m.n_layers if scored else 0)
+
+    # -- memory ----------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes resident in this batch's buffers (rows touched since the last repack)."""
+        return self.touched * self.capacity * self.slot_bytes
+
+    def span(self, row: Row) -> int:
+        return self.cursor - row.start
+
+    def _need(self, rows: list[tuple[int, int]]) -> tuple[int, int]:
+        """(cursor, capacity) a repack would choose for rows of (span, steps still to come)."""
+        cursor = max(span for span, _ in rows)
+        return cursor, cursor + max(1, max(min(rest, GROW_STEPS) for _, rest in rows))
+
+    def projected_bytes(self, span: int, rest: int) -> int:
+        """Bytes this batch may hold with one more row of `span` slots and `rest` steps to come
+        (an upper bound: the larger of today's capacity and the next repack's)."""
+        rows = [(self.span(r), r.seq.remaining) for r in self.rows] + [(span, rest)]
+        capacity = max(self.capacity, self._need(rows)[1])
+        return max(self.touched, len(rows)) * capacity * self.slot_bytes
+
+    def _fits(self, span: int) -> bool:
+        return len(self.rows) < self.max_rows and span <= self.cursor < self.capacity
+
+    # -- membership ------------------------------------------------------------------------
+    def join(self, seq, store: KVStore) -> None:
+        """Copy a single-sequence store (all slots live, `[0, length)`) into a new row."""
+        n = store.length
+        if len(self.rows) >= self.max_rows:
+            raise RuntimeError("DenseBatch.join past max_rows")
+        if not self._fits(n):
+            self._repack(extra=(n, seq.remaining))
+        r, c = len(self.rows), self.cursor
+        for dst, src in zip(self._tensors(), self._store_tensors(store)):
+            for d, s in zip(dst, src):
+                d[r].zero_()
+                d[r, :, c - n:c] = s[0, :, :n]
+        self.mask[r].zero_()
+        self.mask[r, c - n:c] = 1
+        self.rows.append(Row(seq, c - n))
+        self.touched = max(self.touched, len(self.rows))
+        self._binding = None
+
+    def leave(self, seq) -> None:
+        """Drop `seq`'s row; the last row moves into its place."""
+        r = next(i for i, row in enumerate(self.rows) if row.seq is seq)
+        last = len(self.rows) - 1
+        if r != last:
+            for tensors in self._tensors():
+                for t in tensors:
+                    t[r].copy_(t[last])
+            self.mask[r].copy_(self.mask[last])
+            self.rows[r] = self.rows[last]
+        self.mask[last].zero_()
+        self.rows.pop()
+        self._binding = None
+        if not self.rows:
+            self._release()
+
+    def _release(self) -> None:
+        self.keys, self.values, self.scores = [], [], None
+        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.capacity = self.cursor = self.touched = 0
+
+    def _tensors(self) -> list[list[Tensor]]:
+        return [self.keys, self.values] + ([self.scores] if self.scored else [])
+
+    def _store_tensors(self, store: KVStore) -> list[list[Tensor]]:
+        return [store.keys, store.values] + ([store.scores] if self.scored else [])
+
+    def _repack(self, extra: tuple[int, int] | None = None) -> None:
+        """Reallocate: rows shifted so the longest starts at slot 0, room for the steps to come."""
+        m, dev = self.m, self.engine.device
+        rows = [(self.span(r), r.seq.remaining) for r in self.rows] + ([extra] if extra else [])
+        cursor, capacity = self._need(rows)
+        old = self._tensors()
+        shape = (self.max_rows, m.n_kv_heads, capacity)
+        new_kv = [[torch.empty(*shape, m.head_dim, dtype=self.engine.dtype, device=dev) for _ in range(m.n_layers)]
+                  for _ in range(2)]
+        new = new_kv + ([[torch.empty(*shape, dtype=torch.float32, device=dev) for _ in range(m.n_layers)]]
+                        if self.scored else [])
+        mask = torch.zeros(self.max_rows, capacity, dtype=torch.long, device=dev)
+        for i, row in enumerate(self.rows):
+            span = self.span(row)
+            for dst, src in zip(new, old):
+                for d, s in zip(dst, src):
+                    d[i].zero_()
+                    d[i, :, cursor - span:cursor] = s[i, :, row.start:self.cursor]
+            mask[i, cursor - span:cursor] = 1
+            row.start = cursor - span
+        self.keys, self.values = new[0], new[1]
+        self.scores = new[2] if self.scored else None
+        self.mask, self.cursor, self.capacity = mask, cursor, capacity
+        self.touched = len(self.rows)
+        self._binding = None
+
+    # -- compaction ------------------------------------------------------------------------
+    def compact_due(self) -> None:
+        """Compact every row that outgrew its budget by the slack (scored batches)."""
+        for i, row in enumerate(self.rows):
+            if row.seq.policy is not None and self.span(row) >= row.seq.keep + COMPACTION_SLACK:
+                self._compact_row(i, row)
+
+    def _compact_row(self, i: int, row: Row) -> None:
+        keep, c = row.seq.keep, self.cursor
+        for layer in range(self.m.n_layers):
+            chosen = row.seq.policy.select(self.scores[layer][i][:, row.start:c], keep) + row.start  # [Hkv,keep]
+            for t in (self.keys[layer], self.values[layer]):
+                kept = torch.gather(t[i], 1, chosen.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+                t[i, :, row.start:c].zero_()
+                t[i, :, c - keep:c] = kept
+            mass = torch.gather(self.scores[layer][i], 1, chosen)
+            self.scores[layer][i, :, row.start:c] = 0
+            self.scores[layer][i, :, c - keep:c] = mass
+        self.mask[i, row.start:c - keep] = 0
+        row.start = c - keep
+        row.seq.stats.compactions += 1
+
+    # -- one step --------------------------------------------------------------------------
+    def step(self) -> list[tuple[object, Tensor]]:
+        """One graph call over all rows: writes each row's pending token's KV at the cursor.
+        Returns (sequence, logits [V]) per row."""
+        if self.scored:
+            self.compact_due()
+        if self.cursor == self.capacity:
+            self._repack()
+        batch, c = len(self.rows), self.cursor
+        if self._binding is None:
+            self._bind(batch)
+        self.ids.copy_(torch.tensor([[r.seq.pending] for r in self.rows]))
+        self.positions.copy_(torch.tensor([[r.seq.position] for r in self.rows]))
+        if self.variant == "decode_shared":
+            self.slot.fill_(c)
+            self.mask[:batch, c] = 1
+            self.engine.run(self.variant, self._binding)
+        else:
+            self.engine.run(self.variant, self._binding)
+            out = self._outputs
+            for layer in range(self.m.n_layers):
+                self.keys[layer][:batch, :, c] = out[f"key.{layer}"][:, :, 0]
+                self.values[layer][:batch, :, c] = out[f"value.{layer}"][:, :, 0]
+                if self.scored:
+                    score = out[f"score.{layer}"]  # [R,Hkv,C+1]: past slots, then the new token
+                    self.scores[layer][:batch, :, :c] += score[:, :, :c]
+                    self.scores[layer][:batch, :, c] = score[:, :, -1]
+            self.mask[:batch, c] = 1
+        self.cursor += 1
+        for row in self.rows:
+            row.seq.held = max(row.seq.held, self.cursor - row.start)
+        logits = self._outputs["logits"][:, 0]
+        return [(row.seq, logits[i]) for i, row in enumerate(self.rows)]
+
+    def _bind(self, batch: int) -> None:
+        dev = self.engine.device
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.slot = torch.zeros((), dtype=torch.long, device=dev)
+        keys = [k[:batch] for k in self.keys]
+        values = [v[:batch] for v in self.values]
+        mask = self.mask[:batch]
+        if self.variant == "decode_shared":
+            self._outputs = graph_outputs(self.engine, batch, 1, None, cache=(keys, values))
+            self._binding = bind_decode(self.engine, self.variant, self.ids, self.positions, mask, keys, values,
+                                        self._outputs, write_slot=self.slot)
+        else:
+            self._outputs = graph_outputs(self.engine, batch, 1, self.capacity + 1 if self.scored else None)
+            self._binding = bind_decode(self.engine, self.variant, self.ids, self.positions, mask, keys, values,
+                                        self._outputs)
+
+    def row_slots(self, seq) -> int:
+        """Slots `seq` holds (its live span)."""
+        return next(self.span(r) for r in self.rows if r.seq is seq)
+
+
+class RetrievalGroup:
+    """FreeKV / Quest sequences: each attends through its own two view buffers (one call each)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.members: dict[int, _RetrievalRow] = {}
+
+    @property
+    def rows(self) -> list:
+        return list(self.members.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.manager.nbytes for r in self.members.values())
+
+    def join(self, seq, store: KVStore, query: list[Tensor]) -> None:
+        self.members[id(seq)] = _RetrievalRow(self.engine, seq, store, query)
+
+    def leave(self, seq) -> None:
+        row = self.members.pop(id(seq))
+        row.close()
+
+    def step(self) -> list[tuple[object, Tensor]]:
+        return [(row.seq, row.step()) for row in list(self.members.values())]
+
+
+class _RetrievalRow:
+    """One sequence's retrieval manager, its per-view bindings and step buffers."""
+
+    def __init__(self, engine, seq, store: KVStore, query: list[Tensor]):
+        m, dev = engine.manifest, engine.device
+        self.engine, self.seq = engine, seq
+        self.shared = "decode_shared" in m.graphs  # each view gets a staging slot the graph writes to
+        self.variant = "decode_shared" if self.shared else "decode"
+        t0 = time.perf_counter()
+        r = seq.retrieval.create(m.n_layers, m.n_kv_heads, m.n_heads, m.head_dim, 1, engine.dtype, device=dev,
+                                 mask_dtype=torch.long, max_context=store.length, staging_slot=self.shared)
+        r.start(store.keys, store.values, query, mask=store.mask, reserve_tokens=seq.remaining + 1, release=True)
+        seq.stats.prefill_s += time.perf_counter() - t0  # building the pool is part of the prompt's cost
+        self.manager = r
+        self.ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        self.slot = torch.full((), r.slots, dtype=torch.long, device=dev)
+        plain = None if self.shared else graph_outputs(engine, 1, 1, r.slots + 1)  # one set for both views
+        self.bound = []
+        for v in r.views:
+            if self.shared:
+                outputs = graph_outputs(engine, 1, 1, None, cache=(v.keys, v.values))
+                binding = bind_decode(engine, self.variant, self.ids, self.positions, v.mask, v.keys, v.values,
+                                      outputs, write_slot=self.slot)
+                new_k, new_v = v.all_keys[:, :, :, r.slots:], v.all_values[:, :, :, r.slots:]  # staging slot
+            else:
+                outputs = plain
+                binding = bind_decode(engine, self.variant, self.ids, self.positions, v.mask, v.keys, v.values,
+                                      outputs)
+                new_k, new_v = per_layer(outputs, "key"), per_layer(outputs, "value")
+            self.bound.append((binding, outputs, per_layer(outputs, "query"), new_k, new_v))
+
+    def step(self) -> Tensor:
+        r = self.manager
+        self.ids.fill_(self.seq.pending)
+        self.positions.fill_(self.seq.position)
+        binding, outputs, new_q, new_k, new_v = self.bound[r.view().index]
+        if r.mode == "quest":  # select with the current query: probe, re-select, run again
+            self.engine.run(self.variant, binding)
+            r.select(new_q)
+        else:
+            r.prefetch()
+        self.engine.run(self.variant, binding)
+        r.finish_step(new_q, new_k, new_v)
+        return outputs["logits"][0, 0]
+
+    def close(self) -> None:
+        self.seq.stats.kv_bytes = max(self.seq.stats.kv_bytes, self.manager.nbytes)
+        self.seq.stats.kv = {"retrieval_engaged": 1,
+                             **{k: v for k, v in self.manager.stats().as_dict().items() if isinstance(v, (int, float))}}
+        self.manager.close()

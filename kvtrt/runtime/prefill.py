@@ -1,0 +1,98 @@
+"""Chunked prefill of one prompt, one chunk per `step()`, so a scheduler can interleave it with
+decode steps of the running batch."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .buffers import graph_outputs, per_layer
+from .kv.store import KVStore
+
+
+def plan_chunks(n: int, chunk: int, min_last: int) -> list[tuple[int, int]]:
+    """Split [0, n) into chunks of `chunk` tokens whose last one has at least `min_last` tokens
+    (when n allows), so the graph's score window sees the last `min_last` prompt queries."""
+    bounds = list(range(0, n, chunk)) + [n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < min_last:
+        bounds[-2] = max(bounds[-3] + 1, n - min_last)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+class PrefillJob:
+    """Runs `ids` through the prefill graph in chunks into a single-sequence `KVStore`.
+
+    With a `prefill_shared` graph the store is allocated once and every chunk writes its K/V into it
+    in place; otherwise the store grows by each chunk's `key`/`value` outputs. When done: `store`
+    (with the last chunk's attention mass per slot when `track_scores`), `logits` [1,V] of the last
+    prompt token and `query`, the last prompt query of every layer [1,H,D].
+    """
+
+    def __init__(self, engine, ids: list[int], chunk: int, track_scores: bool, start: int = 0,
+                 store: KVStore | None = None):
+        """`start`/`store`: continue after a cached prefix of `start` tokens held in `store`."""
+        m = engine.manifest
+        self.engine, self.ids = engine, ids
+        self.shared = "prefill_shared" in m.graphs
+        self.variant = "prefill_shared" if self.shared else "prefill"
+        if store is None:
+            store = KVStore(m.n_layers, 1, m.n_kv_heads, m.head_dim, engine.dtype, engine.device,
+                            track_scores=track_scores)
+        self.store = store
+        if self.shared:
+            store.reserve(len(ids) - start)
+        self.chunks = [(a + start, b + start) for a, b in plan_chunks(len(ids) - start, chunk, m.score_window)]
+        self.tokens = torch.tensor(ids, dtype=torch.long, device=engine.device)
+        self.next = 0
+        self.logits: Tensor | None = None
+        self.query: list[Tensor] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.next == len(self.chunks)
+
+    @property
+    def remaining_tokens(self) -> int:
+        return sum(b - a for a, b in self.chunks[self.next:])
+
+    def step(self) -> int:
+        """Run the next chunk; returns its token count."""
+        m, dev, store = self.engine.manifest, self.engine.device, self.store
+        a, b = self.chunks[self.next]
+        s = b - a
+        last = self.next == len(self.chunks) - 1  # its last queries are the observation window
+        # score rows: the window on the last chunk; one row elsewhere (its score is not used)
+        rows = torch.arange(max(0, s - m.score_window) if last else s - 1, s, device=dev)
+        inputs = {"input_ids": self.tokens[a:b].unsqueeze(0), "position_ids": torch.arange(a, b, device=dev)[None],
+                  "past_mask": store.mask, "score_queries": rows}
+        if self.shared:
+            inputs["write_slot"] = torch.tensor(store.claim(s), device=dev)
+            outputs = graph_outputs(self.engine, 1, s, store.length, cache=(store.keys, store.values))
+        else:
+            outputs = graph_outputs(self.engine, 1, s, store.capacity + s)
+        for layer in range(m.n_layers):
+            inputs[f"past_key.{layer}"] = store.keys[layer]
+            inputs[f"past_value.{layer}"] = store.values[layer]
+        binding = self.engine.new_binding(self.variant)
+        self.engine.bind(binding, inputs, outputs)
+        self.engine.run(self.variant, binding)
+        del inputs, binding  # let reserve() free each old layer as it copies it (peak: store + 1 layer)
+        if self.shared:
+            if last:
+                store.add_scores(per_layer(outputs, "score"))
+        else:
+            store.reserve(s)
+            store.append(per_layer(outputs, "key"), per_layer(outputs, "value"),
+                         per_layer(outputs, "score") if last else None)
+        self.next += 1
+        if last:
+            self.logits, self.query = outputs["logits"][:, 0], per_layer(outputs, "query")
+        return s
+
+    def run(self, progress=None) -> tuple[KVStore, Tensor, list[Tensor]]:
+        """All remaining chunks; returns (store, logits [1,V], query per layer [1,H,D])."""
+        while not self.done:
+            n = self.step()
+            if progress is not None:
+                progress.update(n)
+        return self.store, self.logits, self.query

@@ -1,0 +1,257 @@
+"""The scheduler: concurrent requests equal to the same requests alone, admission by KV memory,
+cancellation, multi-turn reuse and chunked prefill between decode steps (tiny models)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+
+import pytest
+
+import kvtrt
+from kvtrt import KVMemoryError, QueueFullError
+
+SPECS = ["full", "kvcrush:budget=0.25,base=snapkv,window=4", "h2o:budget=48,window=4",
+         "freekv:budget=48,page=8,sink=4,window=8,tau=0.9,min_context=64",
+         "kvcrush:budget=0.5,base=snapkv,window=4+freekv:budget=48,page=8,sink=4,window=8,min_context=64"]
+
+
+def prompts_of(n: int, seed: int = 0) -> list[list[int]]:
+    """`n` token-id prompts of 10 to 420 tokens (the tiny model has 512 positions)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(5, 261) for _ in range(rng.randrange(10, 420))] for _ in range(n)]
+
+
+def run_threads(work, count: int) -> list:
+    out = [None] * count
+    errors = []
+
+    def target(i):
+        try:
+            out[i] = work(i)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return out
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_sixteen_threads_get_what_they_get_alone(tiny_llama, spec):
+    """16 threads submit prompts of 10-420 tokens with different lengths, joining at different
+    times: every greedy output is token-identical to the same request run alone (same spec)."""
+    _, _, directory = tiny_llama
+    llm = kvtrt.load(directory, prefill_chunk=64)
+    llm.manifest.eos_token_ids = []
+    prompts = prompts_of(16)
+    new = [8 + 5 * i for i in range(16)]
+    alone = [llm.generate(p, max_new_tokens=n, kv=spec).token_ids for p, n in zip(prompts, new)]
+    import time
+
+    def work(i):
+        time.sleep(0.003 * i)  # join at different times, some while others prefill or decode
+        return llm.submit(prompts[i], max_new_tokens=new[i], kv=spec).result().token_ids
+
+    together = run_threads(work, 16)
+    assert together == alone
+    assert all(len(t) == n for t, n in zip(together, new))
+    stats = llm.stats()
+    assert stats.running == 0 and stats.waiting == 0 and stats.kv_bytes_used == 0
+    llm.close()
+
+
+def test_one_batch_mixes_specs(tiny_llama):
+    """Requests with different KV specs run at once, each equal to itself alone."""
+    _, _, directory = tiny_llama
+    llm = kvtrt.load(directory, prefill_chunk=64)
+    llm.manifest.eos_token_ids = []
+    prompts = prompts_of(len(SPECS) * 2, seed=1)
+    jobs = [(p, SPECS[i % len(SPECS)]) for i, p in enumerate(prompts)]
+    alone = [llm.generate(p, max_new_tokens=24, kv=s).token_ids for p, s in jobs]
+    requests = [llm.submit(p, max_new_tokens=24, kv=s) for p, s in jobs]
+    assert [r.result().token_ids for r in requests] == alone
+    llm.close()
+
+
+def test_batched_rows_share_calls(tiny_llama, monkeypatch):
+    """Concurrent full-cache requests decode in one graph call per step, not one per request."""
+    _, _, directory = tiny_llama
+    llm = kvtrt.load(directory)
+    llm.manifest.eos_token_ids = []
+    calls = []
+    run = llm.engine.run
+    monkeypatch.setattr(llm.engine, "run", lambda variant, binding: (calls.append(variant), run(variant, binding)))
+    prompts = prompts_of(4, seed=2)
+    requests = [llm.submit(p, max_new_tokens=30) for p in prompts]
+    for r in requests:
+        r.result()
+    decode_calls = sum(1 for c in calls if c.startswith("decode"))
+    assert decode_calls < 4 * 29  # 29 decode steps each, run alone would be 116 calls
+    llm.close()
+
+
+def test_stream_pieces_and_async_stream(tiny_llama):
+    _, _, directory = tiny_llama
+    llm = kvtrt.load(directory)
+    expected = llm.generate("The quick brown fox", max_new_tokens=20).text
+    request = llm.submit("The quick brown fox", max_new_tokens=20)
+    assert "".join(request) == expected == request.result().text
+
+    async def collect():
+        return "".join([piece async for piece in llm.submit("The quick brown fox", max_new_tokens=20).astream()])
+
+    assert asyncio.run(collect()) == expected
+    llm.close()
+
+
+def test_finish_reasons(tiny_llama):
+    _, _, directory = tiny_llama
+    llm = kvtrt.load(directory)
+    assert llm.generate("Hello", max_new_tokens=5).finish_reason in ("length", "stop")
+    llm.manifest.eos_token_ids = []
+    assert llm.generate("Hello", max_new_tokens=5).finish_reason == "length"
+    first = llm.generate("Hello", max_new_tokens=1).token_ids[0]
+    llm.manifest.eos_token_ids = [first]
+    result = llm.generate("Hello", max_new_tokens=5)
+    assert result.finish_reason == "stop" and result.token_ids == []
+    llm.close()
+
+
+def full_cache_bytes(llm, tokens: int) -> int:
+    return tokens * llm.manifest.kv_bytes_per_token
+
+
+def test_admission_waits_for_memory_and_compaction_admits_more(tiny_llama):
+    """A cap that fits two full-cache requests: the third waits and starts after one ends; the
+    same cap runs four kvcrush:budget=0.1 requests at once."""
+    _, _, directory = tiny_llama
+    prompt, new = [random.Random(3).randrange(5, 261) for _ in range(200)], 8
+    probe = kvtrt.load(directory)
+    assert probe.request_bytes(prompt, new) == full_cache_bytes(probe, 200 + new) + full_cache_bytes(probe, 200)
+    # two rows of (200 + 8 steps + 8 to come) and one prefill of 200; three rows never fit
+    cap = 2 * full_cache_bytes(probe, 216) + full_cache_bytes(probe, 200)
+    llm = kvtrt.load(directory, kv_memory=cap)
+    llm.manifest.eos_token_ids = []
+    requests = [llm.submit(prompt, max_new_tokens=new) for _ in range(3)]
+    stats = [r.result().stats for r in requests]
+    first_end = min(s.finished_at for s in stats[:2])
+    assert stats[2].admitted_at >= first_end  # the third started only after one of the first two ended
+    assert stats[1].admitted_at < stats[0].finished_at  # the first two ran together
+    assert llm.stats().kv_bytes_used == 0
+    llm.close()
+
+    crush = kvtrt.load(directory, kv_memory=cap, kv="kvcrush:budget=0.1,base=snapkv,window=4")
+    crush.manifest.eos_token_ids = []
+    requests = [crush.submit(prompt, max_new_tokens=new) for _ in range(4)]
+    stats = [r.result().stats for r in requests]
+    last_admitted = max(s.admitted_at for s in stats)
+    assert all(last_admitted < s.finished_at for s in stats)  # all four held their KV at once
+    crush.close()
+
+
+def test_oversized_request_and_full_queue_fail_clearly(tiny_llama):
+    _, _, directory = tiny_llama
+    probe = kvtrt.load(directory)
+    prompt = [9] * 100
+    need = probe.request_bytes(prompt, 16)
+    llm = kvtrt.load(directory, kv_memory=need - 1, max_queue=1)
+    with pytest.raises(KVMemoryError, match="kv_memory.*kvcrush"):
+        llm.submit(prompt, max_new_tokens=16)
+    small = [9] * 40
+    llm.manifest.eos_token_ids = []
+    running = llm.submit(small, max_new_tokens=120)  # holds most of the cap
+    next(iter(running))
+    waiting = llm.submit(prompt[:60], max_new_tokens=16)  # does not fit beside it: waits
+    with pytest.raises(QueueFullError, match="max_queue=1"):
+        llm.submit(prompt[:60], max_new_tokens=16)
+    running.cancel()
+    assert running.result().finish_reason == "cancelled"
+    assert waiting.result().finish_reason == "length"
+    with pytest.raises(kvtrt.PromptTooLongError, match="positions"):
+        llm.submit([9] * 600, max_new_tokens=4)
+    with pytest.raises(ValueError, match="unknown KV policy"):
+        llm.submit("hi", kv="lru:budget=3")
+    llm.close()
+
+
+def test_cancel_mid_stream_frees_kv(tiny_llama):
+    _, _, directory = tiny_llama
+    llm = kvtrt.load(directory)
+    llm.manifest.eos_token_ids = []
+    request = llm.submit(prompts_of(1, seed=4)[0][:60], max_new_tokens=400)
+    pieces = iter(request)
+    next(pieces)
+    assert llm.stats().kv_bytes_used > 0
+    request.cancel()
+    result = request.result()
+    assert result.finish_reason == "cancelled" and len(result.token_ids) < 400
+    assert llm.stats().kv_bytes_used == 0 and llm.stats().running == 0
+    llm.close()
+
+
+def test_thousand_short_requests_leave_nothing_behind(tiny_llama):
+    _, _, directory = tiny_llama
+    llm = kvtrt.load(directory, kv_memory="64MiB")
+
+    def work(i):
+        rng = random.Random(i)
+        out = []
+        for j in range(125):
+            ids = [rng.randrange(5, 261) for _ in range(rng.randrange(3, 20))]
+            out.append(llm.submit(ids, max_new_tokens=rng.randrange(1, 4)).result())
+        return out
+
+    results = run_threads(work, 8)
+    assert sum(len(r) for r in results) == 1000
+    stats = llm.stats()
+    assert stats.requests_finished_total == 1000
+    assert stats.kv_bytes_used == 0 and stats.running == 0 and stats.waiting == 0 and stats.prefilling == 0
+    assert stats.cached_prefix_bytes <= 64 * 2**20
+    assert not any(group.rows for group in llm.scheduler.groups)
+    llm.close()
+
+
+@pytest.mark.parametrize("spec", ["full", "kvcrush:budget=0.5,base=snapkv,window=4"])
+def test_next_turn_reuses_the_conversation(tiny_llama, spec):
+    """A chat's next turn prefills only what is new; for the full cache it gives the tokens of
+    prefilling the whole conversation."""
+    _, _, directory = tiny_llama
+    llm = kvtrt.load(directory, kv=spec)
+    fresh = kvtrt.load(directory, kv=spec, prefix_cache=0)
+    for model in (llm, fresh):
+        model.manifest.eos_token_ids = []
+    first = llm.generate([{"role": "user", "content": "Tell me about the sea and its many colours."}],
+                         max_new_tokens=24)
+    # the next turn as ids (the random model's bytes do not survive a text round trip)
+    turn = llm.codec.encode_chat([{"role": "user", "content": "And the sky?"}])
+    conversation = first.prompt_ids + first.token_ids + turn
+    second = llm.generate(conversation, max_new_tokens=24)
+    baseline = fresh.generate(conversation, max_new_tokens=24)
+    assert second.stats.reused_prefix_tokens > len(first.prompt_ids)
+    assert baseline.stats.reused_prefix_tokens == 0
+    assert llm.stats().reused_prefix_tokens_total == second.stats.reused_prefix_tokens
+    if spec == "full":
+        assert second.token_ids == baseline.token_ids
+    llm.close()
+    fresh.close()
+
+
+def test_running_stream_continues_while_a_long_prompt_prefills(tiny_llama):
+    """Chunked prefill between decode steps: a stream receives tokens while a 400-token prompt is
+    prefilled in 16-token chunks (order of timestamps, no timing threshold)."""
+    _, _, directory = tiny_llama
+    llm = kvtrt.load(directory, prefill_chunk=16)
+    llm.manifest.eos_token_ids = []
+    running = llm.submit([11] * 20, max_new_tokens=200)
+    next(iter(running))
+    long = llm.submit(prompts_of(1, seed=5)[0][:10] + [13] * 390, max_new_tokens=2).result()
+    times = running.result().stats.token_times
+    during = [t for t in times if long.stats.admitted_at < t < long.stats.token_times[0]]
+    assert len(during) >= 10  # 25 chunks, one decode step between each
+    llm.close()
