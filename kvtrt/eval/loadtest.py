@@ -110,23 +110,18 @@ def haystack_text(min_chars: int, path: str | None = None) -> str:
 
 
 class Prompts:
-    """Distinct haystack slices of about `tokens` tokens each."""
+    """Distinct haystack slices, each followed by the same question: `chars` characters of essay."""
 
     def __init__(self, text: str, tokens: int, chars_per_token: float = 4.0):
         self.text = text
         self.tokens = tokens
-        self.chars_per_token = chars_per_token
+        self.chars = max(1, int(tokens * chars_per_token) - len(QUESTION))
 
-    @property
-    def chars(self) -> int:
-        return max(1, int(self.tokens * self.chars_per_token) - len(QUESTION))
-
-    def get(self, index: int) -> str:
-        chars = self.chars
+    def get(self, index: int, chars: int | None = None) -> str:
+        chars = self.chars if chars is None else max(1, chars)
         span = max(1, len(self.text) - chars)
         start = (index * 7919 * 61) % span  # spread the slices over the whole text
-        # start at a word boundary
-        space = self.text.find(" ", start)
+        space = self.text.find(" ", start)  # start at a word boundary
         start = space + 1 if 0 <= space < start + 50 else start
         return self.text[start:start + chars] + QUESTION
 
@@ -214,19 +209,25 @@ async def one_request(client, base_url: str, endpoint: str, model: str | None, p
 
 async def calibrate(client, base_url: str, endpoint: str, model: str | None, prompts: Prompts,
                     headers: dict[str, str]) -> float | None:
-    """Fit characters per token from the server's usage (two calibration requests, 1 new token each)."""
-    for _ in range(2):
-        prompt = prompts.get(0)
-        response = await client.post(base_url + _path(endpoint),
-                                     json=_body(endpoint, model, prompt, 1, False, False), headers=headers)
+    """Size the prompts from the server's usage: prompt tokens are a + b * chars (the chat template and
+    the question are the fixed part a), fitted on two calibration requests of 1 new token, then
+    checked on a third. Returns the measured prompt tokens (None: no usage, ~4 chars/token kept)."""
+
+    async def count(chars: int) -> int | None:
+        body = _body(endpoint, model, prompts.get(0, chars), 1, False, False)
+        response = await client.post(base_url + _path(endpoint), json=body, headers=headers)
         if response.status_code != 200:
             raise RuntimeError(f"calibration request failed with {response.status_code}: {response.text[:300]}")
-        usage = response.json().get("usage") or {}
-        tokens = usage.get("prompt_tokens")
-        if not tokens:
-            return None
-        prompts.chars_per_token *= prompts.tokens / tokens
-    return tokens
+        return (response.json().get("usage") or {}).get("prompt_tokens")
+
+    small, large = max(1, prompts.tokens // 2), max(2, prompts.tokens)
+    t_small, t_large = await count(small), await count(large)
+    if not t_small or not t_large or t_large <= t_small:
+        return None
+    per_char = (t_large - t_small) / (large - small)
+    fixed = t_small - per_char * small
+    prompts.chars = max(1, round((prompts.tokens - fixed) / per_char))
+    return await count(prompts.chars)
 
 
 async def discover_model(client, base_url: str, headers: dict[str, str]) -> str | None:

@@ -11,7 +11,8 @@ the same application runs on a laptop's local Ray or on a multi-node cluster.
 
 Arguments (as `build_app` args, `serve run` key=value pairs, or KVTRT_SERVE_<NAME> environment
 variables for `app`): directory (required; the export must be readable on every node), kv,
-kv_memory, max_queue, threads (engine threads per replica), served_model_name, api_key,
+kv_memory, max_queue, threads (engine threads per replica), max_batch, prefix_cache, served_model_name,
+api_key,
 replicas, num_cpus (per replica), max_ongoing_requests (per replica), drain_timeout.
 """
 
@@ -48,13 +49,13 @@ class KvtrtReplica:
 
     def __init__(self, directory: str, kv: str = "full", kv_memory: str | int | None = None,
                  max_queue: int | None = None, threads: int | None = None, served_model_name: str | None = None,
-                 api_key: str | None = None):
+                 api_key: str | None = None, max_batch: int | None = None, prefix_cache: str | int | None = None):
         # Ray may pickle this class by value; the imported module's globals are the replica's real ones
         from kvtrt import load
         from kvtrt.serve import ray_app
         from kvtrt.serve.server import load_kwargs
 
-        ray_app._REPLICA["llm"] = load(directory, **load_kwargs(kv, kv_memory, max_queue, threads))
+        ray_app._REPLICA["llm"] = load(directory, **load_kwargs(kv, kv_memory, max_queue, threads, max_batch, prefix_cache))
         ray_app._REPLICA["name"] = served_model_name or Path(directory).resolve().name
         ray_app._REPLICA["api_key"] = api_key
 
@@ -66,7 +67,7 @@ class KvtrtReplica:
             raise RuntimeError("the replica has no model loaded")
 
 
-_INT_ARGS = ("replicas", "max_queue", "threads", "max_ongoing_requests")
+_INT_ARGS = ("replicas", "max_queue", "threads", "max_ongoing_requests", "max_batch")
 _FLOAT_ARGS = ("num_cpus", "drain_timeout")
 
 
@@ -86,7 +87,8 @@ def build_app(args: dict[str, Any]):
     num_cpus = args.pop("num_cpus", None)
     max_ongoing = args.pop("max_ongoing_requests", None) or 64
     drain = args.pop("drain_timeout", None) or 30.0
-    unknown = set(args) - {"kv", "kv_memory", "max_queue", "threads", "served_model_name", "api_key"}
+    unknown = set(args) - {"kv", "kv_memory", "max_queue", "threads", "served_model_name", "api_key", "max_batch",
+                          "prefix_cache"}
     if unknown:
         raise ValueError(f"unknown kvtrt Ray Serve argument(s): {', '.join(sorted(unknown))}")
     options: dict[str, Any] = dict(num_replicas=replicas, max_ongoing_requests=max_ongoing,
@@ -100,7 +102,7 @@ def args_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     """build_app arguments from KVTRT_SERVE_* environment variables (KVTRT_SERVE_DIR is required)."""
     environ = os.environ if environ is None else environ
     names = ("directory", "kv", "kv_memory", "max_queue", "threads", "served_model_name", "api_key", "replicas",
-             "num_cpus", "max_ongoing_requests", "drain_timeout")
+             "num_cpus", "max_ongoing_requests", "drain_timeout", "max_batch", "prefix_cache")
     out = {name: environ[f"KVTRT_SERVE_{name.upper()}"] for name in names if f"KVTRT_SERVE_{name.upper()}" in environ}
     if "KVTRT_SERVE_DIR" in environ:
         out.setdefault("directory", environ["KVTRT_SERVE_DIR"])

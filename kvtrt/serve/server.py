@@ -15,22 +15,24 @@ log = logging.getLogger("kvtrt.serve")
 
 
 def load_kwargs(kv: str = "full", kv_memory: str | int | None = None, max_queue: int | None = None,
-                threads: int | None = None) -> dict[str, Any]:
+                threads: int | None = None, max_batch: int | None = None,
+                prefix_cache: str | int | None = None) -> dict[str, Any]:
     """Keyword arguments for `kvtrt.load`; the scheduler options only when given."""
+    def size(value):
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
     kw: dict[str, Any] = {"kv": kv}
-    if kv_memory is not None:
-        kw["kv_memory"] = int(kv_memory) if isinstance(kv_memory, str) and kv_memory.isdigit() else kv_memory
-    if max_queue is not None:
-        kw["max_queue"] = max_queue
-    if threads is not None:
-        kw["threads"] = threads
+    for name, value in (("kv_memory", size(kv_memory)), ("max_queue", max_queue), ("threads", threads),
+                        ("max_batch", max_batch), ("prefix_cache", size(prefix_cache))):
+        if value is not None:
+            kw[name] = value
     return kw
 
 
 def run_server(directory: str, *, host: str = "127.0.0.1", port: int = 8000, kv: str = "full",
                kv_memory: str | int | None = None, max_queue: int | None = None, api_key: str | None = None,
                served_model_name: str | None = None, threads: int | None = None, drain_timeout: float = 30.0,
-               log_level: str = "info") -> int:
+               log_level: str = "info", max_batch: int | None = None, prefix_cache: str | int | None = None) -> int:
     """Serve the export in `directory` until SIGTERM/SIGINT; returns the process exit code.
 
     The port opens at once and `/health` answers 503 until the model is loaded. On SIGTERM the
@@ -47,7 +49,7 @@ def run_server(directory: str, *, host: str = "127.0.0.1", port: int = 8000, kv:
 
     def loader():
         try:
-            return load(directory, **load_kwargs(kv, kv_memory, max_queue, threads))
+            return load(directory, **load_kwargs(kv, kv_memory, max_queue, threads, max_batch, prefix_cache))
         except BaseException as exc:  # no model, no server: stop with a clear message
             failure.append(exc)
             if server_ref:
