@@ -1,4 +1,4 @@
-"""`kvtrt` command line: export | generate | bench | eval | validate | build-engine | quantize.
+"""`kvtrt` command line: export | generate | bench | eval | validate | build-engine | quantize | serve | loadtest.
 
 Each command is one `_<command>_parser` function that adds its subparser (options shared by
 several commands come from the `add_*_option(s)` helpers) and one `_cmd_<command>` that runs
@@ -463,10 +463,32 @@ def _cmd_quantize(args) -> int:
     return 0
 
 
+# -- serve / loadtest (their parsers live beside their code: kvtrt/serve/cli.py, kvtrt/eval/loadtest.py) ------
+def _serve_requires(args) -> list[tuple[str, str]]:
+    needs = [("fastapi", "serve"), ("uvicorn", "serve"), ("prometheus_client", "serve")]
+    return needs + [("ray", "ray")] * bool(args.ray)
+
+
+def _serve_parser(sub) -> argparse.ArgumentParser:
+    from .serve.cli import add_serve_parser
+
+    p = add_serve_parser(sub, KV_HELP)
+    p.set_defaults(requires=_serve_requires)
+    return p
+
+
+def _loadtest_parser(sub) -> argparse.ArgumentParser:
+    from .eval.loadtest import add_loadtest_parser
+
+    p = add_loadtest_parser(sub)
+    p.set_defaults(requires=lambda args: [("httpx", "serve")] + [("matplotlib", "bench")] * bool(args.plot))
+    return p
+
+
 # -- entry point -------------------------------------------------------------------------------------
 #: one function per command, each adding its subparser (with `func` and optionally `requires` defaults)
 COMMANDS = [_export_parser, _generate_parser, _bench_parser, _eval_parser, _validate_parser, _build_engine_parser,
-            _quantize_parser]
+            _quantize_parser, _serve_parser, _loadtest_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

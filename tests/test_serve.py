@@ -520,30 +520,24 @@ def test_loadtest_cli_writes_json_and_png(server, tmp_path):
 
 
 # -- the command line -----------------------------------------------------------------------------------
-def test_serve_cli_help_and_missing_extras(monkeypatch, tiny_llama):
-    done = subprocess.run([sys.executable, "-m", "kvtrt.cli", "serve", "--help"], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0
-    for option in ("--kv", "--kv-memory", "--max-queue", "--host", "--port", "--api-key", "--served-model-name",
-                   "--threads", "--ray", "--replicas", "--drain-timeout"):
-        assert option in done.stdout
-    import kvtrt.serve as serve_pkg
-    from kvtrt.serve import cli as serve_cli
+def test_serve_cli_help_and_missing_extras(monkeypatch, tiny_llama, capsys):
+    from kvtrt.cli import command_options, command_parsers, main
 
-    monkeypatch.setattr(serve_cli, "missing_serve_dependencies", lambda: ["fastapi", "uvicorn"])
-    from kvtrt.cli import main
-
-    assert main(["serve", str(tiny_llama[2])]) != 0
-    with pytest.raises(RuntimeError, match=r"pip install 'kvtrt\[serve\]'"):
-        serve_cli.check_serve_extras()
-    monkeypatch.setattr(serve_cli, "missing_serve_dependencies", lambda: [])
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("ray") else real(name, *a))
-    with pytest.raises(RuntimeError, match=r"pip install 'kvtrt\[ray\]'"):
-        serve_cli.check_serve_extras(ray=True)
-    assert serve_pkg.SERVE_EXTRA_HINT
+    parsers = command_parsers()
+    serve_options = {o for a in command_options(parsers["serve"]) for o in a.option_strings}
+    assert {"--kv", "--kv-memory", "--max-queue", "--host", "--port", "--api-key", "--served-model-name", "--threads",
+            "--ray", "--replicas", "--drain-timeout"} <= serve_options
+    assert {"--concurrency", "--prompt-tokens", "--max-tokens", "--requests", "--json", "--plot", "--model",
+            "--api-key"} <= {o for a in command_options(parsers["loadtest"]) for o in a.option_strings}
+    assert all(a.help for name in ("serve", "loadtest") for a in command_options(parsers[name]))
+    directory = str(tiny_llama[2])
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # find_spec now says: not installed
+    assert main(["serve", directory, "--port", str(free_port())]) == 2
+    assert "pip install 'kvtrt[serve]'" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "ray", None)
+    assert main(["serve", directory, "--ray", "--port", str(free_port())]) == 2
+    assert "pip install 'kvtrt[ray]'" in capsys.readouterr().err
 
 
 # -- SmolLM2, once ----------------------------------------------------------------------------------------

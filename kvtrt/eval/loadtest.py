@@ -371,7 +371,7 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def add_loadtest_parser(sub) -> None:
+def add_loadtest_parser(sub):
     """The `kvtrt loadtest` subcommand."""
     p = sub.add_parser("loadtest", help="load-test any OpenAI-compatible server (throughput, TTFT, inter-token latency)",
                        description=__doc__.split("\n\n", 1)[1].strip(),
@@ -405,6 +405,7 @@ def add_loadtest_parser(sub) -> None:
     p.add_argument("--plot", help="write a PNG here: throughput, TTFT p99, inter-token p50 and p99 against concurrency")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-level lines")
     p.set_defaults(func=cmd_loadtest)
+    return p
 
 
 def cmd_loadtest(args) -> int:
