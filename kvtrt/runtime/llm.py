@@ -26,6 +26,9 @@ Prompt = Union[str, Messages, Sequence[int]]
 __all__ = ["LLM", "load", "GenerationResult", "RequestStats", "SchedulerStats", "PromptTooLongError", "parse_bytes"]
 
 
+DEFAULTS = dict(max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, min_new_tokens=0)
+
+
 class PromptTooLongError(ValueError):
     """The prompt plus the requested new tokens exceed the export's max positions."""
 
@@ -124,31 +127,51 @@ class LLM:
         return ids
 
     # -- generation ------------------------------------------------------------------------
-    def submit(self, prompt: Prompt, *, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), chat: bool | None = None,
+    def submit(self, prompt: Prompt, *, max_new_tokens: int | None = None, temperature: float | None = None,
+               top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop: Sequence[str] = (),
+               repetition_penalty: float | None = None, min_new_tokens: int | None = None,
+               logprobs: int | None = None, ignore_eos: bool = False, chat: bool | None = None,
                kv: str | KVSpec | None = None, truncate: bool = False, progress: bool = False) -> Request:
         """Queue one request and return at once; iterate the returned `Request` for text pieces,
         `result()` for the `GenerationResult`, `cancel()` to end it.
 
         `prompt` is text, chat messages or token ids; `chat=True` wraps text in the chat template.
-        temperature 0 is greedy. It ends at EOS or a `stop` string (finish_reason "stop"), after
-        `max_new_tokens` ("length"), or when cancelled. `kv` overrides the load's KV spec for this
-        request; `progress` shows a bar while a long prompt is prefilled. Raises `PromptTooLongError`, `KVSpecError`, `KVMemoryError` (can never fit under
-        `kv_memory`) or `QueueFullError` (`max_queue` requests already waiting)."""
-        spec = self.kv if kv is None else parse_kv_spec(kv)
-        policy, retrieval = self._stages_for(spec)
-        ids = self._fit(self.encode(prompt, chat), max_new_tokens, truncate)
-        if policy is not None:
-            policy.budget_tokens(len(ids))  # a budget that cannot hold sink + window fails here, not mid-run
-        sampling = SamplingParams(temperature, top_k, top_p, seed)
-        stop = tuple(s for s in ([stop] if isinstance(stop, str) else stop) if s)
-        request = Request(next(self._ids), ids)
-        seq = _Sequence(request, ids, max_new_tokens, sampling, stop, spec, policy, retrieval, self.codec,
-                        set(self.manifest.eos_token_ids), progress=progress)
+        Options left None take the export's generation_config defaults, then greedy decoding of 128
+        tokens. temperature 0 is greedy; repetition_penalty and min_new_tokens as in HF `generate`;
+        `logprobs=n` returns each token's log-probability and the n most likely (`result.logprobs`);
+        `ignore_eos` decodes past EOS (benchmarks). It ends at EOS or a `stop` string (finish_reason
+        "stop"), after `max_new_tokens` ("length"), or when cancelled. `kv` overrides the load's KV
+        spec for this request; `progress` shows a bar while a long prompt is prefilled. Raises
+        `PromptTooLongError`, `KVSpecError`, `KVMemoryError` (can never fit under `kv_memory`) or
+        `QueueFullError` (`max_queue` requests already waiting)."""
+        seq = self._sequence(prompt, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                          top_p=top_p, repetition_penalty=repetition_penalty,
+                                          min_new_tokens=min_new_tokens), seed=seed, stop=stop, logprobs=logprobs,
+                             ignore_eos=ignore_eos, chat=chat, kv=kv, truncate=truncate, progress=progress)
         return self.scheduler.submit(seq)
 
-    def generate(self, prompt: Prompt | list[Prompt], *, max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
+    def _sequence(self, prompt: Prompt, options: dict, seed: int = 0, stop: Sequence[str] = (),
+                  logprobs: int | None = None, ignore_eos: bool = False, chat: bool | None = None,
+                  kv: str | KVSpec | None = None, truncate: bool = False, progress: bool = False) -> _Sequence:
+        """A scheduler sequence for `prompt`: options resolved, prompt fitted, spec checked."""
+        given = {k: v for k, v in options.items() if v is not None}
+        o = {**DEFAULTS, **self.manifest.generation_defaults, **given}
+        spec = self.kv if kv is None else parse_kv_spec(kv)
+        policy, retrieval = self._stages_for(spec)
+        ids = self._fit(self.encode(prompt, chat), o["max_new_tokens"], truncate)
+        if policy is not None:
+            policy.budget_tokens(len(ids))  # a budget that cannot hold sink + window fails here, not mid-run
+        sampling = SamplingParams(o["temperature"], o["top_k"], o["top_p"], seed, o["repetition_penalty"],
+                                  o["min_new_tokens"], logprobs)
+        stop = tuple(s for s in ([stop] if isinstance(stop, str) else stop) if s)
+        eos = set() if ignore_eos else set(self.manifest.eos_token_ids)
+        return _Sequence(Request(next(self._ids), ids), ids, o["max_new_tokens"], sampling, stop, spec, policy,
+                         retrieval, self.codec, eos, progress=progress)
+
+    def generate(self, prompt: Prompt | list[Prompt], *, max_new_tokens: int | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 seed: int = 0, stop: Sequence[str] = (), repetition_penalty: float | None = None,
+                 min_new_tokens: int | None = None, logprobs: int | None = None, ignore_eos: bool = False,
                  chat: bool | None = None, kv: str | KVSpec | None = None, truncate: bool = False,
                  progress: bool = False) -> GenerationResult | list[GenerationResult]:
         """Generate for one prompt, or for a list of prompts (a list of results; they decode in
@@ -156,18 +179,24 @@ class LLM:
         batched = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], (dict, int))
         prompts = list(prompt) if batched else [prompt]
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                       stop=stop, chat=chat, kv=kv, truncate=truncate, progress=progress)
+                       stop=stop, repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
+                       logprobs=logprobs, ignore_eos=ignore_eos, chat=chat, kv=kv, truncate=truncate,
+                       progress=progress)
         requests = [self.submit(p, **options) for p in prompts]
         results = [request.result() for request in requests]
         return results if batched else results[0]
 
-    def stream(self, prompt: Prompt, *, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), chat: bool | None = None,
-               kv: str | KVSpec | None = None, truncate: bool = False, progress: bool = False) -> Iterator[str]:
+    def stream(self, prompt: Prompt, *, max_new_tokens: int | None = None, temperature: float | None = None,
+               top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop: Sequence[str] = (),
+               repetition_penalty: float | None = None, min_new_tokens: int | None = None, ignore_eos: bool = False,
+               chat: bool | None = None, kv: str | KVSpec | None = None, truncate: bool = False,
+               progress: bool = False) -> Iterator[str]:
         """Yield text pieces as they decode (one prompt). After the loop, `self.last_stats` holds
         the request's stats (per LLM: with several threads, use `submit(...).result().stats`)."""
         request = self.submit(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                              top_p=top_p, seed=seed, stop=stop, chat=chat, kv=kv, truncate=truncate, progress=progress)
+                              top_p=top_p, seed=seed, stop=stop, repetition_penalty=repetition_penalty,
+                              min_new_tokens=min_new_tokens, ignore_eos=ignore_eos, chat=chat, kv=kv,
+                              truncate=truncate, progress=progress)
         try:
             yield from request
         finally:
@@ -179,14 +208,10 @@ class LLM:
         """The scheduler's gauges and counters: running, waiting, KV bytes used and cap, ..."""
         return self.scheduler.stats()
 
-    def request_bytes(self, prompt: Prompt, max_new_tokens: int = 128, kv: str | KVSpec | None = None,
+    def request_bytes(self, prompt: Prompt, max_new_tokens: int | None = None, kv: str | KVSpec | None = None,
                       chat: bool | None = None) -> int:
         """The worst-case KV bytes one request needs alone: what admission under `kv_memory` counts."""
-        spec = self.kv if kv is None else parse_kv_spec(kv)
-        policy, retrieval = self._stages_for(spec)
-        ids = self.encode(prompt, chat)
-        seq = _Sequence(Request(-1, ids), ids, max_new_tokens, SamplingParams(), (), spec, policy, retrieval,
-                        self.codec, set())
+        seq = self._sequence(prompt, dict(max_new_tokens=max_new_tokens), chat=chat, kv=kv)
         return self.scheduler.worst_case_bytes(seq, alone=True)
 
     def close(self, timeout: float | None = None) -> None:

@@ -63,6 +63,7 @@ class GenerationResult:
     prompt_ids: list[int]
     finish_reason: str
     stats: RequestStats
+    logprobs: list | None = None  # per token `TokenLogprobs(token, logprob, top)` when asked for
 
 
 class Request:

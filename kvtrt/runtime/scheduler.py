@@ -60,6 +60,14 @@ class Sequence:
                  stop: tuple[str, ...], spec: KVSpec, policy, retrieval, codec, eos: set[int], progress: bool = False):
         self.request, self.ids, self.max_new_tokens = request, ids, max_new_tokens
         self.sampler = Sampler(sampling)
+        self.seen = None  # prompt + output ids as a [V] mask, for the repetition penalty
+        self.logprobs: list | None = [] if sampling.logprobs is not None else None
+        # evaluation hooks: tokens fed instead of sampled (their log-probs recorded), every step's
+        # logits kept, a prefill to start from (store, logits, query) instead of running one
+        self.forced: list[int] | None = None
+        self.kept_logits: list[Tensor] | None = None
+        self.prefilled: tuple | None = None
+        self.cache = True  # leave the KV in the prefix cache when done
         self.stop, self.spec, self.policy, self.retrieval, self.eos = stop, spec, policy, retrieval, eos
         self.keep = policy.budget_tokens(len(ids)) if policy is not None else None
         self.decoder, self.matcher = StreamDecoder(codec), StopMatcher(stop)
@@ -270,6 +278,9 @@ class Scheduler:
             self.prefilling.append(seq)
 
     def _start_prefill(self, seq: Sequence) -> None:
+        if seq.prefilled is not None:
+            self.counters.prompt_tokens_total += len(seq.ids)
+            return
         track = seq.policy is not None
         start, store = self._reuse_prefix(seq) if self.use_prefix_cache else (0, None)
         seq.stats.reused_prefix_tokens = start
@@ -289,13 +300,19 @@ class Scheduler:
                 self._drop_prefill(seq, "cancelled")
                 continue
             try:
+                if seq.prefilled is not None:
+                    self.prefilling.popleft()
+                    self._first_token(seq, *seq.prefilled)
+                    seq.prefilled = None
+                    continue
                 done = seq.job.step()
                 budget -= done
                 if seq.bar is not None:
                     seq.bar.update(done)
                 if seq.job.done:
                     self.prefilling.popleft()
-                    self._first_token(seq)
+                    job, seq.job = seq.job, None
+                    self._first_token(seq, job.store, job.logits, job.query)
             except Exception as error:  # fails this request only
                 traceback.print_exc()
                 if seq in self.prefilling:
@@ -309,16 +326,15 @@ class Scheduler:
         seq.job = None
         self._end(seq, reason)
 
-    def _first_token(self, seq: Sequence) -> None:
-        store, logits, query = seq.job.store, seq.job.logits, seq.job.query
-        seq.job = None
+    def _first_token(self, seq: Sequence, store: KVStore, logits: Tensor, query: list[Tensor]) -> None:
+        """The prompt is in `store`: compact it, choose the first token, join a decode group."""
         if seq.bar is not None:
             seq.bar.close()
         if seq.policy is not None and store.length > seq.keep:
             self._compact_store(seq, store)
         seq.stats.prefill_s = time.perf_counter() - seq.admitted
         if self._choose(seq, logits[0]):
-            self._end(seq, seq.finish_reason, store=store if seq.retrieval is None else None)
+            self._end(seq, seq.finish_reason, store=store if seq.retrieval is None and seq.cache else None)
             return
         if seq.retrieval is not None and seq.retrieval.engages(store.length):
             group = self.retrieval
@@ -352,7 +368,24 @@ class Scheduler:
 
     def _choose(self, seq: Sequence, logits: Tensor) -> bool:
         """Pick, record and stream the next token; True when the sequence is finished."""
-        token = int(seq.sampler(logits[None])[0])
+        if seq.kept_logits is not None:
+            seq.kept_logits.append(logits.clone())
+        params = seq.sampler.params
+        if seq.forced is not None:
+            token = seq.forced[len(seq.generated)]
+            info = seq.sampler.logprobs(logits, token)
+        elif params.repetition_penalty == 1.0 and params.logprobs is None and params.min_new_tokens == 0:
+            token, info = int(seq.sampler(logits[None])[0]), None
+        else:
+            if params.repetition_penalty != 1.0 and seq.seen is None:
+                seq.seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
+                seq.seen[torch.tensor(seq.ids + seq.generated)] = True
+            token, info = seq.sampler.choose(logits, seq.seen if seq.seen is not None else (), len(seq.generated),
+                                             list(seq.eos))
+        if seq.seen is not None:
+            seq.seen[token] = True
+        if seq.logprobs is not None:
+            seq.logprobs.append(info)
         now = time.perf_counter()
         if seq.first == 0.0:
             seq.first = now
@@ -408,7 +441,7 @@ class Scheduler:
         self.counters.corrections_total += int(st.kv.get("heads_corrected", 0))
         self.counters.correction_checks_total += int(st.kv.get("heads_checked", 0))
         self._publish()  # the gauges a caller reads right after its result are current
-        seq.request._finish(GenerationResult(seq.text, list(seq.generated), seq.ids, reason, st))
+        seq.request._finish(GenerationResult(seq.text, list(seq.generated), seq.ids, reason, st, seq.logprobs))
 
     def _cancel_requested(self) -> None:
         for group in self.groups:
@@ -424,7 +457,7 @@ class Scheduler:
     # -- multi-turn reuse --------------------------------------------------------------------
     def _cacheable(self, seq: Sequence) -> bool:
         """Dense rows leave their KV for a next turn (a FreeKV pool is not kept)."""
-        return self.use_prefix_cache and isinstance(seq.group, DenseBatch)
+        return self.use_prefix_cache and seq.cache and isinstance(seq.group, DenseBatch)
 
     def _extract(self, group: DenseBatch, seq: Sequence) -> KVStore:
         """A single-sequence copy of `seq`'s row (its live span)."""
