@@ -1,13 +1,11 @@
 """Sampling options against HF: repetition_penalty, min_new_tokens, logprobs; generation_config defaults.
 
 The tiny exports are driven step by step through their contract graphs (ONNX Runtime directly) with
-`Sampler.choose`, and compared token for token with HF `generate` given the same options. The
-`llm.generate(...)` versions run once the scheduler passes these options through (xfail until then).
+`Sampler.choose`, and compared token for token with HF `generate` given the same options. The same
+comparisons then go through `llm.generate(...)`.
 """
 
 from __future__ import annotations
-
-import inspect
 
 import numpy as np
 import onnxruntime as ort
@@ -235,18 +233,7 @@ def test_export_writes_generation_defaults(tiny_with_generation_config, tiny_lla
     assert Manifest.load(tiny_llama[2]).generation_defaults == {}  # nothing set: nothing carried
 
 
-# -- through llm.generate (the scheduler wires the options and the defaults) ------------------------------
-def _generate_takes_options() -> bool:
-    from kvtrt.runtime.llm import LLM
-
-    parameters = inspect.signature(LLM.generate).parameters
-    return all(name in parameters for name in ("repetition_penalty", "min_new_tokens"))
-
-
-WIRED = pytest.mark.xfail(not _generate_takes_options(), strict=True,
-                          reason="LLM.generate takes repetition_penalty / min_new_tokens once the scheduler wires them")
-
-
+# -- through llm.generate (options passed, and the export's generation defaults) -----------------------------
 def _assert_as_hf(result, expected, eos_ids):
     """kvtrt's result (EOS not in token_ids, finish_reason "stop") against HF's tokens (EOS included)."""
     if result.finish_reason == "stop":
@@ -257,7 +244,6 @@ def _assert_as_hf(result, expected, eos_ids):
     assert result.token_ids == expected
 
 
-@WIRED
 @pytest.mark.parametrize("family", FAMILIES)
 def test_llm_generate_options_match_hf(tiny_exports, family):
     import kvtrt
@@ -276,7 +262,6 @@ def test_llm_generate_options_match_hf(tiny_exports, family):
     _assert_as_hf(llm.generate(PROMPT, max_new_tokens=16, min_new_tokens=4, repetition_penalty=1.2), expected, [eos])
 
 
-@WIRED
 def test_llm_generate_uses_generation_defaults(tiny_with_generation_config):
     import kvtrt
 
