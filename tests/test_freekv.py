@@ -8,9 +8,9 @@ import threading
 import pytest
 import torch
 
-from kvtrt.runtime.kv.freekv import FreeKVRetrieval, build_retrieval
+from kvtrt.runtime.kv.freekv import FreeKVRetrieval
 from kvtrt.runtime.kv.pages import PagePool, group_scores, page_scores, select_pages, topk_pages
-from kvtrt.runtime.kv.spec import KVSpecError, Stage
+from kvtrt.runtime.kv.spec import KVSpecError, parse_kv_spec, parse_stage
 
 torch.set_num_threads(1)
 
@@ -68,14 +68,15 @@ def token_ids(view, layer, b, h):
 
 def check_view(r: FreeKVRetrieval, view, seq: Seq, lengths, offsets=None):
     """Every live slot holds the right token once; sink + recent window present; pages whole."""
-    S, W, page = r.S, r.W, r.page
+    lay = r.layout
+    S, W, page = lay.sink, lay.window, lay.page
     for b in range(seq.B):
         n = lengths[b]
         off = 0 if offsets is None else offsets[b]
         live = view.mask[b].bool()
         for layer in range(seq.L):
             smap = view.slot_pages[layer][b]
-            page_live = live[S : r.ring_off].view(r.k, page)
+            page_live = live[S : lay.ring_start].view(lay.k_pages, page)
             for h in range(seq.Hkv):
                 ids = view.values[layer][b, h, live, 0].round().long()
                 assert ids.unique().numel() == ids.numel(), "a token is attended twice"
@@ -125,8 +126,13 @@ def lockstep(managers, seq: Seq, n: int, steps: int):
         yield n
 
 
+def retrieval(spec):
+    return parse_kv_spec(spec).retrieval
+
+
 def make(spec, seq: Seq, **kw):
-    return build_retrieval(spec).create(seq.L, seq.Hkv, seq.H, seq.D, batch=seq.B, **kw)
+    return retrieval(spec).create(n_layers=seq.L, n_kv_heads=seq.Hkv, n_heads=seq.H, head_dim=seq.D, batch=seq.B,
+                                  **kw)
 
 
 # ----------------------------------------------------------------------------- pages
@@ -162,7 +168,7 @@ def test_page_scores_match_bruteforce():
 def test_pool_summaries_and_layout():
     g = torch.Generator().manual_seed(2)
     L, Hkv, D, page = 2, 2, 4, 4
-    pool = PagePool(L, 2, Hkv, D, page=page, capacity=1)
+    pool = PagePool(n_layers=L, batch=2, n_kv_heads=Hkv, head_dim=D, page=page, capacity=1)
     ks = [torch.randn(Hkv, 5 * page, D, generator=g) for _ in range(L)]
     vs = [torch.randn(Hkv, 5 * page, D, generator=g) for _ in range(L)]
     assert list(pool.append(1, [k[:, :2 * page] for k in ks], [v[:, :2 * page] for v in vs])) == [0, 1]
@@ -213,22 +219,22 @@ def test_topk_per_kv_head(combine):
 
 
 def test_spec_defaults_and_layout():
-    cfg = build_retrieval(Stage("freekv", {"budget": "1024"}))
+    cfg = parse_stage("freekv:budget=1024")
     assert (cfg.page, cfg.sink, cfg.window, cfg.tau, cfg.combine) == (32, 4, 64, 0.9, "softmax")
     assert cfg.k_pages() == (1024 - 4 - 64) // 32 == 29
     assert cfg.slots() == 4 + 29 * 32 + 64 + 32
-    q = build_retrieval("quest:budget=512,page=16,sink=0,window=16")
+    q = retrieval("quest:budget=512,page=16,sink=0,window=16")
     assert q.mode == "quest" and q.k_pages() == 31 and q.tau == 1.0
-    assert build_retrieval("freekv").budget == 2048
-    assert build_retrieval("snapkv:budget=0.5+freekv:budget=300,combine=mean").combine == "mean"
-    frac = build_retrieval("freekv:budget=0.5,window=8,page=8")
+    assert retrieval("freekv").budget == 2048
+    assert retrieval("snapkv:budget=0.5+freekv:budget=300,combine=mean").combine == "mean"
+    frac = retrieval("freekv:budget=0.5,window=8,page=8")
     with pytest.raises(KVSpecError, match="max_context"):
         frac.k_pages()
     assert frac.k_pages(max_context=100) == (50 - 4 - 8) // 8
     assert cfg.min_context is None and not cfg.engages(2048) and cfg.engages(2049)  # default: 2 x budget
-    low = build_retrieval("freekv:budget=1024,min_context=0")
+    low = retrieval("freekv:budget=1024,min_context=0")
     assert low.engages(1) and "min_context=0" in str(low)
-    assert build_retrieval("quest:budget=1024,min_context=5000").engages(5001) is True
+    assert retrieval("quest:budget=1024,min_context=5000").engages(5001) is True
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -236,26 +242,27 @@ def test_spec_defaults_and_layout():
     ("freekv:budget=2000,tau=1.5", "outside [0, 1]"),
     ("freekv:budget=2000,tau=-0.1", "outside [0, 1]"),
     ("freekv:budget=2000,tau=high", "not a number"),
-    ("freekv:budget=2000,combine=max", "combine=softmax or combine=mean"),
-    ("freekv:budget=2000,pages=16", "valid options are budget, page, sink, window, tau, combine"),
-    ("quest:budget=2000,tau=0.5", "FreeKV options"),
+    ("freekv:budget=2000,combine=max", "unknown combine 'max'"),
+    ("freekv:budget=2000,combine=max", "use one of softmax, mean"),
+    ("freekv:budget=2000,pages=16", "valid options: budget, page, sink, window, tau, combine"),
+    ("quest:budget=2000,tau=0.5", "(an option of freekv)"),
     ("freekv:budget=abc", "not a number"),
     ("freekv:budget=2000,page=0", "page=0 must be at least 1"),
     ("freekv:budget=2000,sink=x", "not a whole number"),
     ("freekv:budget=2000,window=-1", "at least 0"),
     ("freekv:budget=2000,min_context=-5", "min_context=-5 must be at least 0"),
     ("quest:budget=2000,min_context=big", "not a whole number"),
-    ("snapkv:budget=0.5", "no retrieval stage"),
+    ("snapkv:budget=0.5", "not a retrieval policy"),
 ])
 def test_bad_specs(spec, message):
     with pytest.raises(KVSpecError) as err:
-        build_retrieval(spec)
+        parse_stage(spec, kind="retrieval")
     assert message in str(err.value)
 
 
 def test_compaction_stage_rejected():
     with pytest.raises(KVSpecError, match="not a retrieval policy"):
-        build_retrieval(Stage("h2o", {}))
+        parse_stage("h2o", kind="retrieval")
 
 
 # ----------------------------------------------------------------------------- manager
@@ -305,7 +312,7 @@ def test_full_budget_view_holds_every_token_and_matches_full_attention():
 def test_tau_one_view_equals_fresh_selection(combine):
     seq = Seq(L=2, B=2, Hkv=2, G=3, D=16, total=260, seed=5)
     r = make(f"freekv:budget=60,{SMALL},tau=1,combine={combine}", seq)
-    assert r.k == 6
+    assert r.layout.k_pages == 6
 
     def on_step(view, n, q):
         check_view(r, view, seq, [n] * seq.B)
@@ -328,7 +335,7 @@ def test_tau_one_view_equals_fresh_selection(combine):
                 for h in range(seq.Hkv):
                     assert set(held[b, h].tolist()) - {-1} == set(fresh[b, h].tolist()) - {-1}
     st = r.stats()
-    assert st["correction_rate"] == 1.0 and st["steps"] == 30
+    assert st.correction_rate == 1.0 and st.steps == 30
     r.close()
 
 
@@ -338,8 +345,8 @@ def test_correction_rate_extremes(tau, rate):
     r = make(f"freekv:budget=44,{SMALL},tau={tau}", seq)
     decode(r, seq, 100, 20)
     st = r.stats()
-    assert st["heads_checked"] == 20 * seq.L * seq.B * seq.Hkv
-    assert st["correction_rate"] == rate
+    assert st.heads_checked == 20 * seq.L * seq.B * seq.Hkv
+    assert st.correction_rate == rate
     r.close()
 
 
@@ -347,11 +354,11 @@ def test_intermediate_tau_corrects_only_drifted_heads():
     seq = Seq(total=200, seed=7, drift=0.02)  # slow random walk: cos(q_t, q_{t-1}) close to 1
     r = make(f"freekv:budget=44,{SMALL},tau=0.5", seq)
     decode(r, seq, 100, 10)
-    assert r.stats()["correction_rate"] == 0.0
+    assert r.stats().correction_rate == 0.0
     seq2 = Seq(total=200, seed=7)  # independent queries each step: cos ~ 0 < 0.5
     r2 = make(f"freekv:budget=44,{SMALL},tau=0.5", seq2)
     decode(r2, seq2, 100, 10, on_step=lambda view, n, q: check_view(r2, view, seq2, [n]))
-    assert r2.stats()["correction_rate"] > 0.7
+    assert r2.stats().correction_rate > 0.7
     r.close()
     r2.close()
 
@@ -381,7 +388,7 @@ def test_double_buffer_never_serves_half_written_view():
         r.prefetch()
         assert entered.wait(10)  # the worker is now blocked half-way through the other buffer
         assert r.view() is served
-        assert not r._pending.done()
+        assert r.prefetching and not r.wait_prefetch(timeout=0)
         for t, s in zip(served.keys + served.values + [served.mask], snap[0] + snap[1] + [snap[2]]):
             assert torch.equal(t, s)  # the served buffer is untouched while the other is written
         check_view(r, served, seq, [n])
@@ -393,7 +400,7 @@ def test_double_buffer_never_serves_half_written_view():
         assert nxt is not served and nxt is r.view()
         check_view(r, nxt, seq, [n])  # complete: every layer written, new token included
     assert calls and not any(calls[: seq.L])  # speculative copies ran on the worker
-    assert r.stats()["wait_s"] > 0.0
+    assert r.stats().wait_s > 0.0
     r.close()
 
 
@@ -420,15 +427,15 @@ def test_incremental_recall_copies_exactly_the_missing_pages():
     n = 200
     total_copied = 0
     for step in range(12):
-        other = r._bufs[1 - r._cur]
+        other = r.views[1 - r.view().index]
         before = [m.clone() for m in other.slot_pages]
         copies.clear()
         r.prefetch()
-        r._pending.result()  # let the worker finish so its copies can be counted on their own
+        assert r.wait_prefetch()  # let the worker finish so its copies can be counted on their own
         mid = [m.clone() for m in other.slot_pages]
         assert sum(copies) == misses(before, mid)  # speculative recall: exactly the missing pages
         if step == 0:
-            assert sum(copies) == seq.L * seq.B * seq.Hkv * r.k  # first fill of the second buffer
+            assert sum(copies) == seq.L * seq.B * seq.Hkv * r.layout.k_pages  # first fill of the second buffer
         copies.clear()
         q = seq.q(n)
         nk, nv = seq.kv(n, n + 1)
@@ -449,11 +456,11 @@ def test_recall_counts_copies_directly():
     r.start(k, v, seq.q(149))
     copies = []
     r.copy_hook = lambda n: copies.append(n)
-    buf = r._bufs[1]
+    buf = r.views[1]
     buf.n_pages = r.pool.n_pages.tolist()
     buf.slot_pages[0].copy_(torch.tensor([[[3, -1, 7, 1, -1, 9], [0, 1, 2, 3, 4, 5]]]))
     sel = torch.tensor([[[7, 3, 10, 11, 12, -1], [5, 4, 3, 2, 1, 0]]])
-    r._recall(buf, sel[None])
+    r.recall(buf, sel[None])
     assert copies == [3]  # head 0 lacks 10, 11, 12; head 1 holds all its pages
     m = buf.slot_pages[0][0]
     assert m[0, 0] == 3 and m[0, 2] == 7  # kept in place
@@ -463,7 +470,7 @@ def test_recall_counts_copies_directly():
         if p >= 10:  # the copied pages hold their data (3 and 7 were only claimed in the map)
             torch.testing.assert_close(buf.keys[0][0, 0, 4 + 8 * j: 4 + 8 * (j + 1)], r.pool.page_kv(0, 0, p)[0][0])
     st = r.stats()
-    assert (st["pages_selected"], st["pages_hit"], st["pages_recalled"]) == (11, 8, 3)
+    assert (st.pages_selected, st.pages_hit, st.pages_recalled) == (11, 8, 3)
 
 
 def test_stationary_query_stops_recalling():
@@ -481,9 +488,9 @@ def test_stationary_query_stops_recalling():
     # no corrections; both buffers converged to the same pages, except that a page spilled
     # from the window becomes selectable (a step spills every `page` tokens)
     st = r.stats()
-    assert st["correction_rate"] == 0.0
+    assert st.correction_rate == 0.0
     assert sum(copies) <= 2 * seq.L * seq.Hkv
-    assert st["page_hit_rate"] > 0.5
+    assert st.page_hit_rate > 0.5
     r.close()
 
 
@@ -502,7 +509,7 @@ def test_views_are_stable_buffers_and_threaded_matches_inline():
         for x, y in zip(va_.keys + va_.values + [va_.mask], vb_.keys + vb_.values + [vb_.mask]):
             assert torch.equal(x, y)
     assert [tuple(t.data_ptr() for t in v.keys + v.values + [v.mask]) for v in a.views] == ptrs
-    assert a.stats()["heads_corrected"] == b.stats()["heads_corrected"]
+    assert a.stats().heads_corrected == b.stats().heads_corrected
     a.close()
     b.close()
 
@@ -546,7 +553,7 @@ def test_needle_page_is_retrieved():
         full = attend(q[0], seq.keys[0][:, :, :n], seq.values[0][:, :, :n], torch.ones(1, n, dtype=torch.bool))
         got = attend(q[0], view.keys[0], view.values[0], view.mask)
         stream_mask = view.mask.clone()
-        stream_mask[:, 4 : r.ring_off] = False  # sink + window only
+        stream_mask[:, 4 : r.layout.ring_start] = False  # sink + window only
         base = attend(q[0], view.keys[0], view.values[0], stream_mask)
         assert (got - full).abs().mean() < 0.5 * (base - full).abs().mean()
 
@@ -564,7 +571,7 @@ def test_quest_mode_select_current_query():
     for _ in range(12):
         view = r.view()
         r.prefetch()  # no-op in quest mode
-        assert r._pending is None
+        assert not r.prefetching
         probe = seq.q(n)
         assert r.select(probe) is view  # re-selected in place with the current query
         for layer in range(seq.L):
@@ -577,7 +584,7 @@ def test_quest_mode_select_current_query():
         nxt = r.finish_step(probe, nk, nv)
         n += 1
         check_view(r, nxt, seq, [n, n])
-    assert r.stats()["heads_checked"] == 0
+    assert r.stats().heads_checked == 0
     r.close()
 
 
@@ -604,8 +611,8 @@ def test_stats_keys():
     st = r.stats()
     for key in ("correction_rate", "page_hit_rate", "recalled_bytes_per_step", "wait_s", "wait_s_per_step",
                 "pages_recalled", "steps", "correction_s"):
-        assert key in st
-    assert st["recalled_bytes"] == st["pages_recalled"] * 2 * 8 * seq.D * 4
+        assert key in st.as_dict()
+    assert st.recalled_bytes == st.pages_recalled * 2 * 8 * seq.D * 4
     r.close()
 
 
@@ -616,7 +623,7 @@ def test_pool_sized_once_for_prompt_plus_reserved_tokens():
     r = make(f"freekv:budget=44,{SMALL}", seq)
     k, v = seq.kv(0, 300)
     r.start(k, v, seq.q(299), reserve_tokens=60)
-    sink, window, page = r.S, r.W, r.page
+    sink, window, page = r.layout.sink, r.layout.window, r.layout.page
     assert r.pool.capacity == -(-(360 - sink - window) // page)
     data = r.pool.data
     for n in range(300, 360):
@@ -627,9 +634,9 @@ def test_pool_sized_once_for_prompt_plus_reserved_tokens():
     itemsize = 4
     pool = seq.L * seq.B * r.pool.capacity * seq.Hkv * (2 * page * seq.D * itemsize + 2 * seq.D * 4)
     master = 2 * seq.L * seq.B * seq.Hkv * (sink + window + page) * seq.D * itemsize
-    assert st["stored_bytes"] == pool + master
-    assert st["view_bytes"] == 2 * 2 * seq.L * seq.B * seq.Hkv * r.slots * seq.D * itemsize
-    assert r.nbytes == st["stored_bytes"] + st["view_bytes"]
+    assert st.stored_bytes == pool + master
+    assert st.view_bytes == 2 * 2 * seq.L * seq.B * seq.Hkv * r.slots * seq.D * itemsize
+    assert r.nbytes == st.stored_bytes + st.view_bytes
     r.close()
 
 

@@ -8,7 +8,6 @@ import torch
 
 import kvtrt
 from kvtrt.runtime.generator import Generation
-from kvtrt.runtime.kv.policies import build_policy
 from kvtrt.runtime.kv.spec import KVSpecError, parse_kv_spec
 from kvtrt.runtime.sampling import SamplingParams
 
@@ -50,7 +49,7 @@ def test_compaction_equals_hf_with_evicted_tokens_masked(tiny_llama, spec):
     llm = kvtrt.load(directory, kv=spec, prefill_chunk=32)
     ids = llm.encode(PROMPT)
     kv = parse_kv_spec(spec)
-    policy = build_policy(kv.compaction)
+    policy = kv.compaction
     keep = policy.budget_tokens(len(ids))
     # the selection the runtime will make, from the same prefill
     probe = Generation(llm.engine, [ids], 2, SamplingParams(), [], 32, kv=kv)

@@ -1,4 +1,4 @@
-"""Compaction policies (issue 3): exact hand-worked selections, invariants, and spec errors."""
+"""Compaction policies: exact hand-worked selections, invariants, and spec errors."""
 
 from __future__ import annotations
 
@@ -14,15 +14,14 @@ from kvtrt.runtime.kv.policies import (
     StreamingPolicy,
     anchor_bits,
     bucket_starts,
-    build_policy,
     hamming_order,
     signatures,
 )
-from kvtrt.runtime.kv.spec import KVSpecError, Stage, parse_kv_spec
+from kvtrt.runtime.kv.spec import KVSpec, KVSpecError, parse_kv_spec, parse_stage
 
 
 def policy(spec: str):
-    return build_policy(parse_kv_spec(spec).compaction)
+    return parse_kv_spec(spec).compaction
 
 
 def rows(t: torch.Tensor) -> list[list[int]]:
@@ -216,7 +215,7 @@ def test_kvcrush_defaults():
     assert isinstance(policy("kvcrush:budget=64,base=streaming").base, StreamingPolicy)
     assert policy("kvcrush:budget=64,base=h2o,window=8").window == 8
     assert isinstance(policy("h2o:budget=64"), H2OPolicy)
-    assert build_policy(Stage("full")) is None
+    assert parse_stage("full") is None and parse_kv_spec("full").compaction is None
 
 
 # ---------------------------------------------------------------- properties
@@ -323,7 +322,7 @@ def test_bad_specs_explain_the_fix(spec, message):
 
 def test_retrieval_stage_is_not_a_compaction_policy():
     with pytest.raises(KVSpecError, match=r"'freekv' is not a compaction policy"):
-        build_policy(Stage("freekv", {"budget": "1024"}))
+        parse_stage("freekv:budget=1024", kind="compaction")
 
 
 def test_fractional_budget_checked_once_context_is_known():

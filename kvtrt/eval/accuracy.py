@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from ..runtime.generator import Generation, check_kv_spec
-from ..runtime.kv.policies import build_policy
-from ..runtime.kv.spec import KVSpec, Stage, parse_budget, parse_kv_spec
+from ..runtime.kv.spec import COMPACTION_NAMES, KVSpec, StageText, parse_kv_spec, split_kv_spec
 from ..runtime.llm import load
 from ..runtime.sampling import SamplingParams
 from .peers import ortgenai_model, ortgenai_nll
@@ -58,25 +57,27 @@ def expand_specs(kv_specs: list[str], budgets: list[float | int]) -> list[SpecRu
     The budget goes to the compaction stage, or to the retrieval stage when there is none."""
     runs = []
     for text in kv_specs:
-        spec = parse_kv_spec(text)
-        if spec.is_full:
+        # as written (the budget may come from `budgets`), the compaction stage first
+        stages = sorted(split_kv_spec(text), key=lambda s: s.name not in COMPACTION_NAMES)
+        if all(s.name == "full" for s in stages):
+            parse_kv_spec(text)  # 'full' with options is refused
             continue
-        which = "compaction" if spec.compaction is not None else "retrieval"
-        stage: Stage = getattr(spec, which)
+        stage = stages[0]  # the budget goes to the compaction stage, else to the retrieval stage
         own = stage.params.get("budget")
         fixed = own is not None or (stage.name == "streaming" and "window" in stage.params)
-        policy = str(_with_params(spec, which, {k: v for k, v in stage.params.items() if k != "budget"}))
+        policy = _with_options(stages, {k: v for k, v in stage.params.items() if k != "budget"})
         if fixed or not budgets:
-            runs.append(SpecRun(spec, policy, parse_budget(own) if own else None))
+            spec = parse_kv_spec(text)
+            runs.append(SpecRun(spec, policy, (spec.compaction or spec.retrieval).budget if own else None))
         else:
-            runs += [SpecRun(_with_params(spec, which, {**stage.params, "budget": str(b)}), policy, b)
+            runs += [SpecRun(parse_kv_spec(_with_options(stages, {**stage.params, "budget": str(b)})), policy, b)
                      for b in budgets]
     return runs
 
 
-def _with_params(spec: KVSpec, which: str, params: dict[str, str]) -> KVSpec:
-    stage = getattr(spec, which)
-    return replace(spec, **{which: Stage(stage.name, params)})
+def _with_options(stages: list[StageText], params: dict[str, str]) -> str:
+    """The spec text of ``stages`` with the first stage's options replaced by ``params``."""
+    return "+".join([str(StageText(stages[0].name, params)), *map(str, stages[1:])])
 
 
 @dataclass
@@ -146,8 +147,8 @@ class Evaluator:
             raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
         for run in runs:  # budgets that cannot hold sink + window fail now, not an hour in
             check_kv_spec(run.spec, self.llm.manifest)
-            if run.spec.compaction is not None and run.spec.compaction.name != "full":
-                build_policy(run.spec.compaction).budget_tokens(self.context)
+            if run.spec.compaction is not None:
+                run.spec.compaction.budget_tokens(self.context)
         full = SpecRun(KVSpec(), "full", None)
         totals = {r.label: Totals() for r in [full, *runs]}
         base = Totals() if self.baseline is not None and task == "ppl" else None

@@ -27,8 +27,7 @@ def measure_kvtrt(directory: str, ids: list[int], new_tokens: int, kv: str, thre
     llm = load(directory, kv=kv, threads=threads, prefill_chunk=prefill_chunk)
     warm_kv = llm.kv
     if warm_kv.retrieval is not None:  # engage retrieval on the short warm-up prompt too: the same graphs
-        stage = warm_kv.retrieval
-        warm_kv = replace(warm_kv, retrieval=replace(stage, params={**stage.params, "min_context": "0"}))
+        warm_kv = replace(warm_kv, retrieval=replace(warm_kv.retrieval, min_context=0))
     warm = Generation(llm.engine, [ids[:16]], 4, SamplingParams(), [], prefill_chunk, kv=warm_kv)
     for _ in warm.run():
         pass

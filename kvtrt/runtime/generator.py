@@ -15,8 +15,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .engine import Engine
-from .kv.freekv import build_retrieval
-from .kv.policies import SnapKVPolicy, build_policy
+from .kv.policies import SnapKVPolicy
 from .kv.spec import KVSpec, KVSpecError
 from .kv.store import KVStore
 from .sampling import Sampler, SamplingParams
@@ -51,13 +50,11 @@ class GenerationStats:
 
 
 def check_kv_spec(kv: KVSpec, manifest) -> None:
-    """Build the spec's stages once so bad options fail at load time, not mid-generation; refuse
-    a SnapKV observation window the export's score outputs were not made with."""
-    policy = build_policy(kv.compaction) if kv.compaction else None
-    if kv.retrieval:
-        build_retrieval(kv.retrieval)
+    """Refuse a SnapKV observation window the export's score outputs were not made with (the
+    spec's own options were checked when it was parsed)."""
+    policy = kv.compaction
     base = getattr(policy, "base", policy)
-    if isinstance(base, SnapKVPolicy) and "window" in kv.compaction.params \
+    if isinstance(base, SnapKVPolicy) and policy.given("window") \
             and base.window != manifest.score_window:
         raise KVSpecError(f"snapkv window={base.window} differs from the export's --score-window "
                           f"{manifest.score_window}; use window={manifest.score_window} or re-export with "
@@ -106,8 +103,8 @@ class Generation:
         self.prefill_chunk = prefill_chunk
         self.progress = progress
         self.kv = kv or KVSpec()
-        self.policy = build_policy(self.kv.compaction) if self.kv.compaction else None
-        self.retrieval = build_retrieval(self.kv.retrieval) if self.kv.retrieval else None
+        self.policy = self.kv.compaction
+        self.retrieval = self.kv.retrieval
         self.keep = [self.policy.budget_tokens(len(p)) for p in prompts] if self.policy else None
         self.stats = GenerationStats(prompt_tokens=sum(map(len, prompts)))
         self.finished = [False] * len(prompts)
@@ -377,7 +374,7 @@ class Generation:
             self.stats.decode_s = time.perf_counter() - t0
             self.stats.kv_bytes = r.nbytes
             self.stats.kv = {"retrieval_engaged": 1,
-                             **{k: v for k, v in r.stats().items() if isinstance(v, (int, float))}}
+                             **{k: v for k, v in r.stats().as_dict().items() if isinstance(v, (int, float))}}
         finally:
             r.close()
 

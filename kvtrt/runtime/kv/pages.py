@@ -245,6 +245,11 @@ class PagePool:
         self.kmax[layer, b, :, p0 : p0 + n_new] = hi.transpose(0, 1)
 
     # ------------------------------------------------------------------ reading
+    def page_rows(self, layers: Tensor, seqs: Tensor, heads: Tensor, pages: Tensor) -> Tensor:
+        """Row of each (layer, sequence, KV head, page) in ``data`` seen as ``[rows, 2, page, D]``
+        (one KV head's page, its K then its V, is one row)."""
+        return ((layers * self.batch + seqs) * self._cap + pages) * self.n_kv_heads + heads
+
     def page_kv(self, layer: int, b: int, page_id: int) -> tuple[Tensor, Tensor]:
         """Keys and values ``[Hkv, page, D]`` of one page."""
         blk = self.data[layer, b, page_id]

@@ -1,9 +1,9 @@
 """Compaction policies: which stored KV slots to keep when the cache exceeds its budget.
 
-Each policy is a small class with one scoring method (``token_scores``); ``Policy.select`` turns
-scores into kept slot indices. Build one from a spec stage with ``build_policy``::
+Each policy is a small frozen dataclass with one scoring method (``token_scores``); ``Policy.select``
+turns scores into kept slot indices. A spec's compaction stage is the policy itself::
 
-    policy = build_policy(parse_kv_spec("kvcrush:budget=0.25,base=snapkv").compaction)
+    policy = parse_kv_spec("kvcrush:budget=0.25,base=snapkv").compaction
     keep = policy.budget_tokens(context)          # tokens to keep, per KV head
     kept = policy.select(scores, keep)            # LongTensor [Hkv, keep]
 
@@ -12,42 +12,44 @@ Slots are in position order, so the *sink* is the first ``sink`` slots and the *
 ``window`` slots; both are always kept and count inside the budget. Everything is deterministic:
 ties are broken by slot index and KVCrush's random anchor comes from its ``seed``.
 
-Specs (defaults in brackets)::
-
-    streaming:[sink=4,]window=N            budget = sink+window (or budget=B: sink + latest B-sink)
-    h2o:budget=B[,sink=4,window=32]
-    snapkv:budget=B[,sink=4,window=32,kernel=5,pool=avg|max]
-    kvcrush:budget=B[,base=snapkv,ratio=0.25,anchor=random,granularity=token,page=32,seed=0]
-            plus the base's own keys (sink, window, kernel, pool)
-
-A budget is a token count (``1024``) or a fraction of the context (``0.25``).
+Each field made with ``option(...)`` is a spec option, with its default, kind and range stated
+there (see ``kv.options``); a KVCrush spec also takes its base's options (sink, window, kernel,
+pool). A budget is a token count (``1024``) or a fraction of the context (``0.25``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .spec import COMPACTION_NAMES, KVSpecError, Stage, parse_budget, resolve_budget
+from .options import KVSpecError, SpecStage, option, read_value, resolve_budget
 
 ANCHORS = ("random", "zeros", "ones", "mean", "alternating")
 GRANULARITIES = ("token", "page")
 POOLS = ("avg", "max")
 
 
-class Policy(ABC):
+class Policy(SpecStage, ABC):
     """Keep ``sink`` + ``window`` slots plus the best-scoring rest, up to a per-head budget."""
 
-    name: ClassVar[str]
-    keys: ClassVar[tuple[str, ...]]
     sink: int
     window: int
     budget: float | int | None
+
+    def check(self, where: str) -> None:
+        """The policy's own rules, then a token budget against sink + window (a fraction waits for
+        the context)."""
+        self.check_options(where)
+        if not isinstance(self.budget, float):
+            self.budget_tokens(0)
+
+    def check_options(self, where: str) -> None:
+        """Rules between this policy's options."""
 
     def budget_tokens(self, context: int) -> int:
         """Tokens kept per KV head at ``context`` tokens; raises if it cannot hold sink+window."""
@@ -94,10 +96,16 @@ class StreamingPolicy(Policy):
     """
 
     name: ClassVar[str] = "streaming"
-    keys: ClassVar[tuple[str, ...]] = ("sink", "window", "budget")
-    sink: int = 4
-    window: int = 0
-    budget: float | int | None = None
+    sink: int = option(4, "whole")
+    window: int = option(0, "whole")
+    budget: float | int | None = option(None, "budget")
+
+    def check_options(self, where: str) -> None:
+        if self.budget is None and not self.given("window"):
+            raise KVSpecError(f"streaming needs window= (recent tokens) or budget= in {where!r}; "
+                              f"e.g. streaming:sink=4,window=1020")
+        if self.budget is None and self.sink + self.window == 0:
+            raise KVSpecError(f"streaming with sink=0,window=0 keeps nothing in {where!r}; set window=N")
 
     def token_scores(self, scores: Tensor) -> Tensor:
         """Recency: the slot index, so the newest slots win."""
@@ -109,10 +117,9 @@ class H2OPolicy(Policy):
     """H2O: heavy hitters (largest accumulated attention mass) plus sink and window."""
 
     name: ClassVar[str] = "h2o"
-    keys: ClassVar[tuple[str, ...]] = ("budget", "sink", "window")
-    budget: float | int | None = None
-    sink: int = 4
-    window: int = 32
+    budget: float | int | None = option(None, "budget", required=True)
+    sink: int = option(4, "whole")
+    window: int = option(32, "whole")
 
     def token_scores(self, scores: Tensor) -> Tensor:
         """The raw attention mass."""
@@ -128,12 +135,16 @@ class SnapKVPolicy(Policy):
     """
 
     name: ClassVar[str] = "snapkv"
-    keys: ClassVar[tuple[str, ...]] = ("budget", "sink", "window", "kernel", "pool")
-    budget: float | int | None = None
-    sink: int = 4
-    window: int = 32
-    kernel: int = 5
-    pool: str = "avg"
+    budget: float | int | None = option(None, "budget", required=True)
+    sink: int = option(4, "whole")
+    window: int = option(32, "whole")
+    kernel: int = option(5, "whole", minimum=1)
+    pool: str = option("avg", "choice", choices=POOLS)
+
+    def check_options(self, where: str) -> None:
+        if self.kernel % 2 == 0:
+            raise KVSpecError(f"kernel={self.kernel} in {where!r} must be odd so pooling keeps the length; "
+                              f"e.g. kernel=5")
 
     def token_scores(self, scores: Tensor) -> Tensor:
         """Pooled mass for the slots before the window; the window's own slots are unchanged."""
@@ -170,14 +181,46 @@ class KVCrushPolicy(Policy):
     """
 
     name: ClassVar[str] = "kvcrush"
-    keys: ClassVar[tuple[str, ...]] = ("budget", "base", "ratio", "anchor", "granularity", "page", "seed")
-    base: Policy
-    budget: float | int | None = None
-    ratio: float = 0.25
-    anchor: str = "random"
-    granularity: str = "token"
-    page: int = 32
-    seed: int = 0
+    budget: float | int | None = option(None, "budget", required=True)
+    base: Policy = option(SnapKVPolicy(), "choice", choices=("snapkv", "h2o", "streaming"))
+    ratio: float = option(0.25, "fraction")
+    anchor: str = option("random", "choice", choices=ANCHORS)
+    granularity: str = option("token", "choice", choices=GRANULARITIES)
+    page: int = option(32, "whole", minimum=1)
+    seed: int = option(0, "whole")
+
+    @classmethod
+    def base_class(cls, params: dict[str, str], where: str) -> type[Policy]:
+        """The base policy class a spec's ``base=`` names."""
+        how = cls.option_fields(cls.name)["base"][1]
+        return BASES[read_value("base", params.get("base", "snapkv"), how, "snapkv", where)]
+
+    @classmethod
+    def option_names(cls, name: str, params: dict[str, str], where: str) -> tuple[str, ...]:
+        """KVCrush's own options, then its base's (sink, window, ...)."""
+        own = tuple(cls.option_fields(name))
+        base = cls.base_class(params, where)
+        return own + tuple(k for k in base.option_names(base.name, params, where) if k not in own)
+
+    @classmethod
+    def read(cls, name: str, params: dict[str, str], where: str, **fixed) -> KVCrushPolicy:
+        """KVCrush's own options; the base is read from the others and the shared budget."""
+        own = cls.option_fields(name)
+        policy = super().read(name, {k: v for k, v in params.items() if k in own and k != "base"}, where, **fixed)
+        base = cls.base_class(params, where)
+        base_policy = base.read(base.name, {k: v for k, v in params.items() if k not in own or k == "budget"}, where)
+        return replace(policy, base=base_policy, written=tuple(params))
+
+    def check_options(self, where: str) -> None:
+        if self.given("page") and self.granularity != "page":
+            raise KVSpecError(f"page= in {where!r} only applies with granularity=page; add granularity=page or "
+                              f"drop page=")
+        self.base.check_options(where)
+
+    def option_items(self) -> list[tuple[str, object, object]]:
+        own = super().option_items()
+        keys = {key for key, _, _ in own}
+        return own + [item for item in self.base.option_items() if item[0] not in keys]
 
     @property
     def sink(self) -> int:  # type: ignore[override]
@@ -295,152 +338,9 @@ def bucket_starts(m: int, buckets: int, device: torch.device | None = None) -> T
     return torch.arange(buckets, device=device) * m // buckets
 
 
-def build_policy(stage: Stage) -> Policy | None:
-    """The policy for a compaction stage (``None`` for ``full``); every key is validated."""
-    if stage.name == "full":
-        if stage.params:
-            raise KVSpecError(f"'full' takes no options (got {stage}); write just 'full'")
-        return None
-    if stage.name not in _BUILDERS:
-        raise KVSpecError(
-            f"{stage.name!r} is not a compaction policy; use one of {', '.join(COMPACTION_NAMES)}"
-        )
-    options = _Options(stage)
-    policy = _BUILDERS[stage.name](options)
-    if not isinstance(policy.budget, float):
-        policy.budget_tokens(0)  # token budgets can be checked against sink+window right away
-    return policy
-
-
-class _Options:
-    """Typed access to a stage's ``key=value`` options with spec-level error messages."""
-
-    def __init__(self, stage: Stage, params: dict[str, str] | None = None):
-        self.stage = stage
-        self.params = stage.params if params is None else params
-
-    def check_keys(self, valid: tuple[str, ...]) -> None:
-        for key in self.params:
-            if key not in valid:
-                raise KVSpecError(
-                    f"unknown option {key!r} for {self.stage.name} in {str(self.stage)!r}; "
-                    f"valid options: {', '.join(valid)}"
-                )
-
-    def has(self, key: str) -> bool:
-        return key in self.params
-
-    def whole(self, key: str, default: int, minimum: int = 0) -> int:
-        text = self.params.get(key)
-        if text is None:
-            return default
-        try:
-            value = int(text)
-        except ValueError:
-            raise KVSpecError(
-                f"{key}={text!r} in {str(self.stage)!r} is not a whole number; e.g. {key}={default}"
-            ) from None
-        if value < minimum:
-            raise KVSpecError(f"{key}={value} in {str(self.stage)!r} must be at least {minimum}")
-        return value
-
-    def budget(self, required: bool) -> float | int | None:
-        text = self.params.get("budget")
-        if text is None:
-            if required:
-                raise KVSpecError(
-                    f"{self.stage.name} needs a budget in {str(self.stage)!r}; add budget=0.25 "
-                    f"(a fraction of the context) or budget=1024 (tokens)"
-                )
-            return None
-        return parse_budget(text)
-
-    def ratio(self, key: str, default: float) -> float:
-        text = self.params.get(key)
-        if text is None:
-            return default
-        try:
-            value = float(text)
-        except ValueError:
-            raise KVSpecError(
-                f"{key}={text!r} in {str(self.stage)!r} is not a number; give a fraction such as {key}={default}"
-            ) from None
-        if not 0.0 <= value <= 1.0:
-            raise KVSpecError(
-                f"{key}={text} in {str(self.stage)!r} is outside [0, 1]; give a fraction such as {key}={default}"
-            )
-        return value
-
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.params.get(key, default).lower()
-        if value not in choices:
-            raise KVSpecError(f"unknown {key} {value!r} in {str(self.stage)!r}; use one of {', '.join(choices)}")
-        return value
-
-
-def _streaming(options: _Options) -> StreamingPolicy:
-    options.check_keys(StreamingPolicy.keys)
-    budget = options.budget(required=False)
-    if budget is None and not options.has("window"):
-        raise KVSpecError(
-            f"streaming needs window= (recent tokens) or budget= in {str(options.stage)!r}; "
-            f"e.g. streaming:sink=4,window=1020"
-        )
-    sink, window = options.whole("sink", 4), options.whole("window", 0)
-    if budget is None and sink + window == 0:
-        raise KVSpecError(f"streaming with sink=0,window=0 keeps nothing in {str(options.stage)!r}; set window=N")
-    return StreamingPolicy(sink=sink, window=window, budget=budget)
-
-
-def _h2o(options: _Options) -> H2OPolicy:
-    options.check_keys(H2OPolicy.keys)
-    return H2OPolicy(
-        budget=options.budget(required=True), sink=options.whole("sink", 4), window=options.whole("window", 32)
-    )
-
-
-def _snapkv(options: _Options) -> SnapKVPolicy:
-    options.check_keys(SnapKVPolicy.keys)
-    kernel = options.whole("kernel", 5, minimum=1)
-    if kernel % 2 == 0:
-        raise KVSpecError(
-            f"kernel={kernel} in {str(options.stage)!r} must be odd so pooling keeps the length; e.g. kernel=5"
-        )
-    return SnapKVPolicy(
-        budget=options.budget(required=True),
-        sink=options.whole("sink", 4),
-        window=options.whole("window", 32),
-        kernel=kernel,
-        pool=options.choice("pool", "avg", POOLS),
-    )
-
-
-_BASES = {"snapkv": (_snapkv, SnapKVPolicy), "h2o": (_h2o, H2OPolicy), "streaming": (_streaming, StreamingPolicy)}
-
-
-def _kvcrush(options: _Options) -> KVCrushPolicy:
-    build_base, base_cls = _BASES[options.choice("base", "snapkv", tuple(_BASES))]
-    own = KVCrushPolicy.keys
-    options.check_keys(own + tuple(k for k in base_cls.keys if k not in own))
-    granularity = options.choice("granularity", "token", GRANULARITIES)
-    if options.has("page") and granularity != "page":
-        raise KVSpecError(
-            f"page= in {str(options.stage)!r} only applies with granularity=page; add granularity=page or drop page="
-        )
-    budget = options.budget(required=True)
-    base_params = {k: v for k, v in options.params.items() if k not in own or k == "budget"}
-    return KVCrushPolicy(
-        base=build_base(_Options(options.stage, base_params)),
-        budget=budget,
-        ratio=options.ratio("ratio", 0.25),
-        anchor=options.choice("anchor", "random", ANCHORS),
-        granularity=granularity,
-        page=options.whole("page", 32, minimum=1),
-        seed=options.whole("seed", 0),
-    )
-
-
-_BUILDERS = {"streaming": _streaming, "h2o": _h2o, "snapkv": _snapkv, "kvcrush": _kvcrush}
+BASES: dict[str, type[Policy]] = {"snapkv": SnapKVPolicy, "h2o": H2OPolicy, "streaming": StreamingPolicy}
+POLICIES: dict[str, type[Policy]] = {"streaming": StreamingPolicy, "h2o": H2OPolicy, "snapkv": SnapKVPolicy,
+                                     "kvcrush": KVCrushPolicy}
 
 
 def _shape(scores: Tensor) -> tuple[int, int]:

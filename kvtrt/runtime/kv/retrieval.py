@@ -1,0 +1,130 @@
+"""The retrieval stage of a KV spec (``freekv:...`` / ``quest:...``): its options and sizes.
+
+``RetrievalConfig`` is what ``parse_kv_spec(...).retrieval`` holds; ``create(...)`` builds the
+runtime manager (``kv.freekv.FreeKVRetrieval``). See ``docs/freekv.md`` for the design.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .layout import ViewLayout
+from .options import KVSpecError, SpecStage, option, resolve_budget
+from .pages import COMBINES
+
+if TYPE_CHECKING:
+    from .freekv import FreeKVRetrieval
+
+RETRIEVAL_MODES = ("freekv", "quest")
+
+
+@dataclass(frozen=True)
+class RetrievalConfig(SpecStage):
+    """A validated ``freekv``/``quest`` stage.
+
+    ``budget`` counts attended tokens, sink and window included; a fraction is resolved against
+    the ``max_context`` given to ``create``. ``page``: FreeKV/Quest page size; ``sink``:
+    StreamingLLM's attention sink; ``window``: recent tokens always attended; ``tau``: heads whose
+    query cosine to the previous step falls below it are corrected (quest: always 1, every head
+    selects with the current query); ``combine``: how the query heads of a KV group score a page;
+    ``min_context`` (default ``2 * budget``): retrieval runs only for longer caches.
+    """
+
+    mode: str = "freekv"
+    budget: int | float = option(2048, "budget")
+    page: int = option(32, "whole", minimum=1)
+    sink: int = option(4, "whole")
+    window: int = option(64, "whole")
+    tau: float = option(0.9, "fraction", stages=("freekv",),
+                        hint="tau=0 never corrects, tau=1 always corrects, e.g. tau=0.9")
+    combine: str = option("softmax", "choice", choices=COMBINES, stages=("freekv",))
+    min_context: int | None = option(None, "whole", example=0)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        """The stage name: the mode."""
+        return self.mode
+
+    @classmethod
+    def read(cls, name: str, params: dict[str, str], where: str, **fixed) -> RetrievalConfig:
+        if name == "quest":
+            fixed["tau"] = 1.0  # quest selects every step with the current query
+        return super().read(name, params, where, mode=name, **fixed)
+
+    def check(self, where: str) -> None:
+        if isinstance(self.budget, int):
+            self.budget_tokens()  # budget < sink + window + page -> KVSpecError now
+
+    @property
+    def min_budget(self) -> int:
+        return self.sink + self.window + self.page
+
+    def budget_tokens(self, max_context: int | None = None) -> int:
+        """The budget in tokens (a fraction needs ``max_context``)."""
+        if isinstance(self.budget, float):
+            if max_context is None:
+                raise KVSpecError(
+                    f"{self.mode}: budget={self.budget} is a fraction of the context, but the view has a fixed "
+                    f"size; give a token count (e.g. budget=1024) or pass max_context to create()"
+                )
+            budget = resolve_budget(self.budget, max_context)
+        else:
+            budget = self.budget
+        if budget < self.min_budget:
+            raise KVSpecError(
+                f"{self.mode}: budget={budget} tokens is below sink+window+page = {self.sink}+{self.window}+"
+                f"{self.page} = {self.min_budget}; raise budget to at least {self.min_budget} "
+                f"or lower window/page"
+            )
+        return budget
+
+    def threshold(self, context: int) -> int:
+        """``min_context``, or by default twice the budget (resolved against ``context``)."""
+        return self.min_context if self.min_context is not None else 2 * self.budget_tokens(context)
+
+    def engages(self, context: int) -> bool:
+        """Whether retrieval runs for a cache of ``context`` tokens: above the threshold. Below it
+        the view would hold half the cache or more, so retrieval costs more per step than it saves,
+        and decoding attends to the whole cache instead (exact)."""
+        return context > self.threshold(context)
+
+    def layout(self, max_context: int | None = None, staging_slot: bool = False) -> ViewLayout:
+        """The slot layout of a view: ``(budget - sink - window) // page`` page slots per KV head."""
+        k_pages = (self.budget_tokens(max_context) - self.sink - self.window) // self.page
+        return ViewLayout(self.sink, self.page, self.window, k_pages, staging=int(staging_slot))
+
+    def k_pages(self, max_context: int | None = None) -> int:
+        """Pages selected per KV head."""
+        return self.layout(max_context).k_pages
+
+    def slots(self, max_context: int | None = None) -> int:
+        """View length ``sink + k_pages*page + window + page``."""
+        return self.layout(max_context).slots
+
+    def create(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        n_heads: int,
+        head_dim: int,
+        batch: int = 1,
+        dtype: torch.dtype = torch.float32,
+        *,
+        device: torch.device | str = "cpu",
+        mask_dtype: torch.dtype = torch.bool,
+        max_context: int | None = None,
+        threaded: bool = True,
+        staging_slot: bool = False,
+    ) -> FreeKVRetrieval:
+        """The retrieval manager of one batch of sequences (``threaded=False`` prepares the next view
+        inline in ``prefetch()``: same results, no overlap)."""
+        from .freekv import FreeKVRetrieval
+
+        return FreeKVRetrieval(
+            self, n_layers, n_kv_heads, n_heads, head_dim, batch, dtype,
+            device=device, mask_dtype=mask_dtype, max_context=max_context, threaded=threaded,
+            staging_slot=staging_slot,
+        )
