@@ -235,6 +235,10 @@ def test_spec_defaults_and_layout():
     low = retrieval("freekv:budget=1024,min_context=0")
     assert low.engages(1) and "min_context=0" in str(low)
     assert retrieval("quest:budget=1024,min_context=5000").engages(5001) is True
+    for text in ("freekv:budget=0.5,window=8,page=8", "quest:budget=512,page=16,sink=0,window=16",
+                 "freekv:tau=1,combine=mean,min_context=0", "kvcrush:budget=0.5+freekv:budget=300,tau=0.85"):
+        spec = parse_kv_spec(text)
+        assert str(spec) == text and parse_kv_spec(str(spec)) == spec  # rendered as written, parsed back
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -269,6 +271,25 @@ def test_every_policy_keeps_budget_sink_window_without_duplicates(spec, heads, n
             assert torch.equal(kept, base)
         if isinstance(p.base, StreamingPolicy):  # same base share on every head -> same representatives
             assert all(row == kept[0].tolist() for row in kept.tolist())
+
+
+@settings(max_examples=100, deadline=None)
+@given(spec=SPECS)
+def test_spec_text_round_trips(spec):
+    parsed = parse_kv_spec(spec)
+    assert str(parsed) == spec  # rendered as written
+    again = parse_kv_spec(str(parsed))
+    assert again == parsed and hash(again) == hash(parsed)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        parsed.compaction = None
+
+
+def test_policy_built_in_python_renders_its_options():
+    p = KVCrushPolicy(budget=64, base=H2OPolicy(budget=64, window=8), anchor="zeros")
+    assert str(p) == "kvcrush:budget=64,base=h2o,anchor=zeros,window=8"
+    assert parse_kv_spec(str(p)).compaction == p
+    assert str(KVSpec(SnapKVPolicy(budget=0.25, kernel=3))) == "snapkv:budget=0.25,kernel=3"
+    assert str(KVSpec()) == "full" and parse_kv_spec("full").is_full
 
 
 @settings(max_examples=100, deadline=None)

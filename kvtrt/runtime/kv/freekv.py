@@ -9,72 +9,18 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .pages import PagePool
+from .stats import RetrievalStats
 from .views import KVView
 
 if TYPE_CHECKING:
     from .retrieval import RetrievalConfig
-
-
-@dataclass
-class RetrievalStats:
-    """What a manager did since ``start`` (counters) and what it holds (filled in by ``stats()``)."""
-
-    steps: int = 0
-    heads_checked: int = 0  # (layer, sequence, KV head) whose query drift was compared with tau
-    heads_corrected: int = 0
-    pages_selected: int = 0
-    pages_hit: int = 0  # selected pages the view already held
-    pages_recalled: int = 0
-    tokens_copied: int = 0  # sink/recent tokens copied into views
-    wait_s: float = 0.0  # finish_step waiting for the worker
-    correction_s: float = 0.0
-    sync_prepare_s: float = 0.0  # finish_step preparing the next view itself (quest, no prefetch)
-    recalled_bytes: int = 0
-    pool_pages: list[int] = field(default_factory=list)
-    budget: int = 0
-    k_pages: int = 0
-    slots: int = 0
-    stored_bytes: int = 0  # pool with its summaries, sink/recent master copy
-    view_bytes: int = 0  # both views
-
-    @property
-    def correction_rate(self) -> float:
-        return self.heads_corrected / self.heads_checked if self.heads_checked else 0.0
-
-    @property
-    def page_hit_rate(self) -> float:
-        return self.pages_hit / self.pages_selected if self.pages_selected else 1.0
-
-    @property
-    def recalled_bytes_per_step(self) -> float:
-        return self.recalled_bytes / max(1, self.steps)
-
-    @property
-    def pages_recalled_per_step(self) -> float:
-        return self.pages_recalled / max(1, self.steps)
-
-    @property
-    def wait_s_per_step(self) -> float:
-        return self.wait_s / max(1, self.steps)
-
-    def as_dict(self) -> dict:
-        """Every counter, rate and size by name."""
-        return {name: getattr(self, name) for name in _REPORT_ORDER}
-
-
-_REPORT_ORDER = (
-    "steps", "heads_checked", "heads_corrected", "pages_selected", "pages_hit", "pages_recalled", "tokens_copied",
-    "wait_s", "correction_s", "sync_prepare_s", "correction_rate", "page_hit_rate", "recalled_bytes",
-    "recalled_bytes_per_step", "pages_recalled_per_step", "wait_s_per_step", "pool_pages", "budget", "k_pages",
-    "slots", "stored_bytes", "view_bytes",
-)
 
 
 class _Placement(NamedTuple):
@@ -93,7 +39,13 @@ class _Placement(NamedTuple):
 
 class FreeKVRetrieval:
     """Retrieval state of one batch of sequences: host page pool, sink + ring master copy, two views
-    that alternate between steps, and the worker that prepares the next one."""
+    that alternate between steps, and the worker that prepares the next one.
+
+    Built by ``RetrievalConfig.create``. ``mask_dtype``: the graph's ``past_mask`` dtype;
+    ``max_context`` resolves a fractional budget; ``threaded=False`` prepares the next view inline
+    in ``prefetch()`` (same results, no overlap); ``staging_slot`` adds the in-place graph's
+    ``write_slot`` after each view.
+    """
 
     def __init__(
         self,

@@ -7,16 +7,10 @@ runtime manager (``kv.freekv.FreeKVRetrieval``). See ``docs/freekv.md`` for the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-import torch
-
+from .freekv import FreeKVRetrieval
 from .layout import ViewLayout
 from .options import KVSpecError, SpecStage, option, resolve_budget
 from .pages import COMBINES
-
-if TYPE_CHECKING:
-    from .freekv import FreeKVRetrieval
 
 RETRIEVAL_MODES = ("freekv", "quest")
 
@@ -104,27 +98,8 @@ class RetrievalConfig(SpecStage):
         """View length ``sink + k_pages*page + window + page``."""
         return self.layout(max_context).slots
 
-    def create(
-        self,
-        n_layers: int,
-        n_kv_heads: int,
-        n_heads: int,
-        head_dim: int,
-        batch: int = 1,
-        dtype: torch.dtype = torch.float32,
-        *,
-        device: torch.device | str = "cpu",
-        mask_dtype: torch.dtype = torch.bool,
-        max_context: int | None = None,
-        threaded: bool = True,
-        staging_slot: bool = False,
-    ) -> FreeKVRetrieval:
-        """The retrieval manager of one batch of sequences (``threaded=False`` prepares the next view
-        inline in ``prefetch()``: same results, no overlap)."""
-        from .freekv import FreeKVRetrieval
-
-        return FreeKVRetrieval(
-            self, n_layers, n_kv_heads, n_heads, head_dim, batch, dtype,
-            device=device, mask_dtype=mask_dtype, max_context=max_context, threaded=threaded,
-            staging_slot=staging_slot,
-        )
+    def create(self, *shape, **options) -> FreeKVRetrieval:
+        """The retrieval manager of one batch of sequences: ``create(n_layers, n_kv_heads, n_heads,
+        head_dim, batch=1, dtype=torch.float32, *, device="cpu", mask_dtype=torch.bool,
+        max_context=None, threaded=True, staging_slot=False)`` (see ``FreeKVRetrieval``)."""
+        return FreeKVRetrieval(self, *shape, **options)
