@@ -255,3 +255,22 @@ def test_running_stream_continues_while_a_long_prompt_prefills(tiny_llama):
     during = [t for t in times if long.stats.admitted_at < t < long.stats.token_times[0]]
     assert len(during) >= 10  # 25 chunks, one decode step between each
     llm.close()
+
+
+@pytest.mark.slow
+def test_smollm2_concurrent_requests_equal_alone(smollm2):
+    """The real model: 12 requests with prompts of 10 to 3000 haystack tokens submitted by 12
+    threads at once decode the same greedy tokens as each request alone (full cache)."""
+    from conftest import haystack_text
+
+    _, _, directory = smollm2
+    llm = kvtrt.load(directory, threads=2)
+    ids = llm.encode(haystack_text(20000))
+    lengths = [10, 3000, 40, 700, 1500, 90, 2400, 300, 1100, 20, 1900, 500]
+    prompts = [ids[i * 7:i * 7 + n] for i, n in enumerate(lengths)]
+    new = [4 + (i % 5) * 3 for i in range(len(prompts))]
+    alone = [llm.generate(p, max_new_tokens=n, ignore_eos=True).token_ids for p, n in zip(prompts, new)]
+    together = run_threads(lambda i: llm.submit(prompts[i], max_new_tokens=new[i], ignore_eos=True).result().token_ids,
+                           len(prompts))
+    assert together == alone
+    llm.close()
