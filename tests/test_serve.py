@@ -391,15 +391,16 @@ def test_soak_rss_stable(tiny_llama, tmp_path):
         wait_ready(url, timeout=120, proc=proc)
         process = psutil.Process(proc.pid)
 
+        http = httpx.Client(timeout=60, limits=httpx.Limits(max_connections=4))
+
         def one(i: int) -> int:
-            with httpx.Client(timeout=60) as http:
-                r = http.post(url + "/v1/completions", json={"model": "sub", "prompt": f"soak {i} " + "z" * (i % 50),
-                                                              "max_tokens": 1 + i % 6, "temperature": 0,
-                                                              "stream": i % 2 == 0})
-                return r.status_code
+            r = http.post(url + "/v1/completions", json={"model": "sub", "prompt": f"soak {i} " + "z" * (i % 50),
+                                                          "max_tokens": 1 + i % 6, "temperature": 0,
+                                                          "stream": i % 2 == 0})
+            return r.status_code
 
         rss = {}
-        with ThreadPoolExecutor(4) as pool:
+        with http, ThreadPoolExecutor(4) as pool:
             assert set(pool.map(one, range(50))) == {200}
             rss[50] = process.memory_info().rss
             assert set(pool.map(one, range(50, 500))) == {200}
