@@ -182,6 +182,12 @@ def test_sampling_fields_are_honoured(client, llm):
     answer = client.completions.create(model="tiny", prompt="sample me", max_tokens=16, temperature=0.9, top_p=0.9,
                                        seed=7, extra_body={"top_k": 20})
     assert answer.choices[0].text == ref.text
+    # vLLM's extensions: repetition_penalty, min_tokens, ignore_eos
+    ref = llm.generate(MESSAGES, max_new_tokens=30, ignore_eos=True, repetition_penalty=1.3, min_new_tokens=5)
+    answer = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=30, temperature=0,
+                                            extra_body={"ignore_eos": True, "repetition_penalty": 1.3, "min_tokens": 5})
+    assert answer.choices[0].message.content == ref.text
+    assert answer.usage.completion_tokens == 30 and answer.choices[0].finish_reason == "length"
 
 
 # -- routes and errors ----------------------------------------------------------------------------------

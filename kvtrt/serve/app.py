@@ -250,6 +250,12 @@ def _submit(state: ServerState, body: Any, kind: str) -> tuple[Any, int]:
                               seed=seed, stop=body.stop_strings())
     if body.kv is not None:
         kw["kv"] = body.kv
+    if body.repetition_penalty is not None:
+        kw["repetition_penalty"] = float(body.repetition_penalty)
+    if body.min_tokens:
+        kw["min_new_tokens"] = body.min_tokens
+    if body.ignore_eos:
+        kw["ignore_eos"] = True
     try:
         req = llm.submit(ids, **kw)
     except Exception as exc:

@@ -47,6 +47,10 @@ class _Sampling(_Model):
     logprobs: Union[StrictBool, StrictInt, None] = None
     presence_penalty: Optional[float] = 0.0
     frequency_penalty: Optional[float] = 0.0
+    # vLLM's sampling extensions, passed to the scheduler when given
+    repetition_penalty: Optional[float] = Field(None, gt=0.0)
+    min_tokens: Optional[StrictInt] = Field(None, ge=0)
+    ignore_eos: Optional[StrictBool] = None
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
