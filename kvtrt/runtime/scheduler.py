@@ -14,9 +14,11 @@ prefills only what is new.
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 import traceback
+import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
@@ -113,6 +115,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._gauges: dict = {}
+        _LIVE.add(self)
 
     # -- the client side ---------------------------------------------------------------------
     def submit(self, seq: Sequence) -> Request:
@@ -144,10 +147,14 @@ class Scheduler:
             s.prefilling, s.waiting = len(self.prefilling), len(self.waiting)
             return s
 
-    def close(self, timeout: float | None = None) -> None:
-        """Stop after the running requests finish (waiting ones are failed)."""
+    def close(self, timeout: float | None = None, cancel: bool = False) -> None:
+        """Stop after the running requests finish (or, with `cancel`, cancel them); waiting ones
+        are failed."""
         with self._lock:
             self._stopping = True
+            if cancel:
+                for seq in [*self.prefilling, *(r.seq for g in self.groups for r in g.rows)]:
+                    seq.request.cancelled = True
             for seq in self.waiting:
                 seq.request._fail(RuntimeError("the scheduler was closed before this request started"))
             self.waiting.clear()
@@ -504,6 +511,16 @@ class Scheduler:
             store.mask[:, best:] = 0
             store.length = best
         return best, store
+
+
+_LIVE: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """At interpreter exit, end every scheduler thread before the engines are torn down."""
+    for scheduler in list(_LIVE):
+        scheduler.close(timeout=10, cancel=True)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
