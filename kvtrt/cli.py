@@ -485,10 +485,20 @@ def _loadtest_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+# -- bench-serve (its parser lives beside its code: kvtrt/eval/concurrency.py) -------------------------------
+def _bench_serve_parser(sub) -> argparse.ArgumentParser:
+    from .eval.concurrency import add_bench_serve_parser
+
+    p = add_bench_serve_parser(sub, KV_HELP)
+    p.set_defaults(requires=lambda args: [("matplotlib", "bench")] * bool(args.plot)
+                   + [("openvino_genai", "bench")] * bool(args.peer))
+    return p
+
+
 # -- entry point -------------------------------------------------------------------------------------
 #: one function per command, each adding its subparser (with `func` and optionally `requires` defaults)
 COMMANDS = [_export_parser, _generate_parser, _bench_parser, _eval_parser, _validate_parser, _build_engine_parser,
-            _quantize_parser, _serve_parser, _loadtest_parser]
+            _quantize_parser, _serve_parser, _loadtest_parser, _bench_serve_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
