@@ -52,7 +52,8 @@ def test_compaction_equals_hf_with_evicted_tokens_masked(tiny_llama, spec):
     policy = kv.compaction
     keep = policy.budget_tokens(len(ids))
     # the selection the runtime will make, from the same prefill
-    probe = Generation(llm.engine, [ids], 2, SamplingParams(), [], 32, kv=kv)
+    probe = Generation(engine=llm.engine, prompts=[ids], max_new_tokens=2, sampling=SamplingParams(),
+                     eos_ids=[], prefill_chunk=32, kv=kv)
     store, logits, _ = probe.prefill(ids)
     first = int(logits.argmax())
     hidden = []
@@ -60,7 +61,8 @@ def test_compaction_equals_hf_with_evicted_tokens_masked(tiny_llama, spec):
         kept = policy.select(store.scores[layer][0], keep)
         hidden.append([set(range(len(ids))) - set(row.tolist()) for row in kept])
     assert all(len(h) == len(ids) - keep for heads in hidden for h in heads)
-    gen = Generation(llm.engine, [ids], 2, SamplingParams(), [], 32, kv=kv, keep_logits=True)
+    gen = Generation(engine=llm.engine, prompts=[ids], max_new_tokens=2, sampling=SamplingParams(),
+                     eos_ids=[], prefill_chunk=32, kv=kv, keep_logits=True)
     tokens = [t for _, t in gen.run()]
     assert tokens[0] == first and gen.stats.compactions == 1
     reference = _hf_logits_with_hidden(model, ids + [first], hidden)
@@ -75,7 +77,8 @@ def test_teacher_forced_logprobs_match_hf(tiny_llama):
     llm = kvtrt.load(directory, prefill_chunk=16)
     ids = llm.encode(PROMPT)
     prompt, target = ids[:60], ids[60:80]
-    gen = Generation(llm.engine, [prompt], len(target), SamplingParams(), [], 16, teacher=[target])
+    gen = Generation(engine=llm.engine, prompts=[prompt], max_new_tokens=len(target), sampling=SamplingParams(),
+                     eos_ids=[], prefill_chunk=16, teacher=[target])
     assert [t for _, t in gen.run()] == target
     with torch.no_grad():
         ref = torch.log_softmax(model(torch.tensor([ids[:80]])).logits[0, 59:79], -1)
@@ -146,7 +149,8 @@ def test_streaming_decode_equals_a_sliding_window_reference(tiny_llama):
     model, _, directory = tiny_llama
     llm = kvtrt.load(directory, kv="streaming:sink=4,window=28")
     ids = llm.encode(PROMPT)[:40]
-    gen = Generation(llm.engine, [ids], 100, SamplingParams(), [], 512, kv=llm.kv, keep_logits=True)
+    gen = Generation(engine=llm.engine, prompts=[ids], max_new_tokens=100, sampling=SamplingParams(),
+                     eos_ids=[], prefill_chunk=512, kv=llm.kv, keep_logits=True)
     seq = ids + [t for _, t in gen.run()]
     assert gen.stats.compactions >= 2
     n = len(seq) - 1
