@@ -255,12 +255,6 @@ class PagePool:
         blk = self.data[layer, b, page_id]
         return blk[:, 0], blk[:, 1]
 
-    def scores(self, layer: int, query: Tensor, n_pages: Tensor | None = None) -> Tensor:
-        """Raw per-query-head scores ``[B, H, P]`` (``P = max n_pages``) for ``query`` ``[B, H, D]``."""
-        n = self.n_pages if n_pages is None else n_pages
-        p = int(n.max()) if n.numel() else 0
-        return page_scores(query.to(self.summary_device), self.kmin[layer, :, :, :p], self.kmax[layer, :, :, :p])
-
     def select(
         self, layer: int | None, query: Tensor, k: int, combine: str = "softmax", n_pages: Tensor | None = None
     ) -> Tensor:
