@@ -7,9 +7,8 @@ import pytest
 import torch
 
 import kvtrt
-from kvtrt.runtime.generator import Generation
+from kvtrt.eval.decoding import decode, prefill
 from kvtrt.runtime.kv.spec import KVSpecError, parse_kv_spec
-from kvtrt.runtime.sampling import SamplingParams
 
 PROMPT = "In the beginning the startup had three founders, one idea and no money at all. " * 2
 
@@ -52,21 +51,18 @@ def test_compaction_equals_hf_with_evicted_tokens_masked(tiny_llama, spec):
     policy = kv.compaction
     keep = policy.budget_tokens(len(ids))
     # the selection the runtime will make, from the same prefill
-    probe = Generation(engine=llm.engine, prompts=[ids], max_new_tokens=2, sampling=SamplingParams(),
-                     eos_ids=[], prefill_chunk=32, kv=kv)
-    store, logits, _ = probe.prefill(ids)
+    probe = prefill(llm, ids)
+    store, logits = probe.store, probe.logits
     first = int(logits.argmax())
     hidden = []
     for layer in range(model.config.num_hidden_layers):
         kept = policy.select(store.scores[layer][0], keep)
         hidden.append([set(range(len(ids))) - set(row.tolist()) for row in kept])
     assert all(len(h) == len(ids) - keep for heads in hidden for h in heads)
-    gen = Generation(engine=llm.engine, prompts=[ids], max_new_tokens=2, sampling=SamplingParams(),
-                     eos_ids=[], prefill_chunk=32, kv=kv, keep_logits=True)
-    tokens = [t for _, t in gen.run()]
-    assert tokens[0] == first and gen.stats.compactions == 1
+    out = decode(llm, ids, 2, kv, keep_logits=True)  # the runtime's own prefill and compaction
+    assert out.tokens[0] == first and out.stats.compactions == 1
     reference = _hf_logits_with_hidden(model, ids + [first], hidden)
-    torch.testing.assert_close(gen.step_logits[1][0], reference, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.logits[1], reference, atol=1e-4, rtol=0)
     # and the evicted tokens matter: the full cache gives different logits
     full = _hf_logits_with_hidden(model, ids + [first], [[set()] * 2] * model.config.num_hidden_layers)
     assert (full - reference).abs().max() > 1e-3
@@ -77,13 +73,12 @@ def test_teacher_forced_logprobs_match_hf(tiny_llama):
     llm = kvtrt.load(directory, prefill_chunk=16)
     ids = llm.encode(PROMPT)
     prompt, target = ids[:60], ids[60:80]
-    gen = Generation(engine=llm.engine, prompts=[prompt], max_new_tokens=len(target), sampling=SamplingParams(),
-                     eos_ids=[], prefill_chunk=16, teacher=[target])
-    assert [t for _, t in gen.run()] == target
+    out = decode(llm, prompt, len(target), teacher=target)
+    assert out.tokens == target
     with torch.no_grad():
         ref = torch.log_softmax(model(torch.tensor([ids[:80]])).logits[0, 59:79], -1)
     expected = ref.gather(1, torch.tensor(target)[:, None])[:, 0]
-    torch.testing.assert_close(torch.cat(gen.target_logprobs), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(out.logprobs), expected, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("spec", ["freekv:budget=4096,page=8,window=16,min_context=0",
@@ -149,10 +144,9 @@ def test_streaming_decode_equals_a_sliding_window_reference(tiny_llama):
     model, _, directory = tiny_llama
     llm = kvtrt.load(directory, kv="streaming:sink=4,window=28")
     ids = llm.encode(PROMPT)[:40]
-    gen = Generation(engine=llm.engine, prompts=[ids], max_new_tokens=100, sampling=SamplingParams(),
-                     eos_ids=[], prefill_chunk=512, kv=llm.kv, keep_logits=True)
-    seq = ids + [t for _, t in gen.run()]
-    assert gen.stats.compactions >= 2
+    out = decode(llm, ids, 100, keep_logits=True)
+    seq = ids + out.tokens
+    assert out.stats.compactions >= 2
     n = len(seq) - 1
     visible = torch.ones(n, n).tril().bool()
     for t in range(1, n - len(ids) + 1):  # decode step t runs the query token at row len(ids) + t - 1
@@ -174,7 +168,7 @@ def test_streaming_decode_equals_a_sliding_window_reference(tiny_llama):
         for h in hooks:
             h.remove()
     for t in range(1, n - len(ids) + 1):
-        torch.testing.assert_close(gen.step_logits[t][0], reference[len(ids) + t - 1], atol=1e-4, rtol=0)
+        torch.testing.assert_close(out.logits[t], reference[len(ids) + t - 1], atol=1e-4, rtol=0)
 
 
 def _stored_after(prompt: int, step: int, budget: int, slack: int) -> int:

@@ -9,15 +9,12 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
-import torch
 
 import kvtrt
 from kvtrt.cli import main
-from kvtrt.contract import DEFAULT_PREFILL_CHUNK
 from kvtrt.export.quantize import dequantized_weights, quantize_blocks, quantize_blocks8, quantize_export
 from kvtrt.manifest import Manifest
-from kvtrt.runtime.generator import Generation
-from kvtrt.runtime.sampling import SamplingParams
+from kvtrt.eval.decoding import decode, prefill
 
 
 def _copy(directory, tmp_path, name="int4"):
@@ -175,10 +172,7 @@ def test_int4_differs_from_float_and_generates(tiny_llama, tmp_path):
     ids = float_llm.encode("Once upon a time")
     logits = []
     for llm in (float_llm, int4_llm):
-        gen = Generation(engine=llm.engine, prompts=[ids], max_new_tokens=1, sampling=SamplingParams(), eos_ids=[],
-                         prefill_chunk=16)
-        _, last, _ = gen.prefill(ids)
-        logits.append(last)
+        logits.append(prefill(llm, ids).logits)
     assert 1e-3 < (logits[0] - logits[1]).abs().max() < 5  # quantized, but not broken
     assert len(int4_llm.generate("Once upon a time", max_new_tokens=10).token_ids) == 10
 
@@ -203,10 +197,9 @@ def test_cli_parser(tiny_llama, tmp_path, capsys):
 
 
 def _teacher_nll(llm, prompt, target) -> float:
-    gen = Generation(engine=llm.engine, prompts=[prompt], max_new_tokens=len(target), sampling=SamplingParams(),
-                     eos_ids=[], prefill_chunk=DEFAULT_PREFILL_CHUNK, teacher=[target])
-    assert [t for _, t in gen.run()] == target
-    return -torch.cat(gen.target_logprobs).mean().item()
+    out = decode(llm, prompt, len(target), teacher=target)
+    assert out.tokens == target
+    return -sum(out.logprobs) / len(out.logprobs)
 
 
 @pytest.mark.slow

@@ -8,10 +8,7 @@ import pytest
 import torch
 
 import kvtrt
-from kvtrt.contract import DEFAULT_PREFILL_CHUNK
-from kvtrt.runtime.generator import Generation
-from kvtrt.runtime.kv.spec import parse_kv_spec
-from kvtrt.runtime.sampling import SamplingParams
+from kvtrt.eval.decoding import decode
 
 from conftest import HAYSTACK, haystack_text
 
@@ -43,11 +40,8 @@ def long_sample(smollm2):
 
 
 def _nll(llm, prompt, target, spec):
-    gen = Generation(engine=llm.engine, prompts=[prompt], max_new_tokens=len(target), sampling=SamplingParams(),
-                     eos_ids=[], prefill_chunk=DEFAULT_PREFILL_CHUNK, kv=parse_kv_spec(spec), teacher=[target])
-    for _ in gen.run():
-        pass
-    return -float(torch.cat(gen.target_logprobs).mean()), gen
+    out = decode(llm, prompt, len(target), spec, teacher=target)
+    return -sum(out.logprobs) / len(out.logprobs), out
 
 
 def test_retrieval_with_covering_budget_is_exact_on_real_text(long_sample):

@@ -190,23 +190,17 @@ def test_build_engines_and_generate_like_onnxruntime(fp16_export, tmp_path):
     _need_tensorrt()
     import kvtrt
     from kvtrt.export.trt import build_engines
-    from kvtrt.runtime.generator import Generation
-    from kvtrt.runtime.sampling import SamplingParams
-    from kvtrt.runtime.trt_engine import TrtEngine
 
     _, directory = fp16_export
     exported = tmp_path / "export"
     shutil.copytree(directory, exported)
     written = build_engines(exported, max_batch=2, prefill_chunk=16, capacity=256, decode_view=256)
     assert set(written) == {"prefill", "decode"}
-    engine = TrtEngine(exported)
     llm = kvtrt.load(exported, provider="cuda") if "CUDAExecutionProvider" in _ort_providers() else kvtrt.load(exported)
+    trt = kvtrt.load(exported, backend="tensorrt", prefill_chunk=16)
     ids = llm.encode("Once upon a time, in a land far away")
-    def tokens(engine):
-        return [t for _, t in Generation(engine=engine, prompts=[ids], max_new_tokens=16, sampling=SamplingParams(),
-                                         eos_ids=[], prefill_chunk=16).run()]
-
-    want, got = tokens(llm.engine), tokens(engine)
+    want = llm.generate(ids, max_new_tokens=16, ignore_eos=True).token_ids
+    got = trt.generate(ids, max_new_tokens=16, ignore_eos=True).token_ids
     assert got[:8] == want[:8]  # fp16 on two backends: allow late divergence
 
 

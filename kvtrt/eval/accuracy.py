@@ -23,13 +23,12 @@ import math
 import random
 from dataclasses import dataclass, field
 
-import torch
 from tqdm.auto import tqdm
 
-from ..runtime.generator import Generation, check_kv_spec
 from ..runtime.kv.spec import COMPACTION_NAMES, KVSpec, StageText, parse_kv_spec, split_kv_spec
-from ..runtime.llm import load
-from ..runtime.sampling import SamplingParams
+from ..runtime.llm import check_kv_spec, load
+from ..runtime.request import RequestStats
+from .decoding import decode, prefill
 from .peers import ortgenai_model, ortgenai_nll
 from .texts import load_texts, token_prefix
 
@@ -91,11 +90,11 @@ class Totals:
     kv_bytes: int = 0
     kv_stats: dict = field(default_factory=dict)
 
-    def add_stats(self, gen: Generation) -> None:
-        self.kv_bytes = max(self.kv_bytes, gen.stats.kv_bytes)
+    def add_stats(self, stats: RequestStats) -> None:
+        self.kv_bytes = max(self.kv_bytes, stats.kv_bytes)
         for key in ("correction_rate", "page_hit_rate", "recalled_bytes_per_step"):
-            if key in gen.stats.kv:
-                self.kv_stats.setdefault(key, []).append(gen.stats.kv[key])
+            if key in stats.kv:
+                self.kv_stats.setdefault(key, []).append(stats.kv[key])
 
 
 class Evaluator:
@@ -104,12 +103,12 @@ class Evaluator:
     def __init__(self, directory: str, context: int, texts: str | None = None, num_texts: int = 10,
                  threads: int | None = None, prefill_chunk: int = 512, progress: bool = True, seed: int = 0,
                  baseline: str | None = None, peer_dir: str | None = None):
-        self.llm = load(directory, threads=threads, prefill_chunk=prefill_chunk)
+        self.llm = load(directory, threads=threads, prefill_chunk=prefill_chunk, prefix_cache=0)
         self.peer_dir = peer_dir
         self.peer = ortgenai_model(peer_dir, threads) if peer_dir is not None else None
         self.baseline = None
         if baseline is not None:
-            self.baseline = load(baseline, threads=threads, prefill_chunk=prefill_chunk)
+            self.baseline = load(baseline, threads=threads, prefill_chunk=prefill_chunk, prefix_cache=0)
             probe = "The pass key is 12345.\n"
             if self.baseline.manifest.vocab_size != self.llm.manifest.vocab_size or \
                     self.baseline.codec.encode(probe) != self.llm.codec.encode(probe):
@@ -126,19 +125,6 @@ class Evaluator:
 
     def _rotated(self, i: int) -> list[tuple[str, str]]:
         return self.corpus[i:] + self.corpus[:i]
-
-    def _generation(self, prompt: list[int], spec: KVSpec, new: int, prefilled, teacher=None,
-                    stop_at_eos: bool = False) -> tuple[Generation, list[int]]:
-        """Greedy (or teacher-forced) decoding of `new` tokens from a clone of `prefilled`."""
-        eos = self.llm.manifest.eos_token_ids if stop_at_eos else []
-        gen = Generation(self.llm.engine, [prompt], new, SamplingParams(), eos, self.llm.prefill_chunk, kv=spec,
-                         teacher=[teacher] if teacher is not None else None,
-                         prefilled=[(prefilled[0].clone(), prefilled[1], prefilled[2])])
-        return gen, [token for _, token in gen.run()]
-
-    def _prefill(self, prompt: list[int]):
-        probe = Generation(self.llm.engine, [prompt], 1, SamplingParams(), [], self.llm.prefill_chunk)
-        return probe.prefill(prompt, track_scores=True)
 
     def run(self, task: str, runs: list[SpecRun], new_tokens: int | None = None,
             depths: list[float] | None = None) -> list[dict]:
@@ -157,26 +143,23 @@ class Evaluator:
         bar = tqdm(total=len(jobs) * (len(runs) + 1), desc=f"eval {task}", unit="run", disable=not self.progress)
         for prompt, payload in jobs:
             if base is not None:  # the baseline export, full cache, same sample
-                gen = Generation(self.baseline.engine, [prompt], len(payload), SamplingParams(), [],
-                                 self.baseline.prefill_chunk, teacher=[payload])
-                for _ in gen.run():
-                    pass
-                base.nll -= float(torch.cat(gen.target_logprobs).sum())
+                out = decode(self.baseline, prompt, len(payload), "full", teacher=payload)
+                base.nll -= sum(out.logprobs)
                 base.tokens += len(payload)
             if peer is not None:  # the onnxruntime-genai model, same sample
                 peer.nll += ortgenai_nll(self.peer, prompt, payload)
                 peer.tokens += len(payload)
-            prefilled = self._prefill(prompt)
+            start = prefill(self.llm, prompt)  # one prefill, copied for the full cache and every spec
             reference = None
             for run in [full, *runs]:
                 total = totals[run.label]
                 if task == "ppl":
-                    gen, _ = self._generation(prompt, run.spec, len(payload), prefilled, teacher=payload)
-                    total.nll -= float(torch.cat(gen.target_logprobs).sum())
+                    out = decode(self.llm, prompt, len(payload), run.spec, teacher=payload, start=start)
+                    total.nll -= sum(out.logprobs)
                     total.tokens += len(payload)
                 else:
-                    gen, tokens = self._generation(prompt, run.spec, payload["new"], prefilled,
-                                                   stop_at_eos=task == "needle")
+                    out = decode(self.llm, prompt, payload["new"], run.spec, start=start, stop_at_eos=task == "needle")
+                    tokens = out.tokens
                     if task == "agreement":
                         reference = tokens if run is full else reference
                         total.hits += sum(a == b for a, b in zip(tokens, reference))
@@ -184,7 +167,7 @@ class Evaluator:
                     else:
                         total.hits += int(payload["key"] in self.llm.codec.decode(tokens))
                         total.trials += 1
-                total.add_stats(gen)
+                total.add_stats(out.stats)
                 bar.update()
         bar.close()
         rows = [self._row(task, r, totals[r.label], totals[full.label]) for r in [full, *runs]]

@@ -20,21 +20,15 @@ from .texts import load_texts, token_prefix
 
 def measure_kvtrt(directory: str, ids: list[int], new_tokens: int, kv: str, threads: int, prefill_chunk: int) -> dict:
     """Runs in the worker process: one greedy generation of exactly `new_tokens` tokens."""
-    from ..runtime.generator import Generation
     from ..runtime.llm import load
-    from ..runtime.sampling import SamplingParams
 
-    llm = load(directory, kv=kv, threads=threads, prefill_chunk=prefill_chunk)
+    llm = load(directory, kv=kv, threads=threads, prefill_chunk=prefill_chunk, prefix_cache=0)
     warm_kv = llm.kv
     if warm_kv.retrieval is not None:  # engage retrieval on the short warm-up prompt too: the same graphs
         warm_kv = replace(warm_kv, retrieval=replace(warm_kv.retrieval, min_context=0))
-    warm = Generation(llm.engine, [ids[:16]], 4, SamplingParams(), [], prefill_chunk, kv=warm_kv)
-    for _ in warm.run():
-        pass
-    gen = Generation(llm.engine, [ids], new_tokens, SamplingParams(), [], prefill_chunk, kv=llm.kv)
-    for _ in gen.run():
-        pass
-    s = gen.stats
+    llm.generate(ids[:16], max_new_tokens=4, temperature=0.0, ignore_eos=True, kv=warm_kv)
+    s = llm.generate(ids, max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True).stats
+    llm.close()
     return {"prefill_s": s.prefill_s, "decode_tok_s": s.decode_tok_s, "kv_mib": s.kv_bytes / 2**20,
             "new_tokens": s.new_tokens, "kv_stats": s.kv}
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..contract import GraphVariant
 from .buffers import bind_decode, graph_outputs, per_layer
 from .kv.store import KVStore
 
@@ -42,10 +43,12 @@ class DenseBatch:
     def __init__(self, engine, scored: bool, max_rows: int):
         m = engine.manifest
         self.engine, self.m, self.scored, self.max_rows = engine, m, scored, max_rows
-        self.variant = "decode_shared" if not scored and "decode_shared" in m.graphs else "decode"
+        in_place = not scored and GraphVariant.DECODE_SHARED in m.graphs
+        self.variant = GraphVariant.DECODE_SHARED if in_place else GraphVariant.DECODE
         self.rows: list[Row] = []
         self.capacity = self.cursor = 0
         self.touched = 0  # rows written since the last allocation (resident memory)
+        self.repacks = 0  # reallocations so far
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
         self.scores: list[Tensor] | None = None
@@ -147,6 +150,7 @@ class DenseBatch:
         self.scores = new[2] if self.scored else None
         self.mask, self.cursor, self.capacity = mask, cursor, capacity
         self.touched = len(self.rows)
+        self.repacks += 1
         self._binding = None
 
     # -- compaction ------------------------------------------------------------------------
@@ -184,7 +188,7 @@ class DenseBatch:
             self._bind(batch)
         self.ids.copy_(torch.tensor([[r.seq.pending] for r in self.rows]))
         self.positions.copy_(torch.tensor([[r.seq.position] for r in self.rows]))
-        if self.variant == "decode_shared":
+        if self.variant == GraphVariant.DECODE_SHARED:
             self.slot.fill_(c)
             self.mask[:batch, c] = 1
             self.engine.run(self.variant, self._binding)
@@ -213,7 +217,7 @@ class DenseBatch:
         keys = [k[:batch] for k in self.keys]
         values = [v[:batch] for v in self.values]
         mask = self.mask[:batch]
-        if self.variant == "decode_shared":
+        if self.variant == GraphVariant.DECODE_SHARED:
             self._outputs = graph_outputs(self.engine, batch, 1, None, cache=(keys, values))
             self._binding = bind_decode(self.engine, self.variant, self.ids, self.positions, mask, keys, values,
                                         self._outputs, write_slot=self.slot)
@@ -259,8 +263,8 @@ class _RetrievalRow:
     def __init__(self, engine, seq, store: KVStore, query: list[Tensor]):
         m, dev = engine.manifest, engine.device
         self.engine, self.seq = engine, seq
-        self.shared = "decode_shared" in m.graphs  # each view gets a staging slot the graph writes to
-        self.variant = "decode_shared" if self.shared else "decode"
+        self.shared = GraphVariant.DECODE_SHARED in m.graphs  # each view gets a staging slot the graph writes to
+        self.variant = GraphVariant.DECODE_SHARED if self.shared else GraphVariant.DECODE
         t0 = time.perf_counter()
         r = seq.retrieval.create(m.n_layers, m.n_kv_heads, m.n_heads, m.head_dim, 1, engine.dtype, device=dev,
                                  mask_dtype=torch.long, max_context=store.length, staging_slot=self.shared)

@@ -11,10 +11,11 @@ import os
 import re
 from typing import Iterator, Sequence, Union
 
+from ..contract import DEFAULT_PREFILL_CHUNK, GraphVariant
 from ..manifest import Manifest
 from .engine import OrtEngine
-from .generator import check_kv_spec, decode_graphs
-from .kv.spec import KVSpec, parse_kv_spec
+from .kv.policies import SnapKVPolicy
+from .kv.spec import KVSpec, KVSpecError, parse_kv_spec
 from .request import GenerationResult, Request, RequestStats
 from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerStats
@@ -27,6 +28,28 @@ __all__ = ["LLM", "load", "GenerationResult", "RequestStats", "SchedulerStats", 
 
 
 DEFAULTS = dict(max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, min_new_tokens=0)
+
+
+def check_kv_spec(kv: KVSpec, manifest) -> None:
+    """Refuse a SnapKV observation window the export's score outputs were not made with (the
+    spec's own options were checked when it was parsed)."""
+    policy = kv.compaction
+    base = getattr(policy, "base", policy)
+    if isinstance(base, SnapKVPolicy) and policy.given("window") \
+            and base.window != manifest.score_window:
+        raise KVSpecError(f"snapkv window={base.window} differs from the export's --score-window "
+                          f"{manifest.score_window}; use window={manifest.score_window} or re-export with "
+                          f"--score-window {base.window}")
+
+
+def decode_graphs(kv: KVSpec, manifest) -> list[str]:
+    """The graphs a runtime with this KV spec loads up front: prefill and its decode variant. The
+    full cache and retrieval views decode in place (`decode_shared`) when the export has that
+    graph; compaction needs the decode graph's scores. (A compacted cache too short to engage
+    retrieval decodes with `decode`, loaded on first use.)"""
+    shared = (kv.is_full or kv.retrieval is not None) and GraphVariant.DECODE_SHARED in manifest.graphs
+    prefill = GraphVariant.PREFILL_SHARED if GraphVariant.PREFILL_SHARED in manifest.graphs else GraphVariant.PREFILL
+    return [prefill, GraphVariant.DECODE_SHARED if shared else GraphVariant.DECODE]
 
 
 class PromptTooLongError(ValueError):
@@ -52,7 +75,7 @@ class LLM:
     batch."""
 
     def __init__(self, directory: str | os.PathLike, provider: str = "cpu", kv: str | KVSpec = "full",
-                 threads: int | None = None, prefill_chunk: int = 512, backend: str = "onnxruntime",
+                 threads: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, backend: str = "onnxruntime",
                  torch_threads: int | None = 1, kv_memory: str | int | None = None, max_queue: int | None = None,
                  max_batch: int = 32, prefix_cache: str | int = "512MiB"):
         if torch_threads is not None:
@@ -226,7 +249,7 @@ class LLM:
 
 
 def load(directory: str | os.PathLike, provider: str = "cpu", kv: str | KVSpec = "full", threads: int | None = None,
-         prefill_chunk: int = 512, backend: str = "onnxruntime", torch_threads: int | None = 1,
+         prefill_chunk: int = DEFAULT_PREFILL_CHUNK, backend: str = "onnxruntime", torch_threads: int | None = 1,
          kv_memory: str | int | None = None, max_queue: int | None = None, max_batch: int = 32,
          prefix_cache: str | int = "512MiB") -> LLM:
     """Load an export folder made by `kvtrt export`.

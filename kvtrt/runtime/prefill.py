@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..contract import GraphVariant
 from .buffers import graph_outputs, per_layer
 from .kv.store import KVStore
 
@@ -33,8 +34,8 @@ class PrefillJob:
         """`start`/`store`: continue after a cached prefix of `start` tokens held in `store`."""
         m = engine.manifest
         self.engine, self.ids = engine, ids
-        self.shared = "prefill_shared" in m.graphs
-        self.variant = "prefill_shared" if self.shared else "prefill"
+        self.shared = GraphVariant.PREFILL_SHARED in m.graphs
+        self.variant = GraphVariant.PREFILL_SHARED if self.shared else GraphVariant.PREFILL
         if store is None:
             store = KVStore(m.n_layers, 1, m.n_kv_heads, m.head_dim, engine.dtype, engine.device,
                             track_scores=track_scores)
