@@ -287,7 +287,9 @@ def load_kvtrt(directory: str, kv: str, threads: int, prefill_chunk: int, kv_mem
 
     llm = load(directory, kv=kv, threads=threads, prefill_chunk=prefill_chunk, kv_memory=kv_memory,
                max_batch=max_batch, prefix_cache=prefix_cache)
-    llm.generate(list(range(10, 42)), max_new_tokens=4)  # warm the sessions
+    # warm the sessions (256 tokens: a fractional compaction budget must still hold its sink + window)
+    warm = min(256, llm.manifest.max_positions // 2)
+    llm.generate([10 + i % 200 for i in range(warm)], max_new_tokens=4, **GREEDY)
     return llm
 
 
@@ -564,7 +566,7 @@ def run_serve_bench(directory: str, concurrency: Sequence[int] = (1, 4, 8, 16), 
         jobs += [{**base, "kind": "probe", "engine": e, "kv": kv} for e, kv in configs if kv in wanted]
     total_tokens = sum(j["requests"] * new_tokens for j in jobs if j["kind"] == "level") + len(jobs) - len(
         [j for j in jobs if j["kind"] == "level"])
-    rows, probes = [], []
+    rows, probes, failures = [], [], []
     bar = tqdm(total=total_tokens, unit="tok", desc="bench-serve", disable=not progress, dynamic_ncols=True)
     with tempfile.TemporaryDirectory() as tmp:
         prompts_file = str(Path(tmp) / "prompts.json")
@@ -572,7 +574,12 @@ def run_serve_bench(directory: str, concurrency: Sequence[int] = (1, 4, 8, 16), 
         for job in jobs:
             label = f"{job['engine']} {job['kv']}" + (f" C={job['concurrency']}" if job["kind"] == "level" else " probe")
             bar.set_postfix_str(label)
-            row = _spawn(job, prompts_file) if isolate else run_job(job, prompts, progress=None)
+            try:
+                row = _spawn(job, prompts_file) if isolate else run_job(job, prompts, progress=None)
+            except RuntimeError as error:  # one failed job does not lose the run: said here and in the JSON
+                bar.write(f"FAILED {label}: {error}")
+                failures.append({**job, "error": str(error)[-2000:]})
+                continue
             if job["kind"] == "level":
                 bar.update(job["requests"] * new_tokens)
                 rows.append(row)
@@ -587,7 +594,7 @@ def run_serve_bench(directory: str, concurrency: Sequence[int] = (1, 4, 8, 16), 
               "max_batch": max_batch, "peer": peer, "peer_budget_tokens": budget if peer else None,
               "probe": {"tokens": probe_tokens, "streams": probe_streams, "stream_prompt_tokens": stream_len}
               if probe else None}
-    return {"config": config, "rows": rows, "probes": probes}
+    return {"config": config, "rows": rows, "probes": probes, "failures": failures}
 
 
 # -- reporting -----------------------------------------------------------------------------------
