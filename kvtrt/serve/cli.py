@@ -95,14 +95,9 @@ def cmd_serve(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m kvtrt.serve.cli DIR ...` (the same as `kvtrt serve DIR ...`)."""
-    parser = argparse.ArgumentParser(prog="kvtrt")
-    add_serve_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"kvtrt serve: error: {exc}", file=sys.stderr)
-        return 2
+    from ..cli import main as kvtrt_main
+
+    return kvtrt_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
