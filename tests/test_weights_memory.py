@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-OVERHEAD_MIB = 100
+OVERHEAD_MIB = 64  # measured growth: tiny llama 115 MiB for 61 MiB of weights, SmolLM2 fp32 593 for 519
 
 _PROBE = textwrap.dedent("""
     import json, sys
@@ -84,10 +84,11 @@ def weighty_tiny(tmp_path_factory):
 def test_tiny_runtime_holds_weights_once(weighty_tiny):
     m = check_one_copy(weighty_tiny)
     assert set(m["graphs"]) == {"prefill", "decode", "prefill_shared", "decode_shared"}
-    # the probe discriminates: one session per graph (the old way) holds a copy per graph
+    # the probe discriminates: one session per graph (the old way) holds a copy per graph and
+    # breaks the bound (measured 170 MiB against 115)
     old = rss_after_load(weighty_tiny, share=False)
     assert not old["shared"]
-    assert old["after"] - old["before"] > 2 * m["weights_mib"]
+    assert old["after"] - old["before"] > max(2 * m["weights_mib"], 1.2 * m["weights_mib"] + OVERHEAD_MIB)
     assert old["text"] == m["text"]  # same graphs, same greedy tokens
 
 
