@@ -42,14 +42,19 @@ class CudaPageCopier:
         """Gather the pages on the host into pinned staging, copy them to the device on the copy
         stream and scatter them into page slots ``page_keys``/``page_values`` ``[L, B, Hkv, k, page, D]``."""
         count = int(pages.numel())
+        if pool.int8_scheme is not None:  # PagePool refuses it on CUDA already; say so here too
+            raise ValueError("the CUDA page copier moves fp32/fp16 pages only; use pool_dtype=fp16 or fp32")
         rows = pool.page_rows(layers.cpu(), seqs.cpu(), heads.cpu(), pages.cpu())
-        if self.host.shape[0] < count:
-            self.host = torch.empty((count, 2, self.page, self.head_dim), dtype=self.dtype, pin_memory=True)
-            self.staged = torch.empty((count, 2, self.page, self.head_dim), dtype=self.dtype, device=self.device)
+        if self.host.shape[0] < count or self.host.dtype != pool.data.dtype:
+            # staged in the pool's dtype (an fp16 pool moves half the bytes), widened on the device
+            self.host = torch.empty((count, 2, self.page, self.head_dim), dtype=pool.data.dtype, pin_memory=True)
+            self.staged = torch.empty((count, 2, self.page, self.head_dim), dtype=pool.data.dtype,
+                                      device=self.device)
         host, staged = self.host[:count], self.staged[:count]
         torch.index_select(pool.data.view(-1, 2, self.page, self.head_dim), 0, rows, out=host)
         with torch.cuda.stream(self.stream):
             staged.copy_(host, non_blocking=True)
-            page_keys[layers, seqs, heads, slots] = staged[:, 0]
-            page_values[layers, seqs, heads, slots] = staged[:, 1]
+            pages_kv = staged if staged.dtype == self.dtype else staged.to(self.dtype)
+            page_keys[layers, seqs, heads, slots] = pages_kv[:, 0]
+            page_values[layers, seqs, heads, slots] = pages_kv[:, 1]
         self.stream.synchronize()  # the pinned staging buffer is reused by the next copy

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.multiprocessing.reductions import StorageWeakRef
 
+from .options import KVSpecError
 from .pages import PagePool
 from .stats import RetrievalStats
 from .views import KVView
@@ -71,13 +73,18 @@ class FreeKVRetrieval:
         self.layout = lay = config.layout(max_context, staging_slot)
         self.budget = config.budget_tokens(max_context)
         self.tau, self.combine = config.tau, config.combine
+        self.pool_dtype = config.pool_dtype
+        if self.pool_dtype == "int8" and self.device.type != "cpu":
+            raise KVSpecError(f"{config.mode}: pool_dtype=int8 dequantizes recalled pages on the host, not on "
+                             f"{self.device.type}; use pool_dtype=fp16 (or fp32) with device={self.device}")
         self._copier = None
         if self.device.type == "cuda":
             from .cuda_copy import CudaPageCopier
 
             self._copier = CudaPageCopier(self.device, lay.page, head_dim, dtype)
         self.pool = PagePool(n_layers, batch, n_kv_heads, head_dim, lay.page, dtype, capacity=max(8, lay.k_pages),
-                             summary_device=self.device, pin_memory=self._copier is not None)
+                             summary_device=self.device, pin_memory=self._copier is not None,
+                             pool_dtype=self.pool_dtype)
         master = (n_layers, batch, n_kv_heads, lay.master_slots, head_dim)
         self.master_keys = torch.zeros(master, dtype=dtype, device=self.device)  # the sink and the ring
         self.master_values = torch.zeros(master, dtype=dtype, device=self.device)
@@ -95,6 +102,9 @@ class FreeKVRetrieval:
         #: layers per page-copy op (default: all layers in one op)
         self.copy_chunk = n_layers
         self._counters = RetrievalStats()
+        #: the storages of the dense KV handed to ``start`` (weak: to report whether they outlive it)
+        self._dense: list[tuple[StorageWeakRef, int]] = []
+        self._dense_after_start = 0
 
     # ------------------------------------------------------------------ the decode loop's surface
     @property
@@ -127,6 +137,9 @@ class FreeKVRetrieval:
         plus those (no doubling overshoot when the caller knows the length).
         ``release``: the caller hands the KV over; each layer's entry of ``keys``/``values`` is set
         to ``None`` once it is in the pool, so the prompt's KV is never held twice.
+        ``stats().dense_store_bytes_after_start`` says how many bytes of the tensors given here were
+        still alive when ``start`` returned (0 when the caller handed them over and kept nothing);
+        ``stats().dense_store_bytes`` is the same, now.
         """
         self._drain()
         self.pool.reset()
@@ -141,6 +154,7 @@ class FreeKVRetrieval:
         pages = [lay.pages_at_start(n) for n in counts]
         ring = [lay.master_slot(torch.arange(lay.first_unpaged(p), max(lay.first_unpaged(p), n))).to(self.device)
                 for p, n in zip(pages, counts)]
+        self._dense = _weak_storages([*keys, *values])
         for layer in range(self.n_layers):
             for b in range(self.batch):
                 self._load(layer, b, keys[layer][b], values[layer][b], live[b], counts[b], pages[b], ring[b])
@@ -153,6 +167,7 @@ class FreeKVRetrieval:
         self._current = 0
         self._prepare(self._views[0], self._latest_query, count=False, wait=True)
         self._sync_device()
+        self._dense_after_start = self.dense_store_nbytes
         return self.view()
 
     def prefetch(self) -> None:
@@ -272,9 +287,21 @@ class FreeKVRetrieval:
 
     @property
     def stored_nbytes(self) -> int:
-        """Bytes of the stored KV: host pool (with its summaries) and the sink/recent master copy."""
-        tensors = (self.master_keys, self.master_values, self.pool.data, self.pool.kmin, self.pool.kmax)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes of the stored KV: host pool (with its summaries and int8 scales) and the sink/recent
+        master copy (the pool is the only full copy of the KV)."""
+        return self.pool.nbytes + sum(t.numel() * t.element_size() for t in (self.master_keys, self.master_values))
+
+    @property
+    def pool_nbytes(self) -> int:
+        """Bytes of the page store alone (``pool_dtype``; with its int8 scales, without the summaries)."""
+        return sum(t.numel() * t.element_size() for t in (self.pool.data, self.pool.kq, self.pool.vq)
+                   if t is not None)
+
+    @property
+    def dense_store_nbytes(self) -> int:
+        """Bytes of the dense KV given to ``start`` that are still alive (anywhere: the caller's store,
+        a view of it, a list that was not handed over). 0 once the pool is the only full copy."""
+        return sum(nbytes for ref, nbytes in self._dense if not ref.expired())
 
     @property
     def view_nbytes(self) -> int:
@@ -286,7 +313,10 @@ class FreeKVRetrieval:
         counters = self._counters
         return replace(counters, recalled_bytes=counters.pages_recalled * self.pool.page_nbytes,
                        pool_pages=self.pool.n_pages.tolist(), budget=self.budget, k_pages=self.layout.k_pages,
-                       slots=self.slots, stored_bytes=self.stored_nbytes, view_bytes=self.view_nbytes)
+                       slots=self.slots, stored_bytes=self.stored_nbytes, view_bytes=self.view_nbytes,
+                       pool_bytes=self.pool_nbytes, pool_dtype=self.pool_dtype,
+                       dense_store_bytes_after_start=self._dense_after_start,
+                       dense_store_bytes=self.dense_store_nbytes)
 
     def close(self) -> None:
         """Wait for any in-flight prefetch and stop the worker thread."""
@@ -436,6 +466,16 @@ def _placement(slot_pages: Tensor, selected: Tensor) -> _Placement:
     new_map = torch.where(keep, slot_pages, torch.full_like(slot_pages, -1))
     new_map[layers, seqs, heads, slots] = pages
     return _Placement(layers, seqs, heads, slots, pages, new_map, int(valid.sum()), int(present.sum()))
+
+
+def _weak_storages(tensors: Sequence[Tensor | None]) -> list[tuple[StorageWeakRef, int]]:
+    """A weak reference and the size of each distinct storage under ``tensors``."""
+    seen: dict[int, tuple[StorageWeakRef, int]] = {}
+    for t in tensors:
+        if t is not None:
+            storage = t.untyped_storage()
+            seen.setdefault(storage.data_ptr(), (StorageWeakRef(storage), storage.nbytes()))
+    return list(seen.values())
 
 
 def _stacked(per_layer: Sequence[Tensor] | Tensor) -> Tensor:

@@ -30,6 +30,14 @@ query heads of a KV group are combined into one score per (KV head, page):
 
 Then the top-k pages per (sequence, KV head) are taken with ``torch.topk`` (no Python loop
 over pages). Pages that do not exist for a sequence score ``-inf`` and come back as ``-1``.
+
+Storage precision (``pool_dtype``): ``fp32`` (default) keeps pages in the KV's own dtype, exact;
+``fp16`` in half precision; ``int8`` as 8-bit codes ``q`` with an affine map ``x = lo + q * step``
+(``step = (hi - lo) / 255``, round to nearest, so ``|x - x'| <= step / 2``). The int8 granules
+(``INT8_SCHEMES``): keys per channel within a page (``lo``/``hi`` are then exactly the page's
+``kmin``/``kmax`` summaries: no extra bytes), values per token within a page (``lo``/``step`` stored
+in float32 per token). Pages are dequantized into the view dtype as they are recalled; the
+summaries are always computed from the unrounded keys and stay float32.
 """
 
 from __future__ import annotations
@@ -41,6 +49,12 @@ import torch
 from torch import Tensor
 
 COMBINES = ("softmax", "mean")
+POOL_DTYPES = ("fp32", "fp16", "int8")
+#: int8 granules (keys, values): ``page`` one ``lo``/``step`` per page block, ``channel`` one per
+#: channel over the page's tokens, ``token`` one per token over its channels. The default
+#: ``("channel", "token")`` (KIVI's choice) measured best, see ``docs/freekv.md``.
+INT8_SCHEMES = {"page": (-2, -1), "channel": (-2,), "token": (-1,)}
+INT8_DEFAULT = ("channel", "token")
 
 
 def summarize(keys: Tensor) -> tuple[Tensor, Tensor]:
@@ -161,16 +175,32 @@ class PagePool:
         capacity: int = 8,
         summary_device: torch.device | str = "cpu",
         pin_memory: bool = False,
+        pool_dtype: str = "fp32",
+        int8_scheme: tuple[str, str] = INT8_DEFAULT,
     ) -> None:
         if page < 1:
             raise ValueError(f"page={page} must be at least 1")
+        if pool_dtype not in POOL_DTYPES:
+            raise ValueError(f"pool_dtype={pool_dtype!r}; use one of {', '.join(POOL_DTYPES)}")
+        if int8_scheme[0] not in ("page", "channel") or int8_scheme[1] not in INT8_SCHEMES:
+            raise ValueError(f"int8_scheme={int8_scheme!r}: keys page|channel, values page|channel|token")
         self.n_layers, self.batch, self.n_kv_heads, self.head_dim = n_layers, batch, n_kv_heads, head_dim
-        self.page, self.dtype = page, dtype
+        #: ``dtype``: what pages are written from and read back as (the view's); ``storage``: what they are kept in
+        self.page, self.dtype, self.pool_dtype = page, dtype, pool_dtype
+        self.storage = {"fp32": dtype, "fp16": torch.float16, "int8": torch.uint8}[pool_dtype]
+        self.int8_scheme = int8_scheme if pool_dtype == "int8" else None
         self.summary_device = torch.device(summary_device)
+        if pool_dtype == "int8" and self.summary_device.type != "cpu":
+            raise ValueError("pool_dtype=int8 dequantizes pages on the host with their CPU summaries; "
+                             "use pool_dtype=fp16 or fp32 on a CUDA device")
         self.pin_memory = pin_memory
         self.n_pages = torch.zeros(batch, dtype=torch.long)
         self._cap = 0
         self.data = self.kmin = self.kmax = None
+        #: int8 only: ``lo``/``step`` ``[L, B, cap, Hkv, 2, a, c]`` of the keys (``None`` when they come
+        #: from the summaries) and of the values, ``(a, c)`` the granule's broadcast shape
+        self.kq: Tensor | None = None
+        self.vq: Tensor | None = None
         self._alloc(max(1, capacity))
 
     # ------------------------------------------------------------------ storage
@@ -180,20 +210,43 @@ class PagePool:
 
     @property
     def page_nbytes(self) -> int:
-        """Bytes of one KV head's page (its K and V)."""
-        return 2 * self.page * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        """Bytes a recall reads from the pool per KV head's page: its K and V (with their int8 scales)."""
+        nbytes = 2 * self.page * self.head_dim * self.storage.itemsize
+        for q in (self.kq, self.vq):
+            if q is not None:
+                nbytes += q[0, 0, 0, 0].numel() * q.element_size()
+        return nbytes
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: page store (with its int8 scales) and summaries, at the allocated capacity."""
+        return sum(t.numel() * t.element_size() for t in (self.data, self.kmin, self.kmax, self.kq, self.vq)
+                   if t is not None)
+
+    def _granule(self, scheme: str) -> tuple[int, int]:
+        """Broadcast shape ``(a, c)`` of one ``lo``/``step`` over a ``[page, D]`` block."""
+        return {"page": (1, 1), "channel": (1, self.head_dim), "token": (self.page, 1)}[scheme]
 
     def _alloc(self, cap: int) -> None:
         L, b, h, d, pg = self.n_layers, self.batch, self.n_kv_heads, self.head_dim, self.page
         # only appended pages are ever read, so the page store needs no zero fill
-        data = torch.empty((L, b, cap, h, 2, pg, d), dtype=self.dtype, pin_memory=self.pin_memory)
+        data = torch.empty((L, b, cap, h, 2, pg, d), dtype=self.storage, pin_memory=self.pin_memory)
         kmin = torch.zeros((L, b, h, cap, d), dtype=torch.float32, device=self.summary_device)
         kmax = torch.zeros((L, b, h, cap, d), dtype=torch.float32, device=self.summary_device)
+        kq = vq = None
+        if self.int8_scheme is not None:
+            if self.int8_scheme[0] != "channel":  # keys per channel: lo/hi are the summaries
+                kq = torch.empty((L, b, cap, h, 2, *self._granule(self.int8_scheme[0])), dtype=torch.float32)
+            vq = torch.empty((L, b, cap, h, 2, *self._granule(self.int8_scheme[1])), dtype=torch.float32)
         if self._cap:
             data[:, :, : self._cap] = self.data
             kmin[:, :, :, : self._cap] = self.kmin
             kmax[:, :, :, : self._cap] = self.kmax
+            for new, old in ((kq, self.kq), (vq, self.vq)):
+                if new is not None:
+                    new[:, :, : self._cap] = old
         self.data, self.kmin, self.kmax, self._cap = data, kmin, kmax, cap
+        self.kq, self.vq = kq, vq
 
     def reserve(self, n_pages: int, exact: bool = False) -> None:
         """Make room for ``n_pages`` pages per sequence: exactly that many with ``exact`` (when the
@@ -237,12 +290,21 @@ class PagePool:
         n_new = keys.shape[-2] // pg
         p0 = first_page
         k = keys.reshape(h, n_new, pg, d).transpose(0, 1)  # [n, Hkv, page, D]
+        v = values.reshape(h, n_new, pg, d).transpose(0, 1)
         dst = self.data[layer, b, p0 : p0 + n_new]  # [n, Hkv, 2, page, D]
-        dst[:, :, 0].copy_(k)
-        dst[:, :, 1].copy_(values.reshape(h, n_new, pg, d).transpose(0, 1))
-        lo, hi = summarize(k.to(self.summary_device, torch.float32))  # [n, Hkv, D]
+        lo, hi = summarize(k.to(self.summary_device, torch.float32))  # [n, Hkv, D], from the unrounded keys
         self.kmin[layer, b, :, p0 : p0 + n_new] = lo.transpose(0, 1)
         self.kmax[layer, b, :, p0 : p0 + n_new] = hi.transpose(0, 1)
+        if self.int8_scheme is None:
+            dst[:, :, 0].copy_(k)  # fp32: exact; fp16: rounded to nearest
+            dst[:, :, 1].copy_(v)
+            return
+        kscheme, vscheme = self.int8_scheme
+        if kscheme == "channel":
+            dst[:, :, 0].copy_(_quantize(k, lo[:, :, None], hi[:, :, None]))
+        else:
+            self.kq[layer, b, p0 : p0 + n_new] = _quantize_into(dst[:, :, 0], k, INT8_SCHEMES[kscheme])
+        self.vq[layer, b, p0 : p0 + n_new] = _quantize_into(dst[:, :, 1], v, INT8_SCHEMES[vscheme])
 
     # ------------------------------------------------------------------ reading
     def page_rows(self, layers: Tensor, seqs: Tensor, heads: Tensor, pages: Tensor) -> Tensor:
@@ -250,10 +312,34 @@ class PagePool:
         (one KV head's page, its K then its V, is one row)."""
         return ((layers * self.batch + seqs) * self._cap + pages) * self.n_kv_heads + heads
 
+    def read(self, layers: Tensor, seqs: Tensor, heads: Tensor, pages: Tensor) -> Tensor:
+        """The pages of (layer, sequence, KV head, page id) as ``[n, 2, page*D]`` rows in ``dtype``
+        (K then V; dequantized from fp16/int8; with fp32 storage exactly the stored rows)."""
+        block = self.page * self.head_dim
+        rows = self.page_rows(layers, seqs, heads, pages)
+        data = self.data.view(-1, 2, block).index_select(0, rows)
+        if self.int8_scheme is None:
+            return data if data.dtype == self.dtype else data.to(self.dtype)
+        n, pg, d = len(rows), self.page, self.head_dim
+        data = data.view(n, 2, pg, d)
+        out = torch.empty((n, 2, pg, d), dtype=torch.float32)
+        if self.kq is None:  # keys per channel: lo/hi are the summaries
+            lo = self.kmin[layers, seqs, heads, pages][:, None]  # [n, 1, D]
+            step = (self.kmax[layers, seqs, heads, pages][:, None] - lo) / 255
+            torch.addcmul(lo, data[:, 0], step, out=out[:, 0])
+        else:
+            kq = self.kq.view(-1, *self.kq.shape[4:]).index_select(0, rows)
+            torch.addcmul(kq[:, 0], data[:, 0], kq[:, 1], out=out[:, 0])
+        vq = self.vq.view(-1, *self.vq.shape[4:]).index_select(0, rows)
+        torch.addcmul(vq[:, 0], data[:, 1], vq[:, 1], out=out[:, 1])
+        return out.view(n, 2, block).to(self.dtype)
+
     def page_kv(self, layer: int, b: int, page_id: int) -> tuple[Tensor, Tensor]:
-        """Keys and values ``[Hkv, page, D]`` of one page."""
-        blk = self.data[layer, b, page_id]
-        return blk[:, 0], blk[:, 1]
+        """Keys and values ``[Hkv, page, D]`` of one page, as recalled (dequantized into ``dtype``)."""
+        h = torch.arange(self.n_kv_heads)
+        one = torch.full_like(h, 1)
+        rows = self.read(one * layer, one * b, h, one * page_id).view(self.n_kv_heads, 2, self.page, self.head_dim)
+        return rows[:, 0], rows[:, 1]
 
     def select(
         self, layer: int | None, query: Tensor, k: int, combine: str = "softmax", n_pages: Tensor | None = None
@@ -267,3 +353,19 @@ class PagePool:
         if layer is None:
             return select_pages(query, self.kmin, self.kmax, n, k, combine)
         return select_pages(query, self.kmin[layer], self.kmax[layer], n, k, combine)
+
+
+def _quantize(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """uint8 codes of ``x`` on the grid ``lo + q * (hi - lo) / 255`` (round to nearest)."""
+    step = (hi - lo) / 255
+    step = torch.where(step > 0, step, torch.ones_like(step))  # a constant granule: q = 0 gives lo exactly
+    return ((x.float() - lo) / step).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _quantize_into(dst: Tensor, x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Write the uint8 codes of ``x`` ``[n, Hkv, page, D]`` into ``dst`` with one ``lo``/``hi`` per
+    granule (reduced over ``dims``); returns ``[n, Hkv, 2, a, c]``: ``lo`` then ``step``."""
+    x = x.float()
+    lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+    dst.copy_(_quantize(x, lo, hi))
+    return torch.stack((lo, (hi - lo) / 255), dim=2)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from .freekv import FreeKVRetrieval
 from .layout import ViewLayout
 from .options import KVSpecError, SpecStage, option, resolve_budget
-from .pages import COMBINES
+from .pages import COMBINES, POOL_DTYPES
 
 RETRIEVAL_MODES = ("freekv", "quest")
 
@@ -24,7 +24,10 @@ class RetrievalConfig(SpecStage):
     StreamingLLM's attention sink; ``window``: recent tokens always attended; ``tau``: heads whose
     query cosine to the previous step falls below it are corrected (quest: always 1, every head
     selects with the current query); ``combine``: how the query heads of a KV group score a page;
-    ``min_context`` (default ``2 * budget``): retrieval runs only for longer caches.
+    ``min_context`` (default ``2 * budget``): retrieval runs only for longer caches;
+    ``pool_dtype``: how the page pool stores the KV (``fp32`` the KV's own dtype, exact; ``fp16``
+    half the bytes; ``int8`` a quarter plus per-token value scales), dequantized into the view as
+    pages are recalled (summaries, views and the sink/recent master copy stay full precision).
     """
 
     mode: str = "freekv"
@@ -36,6 +39,7 @@ class RetrievalConfig(SpecStage):
                         hint="tau=0 never corrects, tau=1 always corrects, e.g. tau=0.9")
     combine: str = option("softmax", "choice", choices=COMBINES, stages=("freekv",))
     min_context: int | None = option(None, "whole", example=0)
+    pool_dtype: str = option("fp32", "choice", choices=POOL_DTYPES)
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -101,5 +105,6 @@ class RetrievalConfig(SpecStage):
     def create(self, *shape, **options) -> FreeKVRetrieval:
         """The retrieval manager of one batch of sequences: ``create(n_layers, n_kv_heads, n_heads,
         head_dim, batch=1, dtype=torch.float32, *, device="cpu", mask_dtype=torch.bool,
-        max_context=None, threaded=True, staging_slot=False)`` (see ``FreeKVRetrieval``)."""
+        max_context=None, threaded=True, staging_slot=False)`` (see ``FreeKVRetrieval``); the pool
+        stores pages in ``pool_dtype``."""
         return FreeKVRetrieval(self, *shape, **options)

@@ -24,8 +24,12 @@ class RetrievalStats:
     budget: int = 0
     k_pages: int = 0
     slots: int = 0
-    stored_bytes: int = 0  # pool with its summaries, sink/recent master copy
+    stored_bytes: int = 0  # pool with its summaries (and int8 scales), sink/recent master copy
     view_bytes: int = 0  # both views
+    pool_bytes: int = 0  # the page store alone, in pool_dtype (with its int8 scales)
+    pool_dtype: str = "fp32"
+    dense_store_bytes_after_start: int = 0  # of the dense KV given to start(): still alive when it returned
+    dense_store_bytes: int = 0  # the same, when stats() was called
 
     @property
     def correction_rate(self) -> float:
@@ -56,5 +60,6 @@ _REPORT_ORDER = (
     "steps", "heads_checked", "heads_corrected", "pages_selected", "pages_hit", "pages_recalled", "tokens_copied",
     "wait_s", "correction_s", "sync_prepare_s", "correction_rate", "page_hit_rate", "recalled_bytes",
     "recalled_bytes_per_step", "pages_recalled_per_step", "wait_s_per_step", "pool_pages", "budget", "k_pages",
-    "slots", "stored_bytes", "view_bytes",
+    "slots", "stored_bytes", "view_bytes", "pool_bytes", "pool_dtype", "dense_store_bytes_after_start",
+    "dense_store_bytes",
 )

@@ -57,12 +57,13 @@ class KVView:
     def put_pages(self, pool: PagePool, layers: Tensor, seqs: Tensor, heads: Tensor, slots: Tensor,
                   pages: Tensor) -> None:
         """Copy pool pages ``pages`` into page slots ``slots`` of (layer, sequence, KV head) on the host:
-        one gather of whole pages (K and V) from the pool, one ``index_put_`` into the page slots seen
-        as ``[L*B*Hkv, k_pages, 2, page*D]`` blocks (block copies beat row-wise ``index_copy_``)."""
+        one gather of whole pages (K and V) from the pool (dequantized from an fp16/int8 pool), one
+        ``index_put_`` into the page slots seen as ``[L*B*Hkv, k_pages, 2, page*D]`` blocks (block
+        copies beat row-wise ``index_copy_``)."""
         lay, kv = self.layout, self.all_kv
         n_layers, batch, n_kv_heads, width, head_dim = self.all_keys.shape
         block = lay.page * head_dim
-        rows = pool.data.view(-1, 2, block).index_select(0, pool.page_rows(layers, seqs, heads, pages))
+        rows = pool.read(layers, seqs, heads, pages)
         blocks = kv.view(-1).as_strided((n_layers * batch * n_kv_heads, lay.k_pages, 2, block),
                                         (width * head_dim, block, kv.stride(0), 1),
                                         kv.storage_offset() + lay.sink * head_dim)
