@@ -34,9 +34,9 @@ over pages). Pages that do not exist for a sequence score ``-inf`` and come back
 Storage precision (``pool_dtype``): ``fp32`` (default) keeps pages in the KV's own dtype, exact;
 ``fp16`` in half precision; ``int8`` as 8-bit codes ``q`` with an affine map ``x = lo + q * step``
 (``step = (hi - lo) / 255``, round to nearest, so ``|x - x'| <= step / 2``). The int8 granules
-(``INT8_SCHEMES``): keys per channel within a page (``lo``/``hi`` are then exactly the page's
-``kmin``/``kmax`` summaries: no extra bytes), values per token within a page (``lo``/``step`` stored
-in float32 per token). Pages are dequantized into the view dtype as they are recalled; the
+(``INT8_SCHEMES``): keys and values per channel within a page (for the keys ``lo``/``hi`` are then
+exactly the page's ``kmin``/``kmax`` summaries: no extra bytes; the values' ``lo``/``step`` are
+stored in float32 per channel, 1/8 of the codes' bytes at page=32). Pages are dequantized into the view dtype as they are recalled; the
 summaries are always computed from the unrounded keys and stay float32.
 """
 
@@ -52,9 +52,9 @@ COMBINES = ("softmax", "mean")
 POOL_DTYPES = ("fp32", "fp16", "int8")
 #: int8 granules (keys, values): ``page`` one ``lo``/``step`` per page block, ``channel`` one per
 #: channel over the page's tokens, ``token`` one per token over its channels. The default
-#: ``("channel", "token")`` (KIVI's choice) measured best, see ``docs/freekv.md``.
+#: ``("channel", "channel")`` measured best on SmolLM2's KV, see ``docs/freekv.md``.
 INT8_SCHEMES = {"page": (-2, -1), "channel": (-2,), "token": (-1,)}
-INT8_DEFAULT = ("channel", "token")
+INT8_DEFAULT = ("channel", "channel")
 
 
 def summarize(keys: Tensor) -> tuple[Tensor, Tensor]:

@@ -26,7 +26,7 @@ class RetrievalConfig(SpecStage):
     selects with the current query); ``combine``: how the query heads of a KV group score a page;
     ``min_context`` (default ``2 * budget``): retrieval runs only for longer caches;
     ``pool_dtype``: how the page pool stores the KV (``fp32`` the KV's own dtype, exact; ``fp16``
-    half the bytes; ``int8`` a quarter plus per-token value scales), dequantized into the view as
+    half the bytes; ``int8`` a quarter plus per-channel value scales), dequantized into the view as
     pages are recalled (summaries, views and the sink/recent master copy stay full precision).
     """
 
