@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .contract import ATTENTION, DEFAULT_PREFILL_CHUNK, DEFAULT_SCORE_WINDOW, QUANTIZE_METHODS, QUANTIZE_SCHEMES
-from .eval.peers import PEER_PRECISIONS, PEERS
+from .eval.peers import EVAL_PEERS, PEER_PRECISIONS, PEERS
 
 KV_HELP = ("KV spec: what is stored and attended. 'full' (default); compaction 'streaming:sink=4,window=N', "
            "'h2o:budget=B', 'snapkv:budget=B,window=32,kernel=5', 'kvcrush:budget=B,base=snapkv|h2o|streaming,"
@@ -301,30 +301,38 @@ def _eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--baseline", metavar="DIR",
                    help="another export of the same model (e.g. the fp32 export when DIR is int4): ppl rows also "
                         "report its full-cache perplexity on the same samples and the ratio to it")
-    add_peer_options(p, "ppl rows also report onnxruntime-genai's perplexity on the same samples (its own model "
-                        "built from the same source, as `kvtrt bench --peer` builds it; needs the bench extra)",
+    add_peer_options(p, "ortgenai: ppl rows also report onnxruntime-genai's perplexity on the same samples (its own "
+                        "model built from the same source, as `kvtrt bench --peer` builds it; needs the bench extra); "
+                        "kvpress: ppl and agreement rows also report kvpress's counterpart press at the same budget "
+                        "(snapkv: SnapKVPress, h2o: ObservedAttentionPress, streaming: StreamingLLMPress; kvcrush: "
+                        "none in kvpress 0.5.5) on the HF model from the same source, same samples and protocol "
+                        "(needs `pip install --no-deps kvpress` and cachetools, fire, datasets)",
                      "weights of the onnxruntime-genai peer (int4: its own int4 re-quantization)")
+    next(a for a in p._actions if a.dest == "peer").choices = EVAL_PEERS
     add_json_option(p)
-    add_plot_option(p, "write a PNG plot (metric against budget, one line per policy)")
+    add_plot_option(p, "write a PNG plot (metric against budget, one line per policy, the full cache as a line, "
+                       "a per-budget peer's points as markers)")
     add_threads_option(p)
     add_prefill_chunk_option(p)
-    p.set_defaults(func=_cmd_eval, requires=_plot_and_peer_extras)
+    p.set_defaults(func=_cmd_eval, requires=lambda args: [("matplotlib", "bench")] * bool(args.plot)
+                   + [("onnxruntime_genai", "bench")] * (args.peer == "ortgenai"))
     return p
 
 
 def _cmd_eval(args) -> int:
     from .eval.accuracy import Evaluator, expand_specs, table
-    from .eval.plot import line_plot
+    from .eval.plot import budget_plot, line_plot
 
     runs = expand_specs(args.kv, args.budget)
     peer_dir = None
-    if args.peer:
+    if args.peer == "ortgenai":
         from .eval.peers import build_ortgenai, peer_directory
 
         peer_dir = build_ortgenai(args.dir, Path(peer_directory(args.dir, args.peer_dir, args.peer_precision)),
                                   args.peer_precision)
     evaluator = Evaluator(args.dir, args.context, texts=args.texts, num_texts=args.num_texts, threads=args.threads,
-                          prefill_chunk=args.prefill_chunk, baseline=args.baseline, peer_dir=peer_dir)
+                          prefill_chunk=args.prefill_chunk, baseline=args.baseline, peer_dir=peer_dir,
+                          kvpress=args.peer == "kvpress")
     rows = []
     for task in args.task:
         task_runs = runs
@@ -338,6 +346,10 @@ def _cmd_eval(args) -> int:
     panels = [(task, task) for task in args.task]
     plot_rows = [{**r, task: r["value"], "budget": r.get("plot_budget", r["budget"])} for r in rows
                  for task in [r["task"]]]
+    if all(isinstance(r["budget"], float) for r in rows if r["policy"] != "full"):  # fractions: the budget picture
+        _save_rows(rows, table(rows), args, lambda path: budget_plot(
+            path, rows, f"kvtrt eval {Path(args.dir).name}, context {args.context}, {args.num_texts} texts"))
+        return 0
     _save_rows(rows, table(rows), args, lambda path: line_plot(
         path, panels, plot_rows, "budget", "policy", f"kvtrt eval, context {args.context} (full cache at budget 1)"))
     return 0

@@ -14,7 +14,11 @@ rows also carry the baseline's full-cache perplexity on the same samples (`basel
 the table shows what the export's own precision costs next to what the KV spec costs. With a
 `peer_dir` (an onnxruntime-genai model of the same source, as `kvtrt bench --peer` builds it) they
 also carry the peer's perplexity on the same samples (`peer_value`): its own weights (e.g. its
-int4 re-quantization), graphs and KV cache.
+int4 re-quantization), graphs and KV cache. With `kvpress=True`, ppl and agreement rows carry kvpress's
+counterpart press (see `peers.kvpress_press`) at the same budget on the HF model dequantized from the
+export's source, same samples and protocol (prefill compressed by the press, continuation teacher-forced or
+greedy on the compressed cache): `peer_value` beside `value`, `peer_full_value` the HF model's own full cache
+(agreement is against that full cache's greedy tokens).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from ..runtime.kv.spec import COMPACTION_NAMES, KVSpec, StageText, parse_kv_spec
 from ..runtime.llm import check_kv_spec, load
 from ..runtime.request import RequestStats
 from .decoding import decode, prefill
-from .peers import ortgenai_model, ortgenai_nll
+from .peers import KVPressPeer, kvpress_press, ortgenai_model, ortgenai_nll, press_label
 from .texts import load_texts, token_prefix
 
 TASKS = ("ppl", "agreement", "needle")
@@ -102,8 +106,9 @@ class Evaluator:
 
     def __init__(self, directory: str, context: int, texts: str | None = None, num_texts: int = 10,
                  threads: int | None = None, prefill_chunk: int = 512, progress: bool = True, seed: int = 0,
-                 baseline: str | None = None, peer_dir: str | None = None):
+                 baseline: str | None = None, peer_dir: str | None = None, kvpress: bool = False):
         self.llm = load(directory, threads=threads, prefill_chunk=prefill_chunk, prefix_cache=0)
+        self.kvpress = KVPressPeer(self.llm.manifest.source, threads) if kvpress else None
         self.peer_dir = peer_dir
         self.peer = ortgenai_model(peer_dir, threads) if peer_dir is not None else None
         self.baseline = None
@@ -139,6 +144,9 @@ class Evaluator:
         totals = {r.label: Totals() for r in [full, *runs]}
         base = Totals() if self.baseline is not None and task == "ppl" else None
         peer = Totals() if self.peer is not None and task == "ppl" else None
+        pressed = {r.label: Totals() for r in [full, *runs]} \
+            if self.kvpress is not None and task in ("ppl", "agreement") else None
+        press_names: dict[str, str] = {}
         jobs = self._jobs(task, new_tokens, depths)
         bar = tqdm(total=len(jobs) * (len(runs) + 1), desc=f"eval {task}", unit="run", disable=not self.progress)
         for prompt, payload in jobs:
@@ -149,6 +157,8 @@ class Evaluator:
             if peer is not None:  # the onnxruntime-genai model, same sample
                 peer.nll += ortgenai_nll(self.peer, prompt, payload)
                 peer.tokens += len(payload)
+            if pressed is not None:  # kvpress's presses on the HF model, same sample, same budgets
+                self._kvpress_sample(task, prompt, payload, full, runs, pressed, press_names)
             start = prefill(self.llm, prompt)  # one prefill, copied for the full cache and every spec
             reference = None
             for run in [full, *runs]:
@@ -179,7 +189,42 @@ class Evaluator:
             for row in rows:
                 row["peer"] = str(self.peer_dir)
                 row["peer_value"] = math.exp(peer.nll / peer.tokens)
+        if pressed is not None:
+            for run, row in zip([full, *runs], rows):
+                row["peer_full_value"] = self._value(task, pressed[full.label])
+                name = "full cache" if run is full else press_names.get(run.label)
+                row["peer"] = f"kvpress {self.kvpress.version} " + (name or "(no counterpart)")
+                if name is not None:
+                    row["peer_value"] = self._value(task, pressed[run.label])
         return rows
+
+    def _kvpress_sample(self, task: str, prompt: list[int], payload, full: SpecRun, runs: list[SpecRun],
+                        totals: dict[str, Totals], names: dict[str, str]) -> None:
+        """One sample through kvpress: every run with a counterpart press (same kept-token count)."""
+        presses = {}
+        for run in runs:
+            policy = run.spec.compaction
+            if policy is None or run.spec.retrieval is not None:
+                continue
+            press = kvpress_press(policy, min(policy.budget_tokens(len(prompt)), len(prompt)), len(prompt))
+            if press is not None:
+                presses[run.label] = press
+                names[run.label] = press_label(press)
+        if task == "ppl":
+            out = self.kvpress.run(prompt, presses, targets=payload)
+            for label, nll in [(full.label, out["full"]), *((k, out[k]) for k in presses)]:
+                totals[label].nll += nll
+                totals[label].tokens += len(payload)
+        else:
+            out = self.kvpress.run(prompt, presses, new_tokens=payload["new"])
+            reference = out["full"]
+            for label, tokens in [(full.label, reference), *((k, out[k]) for k in presses)]:
+                totals[label].hits += sum(a == b for a, b in zip(tokens, reference))
+                totals[label].trials += len(reference)
+
+    @staticmethod
+    def _value(task: str, total: Totals) -> float:
+        return math.exp(total.nll / total.tokens) if task == "ppl" else total.hits / max(total.trials, 1)
 
     def _jobs(self, task: str, new_tokens: int | None, depths: list[float] | None) -> list[tuple[list[int], object]]:
         encode, n = self.llm.codec.encode, self.context
@@ -239,7 +284,10 @@ def _sentence_end(codec, ids: list[int], at: int) -> int:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown table of eval rows."""
+    """Markdown table of eval rows. A peer with per-spec values (kvpress) gets its value, its ratio to its
+    own full cache and kvtrt's value over it; a full-cache peer (ortgenai) and a baseline get theirs."""
+    if any("peer_full_value" in r for r in rows):
+        return _press_table(rows)
     others = [name for name in ("baseline", "peer") if any(f"{name}_value" in r for r in rows)]
     lines = ["| task | kv | budget | metric | value | full cache | ratio | KV MiB | correction rate |"
              + "".join(f" {name} full cache | vs {name} |" for name in others),
@@ -252,5 +300,24 @@ def table(rows: list[dict]) -> str:
         for name in others:
             b = r.get(f"{name}_value")
             line += f" {b:.4f} | {r['value'] / b:.4f} |" if b else " | |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _press_table(rows: list[dict]) -> str:
+    lines = ["| task | kv | budget | metric | kvtrt | full cache | ratio | kvpress press | kvpress | kvpress full cache "
+             "| kvpress ratio | kvtrt / kvpress |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = r["value"] / r["full_value"] if r["full_value"] else float("nan")
+        peer, peer_full = r.get("peer_value"), r["peer_full_value"]
+        press = r.get("peer", "").split(" ", 2)[-1]
+        line = (f"| {r['task']} | {r['kv']} | {r['budget'] if r['budget'] is not None else ''} | {r['metric']} | "
+                f"{r['value']:.4f} | {r['full_value']:.4f} | {ratio:.4f} | {press} | ")
+        if peer is None:
+            line += f" | {peer_full:.4f} | | |"
+        else:
+            vs = f"{r['value'] / peer:.4f}" if peer else ""
+            line += f"{peer:.4f} | {peer_full:.4f} | {peer / peer_full if peer_full else float('nan'):.4f} | {vs} |"
         lines.append(line)
     return "\n".join(lines)

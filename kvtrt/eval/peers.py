@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -175,3 +176,191 @@ def openvino_eviction(mode: str, budget: int, start: int = OPENVINO_BLOCK, recen
     keep = max(keep, start + recent + block)
     return ov_genai.CacheEvictionConfig(start, recent, keep, ov_genai.AggregationMode.NORM_SUM, apply_rotation=False,
                                         snapkv_window_size=32, kvcrush_config=crush)
+
+
+# -- kvpress (`kvtrt eval --peer kvpress`) ----------------------------------------------------------------
+#: peers `kvtrt eval --peer` accepts (bench and bench-serve keep their own lists)
+EVAL_PEERS = ("ortgenai", "kvpress")
+KVPRESS_INSTALL = ("pip install --no-deps kvpress && pip install 'cachetools>=5.5.2,<6' 'fire>=0.6,<0.7' datasets "
+                   "(kvpress 0.5.5 declares transformers<5.3 but runs on the installed 5.x for these presses; "
+                   "`import kvpress` imports cachetools, fire and datasets)")
+
+
+def kvpress_ratio(keep: int, context: int) -> float:
+    """kvpress's `compression_ratio` that keeps exactly `keep` of `context` tokens (kvpress keeps
+    int(context * (1 - ratio)); 1 - budget fraction would lose a token to float rounding)."""
+    return 1.0 - (keep + 0.5) / context
+
+
+def kvpress_press(policy, keep: int, context: int):
+    """The kvpress press that corresponds to kvtrt compaction `policy` keeping `keep` of `context` tokens,
+    or None when kvpress has none:
+
+    - snapkv -> SnapKVPress(window_size=window, kernel_size=kernel) (avg pooling only: kvpress has no max);
+    - h2o -> ObservedAttentionPress (kvpress's H2O: mean attention each key gets from every prompt query;
+      needs eager attention);
+    - streaming -> StreamingLLMPress(n_sink=sink);
+    - kvcrush -> KVCrushPress if the installed kvpress has one (0.5.5 has not).
+    """
+    import kvpress
+
+    from ..runtime.kv.policies import H2OPolicy, KVCrushPolicy, SnapKVPolicy, StreamingPolicy
+
+    ratio = kvpress_ratio(keep, context)
+    if type(policy) is SnapKVPolicy:
+        if policy.pool != "avg":
+            return None
+        return kvpress.SnapKVPress(compression_ratio=ratio, window_size=policy.window, kernel_size=policy.kernel)
+    if type(policy) is H2OPolicy:
+        return kvpress.ObservedAttentionPress(compression_ratio=ratio)
+    if type(policy) is StreamingPolicy:
+        return kvpress.StreamingLLMPress(compression_ratio=ratio, n_sink=policy.sink)
+    if type(policy) is KVCrushPolicy and hasattr(kvpress, "KVCrushPress"):
+        return kvpress.KVCrushPress(compression_ratio=ratio)
+    return None
+
+
+def press_label(press) -> str:
+    """`SnapKVPress(window_size=32,kernel_size=5)`: the press class and its options except the ratio."""
+    from dataclasses import fields
+
+    opts = ",".join(f"{f.name}={getattr(press, f.name)}" for f in fields(press) if f.name != "compression_ratio")
+    return f"{type(press).__name__}({opts})"
+
+
+class KVPressPeer:
+    """kvpress's presses on the HF model (dequantized from the export's source, as `load_hf` gives it).
+
+    One prefill per sample serves every press: each press's `compress` runs in a forward hook on every
+    attention layer with the same arguments its own `forward_hook` passes (the layer's hidden states, the
+    uncompressed keys/values, the eager attention weights, the forward kwargs), and its result is kept
+    as that press's cache, so the prefill itself (and its last logits) is the uncompressed one, as with a
+    single press. The continuation then runs on each compressed cache with explicit positions
+    (context_length + i, as kvpress's pipeline does)."""
+
+    def __init__(self, source: str, threads: int | None = None, hf=None):
+        try:
+            import kvpress  # noqa: F401  (patches transformers' attention functions, as kvpress always does)
+        except ImportError as e:
+            raise RuntimeError(f"the kvpress peer needs kvpress ({e}); install it with {KVPRESS_INSTALL}") from None
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        if hf is None:
+            from ..models.loading import load_hf
+
+            hf = load_hf(source)
+        self.model = hf[0].eval()
+        import inspect
+
+        import kvpress as kp
+
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+
+        self.version = getattr(kp, "__version__", None) or _dist_version("kvpress")
+
+    def _prefill(self, prompt: list[int], presses: dict[str, object]):
+        """Last logits [V] of the uncompressed prefill, and {label: [(keys, values)] per layer} per press
+        (plus 'full')."""
+        import torch
+        from transformers import DynamicCache
+
+        from kvpress.utils import extract_keys_and_values
+
+        model = self.model
+        inner = model.model.language_model if hasattr(model.model, "language_model") else model.model
+        n_layers = len(inner.layers)
+        # one stand-in cache per press: press.forward_hook reads layers[l].keys/.values and writes its result there
+        shims = {label: SimpleNamespace(layers=[SimpleNamespace(keys=None, values=None) for _ in range(n_layers)])
+                 for label in presses}
+        full = [None] * n_layers
+
+        def hook(module, args, kwargs, output):
+            # transformers 5.x passes the cache as `cache` and no `cache_position`; kvpress 0.5.5's
+            # forward_hook reads `past_key_values` and `cache_position` (its prefill test): give it both
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            q_len = kwargs["hidden_states"].shape[1]
+            keys, values = extract_keys_and_values(cache, module.layer_idx)
+            full[module.layer_idx] = (keys, values)
+            for label, press in presses.items():
+                layer = shims[label].layers[module.layer_idx]
+                layer.keys, layer.values = keys, values
+                press.forward_hook(module, args, {**kwargs, "past_key_values": shims[label],
+                                                  "cache_position": torch.arange(q_len)}, output)
+            return output
+
+        eager = any(_needs_attentions(p) for p in presses.values())
+        previous = model.config._attn_implementation
+        for press in presses.values():
+            press.post_init_from_model(model)
+        hooks = []
+        try:
+            if eager:
+                model.set_attn_implementation("eager")
+            for layer in inner.layers:  # as BasePress.__call__ does
+                layer.self_attn.rotary_emb = inner.rotary_emb
+                hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
+            with torch.inference_mode():
+                out = model(input_ids=torch.tensor([prompt]), **{self._cache_kw: DynamicCache()}, logits_to_keep=1)
+        finally:
+            for h in hooks:
+                h.remove()
+            if eager:
+                model.set_attn_implementation(previous)
+        kept = {"full": full}
+        kept.update({label: [(layer.keys, layer.values) for layer in shim.layers] for label, shim in shims.items()})
+        return out.logits[0, -1], kept
+
+    @staticmethod
+    def _cache(layers):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(layers):
+            cache.update(k, v, i)
+        return cache
+
+    def run(self, prompt: list[int], presses: dict[str, object], targets: list[int] | None = None,
+            new_tokens: int = 0) -> dict[str, float | list[int]]:
+        """Per label ('full' and each press): with `targets`, the teacher-forced negative log-likelihood
+        (nats, summed, float64) of `targets` after `prompt`; else the `new_tokens` greedy tokens."""
+        import torch
+
+        last, kept = self._prefill(prompt, presses)
+        n = len(prompt)
+        results = {}
+        with torch.inference_mode():
+            for label, layers in kept.items():
+                cache = self._cache(layers)
+                if targets is not None:
+                    logits = [last[None]]
+                    if len(targets) > 1:
+                        pos = torch.arange(n, n + len(targets) - 1)[None]
+                        logits.append(self.model(input_ids=torch.tensor([targets[:-1]]), position_ids=pos,
+                                                 **{self._cache_kw: cache}).logits[0])
+                    logp = torch.cat(logits).double().log_softmax(-1)
+                    results[label] = -float(logp.gather(1, torch.tensor(targets)[:, None]).sum())
+                else:
+                    tokens = [int(last.argmax())]
+                    for i in range(new_tokens - 1):
+                        out = self.model(input_ids=torch.tensor([[tokens[-1]]]), position_ids=torch.tensor([[n + i]]),
+                                         **{self._cache_kw: cache})
+                        tokens.append(int(out.logits[0, -1].argmax()))
+                    results[label] = tokens
+        return results
+
+
+def _needs_attentions(press) -> bool:
+    """Presses that score from the attention weights the layer returns (eager attention only)."""
+    return type(press).__name__ in ("ObservedAttentionPress",)
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
