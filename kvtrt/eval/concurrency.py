@@ -572,7 +572,8 @@ def run_serve_bench(directory: str, concurrency: Sequence[int] = (1, 4, 8, 16), 
         prompts_file = str(Path(tmp) / "prompts.json")
         Path(prompts_file).write_text(json.dumps(prompts))
         for job in jobs:
-            label = f"{job['engine']} {job['kv']}" + (f" C={job['concurrency']}" if job["kind"] == "level" else " probe")
+            where = f" C={job['concurrency']}" if job["kind"] == "level" else " probe"
+            label = f"{job['engine']} {job['kv']}{where}"
             bar.set_postfix_str(label)
             try:
                 row = _spawn(job, prompts_file) if isolate else run_job(job, prompts, progress=None)
@@ -625,7 +626,8 @@ def table(report: dict) -> str:
     level), one of probes."""
     rows = report["rows"]
     lines = ["| C | engine | kv | requests | out tok | out tok/s | decode tok/s (batch) | decode tok/s all-C | "
-             "TTFT p50 / p99 s | ITL p50 / p99 ms | peak KV MiB | peak running | vs kvtrt full | vs openvino full-f32 |",
+             "TTFT p50 / p99 s | ITL p50 / p99 ms | peak KV MiB | peak running | vs kvtrt full | "
+             "vs openvino full-f32 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         same = [r for r in rows if r["concurrency"] == row["concurrency"]]
@@ -642,8 +644,9 @@ def table(report: dict) -> str:
             f"{_ms(row['itl_p50_s'])} / {_ms(row['itl_p99_s'])} | {kv_text} | {row.get('running_peak', '')} | "
             f"{vs_full} | {vs_peer} |")
     if report.get("probes"):
-        lines += ["", "| probe | engine | kv | probe prefill s | ITL before p50 / p99 ms | ITL during prefill p50 / p99 "
-                      "ms | p99 / p50 during | p99 during / p50 before |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| probe | engine | kv | probe prefill s | ITL before p50 / p99 ms | "
+                      "ITL during prefill p50 / p99 ms | p99 / p50 during | p99 during / p50 before |",
+                  "|---|---|---|---|---|---|---|---|"]
         for p in report["probes"]:
             lines.append(f"| {p['probe_tokens']} tok, {p['streams']} streams | {p['engine']} | {p['kv']} | "
                          f"{p['probe_prefill_s']:.2f} | {_ms(p['baseline_itl_p50_s'])} / {_ms(p['baseline_itl_p99_s'])}"
@@ -675,11 +678,13 @@ def add_bench_serve_parser(sub, kv_help: str):
                         "(default 1,4,8,16)")
     p.add_argument("--requests", type=int, default=None,
                    help="requests per level (default --requests-per-c x C, at least C)")
-    p.add_argument("--requests-per-c", type=float, default=2.0, help="requests per level as a multiple of C (default 2)")
+    p.add_argument("--requests-per-c", type=float, default=2.0,
+                   help="requests per level as a multiple of C (default 2)")
     p.add_argument("--new-tokens", type=int, default=128,
                    help="greedy tokens generated per request, EOS ignored by both engines (default 128)")
     p.add_argument("--prompt-tokens", type=lambda t: tuple(int(x) for x in t.split(",")), default=(2048, 4096),
-                   help="LO,HI: prompt lengths drawn uniformly (seeded) from distinct haystack offsets (default 2048,4096)")
+                   help="LO,HI: prompt lengths drawn uniformly (seeded) from distinct haystack offsets "
+                        "(default 2048,4096)")
     p.add_argument("--kv", action="append",
                    help="KV spec to measure (repeatable; default: full, kvcrush:budget=0.25,base=snapkv, "
                         "freekv:budget=1024 and their combination). " + kv_help)

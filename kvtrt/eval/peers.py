@@ -149,8 +149,9 @@ def build_openvino(directory: str, out: Path, hf=None) -> Path:
                   "eos_token": manifest.eos_token, "pad_token": manifest.eos_token,
                   "model_max_length": manifest.max_positions}
         (tok_dir / "tokenizer_config.json").write_text(json.dumps(config))
-        cmd = [sys.executable, "-c", "from openvino_tokenizers.cli_tools.convert_tokenizer import convert_hf_tokenizer; "
-               "convert_hf_tokenizer()", str(tok_dir), "--with-detokenizer", "-o", str(out)]
+        convert = ("from openvino_tokenizers.cli_tools.convert_tokenizer import convert_hf_tokenizer; "
+                   "convert_hf_tokenizer()")
+        cmd = [sys.executable, "-c", convert, str(tok_dir), "--with-detokenizer", "-o", str(out)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return out
 
