@@ -293,10 +293,11 @@ class Binding:
 class Session:
     """One graph's session (mimics the parts of `onnxruntime.InferenceSession` the engine uses)."""
 
-    def __init__(self, api_: _Api, handle: C.c_void_p, options: C.c_void_p):
+    def __init__(self, api_: _Api, handle: C.c_void_p, options: C.c_void_p, owner: "SharedWeights"):
         self._api = api_
         self.handle = handle
         self._options = options
+        self._owner = owner  # the mapping, initializer values and container must outlive the session
         self._inputs = self._args(api_.SessionGetInputCount, api_.SessionGetInputName, api_.SessionGetInputTypeInfo)
         self._outputs = self._args(api_.SessionGetOutputCount, api_.SessionGetOutputName,
                                    api_.SessionGetOutputTypeInfo)
@@ -416,7 +417,7 @@ class SharedWeights:
             done.set()
             trimmer.join()
             self._map.madvise(mmap.MADV_DONTNEED)
-        return Session(a, handle, options)
+        return Session(a, handle, options, self)
 
     def __del__(self):
         a = getattr(self, "_api", None)
