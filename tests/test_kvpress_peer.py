@@ -141,3 +141,22 @@ def test_peer_protocol_full_cache_is_hf_teacher_forcing(tiny):
     assert out["snapkv"] != pytest.approx(expected, rel=1e-5)
     greedy = peer.run(prompt, {"snapkv": press}, new_tokens=6)
     assert len(greedy["full"]) == len(greedy["snapkv"]) == 6 and greedy["full"][0] == greedy["snapkv"][0]
+
+
+def test_peer_continuation_on_a_compressed_cache_is_causal(tiny):
+    """Scoring the continuation in one forward on a compressed cache (mask from the cache's length,
+    RoPE from the explicit positions) equals feeding it one token at a time: no look-ahead."""
+    _, peer, ids, _ = tiny
+    prompt, targets = ids[:200], ids[200:230]
+    press = kvpress.SnapKVPress(compression_ratio=kvpress_ratio(60, len(prompt)), window_size=4)
+    nll = peer.run(prompt, {"snapkv": press}, targets=targets)["snapkv"]
+    last, kept = peer._prefill(prompt, {"snapkv": press})
+    cache = peer._cache(kept["snapkv"])
+    logits = [last]
+    with torch.inference_mode():
+        for i, token in enumerate(targets[:-1]):
+            out = peer.model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[len(prompt) + i]]),
+                             **{peer._cache_kw: cache})
+            logits.append(out.logits[0, -1])
+    logp = torch.stack(logits).double().log_softmax(-1)
+    assert nll == pytest.approx(-float(logp.gather(1, torch.tensor(targets)[:, None]).sum()), rel=1e-5)
