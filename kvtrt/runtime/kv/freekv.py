@@ -160,6 +160,8 @@ class FreeKVRetrieval:
                 self._load(layer, b, keys[layer][b], values[layer][b], live[b], counts[b], pages[b], ring[b])
             if release:
                 keys[layer] = values[layer] = None
+        for view in self._views:  # first touched now, after the dense KV was released
+            view.clear()
         for b in range(self.batch):
             self.pool.n_pages[b] = pages[b]
             self._lengths[b] = counts[b]

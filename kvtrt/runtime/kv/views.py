@@ -27,7 +27,9 @@ class KVView:
         self.index = index
         self.layout = layout
         width = layout.slots + layout.staging
-        self.all_kv = torch.zeros((2, n_layers, batch, n_kv_heads, width, head_dim), dtype=dtype, device=device)
+        # not zeroed here: `clear()` fills it once `start` has moved (and released) the prompt's KV, so
+        # its pages are first touched after the dense store is gone (no peak of both)
+        self.all_kv = torch.empty((2, n_layers, batch, n_kv_heads, width, head_dim), dtype=dtype, device=device)
         self.all_keys, self.all_values = self.all_kv.unbind(0)
         self.keys = list(self.all_keys.unbind(0))
         self.values = list(self.all_values.unbind(0))
@@ -36,6 +38,10 @@ class KVView:
                                      device=device)
         self.n_pages = [0] * batch
         self.length = [0] * batch
+
+    def clear(self) -> None:
+        """Zero the K/V (slots that hold no token must be finite: masked, they are still multiplied by 0)."""
+        self.all_kv.zero_()
 
     def reset(self) -> None:
         self.slot_pages.fill_(-1)
