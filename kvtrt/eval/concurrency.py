@@ -17,6 +17,8 @@ Per level and spec (times from the engines' own per-token timestamps):
   to the moments when all C requests were decoding (None when that never happened);
 - TTFT p50/p99 (submission -> first token, queueing included), inter-token latency p50/p99 (gaps
   between consecutive tokens of a request, over all requests), end-to-end p50/p99;
+- CPU seconds the process used for the level (all threads; loading and warm-up excluded) and the mean
+  cores it got (CPU s / wall s): on a shared host an engine with more threads gets a larger share;
 - peak KV bytes and peak running/waiting requests, polled from `llm.stats()` every 10 ms (the KV
   peak is at least the largest single request's `stats.kv_bytes`).
 
@@ -446,23 +448,36 @@ def _openvino_finish(pipe) -> None:
 
 
 # -- one job (in this process or a worker) ---------------------------------------------------------
+def _cpu_s() -> float:
+    """CPU seconds this process has used, all threads (user + system)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_job(job: dict, prompts: dict, progress=None) -> dict:
-    """One (engine, config) at one level, or its prefill probe; returns the row."""
+    """One (engine, config) at one level, or its prefill probe; returns the row (with the CPU seconds
+    the measured part used, loading and warm-up excluded: on a shared host the engine that runs more
+    threads gets more of the cores, and CPU time per token does not depend on that share)."""
     t0 = time.perf_counter()
     if job["engine"] == "kvtrt":
         llm = load_kvtrt(job["dir"], job["kv"], job["threads"], job["prefill_chunk"], job.get("kv_memory"),
                          job["max_batch"], job.get("prefix_cache", 0))
         try:
+            cpu = _cpu_s()
             if job["kind"] == "probe":
                 row = kvtrt_probe(llm, prompts["probe_streams"], prompts["probe_long"])
             else:
                 row = kvtrt_level(llm, prompts["requests"][:job["requests"]], job["concurrency"], job["new_tokens"],
                                   progress=progress)
+            row["cpu_s"] = _cpu_s() - cpu
         finally:
             llm.close()
     else:
         pipe = openvino_pipeline(job["peer_dir"], job["kv"], job["threads"], job["peer_budget"], job["prefill_chunk"],
                                  job["max_batch"])
+        cpu = _cpu_s()
         if job["kind"] == "probe":
             row = openvino_probe(pipe, prompts["probe_streams"], prompts["probe_long"])
         else:
@@ -472,7 +487,11 @@ def run_job(job: dict, prompts: dict, progress=None) -> dict:
             budget = job["peer_budget"] if job["kv"] in ("snapkv", "kvcrush") else None
             row = openvino_level(pipe, prompts["requests"][:job["requests"]], job["concurrency"], job["new_tokens"],
                                  progress=progress, token_bytes=per_token, budget=budget)
+        row["cpu_s"] = _cpu_s() - cpu
         del pipe
+    if "output_tokens" in row:
+        row["cpu_ms_per_token"] = 1000 * row["cpu_s"] / max(row["output_tokens"], 1)
+        row["cpu_share"] = row["cpu_s"] / row["wall_s"] if row["wall_s"] > 0 else None  # cores used on average
     row = {"kind": job["kind"], "engine": job["engine"], "kv": job["kv"], **row,
            "kv_memory_bytes": job.get("kv_memory"), "job_s": time.perf_counter() - t0}
     if job["engine"] == "openvino":
@@ -614,7 +633,8 @@ def _format_row(row: dict) -> str:
                 f" / p99 {_ms(row['prefill_itl_p99_s'])} ms")
     return (f"  C={row['concurrency']:<3} | {row['engine']:<8} | {row['kv']:<48} | {row['throughput_tok_s']:6.1f} tok/s"
             f" | decode {_num(row['decode_tok_s'])} tok/s (batch {_num(row['decode_batch'])}) | TTFT p50 "
-            f"{_num(row['ttft_p50_s'], '.2f')} s | ITL p50 {_ms(row['itl_p50_s'])} ms p99 {_ms(row['itl_p99_s'])} ms")
+            f"{_num(row['ttft_p50_s'], '.2f')} s | ITL p50 {_ms(row['itl_p50_s'])} ms p99 {_ms(row['itl_p99_s'])} ms"
+            f" | CPU {_num(row.get('cpu_s'))} s, {_num(row.get('cpu_share'), '.2f')} cores")
 
 
 def series(row: dict) -> str:
