@@ -27,7 +27,7 @@ from .buffers import bind_decode, graph_outputs, per_layer
 from .kv.store import KVStore
 
 COMPACTION_SLACK = 64  # tokens a compacted row may grow past its budget before it is compacted again
-GROW_STEPS = 256  # cursor room added at a repack when rows have no nearer end (compacting rows)
+GROW_STEPS = 256  # most cursor room a repack adds for full-cache rows (they end sooner or repack again)
 
 
 @dataclass
@@ -55,6 +55,7 @@ class DenseBatch:
         self.mask = torch.zeros(0, 0, dtype=torch.long)
         self._binding = None
         self.slot_bytes = m.kv_bytes_per_token + (4 * m.n_kv_heads * m.n_layers if scored else 0)
+        self.room = COMPACTION_SLACK if scored else GROW_STEPS  # most steps a repack makes room for
 
     # -- memory ----------------------------------------------------------------------------
     @property
@@ -66,9 +67,10 @@ class DenseBatch:
         return self.cursor - row.start
 
     def _need(self, rows: list[tuple[int, int]]) -> tuple[int, int]:
-        """(cursor, capacity) a repack would choose for rows of (span, steps still to come)."""
+        """(cursor, capacity) a repack would choose for rows of (span, steps still to come).
+        Compacting rows repack every COMPACTION_SLACK steps (their spans stay within budget + slack)."""
         cursor = max(span for span, _ in rows)
-        return cursor, cursor + max(1, max(min(rest, GROW_STEPS) for _, rest in rows))
+        return cursor, cursor + max(1, min(max(rest for _, rest in rows), self.room))
 
     def projected_bytes(self, span: int, rest: int) -> int:
         """Bytes this batch may hold with one more row of `span` slots and `rest` steps to come

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .batch import COMPACTION_SLACK, GROW_STEPS, DenseBatch, RetrievalGroup
+from .batch import COMPACTION_SLACK, DenseBatch, RetrievalGroup
 from .kv.spec import KVSpec
 from .kv.store import KVStore
 from .prefill import PrefillJob
@@ -213,7 +213,7 @@ class Scheduler:
         sizes it to the longest span + the most steps to come (capped for compacting rows), and
         that sum never grows as the rows decode."""
         rest = max(r for _, r in rows)
-        capacity = max(e for e, _ in rows) + (min(rest, GROW_STEPS) if g.scored else rest)
+        capacity = max(e for e, _ in rows) + (min(rest, g.room) if g.scored else rest)
         return max(g.touched, len(rows)) * capacity * g.slot_bytes
 
     def _retrieval_bytes(self, seq: Sequence) -> int:
@@ -397,11 +397,11 @@ class Scheduler:
         if seq.first == 0.0:
             seq.first = now
             seq.stats.ttft_s = now - seq.submitted
-        seq.stats.token_times.append(now)
-        self.counters.generation_tokens_total += 1
         if token in seq.eos:
             seq.finish_reason = "stop"
             return True
+        seq.stats.token_times.append(now)  # output tokens only (an EOS is not one)
+        self.counters.generation_tokens_total += 1
         seq.generated.append(token)
         seq.stats.new_tokens = len(seq.generated)
         if self._stream(seq, seq.decoder.push(token)):
