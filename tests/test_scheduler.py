@@ -274,3 +274,28 @@ def test_smollm2_concurrent_requests_equal_alone(smollm2):
                            len(prompts))
     assert together == alone
     llm.close()
+
+
+def test_an_llm_nobody_holds_is_freed(tiny_llama, monkeypatch):
+    """The scheduler thread ends when idle, so it does not keep a dropped LLM (and its engine,
+    weights and KV) alive; the next request starts a new thread."""
+    import gc
+    import time
+    import weakref
+
+    from kvtrt.runtime import scheduler
+
+    monkeypatch.setattr(scheduler, "IDLE_EXIT_S", 0.05)
+    _, _, directory = tiny_llama
+    llm = kvtrt.load(directory)
+    first = llm.generate("hello", max_new_tokens=3).token_ids
+    time.sleep(0.3)
+    assert llm.generate("hello", max_new_tokens=3).token_ids == first  # a new thread serves it
+    ref = weakref.ref(llm)
+    del llm
+    for _ in range(50):
+        gc.collect()
+        if ref() is None:
+            break
+        time.sleep(0.05)
+    assert ref() is None

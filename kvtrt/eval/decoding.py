@@ -44,11 +44,14 @@ def prefill(llm, ids: list[int]) -> Prefill:
 
 
 def decode(llm, ids: list[int], new_tokens: int, kv: KVSpec | str | None = None, *, teacher: list[int] | None = None,
-           start: Prefill | None = None, stop_at_eos: bool = False, keep_logits: bool = False) -> Decoded:
+           start: Prefill | None = None, stop_at_eos: bool = False, keep_logits: bool = False,
+           cache: bool = False) -> Decoded:
     """Greedy decoding of `new_tokens` tokens after `ids` with the KV spec `kv` (the load's spec when
     None), through the scheduler like any request. `teacher`: feed these tokens instead and record
     their log-probabilities; `start`: begin from a copy of this prefill instead of prefilling;
-    `keep_logits`: keep every step's logits. EOS ends it only with `stop_at_eos`."""
+    `keep_logits`: keep every step's logits; `cache`: leave the KV in the prefix cache for a next
+    turn (and start from a cached conversation that `ids` continues). EOS ends it only with
+    `stop_at_eos`."""
     seq = llm._sequence(ids, dict(max_new_tokens=new_tokens, temperature=0.0, top_k=0, top_p=1.0,
                                   repetition_penalty=1.0, min_new_tokens=0),
                         logprobs=0, ignore_eos=not stop_at_eos, kv=kv)
@@ -61,6 +64,6 @@ def decode(llm, ids: list[int], new_tokens: int, kv: KVSpec | str | None = None,
             raise ValueError("the prefill to start from was made for another prompt")
         seq.prefilled = start.copy()
     seq.kept_logits = [] if keep_logits else None
-    seq.cache = False
+    seq.cache = cache
     result = llm.scheduler.submit(seq).result()
     return Decoded(result.token_ids, result.stats, [lp.logprob for lp in result.logprobs or []], seq.kept_logits)

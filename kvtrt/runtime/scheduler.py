@@ -55,6 +55,9 @@ class SchedulerStats:
     correction_checks_total: int = 0  # FreeKV heads checked, over finished requests
 
 
+IDLE_EXIT_S = 1.0  # an idle scheduler thread ends after this long
+
+
 class Sequence:
     """A request inside the scheduler: its prompt, KV spec, sampler, output so far and stats."""
 
@@ -241,7 +244,11 @@ class Scheduler:
         while True:
             with self._lock:
                 while not (self.waiting or self.prefilling or self._running()) and not self._stopping:
-                    self._lock.wait()
+                    if not self._lock.wait(IDLE_EXIT_S) and not (self.waiting or self.prefilling or self._running()):
+                        # idle: the thread ends (the next submit starts another), so an LLM nobody
+                        # holds any more is not kept alive by its own scheduler thread
+                        self._thread = None
+                        return
                 if self._stopping and not (self.prefilling or self._running()):
                     return
                 self._admit()
