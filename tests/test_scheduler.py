@@ -299,3 +299,15 @@ def test_an_llm_nobody_holds_is_freed(tiny_llama, monkeypatch):
             break
         time.sleep(0.05)
     assert ref() is None
+
+
+def test_load_leaves_the_process_torch_threads_alone(tiny_llama):
+    """`torch_threads` applies to the KV manager's own threads, not to the caller's."""
+    import torch
+
+    _, _, directory = tiny_llama
+    before = torch.get_num_threads()
+    llm = kvtrt.load(directory, torch_threads=1, kv="freekv:budget=48,page=8,sink=4,window=8,min_context=0")
+    llm.generate(prompts_of(1, seed=6)[0][:120], max_new_tokens=8)
+    assert torch.get_num_threads() == before
+    llm.close()

@@ -78,13 +78,6 @@ class LLM:
                  threads: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, backend: str = "onnxruntime",
                  torch_threads: int | None = 1, kv_memory: str | int | None = None, max_queue: int | None = None,
                  max_batch: int = 32, prefix_cache: str | int = "512MiB"):
-        if torch_threads is not None:
-            # the KV manager's torch ops are small (page copies, scoring); with torch's own thread
-            # pool next to the engine's, the 2-core hosts this was built on oversubscribe and
-            # every small op slows down many times over
-            import torch
-
-            torch.set_num_threads(torch_threads)
         self.directory = directory
         self.manifest = Manifest.load(directory)
         self.kv = parse_kv_spec(kv)
@@ -109,7 +102,7 @@ class LLM:
         self._stages_for(self.kv)
         self._ids = itertools.count()
         self.scheduler = Scheduler(self, kv_memory=parse_bytes(kv_memory), max_queue=max_queue, max_batch=max_batch,
-                                   prefix_cache_bytes=parse_bytes(prefix_cache) or 0)
+                                   prefix_cache_bytes=parse_bytes(prefix_cache) or 0, torch_threads=torch_threads)
 
     def _stages_for(self, kv: KVSpec) -> tuple:
         """(policy, retrieval config) of a spec, built and checked once per spec."""
@@ -257,9 +250,10 @@ def load(directory: str | os.PathLike, provider: str = "cpu", kv: str | KVSpec =
     provider: "cpu", "cuda" or "tensorrt" (ONNX Runtime execution provider); kv: the default KV spec
     (see the README; `submit(kv=...)` overrides it per request); threads: engine intra-op threads
     (default all cores); prefill_chunk: prompt tokens per prefill call (and per scheduler iteration
-    while other requests decode); torch_threads: torch threads for the KV manager (process-wide;
-    None leaves it); kv_memory: cap on the KV bytes of all requests together ("2GiB"; None: no
-    cap), requests wait in FIFO order until theirs fits; max_queue: waiting requests before
+    while other requests decode); torch_threads: torch threads of the KV manager's own threads (the
+    scheduler's and FreeKV's worker: its ops are small, and more threads beside the engine's
+    oversubscribe the cores; None: torch's default); the process's torch setting is left alone.
+    kv_memory: cap on the KV bytes of all requests together ("2GiB"; None: no cap), requests wait in FIFO order until theirs fits; max_queue: waiting requests before
     `submit` raises `QueueFullError` (None: unbounded); max_batch: sequences per decode call;
     prefix_cache: bytes of finished conversations kept so a next turn prefills only what is new
     (0: off; under kv_memory they are evicted first)."""

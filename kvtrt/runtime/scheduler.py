@@ -100,10 +100,11 @@ class Scheduler:
     """Requests in, one running batch out. `submit` is thread-safe and returns at once."""
 
     def __init__(self, llm, kv_memory: int | None, max_queue: int | None, max_batch: int = 32,
-                 prefill_budget: int | None = None, prefix_cache_bytes: int = 0):
+                 prefill_budget: int | None = None, prefix_cache_bytes: int = 0, torch_threads: int | None = None):
         self.llm, self.engine, self.m = llm, llm.engine, llm.manifest
         self.kv_memory, self.max_queue, self.max_batch = kv_memory, max_queue, max_batch
         self.prefill_budget = prefill_budget or llm.prefill_chunk  # prompt tokens per loop iteration
+        self.torch_threads = torch_threads  # set in the scheduler thread only (OpenMP's count is per thread)
         self.prefix_cache_bytes = prefix_cache_bytes  # finished conversations kept for a next turn
         self.use_prefix_cache = prefix_cache_bytes > 0
         self.waiting: deque[Sequence] = deque()
@@ -241,6 +242,8 @@ class Scheduler:
 
     # -- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
+        if self.torch_threads is not None:
+            torch.set_num_threads(self.torch_threads)
         while True:
             with self._lock:
                 while not (self.waiting or self.prefilling or self._running()) and not self._stopping:

@@ -189,7 +189,10 @@ class FreeKVRetrieval:
             self._copier.follow_caller()
         if self._threaded:
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtrt-freekv")
+                # the worker keeps the caller's torch thread count (the scheduler thread's own)
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtrt-freekv",
+                                                    initializer=torch.set_num_threads,
+                                                    initargs=(torch.get_num_threads(),))
             self._pending = self._executor.submit(self._prepare, target, self._speculative_query)
             return
         self._pending = Future()
