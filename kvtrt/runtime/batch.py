@@ -25,6 +25,7 @@ from torch import Tensor
 from ..contract import GraphVariant
 from .buffers import bind_decode, graph_outputs, per_layer
 from .kv.store import KVStore
+from .memory import return_freed_memory
 
 COMPACTION_SLACK = 64  # tokens a compacted row may grow past its budget before it is compacted again
 GROW_STEPS = 256  # most cursor room a repack adds for full-cache rows (they end sooner or repack again)
@@ -84,7 +85,8 @@ class DenseBatch:
 
     # -- membership ------------------------------------------------------------------------
     def join(self, seq, store: KVStore) -> None:
-        """Copy a single-sequence store (all slots live, `[0, length)`) into a new row."""
+        """Move a single-sequence store (all slots live, `[0, length)`) into a new row. The store
+        is emptied layer by layer as it is copied, so the sequence's KV is held once plus a layer."""
         n = store.length
         if len(self.rows) >= self.max_rows:
             raise RuntimeError("DenseBatch.join past max_rows")
@@ -92,9 +94,12 @@ class DenseBatch:
             self._repack(extra=(n, seq.remaining))
         r, c = len(self.rows), self.cursor
         for dst, src in zip(self._tensors(), self._store_tensors(store)):
-            for d, s in zip(dst, src):
+            for layer, (d, s) in enumerate(zip(dst, src)):
                 d[r].zero_()
                 d[r, :, c - n:c] = s[0, :, :n]
+                src[layer] = s.new_empty(0)
+                del s
+                return_freed_memory()
         self.mask[r].zero_()
         self.mask[r, c - n:c] = 1
         self.rows.append(Row(seq, c - n))

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from ..memory import return_freed_memory
 from .options import KVSpecError
 from .pages import PagePool
 from .stats import RetrievalStats
@@ -160,7 +161,7 @@ class FreeKVRetrieval:
                 self._load(layer, b, keys[layer][b], values[layer][b], live[b], counts[b], pages[b], ring[b])
             if release:
                 keys[layer] = values[layer] = None
-                _return_freed_memory()  # the layer just freed, if it sat inside the malloc heap
+                return_freed_memory()  # the layer just freed, if it sat inside the malloc heap
         for view in self._views:  # first touched now, after the dense KV was released
             view.clear()
         for b in range(self.batch):
@@ -474,23 +475,6 @@ def _placement(slot_pages: Tensor, selected: Tensor) -> _Placement:
     return _Placement(layers, seqs, heads, slots, pages, new_map, int(valid.sum()), int(present.sum()))
 
 
-def _return_freed_memory() -> None:
-    """Give freed heap pages back to the OS (glibc ``malloc_trim``; elsewhere nothing). The prompt's
-    per-layer K/V are a few MB each: once ORT has raised glibc's dynamic mmap threshold they come
-    from the heap, and freeing them would leave them resident beside the pool without this."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            import ctypes
-
-            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM = None
 
 
 def _weak_storages(tensors: Sequence[Tensor | None]) -> list[tuple[StorageWeakRef, int]]:
