@@ -30,7 +30,7 @@ class RequestStats:
     queue_wait_s: float = 0.0  # submit -> admitted
     prefill_s: float = 0.0  # admitted -> first token (chunks interleaved with other requests' steps)
     ttft_s: float = 0.0  # submit -> first token
-    decode_s: float = 0.0  # first token -> last token
+    decode_s: float = 0.0  # joined the running batch (after its prefill / FreeKV pool) -> last token
     e2e_s: float = 0.0  # submit -> finished
     token_times: list[float] = field(default_factory=list)  # time.perf_counter() of each token
     submitted_at: float = 0.0  # time.perf_counter() clock, like token_times

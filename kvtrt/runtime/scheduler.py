@@ -88,7 +88,7 @@ class Sequence:
         self.group = None
         self.reserved = 0  # bytes admission set aside
         self.submitted = time.perf_counter()
-        self.admitted = self.first = 0.0
+        self.admitted = self.first = self.joined = 0.0  # joined: in a decode group (FreeKV: pool built)
 
     @property
     def remaining(self) -> int:
@@ -362,6 +362,7 @@ class Scheduler:
             group = self.scored if seq.policy is not None else self.dense
             group.join(seq, store)
         seq.group = group
+        seq.joined = time.perf_counter()
 
     def _compact_store(self, seq: Sequence, store: KVStore) -> None:
         """Shrink a single-sequence store to the sequence's budget (per layer, per KV head)."""
@@ -445,7 +446,7 @@ class Scheduler:
             self._cache_prefix(seq, store)
         now = time.perf_counter()
         st = seq.stats
-        st.decode_s = now - seq.first if seq.first else 0.0
+        st.decode_s = now - seq.joined if seq.joined else 0.0  # the decode steps, not a pool build
         st.e2e_s = now - seq.submitted
         st.submitted_at, st.admitted_at, st.finished_at = seq.submitted, seq.admitted, now
         bpt = self.m.kv_bytes_per_token
