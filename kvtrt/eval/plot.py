@@ -27,12 +27,7 @@ def line_plot(path: str | Path, panels: list[tuple[str, str]], rows: list[dict],
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def budget_plot(path: str | Path, rows: list[dict], title: str) -> Path:
@@ -77,6 +72,13 @@ def budget_plot(path: str | Path, rows: list[dict], title: str) -> Path:
         ax.set_title(task)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    return _save(fig, path, title)
+
+
+def _save(fig, path: str | Path, title: str) -> Path:
+    """Title, lay out, write the PNG and close the figure."""
+    import matplotlib.pyplot as plt
+
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
