@@ -73,11 +73,13 @@ class DenseBatch:
         cursor = max(span for span, _ in rows)
         return cursor, cursor + max(1, min(max(rest for _, rest in rows), self.room))
 
-    def projected_bytes(self, span: int, rest: int) -> int:
-        """Bytes this batch may hold with one more row of `span` slots and `rest` steps to come
-        (an upper bound: the larger of today's capacity and the next repack's)."""
-        rows = [(self.span(r), r.seq.remaining) for r in self.rows] + [(span, rest)]
-        capacity = max(self.capacity, self._need(rows)[1])
+    def bound(self, rows: list[tuple[int, int]]) -> int:
+        """Bytes this batch may hold for rows of (slots, steps to come) until they end. A repack sizes
+        it to the longest span + the most steps to come, and that sum never grows as the rows decode
+        (full-cache rows: uncapped here, since repacks then add up to `room` at a time; compacting
+        rows stay within budget + slack and repack every `room` steps)."""
+        rest = max(r for _, r in rows)
+        capacity = max(e for e, _ in rows) + (min(rest, self.room) if self.scored else rest)
         return max(self.touched, len(rows)) * capacity * self.slot_bytes
 
     def _fits(self, span: int) -> bool:
@@ -232,10 +234,6 @@ class DenseBatch:
             self._outputs = graph_outputs(self.engine, batch, 1, self.capacity + 1 if self.scored else None)
             self._binding = bind_decode(self.engine, self.variant, self.ids, self.positions, mask, keys, values,
                                         self._outputs)
-
-    def row_slots(self, seq) -> int:
-        """Slots `seq` holds (its live span)."""
-        return next(self.span(r) for r in self.rows if r.seq is seq)
 
 
 class RetrievalGroup:

@@ -98,19 +98,17 @@ class LLM:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self._stages: dict[str, tuple] = {}
-        self._stages_for(self.kv)
+        self._checked: set[KVSpec] = set()
+        self._check(self.kv)
         self._ids = itertools.count()
         self.scheduler = Scheduler(self, kv_memory=parse_bytes(kv_memory), max_queue=max_queue, max_batch=max_batch,
                                    prefix_cache_bytes=parse_bytes(prefix_cache) or 0, torch_threads=torch_threads)
 
-    def _stages_for(self, kv: KVSpec) -> tuple:
-        """(policy, retrieval config) of a spec, built and checked once per spec."""
-        stages = self._stages.get(str(kv))
-        if stages is None:
+    def _check(self, kv: KVSpec) -> None:
+        """Check a spec against the export once (its own options were checked when it was parsed)."""
+        if kv not in self._checked:
             check_kv_spec(kv, self.manifest)
-            stages = self._stages[str(kv)] = (kv.compaction, kv.retrieval)
-        return stages
+            self._checked.add(kv)
 
     # -- prompts ---------------------------------------------------------------------------
     def encode(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
@@ -173,16 +171,16 @@ class LLM:
         given = {k: v for k, v in options.items() if v is not None}
         o = {**DEFAULTS, **self.manifest.generation_defaults, **given}
         spec = self.kv if kv is None else parse_kv_spec(kv)
-        policy, retrieval = self._stages_for(spec)
+        self._check(spec)
         ids = self._fit(self.encode(prompt, chat), o["max_new_tokens"], truncate)
-        if policy is not None:
-            policy.budget_tokens(len(ids))  # a budget that cannot hold sink + window fails here, not mid-run
+        if spec.compaction is not None:
+            spec.compaction.budget_tokens(len(ids))  # a budget that cannot hold sink + window fails here, not mid-run
         sampling = SamplingParams(o["temperature"], o["top_k"], o["top_p"], seed, o["repetition_penalty"],
                                   o["min_new_tokens"], logprobs)
         stop = tuple(s for s in ([stop] if isinstance(stop, str) else stop) if s)
         eos = set() if ignore_eos else set(self.manifest.eos_token_ids)
-        return _Sequence(Request(next(self._ids), ids), ids, o["max_new_tokens"], sampling, stop, spec, policy,
-                         retrieval, self.codec, eos, progress=progress)
+        return _Sequence(Request(next(self._ids), ids), ids, o["max_new_tokens"], sampling, stop, spec, self.codec,
+                         eos, progress=progress)
 
     def generate(self, prompt: Prompt | list[Prompt], *, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,

@@ -114,11 +114,7 @@ class Request:
                 seen += len(pieces)
                 for piece in pieces:
                     yield piece
-                if finished:
-                    with self._cond:
-                        rest = self._pieces[seen:]
-                    for piece in rest:
-                        yield piece
+                if finished:  # read under the lock with the pieces: none can follow
                     if self._error is not None:
                         raise self._error
                     return

@@ -62,7 +62,7 @@ class Sequence:
     """A request inside the scheduler: its prompt, KV spec, sampler, output so far and stats."""
 
     def __init__(self, request: Request, ids: list[int], max_new_tokens: int, sampling: SamplingParams,
-                 stop: tuple[str, ...], spec: KVSpec, policy, retrieval, codec, eos: set[int], progress: bool = False):
+                 stop: tuple[str, ...], spec: KVSpec, codec, eos: set[int], progress: bool = False):
         self.request, self.ids, self.max_new_tokens = request, ids, max_new_tokens
         self.sampler = Sampler(sampling)
         self.seen = None  # prompt + output ids as a [V] mask, for the repetition penalty
@@ -73,8 +73,9 @@ class Sequence:
         self.kept_logits: list[Tensor] | None = None
         self.prefilled: tuple | None = None
         self.cache = True  # leave the KV in the prefix cache when done
-        self.stop, self.spec, self.policy, self.retrieval, self.eos = stop, spec, policy, retrieval, eos
-        self.keep = policy.budget_tokens(len(ids)) if policy is not None else None
+        self.stop, self.spec, self.eos = stop, spec, eos
+        self.policy, self.retrieval = spec.compaction, spec.retrieval
+        self.keep = self.policy.budget_tokens(len(ids)) if self.policy is not None else None
         self.decoder, self.matcher = StreamDecoder(codec), StopMatcher(stop)
         self.generated: list[int] = []
         self.pending = -1  # the next input token
@@ -86,7 +87,6 @@ class Sequence:
         self.job: PrefillJob | None = None
         self.progress, self.bar = progress, None  # a prefill progress bar, when asked for
         self.group = None
-        self.reserved = 0  # bytes admission set aside
         self.submitted = time.perf_counter()
         self.admitted = self.first = self.joined = 0.0  # joined: in a decode group (FreeKV: pool built)
 
@@ -193,7 +193,7 @@ class Scheduler:
             if group is g:
                 rows.append((extent, rest))
             if rows:
-                total += self._dense_bound(g, rows)
+                total += g.bound(rows)
         if group is self.retrieval:
             total += self._retrieval_bytes(seq)
         if not alone:
@@ -210,15 +210,6 @@ class Scheduler:
         if seq.policy is not None:
             return seq.keep + COMPACTION_SLACK, self.scored
         return n, self.dense
-
-    @staticmethod
-    def _dense_bound(g: DenseBatch, rows: list[tuple[int, int]]) -> int:
-        """Bytes a dense batch may hold for these rows (slots, steps to come) until they end: a repack
-        sizes it to the longest span + the most steps to come (capped for compacting rows), and
-        that sum never grows as the rows decode."""
-        rest = max(r for _, r in rows)
-        capacity = max(e for e, _ in rows) + (min(rest, g.room) if g.scored else rest)
-        return max(g.touched, len(rows)) * capacity * g.slot_bytes
 
     def _retrieval_bytes(self, seq: Sequence) -> int:
         """FreeKV / Quest: the page pool for the whole sequence, its summaries and two views."""
@@ -378,10 +369,8 @@ class Scheduler:
             seq.stats.decode_steps += 1
             seq.position += 1
             if self._choose(seq, logits):
-                group_held = group.row_slots(seq) if isinstance(group, DenseBatch) else 0
                 store = self._extract(group, seq) if self._cacheable(seq) else None
                 group.leave(seq)
-                seq.held = max(seq.held, group_held)
                 self._end(seq, seq.finish_reason, store=store)
 
     def _choose(self, seq: Sequence, logits: Tensor) -> bool:
