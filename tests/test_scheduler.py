@@ -127,6 +127,13 @@ def full_cache_bytes(llm, tokens: int) -> int:
     return tokens * llm.manifest.kv_bytes_per_token
 
 
+def submit_together(llm, prompt, count: int, **options):
+    """`count` requests queued before the scheduler looks at any (it waits on the lock we hold), so
+    the first cannot finish before the last is submitted on a fast host."""
+    with llm.scheduler._lock:
+        return [llm.submit(prompt, **options) for _ in range(count)]
+
+
 def test_admission_waits_for_memory_and_compaction_admits_more(tiny_llama):
     """A cap that fits two full-cache requests: the third waits and starts after one ends; the
     same cap runs four kvcrush:budget=0.1 requests at once."""
@@ -138,7 +145,7 @@ def test_admission_waits_for_memory_and_compaction_admits_more(tiny_llama):
     cap = 2 * full_cache_bytes(probe, 216) + full_cache_bytes(probe, 200)
     llm = kvtrt.load(directory, kv_memory=cap)
     llm.manifest.eos_token_ids = []
-    requests = [llm.submit(prompt, max_new_tokens=new) for _ in range(3)]
+    requests = submit_together(llm, prompt, 3, max_new_tokens=new)
     stats = [r.result().stats for r in requests]
     first_end = min(s.finished_at for s in stats[:2])
     assert stats[2].admitted_at >= first_end  # the third started only after one of the first two ended
@@ -148,7 +155,7 @@ def test_admission_waits_for_memory_and_compaction_admits_more(tiny_llama):
 
     crush = kvtrt.load(directory, kv_memory=cap, kv="kvcrush:budget=0.1,base=snapkv,window=4")
     crush.manifest.eos_token_ids = []
-    requests = [crush.submit(prompt, max_new_tokens=new) for _ in range(4)]
+    requests = submit_together(crush, prompt, 4, max_new_tokens=new)
     stats = [r.result().stats for r in requests]
     last_admitted = max(s.admitted_at for s in stats)
     assert all(last_admitted < s.finished_at for s in stats)  # all four held their KV at once
