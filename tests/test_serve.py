@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -507,10 +508,21 @@ def test_loadtest_against_server(server, llm, tmp_path):
     # a wrong model name: every request is an error, counted and described
     from kvtrt.eval import loadtest
 
-    records, _ = asyncio.run(loadtest.run_level(server.url, "chat", "nope", loadtest.Prompts("abc " * 500, 20), 2, 4, 4,
-                                                {}, progress=False))
+    records, _, samples = asyncio.run(loadtest.run_level(server.url, "chat", "nope", loadtest.Prompts("abc " * 500, 20),
+                                                         2, 4, 4, {}, progress=False, server_pid=os.getpid()))
     row = loadtest.summarize(records, 2, 1.0)
     assert row["errors"] == 4 and row["ok"] == 0 and any(k.startswith("404") for k in row["error_kinds"])
+    # the RSS of --server-pid is sampled as requests end: the first sample at once, then every RSS_SAMPLE_S
+    assert samples[0][0] == 1 and samples[0][2] > 0
+
+
+def test_rss_drift_is_measured_after_the_warmup_requests():
+    from kvtrt.eval.loadtest import rss_drift
+
+    samples = [(10, 1.0, 100.0), (50, 20.0, 200.0), (120, 40.0, 204.0), (400, 90.0, 210.0)]
+    assert rss_drift(samples) == pytest.approx(210 / 200)  # the 100 MiB before 50 requests is warm-up
+    assert rss_drift(samples, after=0) == pytest.approx(2.1)
+    assert rss_drift(samples[:2]) is None  # one settled sample: no drift to state
 
 
 def test_loadtest_cli_writes_json_and_png(server, tmp_path):

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 QUESTION = "\n\nSummarize the text above in a few sentences."
+RSS_SAMPLE_S = 10.0  # seconds between samples of the server's RSS (--server-pid)
+RSS_BASELINE_REQUESTS = 50  # the soak's drift is measured from the first sample after this many requests
 
 
 @dataclass
@@ -242,13 +244,18 @@ async def discover_model(client, base_url: str, headers: dict[str, str]) -> str 
 async def run_level(base_url: str, endpoint: str, model: str | None, prompts: Prompts, concurrency: int,
                     requests: int, max_tokens: int, headers: dict[str, str], duration: float | None = None,
                     timeout: float = 600.0, progress: bool = True, first_index: int = 0,
-                    ignore_eos: bool = False) -> tuple[list[Record], float]:
-    """`concurrency` clients share `requests` requests (or run until `duration` s have passed)."""
+                    ignore_eos: bool = False, server_pid: int | None = None,
+                    ) -> tuple[list[Record], float, list[tuple[int, float, float]]]:
+    """`concurrency` clients share `requests` requests (or run until `duration` s have passed).
+
+    With `server_pid`, the server's RSS is sampled every `RSS_SAMPLE_S` seconds as requests end:
+    `(requests done, seconds, MiB)` rows, the third return value."""
     import httpx
     from tqdm import tqdm
 
     limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
     records: list[Record] = []
+    rss_samples: list[tuple[int, float, float]] = []
     counter = iter(range(first_index, first_index + (requests if duration is None else 10**9)))
     bar = tqdm(total=None if duration is not None else requests, desc=f"concurrency {concurrency}", unit="req",
                disable=not progress, file=sys.stderr, leave=False)
@@ -263,6 +270,11 @@ async def run_level(base_url: str, endpoint: str, model: str | None, prompts: Pr
                 record = await one_request(client, base_url, endpoint, model, prompts.get(index), max_tokens,
                                            headers, ignore_eos)
                 records.append(record)
+                elapsed = time.perf_counter() - start
+                if server_pid is not None and (not rss_samples or elapsed - rss_samples[-1][1] >= RSS_SAMPLE_S):
+                    rss = _server_rss(server_pid)
+                    if rss is not None:
+                        rss_samples.append((len(records), elapsed, rss))
                 bar.update(1)
                 if not record.ok:
                     bar.set_postfix(errors=sum(not r.ok for r in records))
@@ -270,7 +282,14 @@ async def run_level(base_url: str, endpoint: str, model: str | None, prompts: Pr
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
     bar.close()
-    return records, wall
+    return records, wall, rss_samples
+
+
+def rss_drift(samples: list[tuple[int, float, float]], after: int = RSS_BASELINE_REQUESTS) -> float | None:
+    """Last RSS sample over the first one taken once `after` requests had ended (the soak's drift:
+    1.03 = grew 3% after warm-up); None without such samples."""
+    settled = [rss for done, _, rss in samples if done >= after]
+    return settled[-1] / settled[0] if len(settled) >= 2 else None
 
 
 def _server_rss(pid: int | None) -> float | None:
@@ -312,15 +331,17 @@ async def run_loadtest(url: str, concurrency: Sequence[int], prompt_tokens: int,
     first = 0
     for level in concurrency:
         rss_before = _server_rss(server_pid)
-        records, wall = await run_level(base_url, endpoint, model, prompts, level, requests, max_tokens, headers,
-                                        duration=duration, timeout=timeout, progress=progress, first_index=first,
-                                        ignore_eos=ignore_eos)
+        records, wall, samples = await run_level(
+            base_url, endpoint, model, prompts, level, requests, max_tokens, headers, duration=duration,
+            timeout=timeout, progress=progress, first_index=first, ignore_eos=ignore_eos, server_pid=server_pid)
         first += len(records)
         row = summarize(records, level, wall, label)
         row.update(model=model, endpoint=endpoint, prompt_tokens_target=prompt_tokens, max_tokens=max_tokens)
         if server_pid is not None:
             row["server_rss_mib_before"] = rss_before
             row["server_rss_mib_after"] = _server_rss(server_pid)
+            row["server_rss_samples"] = samples
+            row["server_rss_drift"] = rss_drift(samples)
         rows.append(row)
         if progress:
             print(format_row(row), file=sys.stderr)
@@ -333,7 +354,8 @@ COLUMNS = [("label", "server", "{}"), ("concurrency", "conc", "{}"), ("requests"
            ("ttft_p50_s", "TTFT p50", "{:.3f}"), ("ttft_p99_s", "TTFT p99", "{:.3f}"),
            ("itl_p50_s", "ITL p50", "{:.4f}"), ("itl_p99_s", "ITL p99", "{:.4f}"),
            ("e2e_p50_s", "E2E p50", "{:.2f}"), ("e2e_p99_s", "E2E p99", "{:.2f}"),
-           ("mean_prompt_tokens", "prompt tok", "{:.0f}"), ("mean_output_tokens", "out tok", "{:.1f}")]
+           ("mean_prompt_tokens", "prompt tok", "{:.0f}"), ("mean_output_tokens", "out tok", "{:.1f}"),
+           ("server_rss_mib_after", "RSS MiB", "{:.0f}"), ("server_rss_drift", "RSS drift", "{:.3f}")]
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -398,7 +420,9 @@ def add_loadtest_parser(sub):
                    help="send vLLM's ignore_eos extension so every request generates --max-tokens (servers "
                         "without it ignore the field or refuse the request)")
     p.add_argument("--server-pid", type=int, default=None,
-                   help="a local server's process id: record its RSS before and after each level (needs psutil)")
+                   help="a local server's process id: record its RSS before and after each level and every "
+                        f"{RSS_SAMPLE_S:.0f} s during it (the soak's drift, from the sample after {RSS_BASELINE_REQUESTS} "
+                        "requests; needs psutil)")
     p.add_argument("--compare", nargs="+", default=[], metavar="JSON",
                    help="earlier --json outputs to put in the same table and plot (e.g. a peer server's run)")
     p.add_argument("--json", help="write the rows (and --compare rows) as JSON here")
