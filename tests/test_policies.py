@@ -15,6 +15,7 @@ from kvtrt.runtime.kv.policies import (
     SnapKVPolicy,
     StreamingPolicy,
     anchor_bits,
+    block_signatures,
     bucket_starts,
     hamming_order,
     signatures,
@@ -197,6 +198,49 @@ def test_kvcrush_short_edge_page_is_topped_up_from_the_next_priority():
     assert p.split(16) == (8, 8)
     expected = [0, 1, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 17, 18, 19]
     assert rows(p.select(scores, 16)) == [expected, expected]
+
+
+# sink 0,1 | pages p0={0..3} p1={4..7} p2={8..11} p3={12..15} | window 14,15. Both heads score slot s
+# with VALUES[s] / 2; the middle's top six (summed over heads) are 12 3 5 7 9 10, so the block
+# signatures (bit j = slot p*4+j marked) are p0:0001 p1:0101 p2:0110 p3:1000.
+BLOCK_VALUES = [9, 9, 1, 8, 2, 7, 3, 6, 0, 5, 4, 0.5, 10, 0.1, 9, 9]
+
+
+def test_block_signatures_mark_the_top_half_of_the_taking_part_slots_per_page_position():
+    values = torch.tensor(BLOCK_VALUES)
+    middle = torch.zeros(16, dtype=torch.bool)
+    middle[2:14] = True
+    bits = block_signatures(torch.where(middle, values, float("-inf")), int(middle.sum()), 4)
+    assert rows(bits.T.int()) == [[0, 0, 0, 1], [0, 1, 0, 1], [0, 1, 1, 0], [1, 0, 0, 0]]
+    short = block_signatures(torch.tensor([3.0, 1.0, 2.0, 0.0, 5.0]), 5, 4)  # top 2: slots 4, 0
+    assert rows(short.T.int()) == [[1, 0, 0, 0], [1, 0, 0, 0]]  # p1 = slot 4 + three missing positions
+
+
+@pytest.mark.parametrize(
+    ("signature", "anchor", "taken"),
+    [
+        # base (h2o, keep 8) holds sink, window and 12 3 5 7; reps: one page of 4 tokens, one bucket.
+        # block, anchor 0000: distances p0:1 p1:2 p2:2 p3:1 -> p0 (slot 2), p3 (13), p1 (4, 6)
+        ("block", "zeros", [2, 4, 6, 13]),
+        # block, anchor 0101: p1:0 p0:1 p2:2 p3:3 -> p1 (4, 6), p0 (2), p2 (8)
+        ("block", "alternating", [2, 4, 6, 8]),
+        # kv: mean mass p0 4.5 p1 4.5 p2 2.375 p3 5.05 -> bits p0:1 p1:0 p2:0 p3:1 on both heads;
+        # anchor 00: p1 p2 p0 p3 -> p1 (4, 6), p2 (8, 9)
+        ("kv", "zeros", [4, 6, 8, 9]),
+    ],
+)
+def test_kvcrush_signature_modes_pick_expected_pages(signature, anchor, taken):
+    scores = torch.tensor(BLOCK_VALUES).expand(2, -1) / 2
+    p = policy(f"kvcrush:budget=12,base=h2o,sink=2,window=2,ratio=0.5,anchor={anchor},granularity=page,page=4,"
+               f"signature={signature}")
+    assert p.split(12) == (8, 4)
+    expected = sorted([0, 1, 3, 5, 7, 12, 14, 15] + taken)
+    assert rows(p.select(scores, 12)) == [expected, expected]
+
+
+def test_block_signature_needs_pages():
+    with pytest.raises(KVSpecError, match="signature=block.*granularity=page"):
+        policy("kvcrush:budget=64,signature=block")
 
 
 def test_kvcrush_budget_split():

@@ -31,6 +31,7 @@ from .options import KVSpecError, SpecStage, option, read_value, resolve_budget
 
 ANCHORS = ("random", "zeros", "ones", "mean", "alternating")
 GRANULARITIES = ("token", "page")
+SIGNATURES = ("kv", "block")
 POOLS = ("avg", "max")
 
 
@@ -164,10 +165,14 @@ class KVCrushPolicy(Policy):
     included) and ``reps`` tokens go to representatives of the *candidates*: the slots (or pages)
     outside sink and window that the base evicts for at least one head.
 
-    1. Signature: one bit per KV head, 1 where that head's mean attention mass ranks the candidate
-       in the top half (``floor(M/2)`` of ``M`` candidates; ties to the older one).
+    1. Signature (``signature=``):
+       - ``kv``: one bit per KV head, 1 where that head's mean attention mass ranks the candidate in
+         the top half (``floor(M/2)`` of ``M`` candidates; ties to the older one);
+       - ``block`` (OpenVINO GenAI's; page granularity only): one bit per token position of a page,
+         1 where the token's mass summed over heads ranks in the top half of all slots outside
+         sink and window (ties to the older one); positions past a short edge page are 0.
     2. Anchor: ``random`` (bits from ``seed``), ``zeros``, ``ones``, ``mean`` (per-bit majority,
-       ties to 0) or ``alternating`` (0101...).
+       ties to 0) or ``alternating`` (0101...), as long as the signature.
     3. Candidates sorted by Hamming distance to the anchor (stable: ties by slot).
     4. The order is split into ``R`` buckets, bucket ``i`` = positions ``[floor(i*M/R),
        floor((i+1)*M/R))``; the representative of a bucket is its first entry.
@@ -188,6 +193,7 @@ class KVCrushPolicy(Policy):
     granularity: str = option("token", "choice", choices=GRANULARITIES)
     page: int = option(32, "whole", minimum=1)
     seed: int = option(0, "whole")
+    signature: str = option("kv", "choice", choices=SIGNATURES)
 
     @classmethod
     def base_class(cls, params: dict[str, str], where: str) -> type[Policy]:
@@ -215,6 +221,9 @@ class KVCrushPolicy(Policy):
         if self.given("page") and self.granularity != "page":
             raise KVSpecError(f"page= in {where!r} only applies with granularity=page; add granularity=page or "
                               f"drop page=")
+        if self.signature == "block" and self.granularity != "page":
+            raise KVSpecError(f"signature=block in {where!r} compares the token patterns of pages; add "
+                              f"granularity=page (and page=N, default 32)")
         self.base.check_options(where)
 
     def option_items(self) -> list[tuple[str, object, object]]:
@@ -280,7 +289,11 @@ class KVCrushPolicy(Policy):
         candidates = unit_evicted.any(dim=0).nonzero().squeeze(1)
         m, buckets = len(candidates), reps // self._unit
 
-        bits = signatures(mass[:, candidates] / size[candidates])
+        if self.signature == "block":
+            bits = block_signatures(torch.where(middle, scores.sum(dim=0), float("-inf")), middle.sum(), self.page)
+            bits = bits[:, candidates]
+        else:
+            bits = signatures(mass[:, candidates] / size[candidates])
         order = candidates[hamming_order(bits, anchor_bits(self.anchor, bits, self.seed))]
         position = torch.arange(m, device=device)
         bucket = ((position + 1) * buckets - 1) // m  # bucket i spans [floor(i*m/R), floor((i+1)*m/R))
@@ -306,13 +319,24 @@ def signatures(unit_scores: Tensor) -> Tensor:
     return torch.zeros(heads, m, dtype=torch.bool, device=unit_scores.device).scatter_(1, top, True)
 
 
+def block_signatures(token_scores: Tensor, count: int | Tensor, page: int) -> Tensor:
+    """``[page, ceil(N/page)]`` bool: bit ``j`` of page ``p`` is True where slot ``p*page + j`` is among
+    the top ``floor(count/2)`` of ``token_scores [N]`` (ties: older); slots that do not take part
+    carry ``-inf`` and ``count`` is how many do. Positions past the last slot are False."""
+    n = token_scores.shape[0]
+    top = torch.sort(token_scores, descending=True, stable=True).indices[: int(count) // 2]
+    marked = torch.zeros(-(-n // page) * page, dtype=torch.bool, device=token_scores.device)
+    marked[top] = True
+    return marked.view(-1, page).T
+
+
 def anchor_bits(mode: str, bits: Tensor, seed: int = 0) -> Tensor:
-    """``[Hkv]`` bool anchor for signatures ``bits [Hkv, M]``.
+    """``[K]`` bool anchor for signatures ``bits [K, M]`` (K bits per unit: KV heads or page positions).
 
     ``mean`` is the per-head majority bit (ties to 0). With top-half signatures every head has
     ``floor(M/2)`` ones, so ``mean`` equals ``zeros``; it is kept for parity with KVCrush's modes.
     """
-    heads = bits.shape[0]
+    heads = bits.shape[0]  # signature length
     if mode == "random":
         generator = torch.Generator().manual_seed(seed)
         return torch.randint(0, 2, (heads,), generator=generator).bool().to(bits.device)
