@@ -67,6 +67,7 @@ class Trace:
     times: list[float] = field(default_factory=list)  # one per generated token
     finished: float = 0.0
     kv_bytes: int = 0
+    tokens: list[int] = field(default_factory=list)  # the generated ids (the peer's driver records them)
 
     @property
     def first(self) -> float | None:
@@ -296,9 +297,12 @@ def load_kvtrt(directory: str, kv: str, threads: int, prefill_chunk: int, kv_mem
 
 
 # -- OpenVINO GenAI ------------------------------------------------------------------------------
-def openvino_pipeline(model_dir: str, config: str, threads: int, budget: int, prefill_chunk: int, max_batch: int):
+def openvino_pipeline(model_dir: str, config: str, threads: int | None, budget: int, prefill_chunk: int,
+                      max_batch: int, eviction=None):
     """The ContinuousBatchingPipeline for one peer config: full-u8 (its CPU default KV precision),
-    full-f32, snapkv / kvcrush (its cache eviction at `budget` tokens, f32 KV)."""
+    full-f32, snapkv / kvcrush (its cache eviction at `budget` tokens, f32 KV; `eviction`: a
+    `CacheEvictionConfig` to use instead, as `kvtrt eval --peer openvino` builds it). `threads` None:
+    its default."""
     import openvino_genai as ov_genai
 
     from .peers import openvino_eviction
@@ -310,39 +314,47 @@ def openvino_pipeline(model_dir: str, config: str, threads: int, budget: int, pr
     sc.enable_prefix_caching = False
     if config in ("snapkv", "kvcrush"):
         sc.use_cache_eviction = True
-        sc.cache_eviction_config = openvino_eviction(config, budget)
+        sc.cache_eviction_config = eviction if eviction is not None else openvino_eviction(config, budget)
     elif config not in ("full-u8", "full-f32"):
         raise ValueError(f"OpenVINO peer config {config!r} is unknown; use one of {', '.join(PEER_CONFIGS)}")
     # f32 compute like the fp32 kvtrt export (this CPU would otherwise run bf16, which also forces bf16 KV)
-    properties: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
+    properties: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        properties["INFERENCE_NUM_THREADS"] = threads
     if config != "full-u8":
         properties["KV_CACHE_PRECISION"] = "f32"
     pipe = ov_genai.ContinuousBatchingPipeline(str(model_dir), sc, "CPU", properties)
-    _openvino_drive(pipe, [list(range(10, 42))], 1, 4)  # warm up
+    openvino_drive(pipe, [list(range(10, 42))], 1, 4)  # warm up
     return pipe
 
 
-def _openvino_config(new_tokens: int):
+def openvino_generation_config(new_tokens: int, stop_ids: Sequence[int] | None = None):
+    """Greedy, exactly `new_tokens` tokens (EOS ignored); with `stop_ids`, up to `new_tokens` ending at
+    the first of those ids."""
     import openvino_genai as ov_genai
 
     cfg = ov_genai.GenerationConfig()
     cfg.max_new_tokens = new_tokens
-    cfg.min_new_tokens = new_tokens
-    cfg.ignore_eos = True
     cfg.do_sample = False
+    if stop_ids:
+        cfg.eos_token_id = stop_ids[0]
+        cfg.stop_token_ids = set(stop_ids)
+    else:
+        cfg.min_new_tokens = new_tokens
+        cfg.ignore_eos = True
     return cfg
 
 
-def _openvino_drive(pipe, prompts: list[list[int]], concurrency: int, new_tokens: int, progress=None,
-                    on_step=None, configs: list | None = None, handles: dict | None = None,
-                    kv_estimate=None) -> list[Trace]:
+def openvino_drive(pipe, prompts: list[list[int]], concurrency: int, new_tokens: int, progress=None,
+                   on_step=None, configs: list | None = None, handles: dict | None = None,
+                   kv_estimate=None) -> list[Trace]:
     """Keep `concurrency` requests in the pipeline (a new one added as one ends), stepping it on this
-    thread; each token is timed right after the step that produced it."""
+    thread; each token is timed right after the step that produced it (and its id kept in `Trace.tokens`)."""
     import numpy as np
     import openvino as ov
     import openvino_genai as ov_genai
 
-    default = _openvino_config(new_tokens)
+    default = openvino_generation_config(new_tokens)
     traces: list[Trace] = []
     active: dict[int, Any] = {} if handles is None else handles
 
@@ -361,6 +373,7 @@ def _openvino_drive(pipe, prompts: list[list[int]], concurrency: int, new_tokens
             while handle.can_read():
                 for output in handle.read().values():
                     traces[i].times += [now] * len(output.generated_ids)
+                    traces[i].tokens += output.generated_ids
             if handle.get_status() != ov_genai.GenerationStatus.RUNNING:
                 del active[i]
                 traces[i].finished = now
@@ -394,8 +407,8 @@ def openvino_level(pipe, prompts: list[list[int]], concurrency: int, new_tokens:
         peak["kv_peak_bytes"] = max(peak["kv_peak_bytes"], int(total * token_bytes))
         peak["running_peak"] = max(peak["running_peak"], len(active))
 
-    traces = _openvino_drive(pipe, prompts, concurrency, new_tokens, progress,
-                             kv_estimate=kv_estimate if token_bytes else None)
+    traces = openvino_drive(pipe, prompts, concurrency, new_tokens, progress,
+                            kv_estimate=kv_estimate if token_bytes else None)
     metrics = pipe.get_metrics()
     if not token_bytes:
         peak["kv_peak_bytes"] = None
@@ -407,7 +420,8 @@ def openvino_probe(pipe, streams: list[list[int]], long_prompt: list[int], basel
     """The same probe as `kvtrt_probe` on the OpenVINO pipeline (streams ended once the probe's first
     token is out)."""
     prompts = streams + [long_prompt]
-    configs = [_openvino_config(max(1024, 8 * baseline_tokens))] * len(streams) + [_openvino_config(2)]
+    configs = [openvino_generation_config(max(1024, 8 * baseline_tokens))] * len(streams) + \
+        [openvino_generation_config(2)]
     state: dict[str, float] = {}
 
     def on_step(traces, active, add) -> bool:
@@ -430,7 +444,7 @@ def openvino_probe(pipe, streams: list[list[int]], long_prompt: list[int], basel
 
     # all streams start at once; the probe is added by on_step
     handles: dict = {}
-    traces = _openvino_drive(pipe, prompts, len(streams), 0, on_step=on_step, configs=configs, handles=handles)
+    traces = openvino_drive(pipe, prompts, len(streams), 0, on_step=on_step, configs=configs, handles=handles)
     for handle in handles.values():
         handle.cancel()  # end the streams
     _openvino_finish(pipe)
@@ -475,6 +489,8 @@ def run_job(job: dict, prompts: dict, progress=None) -> dict:
         finally:
             llm.close()
     else:
+        from .peers import openvino_kv_bytes_per_token
+
         pipe = openvino_pipeline(job["peer_dir"], job["kv"], job["threads"], job["peer_budget"], job["prefill_chunk"],
                                  job["max_batch"])
         cpu = _cpu_s()
@@ -482,8 +498,7 @@ def run_job(job: dict, prompts: dict, progress=None) -> dict:
             row = openvino_probe(pipe, prompts["probe_streams"], prompts["probe_long"])
         else:
             layers, heads, dim = job["kv_dims"]
-            # u8 KV: one byte a value plus an f32 scale and zero point per token, head and K/V
-            per_token = 2 * layers * heads * (dim + 8 if job["kv"] == "full-u8" else 4 * dim)
+            per_token = openvino_kv_bytes_per_token(layers, heads, dim, "u8" if job["kv"] == "full-u8" else "f32")
             budget = job["peer_budget"] if job["kv"] in ("snapkv", "kvcrush") else None
             row = openvino_level(pipe, prompts["requests"][:job["requests"]], job["concurrency"], job["new_tokens"],
                                  progress=progress, token_bytes=per_token, budget=budget)

@@ -1,7 +1,10 @@
-"""onnxruntime-genai as a peer: its model built from the export's source, loaded, and scored.
+"""Peers on the same model: onnxruntime-genai (its model built from the export's source, loaded, and
+scored), OpenVINO GenAI (converted once with optimum-intel, its pipelines and its own cache eviction) and
+kvpress (its presses on the HF model).
 
-`kvtrt bench --peer ortgenai` and `kvtrt eval --peer ortgenai` use these; they need the bench
-extra (`pip install 'kvtrt[bench]'`).
+`kvtrt bench --peer ortgenai,openvino`, `kvtrt eval --peer ortgenai|kvpress|openvino` and
+`kvtrt bench-serve --peer openvino` use these; onnxruntime-genai and openvino-genai come with the bench
+extra (`pip install 'kvtrt[bench]'`), kvpress is installed on its own (`KVPRESS_INSTALL`).
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ import math
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
-PEERS = ("ortgenai",)
+#: peers `kvtrt bench --peer` accepts (comma-separated or repeated)
+PEERS = ("ortgenai", "openvino")
 PEER_PRECISIONS = ("fp32", "int4")
 
 
@@ -89,10 +94,13 @@ def save_plain_hf(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
-# -- OpenVINO GenAI (`kvtrt bench-serve --peer openvino`) ----------------------------------------------
+# -- OpenVINO GenAI (`kvtrt bench-serve | bench | eval --peer openvino`) ------------------------------------
 #: the OpenVINO GenAI CPU block: cache-eviction sizes are whole blocks of this many tokens
 OPENVINO_BLOCK = 32
 OPTIMUM_CLI_ENV = "KVTRT_OPTIMUM_CLI"
+OPENVINO_NO_PPL = ("--peer openvino cannot score perplexity: OpenVINO GenAI's pipelines return generated tokens, "
+                   "not the logits of given target tokens; use --task agreement,needle with it (--peer ortgenai or "
+                   "kvpress report ppl)")
 
 
 def openvino_directory(directory: str, peer_dir: str | None) -> str:
@@ -156,32 +164,147 @@ def build_openvino(directory: str, out: Path, hf=None) -> Path:
     return out
 
 
-def openvino_eviction(mode: str, budget: int, start: int = OPENVINO_BLOCK, recent: int = 2 * OPENVINO_BLOCK,
-                      kvcrush_ratio: float = 0.25):
-    """OpenVINO GenAI's own cache eviction at a per-sequence budget of `budget` tokens (rounded down to
-    whole 32-token blocks): mode 'snapkv' (SnapKV scores, NORM_SUM) keeps max_cache_size = budget;
-    'kvcrush' keeps (1 - ratio) of it by SnapKV scores plus ratio of it as KVCrush blocks (those come
-    on top of max_cache_size), so both hold the same total."""
-    import openvino_genai as ov_genai
+@dataclass(frozen=True)
+class OpenVINOEviction:
+    """One OpenVINO GenAI cache-eviction configuration, in tokens (each a multiple of the 32-token block):
+    `max_cache_size` tokens kept by score (start + evictable + recent areas), plus `crush_blocks` KVCrush
+    blocks on top of it (mode 'kvcrush'). `snapkv_window`: prompt queries whose attention scores the
+    prompt (OpenVINO max-pools them over 7 tokens; NORM_SUM accumulates decode scores afterwards)."""
 
+    mode: str  # snapkv | kvcrush
+    max_cache_size: int
+    start: int = OPENVINO_BLOCK
+    recent: int = 2 * OPENVINO_BLOCK
+    snapkv_window: int = 32
+    crush_blocks: int = 0
+    anchor: str = "random"
+    seed: int = 0
+
+    @property
+    def tokens(self) -> int:
+        """Tokens a sequence keeps after an eviction (OpenVINO evicts whole blocks only, so between
+        evictions it holds up to a block - 1 more)."""
+        return self.max_cache_size + self.crush_blocks * OPENVINO_BLOCK
+
+    @property
+    def label(self) -> str:
+        areas = f"start={self.start},recent={self.recent},window={self.snapkv_window}"
+        if self.mode == "kvcrush":
+            return (f"KVCrush(max_cache_size={self.max_cache_size},blocks={self.crush_blocks},anchor={self.anchor},"
+                    f"{areas})")
+        return f"SnapKV(max_cache_size={self.max_cache_size},{areas})"
+
+    def config(self):
+        """The `openvino_genai.CacheEvictionConfig`."""
+        import openvino_genai as ov_genai
+
+        crush = None
+        if self.mode == "kvcrush":
+            anchor = getattr(ov_genai.KVCrushAnchorPointMode, self.anchor.upper())
+            crush = ov_genai.KVCrushConfig(self.crush_blocks, anchor, self.seed)
+        return ov_genai.CacheEvictionConfig(self.start, self.recent, self.max_cache_size,
+                                            ov_genai.AggregationMode.NORM_SUM, apply_rotation=False,
+                                            snapkv_window_size=self.snapkv_window, kvcrush_config=crush)
+
+
+def openvino_eviction_sizes(mode: str, budget: int, start: int = OPENVINO_BLOCK, recent: int = 2 * OPENVINO_BLOCK,
+                            kvcrush_ratio: float = 0.25, **options) -> OpenVINOEviction:
+    """OpenVINO GenAI's own cache eviction at a per-sequence budget of `budget` tokens, rounded down to
+    whole 32-token blocks (but never below start + recent + one evictable block: check `.tokens`
+    against the budget): mode 'snapkv' (SnapKV scores, NORM_SUM) keeps max_cache_size = budget;
+    'kvcrush' keeps (1 - ratio) of it by SnapKV scores plus ratio of it as KVCrush blocks (those come
+    on top of max_cache_size), so both hold the same total. `options`: the other `OpenVINOEviction` fields."""
+    if mode not in ("snapkv", "kvcrush"):
+        raise ValueError(f"OpenVINO eviction mode {mode!r} is unknown; use 'snapkv' or 'kvcrush'")
     block = OPENVINO_BLOCK
     total = max(budget // block, (start + recent) // block + 1) * block
-    crush = None
-    keep = total
+    keep, crush_blocks = total, 0
     if mode == "kvcrush":
         crush_blocks = max(1, round(total * kvcrush_ratio / block))
         keep = total - crush_blocks * block
-        crush = ov_genai.KVCrushConfig(crush_blocks, ov_genai.KVCrushAnchorPointMode.RANDOM)
-    elif mode != "snapkv":
-        raise ValueError(f"OpenVINO eviction mode {mode!r} is unknown; use 'snapkv' or 'kvcrush'")
     keep = max(keep, start + recent + block)
-    return ov_genai.CacheEvictionConfig(start, recent, keep, ov_genai.AggregationMode.NORM_SUM, apply_rotation=False,
-                                        snapkv_window_size=32, kvcrush_config=crush)
+    return OpenVINOEviction(mode, keep, start, recent, crush_blocks=crush_blocks, **options)
+
+
+def openvino_eviction(mode: str, budget: int, start: int = OPENVINO_BLOCK, recent: int = 2 * OPENVINO_BLOCK,
+                      kvcrush_ratio: float = 0.25):
+    """The `CacheEvictionConfig` of `openvino_eviction_sizes` (SnapKV window 32, random KVCrush anchor)."""
+    return openvino_eviction_sizes(mode, budget, start, recent, kvcrush_ratio).config()
+
+
+def openvino_counterpart(spec, context: int, score_window: int = 32) -> OpenVINOEviction | None:
+    """OpenVINO GenAI's eviction for a kvtrt KV spec at `context` prompt tokens, or None when it has none:
+
+    - snapkv -> its SnapKV eviction (snapkv_window_size = the export's score window, the queries kvtrt
+      scores the prompt with; start / recent areas = kvtrt's sink / window rounded up to whole blocks);
+    - kvcrush with base=snapkv -> its KVCrush eviction (ratio, anchor and seed from the spec);
+    - anything else (h2o, streaming, other KVCrush bases, retrieval) -> None.
+
+    The budget is kvtrt's kept-token count rounded down to 32-token blocks (`openvino_eviction_sizes`);
+    the result's `.tokens` may exceed it when the budget is below OpenVINO's smallest cache
+    (start + recent + one block, plus the KVCrush blocks): the caller decides."""
+    from ..runtime.kv.policies import KVCrushPolicy, SnapKVPolicy
+
+    policy = spec.compaction
+    if policy is None or spec.retrieval is not None:
+        return None
+    if type(policy) is SnapKVPolicy:
+        mode, base, options = "snapkv", policy, {}
+    elif type(policy) is KVCrushPolicy and type(policy.base) is SnapKVPolicy:
+        mode, base, options = "kvcrush", policy.base, {"kvcrush_ratio": policy.ratio, "anchor": policy.anchor,
+                                                       "seed": policy.seed}
+    else:
+        return None
+    block = OPENVINO_BLOCK
+    start = max(1, -(-base.sink // block)) * block
+    recent = max(1, -(-base.window // block)) * block
+    keep = min(policy.budget_tokens(context), context)
+    return openvino_eviction_sizes(mode, keep, start, recent, snapkv_window=score_window, **options)
+
+
+def openvino_kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, precision: str) -> int:
+    """KV bytes one token takes in OpenVINO's CPU cache: f32 4 bytes a value; u8 one byte a value plus an
+    f32 scale and zero point per token, head and K/V (an estimate: the pipeline reports only a usage %)."""
+    per_head = 4 * head_dim if precision == "f32" else head_dim + 8
+    return 2 * layers * kv_heads * per_head
+
+
+class OpenVINOPeer:
+    """OpenVINO GenAI (`kvtrt eval --peer openvino`): its ContinuousBatchingPipeline on the converted model
+    (`build_openvino`), fed the same token ids, f32 compute and f32 KV (KV_CACHE_PRECISION=f32, where its
+    full-cache greedy output equals kvtrt's token for token), greedy, one request at a time. One pipeline
+    per cache configuration: the full cache, or one `OpenVINOEviction` (eviction is a pipeline setting).
+    Its pipelines return tokens, not the logits of given targets, so there is no perplexity."""
+
+    def __init__(self, model_dir: str | Path, threads: int | None = None, prefill_chunk: int = 512):
+        try:
+            import openvino_genai as ov_genai
+        except ImportError:
+            raise RuntimeError("the OpenVINO peer needs openvino-genai: `pip install 'kvtrt[bench]'`") from None
+        if not (Path(model_dir) / "openvino_model.xml").is_file():
+            raise FileNotFoundError(f"no OpenVINO model (openvino_model.xml) in {model_dir}")
+        self.model_dir, self.threads, self.prefill_chunk = str(model_dir), threads, prefill_chunk
+        self.version = ov_genai.__version__.split("-")[0]
+
+    def generate(self, prompts: list[list[int]], new_tokens: int, eviction: OpenVINOEviction | None = None,
+                 stop_ids: list[int] | None = None) -> list[list[int]]:
+        """Greedy tokens for each prompt, with the full cache (`eviction` None) or that eviction; exactly
+        `new_tokens` each, or up to them ending at one of `stop_ids` (the EOS ids)."""
+        from .concurrency import openvino_drive, openvino_generation_config, openvino_pipeline
+
+        pipe = openvino_pipeline(self.model_dir, "full-f32" if eviction is None else eviction.mode, self.threads,
+                                 0, self.prefill_chunk, 1, eviction=None if eviction is None else eviction.config())
+        try:
+            config = openvino_generation_config(new_tokens, stop_ids)
+            traces = openvino_drive(pipe, prompts, 1, new_tokens, configs=[config] * len(prompts))
+        finally:
+            del pipe
+        return [t.tokens for t in traces]
 
 
 # -- kvpress (`kvtrt eval --peer kvpress`) ----------------------------------------------------------------
 #: peers `kvtrt eval --peer` accepts (bench and bench-serve keep their own lists)
-EVAL_PEERS = ("ortgenai", "kvpress")
+EVAL_PEERS = ("ortgenai", "kvpress", "openvino")
 KVPRESS_INSTALL = ("pip install --no-deps kvpress && pip install 'cachetools>=5.5.2,<6' 'fire>=0.6,<0.7' datasets "
                    "(kvpress 0.5.5 declares transformers<5.3 but runs on the installed 5.x for these presses; "
                    "`import kvpress` imports cachetools, fire and datasets)")
