@@ -13,12 +13,13 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from .contract import ATTENTION, DEFAULT_PREFILL_CHUNK, DEFAULT_SCORE_WINDOW, QUANTIZE_METHODS, QUANTIZE_SCHEMES
+from .contract import (ATTENTION, DEFAULT_PREFILL_CHUNK, DEFAULT_SCORE_WINDOW, QUANTIZE_METHODS, QUANTIZE_SCHEMES,
+                       SCORE_HEADS)
 from .eval.peers import EVAL_PEERS, PEER_PRECISIONS, PEERS
 
 KV_HELP = ("KV spec: what is stored and attended. 'full' (default); compaction 'streaming:sink=4,window=N', "
            "'h2o:budget=B', 'snapkv:budget=B,window=32,kernel=5', 'kvcrush:budget=B,base=snapkv|h2o|streaming,"
-           "ratio=0.25,anchor=random|zeros|ones|mean|alternating,granularity=token|page,signature=kv|block'; retrieval "
+           "ratio=0.25,anchor=random|zeros|ones|mean|alternating,granularity=token|page,signature=kv|query|block'; retrieval "
            "'freekv:budget=B,page=32,sink=S,window=W,tau=0.9,min_context=N' or 'quest:budget=B' (retrieval "
            "runs for caches longer than min_context, default 2B; shorter ones decode densely); join one of each "
            "with '+'. "
@@ -138,6 +139,10 @@ def _export_parser(sub) -> argparse.ArgumentParser:
                         "(faster decode; CPU and CUDA providers); ops: standard ONNX ops only, as TensorRT needs; "
                         "auto (default): gqa for fp32, ops for fp16. The decode graph that compaction and "
                         "retrieval use is always standard ops")
+    p.add_argument("--score-heads", default=SCORE_HEADS[0], choices=SCORE_HEADS,
+                   help="query (default): score.{l} holds the attention mass per query head, which "
+                        "kvcrush:signature=query reads (one bit per query head); kv: averaged per KV head, the "
+                        "format of exports made before this option (a third of the score output)")
     p.add_argument("--quantize", default="none", choices=["none", *QUANTIZE_METHODS],
                    help="int4: 4-bit block-32 MatMulNBits projection weights, the lm_head and tied embedding at "
                         "--lm-head-bits (ONNX Runtime CPU/CUDA)")
@@ -155,7 +160,7 @@ def _cmd_export(args) -> int:
 
     manifest = export_model(args.model, args.output, dtype=args.dtype, max_positions=args.max_positions,
                             score_window=args.score_window, attention=args.attention,
-                            progress=not args.quiet)
+                            score_heads=args.score_heads, progress=not args.quiet)
     if args.quantize != "none":
         from .export.quantize import quantize_export
 

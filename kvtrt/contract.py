@@ -10,9 +10,10 @@ inputs   input_ids [B,S] int64, position_ids [B,S] int64, past_mask [B,P] int64 
          past_key.{l} / past_value.{l} [B,Hkv,P,D] (keys already rotated)
 outputs  logits [B,1,V] (last new token), then
          contract graphs: key.{l} / value.{l} [B,Hkv,S,D] (new tokens only), query.{l} [B,H,D],
-         score.{l} [B,Hkv,P+S];
+         score.{l} [B,H,P+S] (per query head; [B,Hkv,P+S], averaged per KV group, in exports
+         whose manifest says score_heads "kv": those made before score_heads existed);
          in-place graphs: present_key.{l} / present_value.{l} [B,Hkv,C,D] (the past buffers, the
-         new slots written), query.{l}, and for prefill_shared score.{l} [B,Hkv,write_slot+S]
+         new slots written), query.{l}, and for prefill_shared score.{l} [B,H,write_slot+S]
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ IN_PLACE_VARIANTS = (GraphVariant.PREFILL_SHARED, GraphVariant.DECODE_SHARED)
 
 #: attention of an export (`export_options["attention"]`): standard ONNX ops, or ORT's fused ops
 ATTENTION = ("ops", "gqa")
+#: what `score.{l}` is per (`Manifest.score_heads`): each query head, or the mean of each KV group's
+#: query heads (the only mode before it was recorded); the first is the default
+SCORE_HEADS = ("query", "kv")
 #: weight quantization of an export (`quantize`, `export_options["quantize"]`); the first is the default
 QUANTIZE_METHODS = ("int4",)
 QUANTIZE_SCHEMES = ("offset", "rtn")

@@ -47,6 +47,8 @@ class Manifest:
     bos_token: str | None = None
     eos_token: str | None = None
     quantize: str = "none"
+    #: `score.{l}` per query head ("query") or per KV group ("kv", every export made before this field)
+    score_heads: str = "kv"
     export_options: dict = field(default_factory=dict)
     #: the model's generation_config.json as `generate` keyword arguments (see `generation_defaults()`);
     #: the runtime uses them unless the caller passes its own
@@ -57,6 +59,11 @@ class Manifest:
     @property
     def group(self) -> int:
         return self.n_heads // self.n_kv_heads
+
+    @property
+    def score_rows(self) -> int:
+        """Rows of `score.{l}` per sequence: query heads or KV heads (see `score_heads`)."""
+        return self.n_heads if self.score_heads == "query" else self.n_kv_heads
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -90,7 +97,8 @@ class Manifest:
                 f"{data.get('format', '?')}); this is kvtrt {__version__} (format {FORMAT}). Re-export it with "
                 f"`kvtrt export {data.get('source', 'MODEL')} -o {directory}`")
         known = set(cls.__dataclass_fields__)
-        missing = known - set(data) - {"bos_token", "eos_token", "quantize", "export_options", "generation_defaults"}
+        missing = known - set(data) - {"bos_token", "eos_token", "quantize", "export_options", "generation_defaults",
+                                       "score_heads"}
         if missing:
             raise ExportMismatchError(f"{path} lacks {sorted(missing)}; re-export the model")
         manifest = cls(**{k: v for k, v in data.items() if k in known})

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
 
+import kvtrt
 from kvtrt.contract import GraphVariant
+from kvtrt.runtime.kv.spec import KVSpecError
 
 FAMILIES = ["llama", "mistral", "qwen2"]
 
@@ -104,6 +108,33 @@ def _hf_queries_and_attn(model, ids):
     return queries, out.attentions
 
 
+def test_score_heads_kv_export_averages_each_group(tiny_exports, tmp_path):
+    """The format before --score-heads: `score` averaged over each KV group's query heads, and a
+    manifest that says so (an old manifest without the field reads as "kv")."""
+    from kvtrt.export import export_model
+    from kvtrt.manifest import Manifest
+
+    model, tokenizer, directory = tiny_exports["llama"]
+    c = model.config
+    old = tmp_path / "kv-scores"
+    export_model((model, tokenizer), old, progress=False, score_window=4, score_heads="kv")
+    assert Manifest.load(old).score_heads == "kv" and Manifest.load(directory).score_heads == "query"
+    ids = torch.randint(5, 200, (1, 12), generator=torch.Generator().manual_seed(4))
+    args = (ids, [list(range(12))], np.zeros((1, 0)), _empty_past(model))
+    per_query, per_group = _run(_session(directory, "prefill"), *args), _run(_session(old, "prefill"), *args)
+    for layer in range(c.num_hidden_layers):
+        heads = per_query[f"score.{layer}"][0]  # [H, 12]
+        assert heads.shape[0] == c.num_attention_heads
+        ref = heads.reshape(c.num_key_value_heads, -1, 12).mean(axis=1)
+        np.testing.assert_allclose(per_group[f"score.{layer}"][0], ref, atol=1e-6)
+    data = json.loads((old / "manifest.json").read_text())
+    del data["score_heads"]
+    (old / "manifest.json").write_text(json.dumps(data))
+    assert Manifest.load(old).score_heads == "kv"
+    with pytest.raises(KVSpecError, match="signature=query needs per-query-head scores.*re-export"):
+        kvtrt.load(old, kv="kvcrush:budget=64,signature=query")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_query_and_score_match_hf(tiny_exports, family):
     model, _, directory = tiny_exports[family]
@@ -124,17 +155,13 @@ def test_query_and_score_match_hf(tiny_exports, family):
         for result, end in ((out, 10), (out2, 14), (out3, 15)):
             q_ref = queries[layer][0, :, end - 1].numpy() * head_dim ** -0.5
             np.testing.assert_allclose(result[f"query.{layer}"][0], q_ref, atol=1e-4, rtol=1e-4)
-        # score: mass from the last `window` queries of the call, averaged over each KV group's heads
-        for result, start, end in ((out, 0, 10), (out2, 10, 14)):
+        # score: per query head (HF's head order), the mass from the last `window` queries of the call
+        for result, start, end in ((out, 0, 10), (out2, 10, 14), (out3, 14, 15)):
             rows = attn[:, max(start, end - window):end, :end]  # queries of this call only
-            ref = rows.reshape(c.num_key_value_heads, group, rows.shape[1], end).mean(axis=(1, 2))
-            np.testing.assert_allclose(result[f"score.{layer}"][0], ref, atol=1e-5)
+            np.testing.assert_allclose(result[f"score.{layer}"][0], rows.mean(axis=1), atol=1e-5)
         picked = attn[:, [10 + r for r in chosen], :14]
-        ref = picked.reshape(c.num_key_value_heads, group, len(chosen), 14).mean(axis=(1, 2))
-        np.testing.assert_allclose(out2_rows[f"score.{layer}"][0], ref, atol=1e-5)
+        np.testing.assert_allclose(out2_rows[f"score.{layer}"][0], picked.mean(axis=1), atol=1e-5)
         np.testing.assert_allclose(out2_rows["logits"], out2["logits"], atol=0)  # rows change only the score
-        ref = attn[:, 14, :15].reshape(c.num_key_value_heads, group, 15).mean(axis=1)
-        np.testing.assert_allclose(out3[f"score.{layer}"][0], ref, atol=1e-5)
 
 
 def test_fused_and_standard_op_prefill_agree(tiny_llama, tmp_path):
@@ -254,7 +281,7 @@ def test_shared_cache_prefill_writes_the_chunk_in_place_and_matches_prefill(tiny
     got = {"logits": np.zeros((1, 1, c.vocab_size), np.float32)}
     for layer in range(layers):
         got[f"query.{layer}"] = np.zeros((1, c.num_attention_heads, head_dim), np.float32)
-        got[f"score.{layer}"] = np.zeros((1, c.num_key_value_heads, past_len + new), np.float32)
+        got[f"score.{layer}"] = np.zeros((1, c.num_attention_heads, past_len + new), np.float32)
     _run_in_place(shared, feeds, got, buffers)
     for name, array in got.items():
         np.testing.assert_allclose(array, expect[name], atol=2e-5, rtol=1e-4, err_msg=name)

@@ -56,7 +56,7 @@ def test_compaction_equals_hf_with_evicted_tokens_masked(tiny_llama, spec):
     first = int(logits.argmax())
     hidden = []
     for layer in range(model.config.num_hidden_layers):
-        kept = policy.select(store.scores[layer][0], keep)
+        kept = policy.select(store.grouped_scores(layer), keep)
         hidden.append([set(range(len(ids))) - set(row.tolist()) for row in kept])
     assert all(len(h) == len(ids) - keep for heads in hidden for h in heads)
     out = decode(llm, ids, 2, kv, keep_logits=True)  # the runtime's own prefill and compaction

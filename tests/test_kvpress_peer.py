@@ -63,7 +63,7 @@ def kept_slots(full: torch.Tensor, kept: torch.Tensor) -> list[list[int]]:
 def kvtrt_slots(llm, start, spec: str, keep: int) -> list[list[list[int]]]:
     policy = parse_kv_spec(spec).compaction
     n = len(start.ids)
-    return [policy.select(start.store.scores[layer][0][:, :n], keep).tolist() for layer in range(llm.manifest.n_layers)]
+    return [policy.select(start.store.grouped_scores(layer)[..., :n], keep).tolist() for layer in range(llm.manifest.n_layers)]
 
 
 def kvpress_slots(peer, ids, press) -> list[list[list[int]]]:

@@ -238,6 +238,22 @@ def test_kvcrush_signature_modes_pick_expected_pages(signature, anchor, taken):
     assert rows(p.select(scores, 12)) == [expected, expected]
 
 
+def test_kvcrush_query_signature_reads_each_query_head():
+    # one KV head, two query heads; middle slots 1..6. Base (h2o, group mean) keeps 3 (.9) and 4 (.8);
+    # candidates 1 2 5 6. kv bits (mean .5 .5 .15 .1, top two): 1 1 0 0 -> anchor 0: order 5 6 1 2 -> 5.
+    # query bits (h0 top two: 1 5; h1: 2 6): 10 01 10 01 -> all at distance 1 -> order 1 2 5 6 -> 1.
+    h0 = [1.0, 1.0, 0.0, 0.9, 0.8, 0.3, 0.0, 1.0]
+    h1 = [1.0, 0.0, 1.0, 0.9, 0.8, 0.0, 0.2, 1.0]
+    scores = torch.tensor([[h0, h1]])  # [Hkv=1, g=2, N=8]
+    spec = "kvcrush:budget=5,base=h2o,sink=1,window=1,ratio=0.2,anchor=zeros,signature="
+    assert policy(spec + "query").split(5) == (4, 1)
+    assert rows(policy(spec + "kv").select(scores, 5)) == [[0, 3, 4, 5, 7]]
+    assert rows(policy(spec + "query").select(scores, 5)) == [[0, 1, 3, 4, 7]]
+    assert rows(policy(spec + "kv").select(scores.mean(dim=1), 5)) == [[0, 3, 4, 5, 7]]  # [Hkv, N] as before
+    with pytest.raises(ValueError, match="signature=query needs per-query-head scores"):
+        policy(spec + "query").select(scores.mean(dim=1), 5)
+
+
 def test_block_signature_needs_pages():
     with pytest.raises(KVSpecError, match="signature=block.*granularity=page"):
         policy("kvcrush:budget=64,signature=block")

@@ -14,8 +14,8 @@ import torch
 from onnx import TensorProto, external_data_helper
 from tqdm.auto import tqdm
 
-from ..contract import (ATTENTION, CONTRACT_VARIANTS, DEFAULT_SCORE_WINDOW, IN_PLACE_VARIANTS, WEIGHTS_FILE,
-                        GraphVariant, input_names, output_names)
+from ..contract import (ATTENTION, CONTRACT_VARIANTS, DEFAULT_SCORE_WINDOW, IN_PLACE_VARIANTS, SCORE_HEADS,
+                        WEIGHTS_FILE, GraphVariant, input_names, output_names)
 from ..manifest import Manifest, generation_defaults, generation_eos_ids
 from ..models import get_adapter
 from ..models.loading import DEFAULT_MODEL, load_hf
@@ -28,14 +28,15 @@ INLINE_LIMIT = 1024  # smaller initializers stay inside the graph
 
 def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export", *, dtype: str = "fp32",
                  max_positions: int | None = None, score_window: int = DEFAULT_SCORE_WINDOW, opset: int = 18,
-                 attention: str = "auto", progress: bool = True) -> Manifest:
+                 attention: str = "auto", score_heads: str = SCORE_HEADS[0], progress: bool = True) -> Manifest:
     """Export `model` to `out_dir` and return the manifest.
 
     `model` is a HF folder, a .gguf file, an alias (see `kvtrt.models.loading.ALIASES`), or an
     already loaded `(transformers model, tokenizer)` pair. `attention`: "gqa" (ONNX Runtime's
     fused GroupQueryAttention in the prefill graph, plus `prefill_shared` and `decode_shared`
     graphs that write the KV cache in place; fastest on CPU), "ops" (standard ONNX ops only, which TensorRT needs), or
-    "auto" (gqa for fp32, ops for fp16).
+    "auto" (gqa for fp32, ops for fp16). `score_heads`: "query" (`score.{l}` per query head, what
+    `kvcrush:signature=query` reads) or "kv" (averaged per KV group, the format before this option).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
@@ -43,6 +44,8 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
         attention = "gqa" if dtype == "fp32" else "ops"
     if attention not in ATTENTION:
         raise ValueError(f"attention {attention!r} is unknown; use auto, {', '.join(ATTENTION)}")
+    if score_heads not in SCORE_HEADS:
+        raise ValueError(f"score_heads {score_heads!r} is unknown; use one of {', '.join(SCORE_HEADS)}")
     out = Path(out_dir)
     bar = tqdm(total=6, desc="kvtrt export", disable=not progress, unit="step")
     bar.set_postfix_str("loading model")
@@ -70,7 +73,8 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants:
             bar.set_postfix_str(f"tracing {variant} graph")
-            module = adapter.build(hf_model, max_positions, DTYPES[dtype], variant, attention=attention)
+            module = adapter.build(hf_model, max_positions, DTYPES[dtype], variant, attention=attention,
+                                   score_heads=score_heads)
             protos[str(variant)] = _trace(module, arch, variant, Path(tmp) / variant.onnx_file, opset, DTYPES[dtype])
             bar.update()
         bar.set_postfix_str("writing weights")
@@ -88,7 +92,9 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
         vocab_size=arch.vocab_size, dtype=dtype, max_positions=max_positions, score_window=score_window,
         graphs=graphs, weights_file=WEIGHTS_FILE, export_options={"dtype": dtype, "max_positions": max_positions,
                                                                    "score_window": score_window, "opset": opset,
-                                                                   "attention": attention},
+                                                                   "attention": attention,
+                                                                   "score_heads": score_heads},
+        score_heads=score_heads,
         generation_defaults=generation_defaults(getattr(hf_model, "generation_config", None)),
         **_save_tokenizer(tokenizer, config, out))
     # HF generate stops at generation_config's EOS ids too (Llama 3: <|eot_id|> besides <|end_of_text|>)

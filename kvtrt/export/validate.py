@@ -208,7 +208,8 @@ def _modules(hf_model, manifest: Manifest, directory: Path, weight_checks: list 
 
     adapter = get_adapter(manifest.model_type)
     attention = manifest.export_options.get("attention", "ops")
-    modules = {GraphVariant(v): adapter.build(hf_model, manifest.max_positions, torch.float32, v, attention=attention)
+    modules = {GraphVariant(v): adapter.build(hf_model, manifest.max_positions, torch.float32, v, attention=attention,
+                                              score_heads=manifest.score_heads)
                for v in manifest.graphs}
     if manifest.quantize != "none":
         from .quantize import dequantized_weights

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..contract import ATTENTION, GraphVariant
+from ..contract import ATTENTION, SCORE_HEADS, GraphVariant
 from ..plugins.attention_inputs import AttentionLengths, CausalRows, ChunkBias, LeadingSlots
 from ..plugins.common import fp32, tile_group
 from ..plugins.ort_attention import (Dims, PrefillMasks, SharedCacheAttention, fused_grouped_attention,
@@ -61,11 +61,15 @@ class DecoderGraph(nn.Module):
     """Llama-family decoder forward as one graph variant (see the module docstring)."""
 
     def __init__(self, arch: ArchConfig, weights: dict[str, Tensor], inv_freq: Tensor, rope_scaling: float = 1.0,
-                 *, variant: GraphVariant | str = GraphVariant.PREFILL, attention: str = "ops"):
+                 *, variant: GraphVariant | str = GraphVariant.PREFILL, attention: str = "ops",
+                 score_heads: str = SCORE_HEADS[0]):
         super().__init__()
         variant = GraphVariant(variant)
         if attention not in ATTENTION:
             raise ValueError(f"attention={attention!r}; use one of {', '.join(ATTENTION)}")
+        if score_heads not in SCORE_HEADS:
+            raise ValueError(f"score_heads={score_heads!r}; use one of {', '.join(SCORE_HEADS)}")
+        self.score_heads = score_heads
         if variant.in_place and attention != "gqa":
             raise ValueError(f"the in-place {variant} graph needs attention='gqa'")
         self.arch = arch
@@ -133,7 +137,7 @@ class DecoderGraph(nn.Module):
 
     def dims(self, batch, new) -> Dims:
         a = self.arch
-        return Dims(batch, new, a.n_heads, a.n_kv_heads, a.head_dim)
+        return Dims(batch, new, a.n_heads, a.n_kv_heads, a.head_dim, self.score_heads == "query")
 
     # -- the graph variants ------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, position_ids: Tensor, past_mask: Tensor, *rest: Tensor):
@@ -147,7 +151,7 @@ class DecoderGraph(nn.Module):
         return self.forward_decode(input_ids, position_ids, past_mask, rest)
 
     def forward_prefill(self, input_ids, position_ids, past_mask, score_queries, past):
-        """S new tokens after P past slots: logits, key/value [B,Hkv,S,D], query, score."""
+        """S new tokens after P past slots: logits, key/value [B,Hkv,S,D], query, score [B,H|Hkv,P+S]."""
         h = self.embed(input_ids, input_ids.shape[0], -1)                     # [B,S,E]
         cos, sin = self.rope(position_ids, h.dtype)                           # [B,S,1,D]
         d = self.dims(input_ids.shape[0], input_ids.shape[1])
@@ -161,7 +165,7 @@ class DecoderGraph(nn.Module):
             attention = fused_grouped_attention if self.fused else grouped_attention
             attn, k, v, score = attention(q, k, v, past[2 * layer], past[2 * layer + 1], masks, d)
             kv += [k, v]                                                      # [B,Hkv,S,D]
-            scores.append(score)                                              # [B,Hkv,P+S]
+            scores.append(score)                                              # [B,H,P+S]
             h = self.residual_mlp(h, attn, layer)
         return (self.logits(self.norm(h[:, -1:, :], "norm.weight")), *kv, *queries, *scores)
 
@@ -178,7 +182,7 @@ class DecoderGraph(nn.Module):
         return PrefillMasks(bias, score_queries, score_bias, AttentionLengths.apply(input_ids, past_mask, None))
 
     def forward_decode(self, input_ids, position_ids, past_mask, past):
-        """One new token: logits, key/value [B,Hkv,1,D], query, score [B,Hkv,P+1]."""
+        """One new token: logits, key/value [B,Hkv,1,D], query, score [B,H|Hkv,P+1]."""
         h = self.embed(input_ids, -1, 1)                                      # [B,1,E]
         cos, sin = self.rope(position_ids, h.dtype)                           # [B,1,1,D]
         zero, neg_inf = torch.tensor(0.0, dtype=h.dtype), torch.tensor(float("-inf"), dtype=h.dtype)
@@ -193,14 +197,14 @@ class DecoderGraph(nn.Module):
             attn, k, v, score = gemv_attention(q, k, v, past[2 * layer], past[2 * layer + 1], past_bias, n_past, d)
             kv += [k, v]                                                      # [B,Hkv,1,D]
             queries.append(q)
-            scores.append(score)                                              # [B,Hkv,P+1]
+            scores.append(score)                                              # [B,H,P+1]
             h = self.residual_mlp(h, attn, layer)
         return (self.logits(self.norm(h[:, -1:, :], "norm.weight")), *kv, *queries, *scores)
 
     def forward_in_place(self, input_ids, position_ids, past_mask, score_queries, write_slot, past):
         """prefill_shared / decode_shared: the new K/V written into the bound buffers [B,Hkv,C,D]
         at write_slot; outputs logits, the buffers, query and (prefill only) score over the live
-        prefix [B,Hkv,write_slot+S]."""
+        prefix [B,H|Hkv,write_slot+S]."""
         prefill = self.variant.is_prefill
         d = self.dims(input_ids.shape[0], input_ids.shape[1]) if prefill else self.dims(-1, 1)
         h = self.embed(input_ids, d.batch, d.new)                             # [B,S,E]
@@ -223,7 +227,7 @@ class DecoderGraph(nn.Module):
             queries.append(qkv[:, -1, :d.heads])                              # [B,H,D]
             if prefill:  # over the live prefix [0, total) of the buffer
                 q_rows = qkv.index_select(1, score_queries)[:, :, :d.heads]
-                scores.append(row_scores(q_rows, LeadingSlots.apply(keys, lengths[1]), score_bias))
+                scores.append(row_scores(q_rows, LeadingSlots.apply(keys, lengths[1]), score_bias, d.query_scores))
             x, h = self.fused_residual_mlp(h, attn, layer)
         return (self.logits(x[:, -1:] if prefill else x), *presents, *queries, *scores)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..contract import GraphVariant
+from ..contract import SCORE_HEADS, GraphVariant
 from .base import ArchConfig, DecoderGraph, rotate_half_matrix
 
 
@@ -88,9 +88,9 @@ class LlamaAdapter:
         return rotary.inv_freq.detach().float().clone(), float(getattr(rotary, "attention_scaling", 1.0))
 
     def build(self, model, max_positions: int, dtype: torch.dtype, variant: GraphVariant | str,
-              attention: str = "ops") -> DecoderGraph:
+              attention: str = "ops", score_heads: str = SCORE_HEADS[0]) -> DecoderGraph:
         """The exportable module for `model`, for one graph variant (see `DecoderGraph`)."""
         arch = self.arch(model.config, max_positions)
         inv_freq, scaling = self.rope(model)
         return DecoderGraph(arch, self.weights(model, arch, dtype), inv_freq, scaling, variant=variant,
-                            attention=attention)
+                            attention=attention, score_heads=score_heads)

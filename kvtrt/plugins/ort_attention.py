@@ -24,13 +24,15 @@ from .common import fp32
 
 class Dims(NamedTuple):
     """The sizes attention reshapes by: batch and new tokens (traced values or ints), heads, KV
-    heads and head size (ints)."""
+    heads and head size (ints); and whether `score` is per query head (`[B,H,T]`) or averaged over
+    each KV group's query heads (`[B,Hkv,T]`, exports before `score_heads`)."""
 
     batch: object
     new: object
     heads: int
     kv_heads: int
     head_dim: int
+    query_scores: bool = True
 
     @property
     def group(self) -> int:
@@ -48,11 +50,18 @@ class PrefillMasks(NamedTuple):
     lengths: tuple | None = None
 
 
+def attention_mass(probs: Tensor, query_scores: bool) -> Tensor:
+    """`score` from the score rows' probabilities [B,Hkv,g,n,T]: the mean over the n rows, per query
+    head [B,H,T] (head h = kv * g + i, HF's order) or also over each group's g heads [B,Hkv,T]."""
+    mass = probs.mean(dim=3)                                               # [B,Hkv,g,T]
+    return fp32(mass.flatten(1, 2) if query_scores else mass.mean(dim=2))
+
+
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, masks: PrefillMasks,
                       d: Dims) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Prefill attention in standard ops, GQA without repeating K/V. q [B,S,H,D] (rotated,
     pre-scaled), k [B,S,Hkv,D], v [B,S,Hkv*D]. Returns attn [B,S,H*D], k and v [B,Hkv,S,D] and
-    the score [B,Hkv,P+S] of the `score_queries` rows."""
+    the score [B,H|Hkv,P+S] of the `score_queries` rows (see `attention_mass`)."""
     B, S, Hkv, g, D = d.batch, d.new, d.kv_heads, d.group, d.head_dim
     q = q.reshape(B, S, Hkv, g, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, g * S, D)
     k = k.transpose(1, 2)  # [B,Hkv,S,D]
@@ -61,8 +70,8 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: T
     probs = torch.softmax(torch.matmul(q, keys.transpose(2, 3)) + masks.bias, dim=-1)  # [B,Hkv,gS,P+S]
     attn = torch.matmul(probs, values).reshape(B, Hkv, g, S, D).permute(0, 3, 1, 2, 4)
     attn = attn.reshape(B, S, d.heads * D)
-    rows = probs.reshape(B, Hkv, g, S, -1).index_select(3, masks.score_queries)
-    return attn, k, v, fp32(rows.mean(dim=(2, 3)))
+    rows = probs.reshape(B, Hkv, g, S, -1).index_select(3, masks.score_queries)  # [B,Hkv,g,n,P+S]
+    return attn, k, v, attention_mass(rows, d.query_scores)
 
 
 def fused_grouped_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, masks: PrefillMasks,
@@ -73,7 +82,7 @@ def fused_grouped_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, pas
     attn, keys, _ = GroupQueryAttention.apply(q.reshape(B, S, H * D), k.reshape(B, S, Hkv * D), v,
                                               past_k, past_v, masks.bias, *masks.lengths, H, Hkv)
     k, v = k.transpose(1, 2), v.reshape(B, S, Hkv, D).transpose(1, 2)  # [B,Hkv,S,D]
-    return attn, k, v, row_scores(q.index_select(1, masks.score_queries), keys, masks.score_bias)
+    return attn, k, v, row_scores(q.index_select(1, masks.score_queries), keys, masks.score_bias, d.query_scores)
 
 
 def gemv_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, past_bias: Tensor,
@@ -82,7 +91,7 @@ def gemv_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tens
     ([B,Hkv,1,P,D] @ [B,Hkv,g,D,1]; at P=7680 on 30 layers 15.7 ms against 28 ms for K @ q^T and
     62 ms for q @ K^T), past and new scored apart so the cache is never concatenated.
     q [B,H,D], k [B,Hkv,D], v [B,1,Hkv*D], past_bias [B,1,1,P]. Returns attn [B,1,H*D], k and v
-    [B,Hkv,1,D] and the score [B,Hkv,P+1]."""
+    [B,Hkv,1,D] and the score [B,H|Hkv,P+1] (see `attention_mass`)."""
     Hkv, g, D = d.kv_heads, d.group, d.head_dim
     query = q.reshape(-1, Hkv, g, D)
     k = k.unsqueeze(2)  # [B,Hkv,1,D]
@@ -91,18 +100,20 @@ def gemv_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tens
     s_new = torch.matmul(query, k.transpose(2, 3))  # [B,Hkv,g,1]
     probs = torch.softmax(torch.cat((s_past + past_bias, s_new), dim=-1), dim=-1)
     attn = torch.matmul(probs[..., :n_past], past_v) + torch.matmul(probs[..., n_past:], v)
-    return attn.reshape(-1, 1, d.heads * D), k, v, fp32(probs.mean(dim=2))
+    return attn.reshape(-1, 1, d.heads * D), k, v, attention_mass(probs.unsqueeze(3), d.query_scores)
 
 
-def row_scores(q_rows: Tensor, keys: Tensor, bias: Tensor) -> Tensor:
-    """`score` beside a fused attention op: the attention mass per key [B,Hkv,T] of the chosen
-    query rows q_rows [B,n,H,D] over keys [B,Hkv,T,D] with bias [B,1,g*n,T] (head-major rows,
-    see `tile_group`), averaged over the rows and the query heads of each KV group. It is n/S of
-    the op's work; the runtime asks for one row except on a prompt's last chunk."""
-    b, _, h, d = q_rows.shape
+def row_scores(q_rows: Tensor, keys: Tensor, bias: Tensor, query_scores: bool = True) -> Tensor:
+    """`score` beside a fused attention op: the attention mass per key [B,H|Hkv,T] (see
+    `attention_mass`) of the chosen query rows q_rows [B,n,H,D] over keys [B,Hkv,T,D] with bias
+    [B,1,g*n,T] (head-major rows, see `tile_group`), averaged over the rows. It is n/S of the op's
+    work; the runtime asks for one row except on a prompt's last chunk."""
+    b, n, h, d = q_rows.shape
     hkv = keys.shape[1]
-    q = q_rows.reshape(b, -1, hkv, h // hkv, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, -1, d)  # [B,Hkv,g*n,D]
-    return fp32(torch.softmax(torch.matmul(q, keys.transpose(2, 3)) + bias, dim=-1).mean(dim=2))
+    g = h // hkv
+    q = q_rows.reshape(b, -1, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, -1, d)  # [B,Hkv,g*n,D]
+    probs = torch.softmax(torch.matmul(q, keys.transpose(2, 3)) + bias, dim=-1)         # [B,Hkv,g*n,T]
+    return attention_mass(probs.reshape(b, hkv, g, n, -1), query_scores)
 
 
 class GroupQueryAttention(torch.autograd.Function):

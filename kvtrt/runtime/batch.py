@@ -55,7 +55,7 @@ class DenseBatch:
         self.scores: list[Tensor] | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long)
         self._binding = None
-        self.slot_bytes = m.kv_bytes_per_token + (4 * m.n_kv_heads * m.n_layers if scored else 0)
+        self.slot_bytes = m.kv_bytes_per_token + (4 * m.score_rows * m.n_layers if scored else 0)
         self.room = COMPACTION_SLACK if scored else GROW_STEPS  # most steps a repack makes room for
 
     # -- memory ----------------------------------------------------------------------------
@@ -141,10 +141,9 @@ class DenseBatch:
         rows = [(self.span(r), r.seq.remaining) for r in self.rows] + ([extra] if extra else [])
         cursor, capacity = self._need(rows)
         old = self._tensors()
-        shape = (self.max_rows, m.n_kv_heads, capacity)
-        new_kv = [[torch.empty(*shape, m.head_dim, dtype=self.engine.dtype, device=dev) for _ in range(m.n_layers)]
-                  for _ in range(2)]
-        new = new_kv + ([[torch.empty(*shape, dtype=torch.float32, device=dev) for _ in range(m.n_layers)]]
+        shape = (self.max_rows, m.n_kv_heads, capacity, m.head_dim)
+        new_kv = [[torch.empty(*shape, dtype=self.engine.dtype, device=dev) for _ in range(m.n_layers)] for _ in range(2)]
+        new = new_kv + ([[torch.empty(self.max_rows, m.score_rows, capacity, device=dev) for _ in range(m.n_layers)]]
                         if self.scored else [])
         mask = torch.zeros(self.max_rows, capacity, dtype=torch.long, device=dev)
         for i, row in enumerate(self.rows):
@@ -170,14 +169,15 @@ class DenseBatch:
                 self._compact_row(i, row)
 
     def _compact_row(self, i: int, row: Row) -> None:
-        keep, c = row.seq.keep, self.cursor
-        for layer in range(self.m.n_layers):
-            chosen = row.seq.policy.select(self.scores[layer][i][:, row.start:c], keep) + row.start  # [Hkv,keep]
+        keep, c, m = row.seq.keep, self.cursor, self.m
+        for layer in range(m.n_layers):
+            scores = self.scores[layer][i][:, row.start:c].view(m.n_kv_heads, -1, c - row.start)  # [Hkv,R/Hkv,N]
+            chosen = row.seq.policy.select(scores, keep) + row.start  # [Hkv,keep]
             for t in (self.keys[layer], self.values[layer]):
                 kept = torch.gather(t[i], 1, chosen.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
                 t[i, :, row.start:c].zero_()
                 t[i, :, c - keep:c] = kept
-            mass = torch.gather(self.scores[layer][i], 1, chosen)
+            mass = torch.gather(self.scores[layer][i], 1, chosen.repeat_interleave(scores.shape[1], dim=0))
             self.scores[layer][i, :, row.start:c] = 0
             self.scores[layer][i, :, c - keep:c] = mass
         self.mask[i, row.start:c - keep] = 0
@@ -208,7 +208,7 @@ class DenseBatch:
                 self.keys[layer][:batch, :, c] = out[f"key.{layer}"][:, :, 0]
                 self.values[layer][:batch, :, c] = out[f"value.{layer}"][:, :, 0]
                 if self.scored:
-                    score = out[f"score.{layer}"]  # [R,Hkv,C+1]: past slots, then the new token
+                    score = out[f"score.{layer}"]  # [rows,R,C+1]: past slots, then the new token
                     self.scores[layer][:batch, :, :c] += score[:, :, :c]
                     self.scores[layer][:batch, :, c] = score[:, :, -1]
             self.mask[:batch, c] = 1

@@ -10,7 +10,7 @@ def graph_outputs(engine, batch: int, new: int, scored: int | None,
                   cache: tuple[list[Tensor], list[Tensor]] | None = None) -> dict[str, Tensor]:
     """Buffers for `logits` [B,1,V], the new tokens' `key.{l}`/`value.{l}` [B,Hkv,new,D] (or, for the
     in-place graphs, `present_key.{l}`/`present_value.{l}` bound to the `cache` buffers), `query.{l}`
-    [B,H,D] and `score.{l}` [B,Hkv,scored] (none when `scored` is None)."""
+    [B,H,D] and `score.{l}` [B,R,scored], R = `manifest.score_rows` (none when `scored` is None)."""
     m, dev, dt = engine.manifest, engine.device, engine.dtype
     out = {"logits": torch.empty(batch, 1, m.vocab_size, device=dev)}
     for layer in range(m.n_layers):
@@ -23,7 +23,7 @@ def graph_outputs(engine, batch: int, new: int, scored: int | None,
         out[f"query.{layer}"] = torch.empty(batch, m.n_heads, m.head_dim, dtype=dt, device=dev)
     if scored is not None:
         for layer in range(m.n_layers):
-            out[f"score.{layer}"] = torch.empty(batch, m.n_kv_heads, scored, device=dev)
+            out[f"score.{layer}"] = torch.empty(batch, m.score_rows, scored, device=dev)
     return out
 
 

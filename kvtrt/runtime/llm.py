@@ -31,9 +31,15 @@ DEFAULTS = dict(max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, repetit
 
 
 def check_kv_spec(kv: KVSpec, manifest) -> None:
-    """Refuse a SnapKV observation window the export's score outputs were not made with (the
-    spec's own options were checked when it was parsed)."""
+    """Refuse what the export's score outputs were not made for: another SnapKV observation window,
+    or query-head signatures from per-KV-head scores (the spec's own options were checked when it
+    was parsed)."""
     policy = kv.compaction
+    if getattr(policy, "signature", None) == "query" and manifest.score_heads != "query":
+        raise KVSpecError(f"kvcrush signature=query needs per-query-head scores, but this export's score outputs "
+                          f"are per KV head (score_heads={manifest.score_heads!r}, an export made before "
+                          f"--score-heads); re-export it (`kvtrt export {manifest.source} -o DIR`) or use "
+                          f"signature=kv or signature=block")
     base = getattr(policy, "base", policy)
     if isinstance(base, SnapKVPolicy) and policy.given("window") \
             and base.window != manifest.score_window:

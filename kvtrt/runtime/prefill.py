@@ -38,7 +38,7 @@ class PrefillJob:
         self.variant = GraphVariant.PREFILL_SHARED if self.shared else GraphVariant.PREFILL
         if store is None:
             store = KVStore(m.n_layers, 1, m.n_kv_heads, m.head_dim, engine.dtype, engine.device,
-                            track_scores=track_scores)
+                            track_scores=track_scores, score_rows=m.score_rows)
         self.store = store
         if self.shared:
             store.reserve(len(ids) - start)

@@ -182,7 +182,7 @@ class Scheduler:
         only request): its prefill store, plus every decode group's bound with `seq` in it."""
         bpt = self.m.kv_bytes_per_token
         n, rest = len(seq.ids), seq.max_new_tokens
-        prefill = n * (bpt + (4 * self.m.n_kv_heads * self.m.n_layers if seq.policy is not None else 0))
+        prefill = n * (bpt + (4 * self.m.score_rows * self.m.n_layers if seq.policy is not None else 0))
         extent, group = self._placement(seq)
         total = prefill
         for g in (self.dense, self.scored):
@@ -359,7 +359,7 @@ class Scheduler:
         """Shrink a single-sequence store to the sequence's budget (per layer, per KV head)."""
         live = torch.nonzero(store.mask[0], as_tuple=True)[0]
         count = min(seq.keep, len(live))
-        slots = [live[seq.policy.select(store.scores[layer][0][:, live], count)].unsqueeze(0)
+        slots = [live[seq.policy.select(store.grouped_scores(layer)[..., live], count)].unsqueeze(0)
                  for layer in range(self.m.n_layers)]
         store.compact(slots, [count], 0)
         seq.stats.compactions += 1
@@ -472,7 +472,7 @@ class Scheduler:
         row = group.rows[i]
         span = group.cursor - row.start
         store = KVStore(self.m.n_layers, 1, self.m.n_kv_heads, self.m.head_dim, self.engine.dtype, self.engine.device,
-                        capacity=span, track_scores=group.scored)
+                        capacity=span, track_scores=group.scored, score_rows=self.m.score_rows)
         for dst, src in zip(store._tensors(), group._tensors()):
             for d, s in zip(dst, src):
                 d[0] = s[i, :, row.start:group.cursor]

@@ -7,7 +7,9 @@ turns scores into kept slot indices. A spec's compaction stage is the policy its
     keep = policy.budget_tokens(context)          # tokens to keep, per KV head
     kept = policy.select(scores, keep)            # LongTensor [Hkv, keep]
 
-``scores`` is ``[Hkv, N]`` float: the attention mass each stored slot received, per KV head.
+``scores`` is ``[Hkv, N]`` float: the attention mass each stored slot received, per KV head, or
+``[Hkv, g, N]``: per query head, grouped by KV head (exports with ``score_heads`` "query"); policies
+rank the group mean, KVCrush's ``signature=query`` reads the heads.
 Slots are in position order, so the *sink* is the first ``sink`` slots and the *window* the last
 ``window`` slots; both are always kept and count inside the budget. Everything is deterministic:
 ties are broken by slot index and KVCrush's random anchor comes from its ``seed``.
@@ -31,7 +33,7 @@ from .options import KVSpecError, SpecStage, option, read_value, resolve_budget
 
 ANCHORS = ("random", "zeros", "ones", "mean", "alternating")
 GRANULARITIES = ("token", "page")
-SIGNATURES = ("kv", "block")
+SIGNATURES = ("kv", "query", "block")
 POOLS = ("avg", "max")
 
 
@@ -68,6 +70,7 @@ class Policy(SpecStage, ABC):
 
         All ``N`` slots when ``N <= keep``. Ties in ``token_scores`` go to the older slot.
         """
+        scores = group_mass(scores)
         heads, n = _shape(scores)
         if n <= keep:
             return _all_slots(heads, n, scores.device)
@@ -168,6 +171,8 @@ class KVCrushPolicy(Policy):
     1. Signature (``signature=``):
        - ``kv``: one bit per KV head, 1 where that head's mean attention mass ranks the candidate in
          the top half (``floor(M/2)`` of ``M`` candidates; ties to the older one);
+       - ``query``: the same with one bit per query head (scores ``[Hkv, g, N]``: an export with
+         ``score_heads`` "query"), 9 bits instead of 3 on SmolLM2;
        - ``block`` (OpenVINO GenAI's; page granularity only): one bit per token position of a page,
          1 where the token's mass summed over heads ranks in the top half of all slots outside
          sink and window (ties to the older one); positions past a short edge page are 0.
@@ -258,12 +263,15 @@ class KVCrushPolicy(Policy):
 
     def select(self, scores: Tensor, keep: int) -> Tensor:
         """Base share plus per-head representatives, ``LongTensor [Hkv, keep]`` rows ascending."""
-        heads, n = _shape(scores)
+        if self.signature == "query" and scores.dim() != 3:
+            raise ValueError("kvcrush signature=query needs per-query-head scores [Hkv, g, N] (an export with "
+                             "score_heads 'query')")
+        heads, n = _shape(group_mass(scores))
         if n <= keep:
             return _all_slots(heads, n, scores.device)
         self._check_keep(keep, f"select(keep={keep})")
         base_keep, reps = self.split(keep)
-        kept = self.base.select(scores, base_keep)
+        kept = self.base.select(group_mass(scores), base_keep)
         if reps == 0:
             return kept
         return torch.cat([kept, self._representatives(scores, kept, reps)], dim=1).sort(dim=1).values
@@ -272,8 +280,10 @@ class KVCrushPolicy(Policy):
     def _unit(self) -> int:
         return self.page if self.granularity == "page" else 1
 
-    def _representatives(self, scores: Tensor, kept: Tensor, reps: int) -> Tensor:
-        """``[Hkv, reps]`` slots outside ``kept`` chosen by Hamming-distance buckets."""
+    def _representatives(self, head_scores: Tensor, kept: Tensor, reps: int) -> Tensor:
+        """``[Hkv, reps]`` slots outside ``kept`` chosen by Hamming-distance buckets; ``head_scores``
+        as ``select`` takes them."""
+        scores = group_mass(head_scores)
         heads, n = scores.shape
         device = scores.device
         slots = torch.arange(n, device=device)
@@ -292,6 +302,11 @@ class KVCrushPolicy(Policy):
         if self.signature == "block":
             bits = block_signatures(torch.where(middle, scores.sum(dim=0), float("-inf")), middle.sum(), self.page)
             bits = bits[:, candidates]
+        elif self.signature == "query":
+            per_query = head_scores.flatten(0, 1)  # [H, N]
+            mass_q = torch.zeros(per_query.shape[0], n_units, device=device).index_add_(
+                1, unit_of, torch.where(middle, per_query, 0.0))
+            bits = signatures(mass_q[:, candidates] / size[candidates])
         else:
             bits = signatures(mass[:, candidates] / size[candidates])
         order = candidates[hamming_order(bits, anchor_bits(self.anchor, bits, self.seed))]
@@ -365,6 +380,12 @@ def bucket_starts(m: int, buckets: int, device: torch.device | None = None) -> T
 BASES: dict[str, type[Policy]] = {"snapkv": SnapKVPolicy, "h2o": H2OPolicy, "streaming": StreamingPolicy}
 POLICIES: dict[str, type[Policy]] = {"streaming": StreamingPolicy, "h2o": H2OPolicy, "snapkv": SnapKVPolicy,
                                      "kvcrush": KVCrushPolicy}
+
+
+def group_mass(scores: Tensor) -> Tensor:
+    """``[Hkv, N]`` mass per KV head: ``scores`` itself, or the mean of ``[Hkv, g, N]`` over each
+    group's query heads."""
+    return scores.mean(dim=1) if scores.dim() == 3 else scores
 
 
 def _shape(scores: Tensor) -> tuple[int, int]:

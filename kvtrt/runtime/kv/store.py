@@ -5,7 +5,8 @@ oldest first), a `[B, capacity]` int64 mask marks live slots. Keys are stored ro
 can be gathered per head (compaction) without touching positions. The whole capacity is bound
 to the graph; dead slots are masked. Growth reallocates once per `reserve` (amortised), never
 per step. With `track_scores`, every slot also carries the attention mass it has received
-(`scores[l]`, `[B, Hkv, capacity]` float32), which the compaction policies rank.
+(`scores[l]`, `[B, R, capacity]` float32, R = `score_rows`: the export's query heads, grouped by
+KV head, or its KV heads), which the compaction policies rank.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ class KVStore:
     """KV cache of a batch of sequences; all sequences share the write cursor `length`."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, capacity: int = 0, track_scores: bool = False):
+                 device: torch.device, capacity: int = 0, track_scores: bool = False, score_rows: int | None = None):
         self.shape = (batch, n_kv_heads, head_dim)
         self.dtype, self.device = dtype, device
         self.keys = [self._empty(capacity) for _ in range(n_layers)]
         self.values = [self._empty(capacity) for _ in range(n_layers)]
-        self.scores = [self._empty(capacity, torch.float32)[..., 0] for _ in range(n_layers)] if track_scores else None
+        rows = score_rows or n_kv_heads
+        self.scores = [torch.zeros(batch, rows, capacity, device=device) for _ in range(n_layers)] \
+            if track_scores else None
         self.mask = torch.zeros(batch, capacity, dtype=torch.long, device=device)
         self.length = 0
 
@@ -43,6 +46,11 @@ class KVStore:
     def nbytes(self) -> int:
         """Bytes held by stored K and V (allocated capacity, all layers)."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def grouped_scores(self, layer: int, row: int = 0) -> Tensor:
+        """Sequence `row`'s tracked mass in `layer` as a policy takes it: `[Hkv, R/Hkv, capacity]`."""
+        scores = self.scores[layer][row]
+        return scores.view(self.shape[1], -1, scores.shape[-1])
 
     def _tensors(self) -> list[list[Tensor]]:
         return [self.keys, self.values] + ([self.scores] if self.scores is not None else [])
@@ -83,7 +91,7 @@ class KVStore:
     def append(self, keys: list[Tensor], values: list[Tensor], scores: list[Tensor] | None = None) -> None:
         """Write new tokens' KV (`[B,Hkv,S,D]` per layer) at the cursor; room must be reserved.
 
-        `scores[l]` (`[B,Hkv,capacity+S]`, the graph's score output for this call) is added to the
+        `scores[l]` (`[B,R,capacity+S]`, the graph's score output for this call) is added to the
         tracked mass of the stored slots and becomes the new slots' first mass."""
         s = keys[0].shape[2]
         start, end = self.length, self.length + s
@@ -111,7 +119,7 @@ class KVStore:
         return start
 
     def add_scores(self, scores: list[Tensor]) -> None:
-        """Add a call's attention mass over the live prefix (`[B,Hkv,length]` per layer, the
+        """Add a call's attention mass over the live prefix (`[B,R,length]` per layer, the
         `prefill_shared` graph's score output) to the tracked mass of those slots."""
         if self.scores is not None:
             for acc, new in zip(self.scores, scores):
@@ -123,7 +131,8 @@ class KVStore:
         first = stores[0]
         n = max(s.length for s in stores)
         merged = cls(len(first.keys), len(stores), first.shape[1], first.shape[2], first.dtype, first.device, n + extra,
-                     track_scores=first.scores is not None)
+                     track_scores=first.scores is not None,
+                     score_rows=first.scores[0].shape[1] if first.scores is not None else None)
         for b, s in enumerate(stores):
             offset = n - s.length
             for dst_list, src_list in zip(merged._tensors(), s._tensors()):
@@ -143,6 +152,8 @@ class KVStore:
                 index = slots[layer]
                 if old.dim() == 4:
                     index = index.unsqueeze(-1).expand(*index.shape, old.shape[-1])
+                else:  # scores: each KV head's slots for its query heads' rows
+                    index = index.repeat_interleave(old.shape[1] // index.shape[1], dim=1)
                 new = old.new_zeros(*old.shape[:2], k + extra, *old.shape[3:])
                 new[:, :, :k] = torch.gather(old, 2, index)
                 tensors[layer] = new
