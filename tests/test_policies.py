@@ -254,6 +254,20 @@ def test_kvcrush_query_signature_reads_each_query_head():
         policy(spec + "query").select(scores.mean(dim=1), 5)
 
 
+@pytest.mark.parametrize(("pick", "pages"), [("first", [2, 0]), ("best", [1, 3])])
+def test_kvcrush_pick_best_takes_the_bases_favourite_inside_each_bucket(pick, pages):
+    # no sink, window or base share: two pages of representatives. Top eight of sixteen: 12 0 1 14 15 3 5 7,
+    # block bits p0:1101 p1:0101 p2:0000 p3:1011; anchor 0000 -> order p2 p1 | p0 p3. first: p2, p0.
+    # best (mean value p0 6.75 p1 4.5 p2 2.375 p3 7.025): p1 (not p2) and p3 (not p0); the two best
+    # pages overall, p3 and p0, share a bucket, so best is not a plain top-k.
+    scores = torch.tensor(BLOCK_VALUES).expand(2, -1) / 2
+    p = policy(f"kvcrush:budget=8,base=h2o,sink=0,window=0,ratio=1,anchor=zeros,granularity=page,page=4,"
+               f"signature=block,pick={pick}")
+    assert p.split(8) == (0, 8)
+    expected = sorted(4 * page + j for page in pages for j in range(4))
+    assert rows(p.select(scores, 8)) == [expected, expected]
+
+
 def test_block_signature_needs_pages():
     with pytest.raises(KVSpecError, match="signature=block.*granularity=page"):
         policy("kvcrush:budget=64,signature=block")

@@ -34,6 +34,7 @@ from .options import KVSpecError, SpecStage, option, read_value, resolve_budget
 ANCHORS = ("random", "zeros", "ones", "mean", "alternating")
 GRANULARITIES = ("token", "page")
 SIGNATURES = ("kv", "query", "block")
+PICKS = ("first", "best")
 POOLS = ("avg", "max")
 
 
@@ -180,7 +181,10 @@ class KVCrushPolicy(Policy):
        ties to 0) or ``alternating`` (0101...), as long as the signature.
     3. Candidates sorted by Hamming distance to the anchor (stable: ties by slot).
     4. The order is split into ``R`` buckets, bucket ``i`` = positions ``[floor(i*M/R),
-       floor((i+1)*M/R))``; the representative of a bucket is its first entry.
+       floor((i+1)*M/R))``; the representative of a bucket is its first entry (``pick=first``,
+       KVCrush's), or with ``pick=best`` the entry the base scores highest (mean ``token_scores``
+       over the unit's slots, summed over heads; ties to the earlier entry): the buckets still
+       spread the budget over head behaviours, the base chooses inside each.
 
     Representatives are the same for every head. If a head's base share already holds one, that
     head takes the next entry of the same bucket instead (then the second free entry of each
@@ -199,6 +203,7 @@ class KVCrushPolicy(Policy):
     page: int = option(32, "whole", minimum=1)
     seed: int = option(0, "whole")
     signature: str = option("kv", "choice", choices=SIGNATURES)
+    pick: str = option("first", "choice", choices=PICKS)
 
     @classmethod
     def base_class(cls, params: dict[str, str], where: str) -> type[Policy]:
@@ -312,6 +317,11 @@ class KVCrushPolicy(Policy):
         order = candidates[hamming_order(bits, anchor_bits(self.anchor, bits, self.seed))]
         position = torch.arange(m, device=device)
         bucket = ((position + 1) * buckets - 1) // m  # bucket i spans [floor(i*m/R), floor((i+1)*m/R))
+        if self.pick == "best":  # inside each bucket, the base's best unit first
+            base = torch.where(middle, self.base.token_scores(scores), 0.0).sum(dim=0)
+            value = torch.zeros(n_units, device=device).index_add_(0, unit_of, base)[order] / size[order]
+            within = torch.sort(value, descending=True, stable=True).indices
+            order = order[within[torch.sort(bucket[within], stable=True).indices]]
 
         # Rank of each unit among the units still free for this head inside its bucket.
         free = unit_evicted[:, order].long()
