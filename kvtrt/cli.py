@@ -3,7 +3,8 @@
 Each command is one `_<command>_parser` function that adds its subparser (options shared by
 several commands come from the `add_*_option(s)` helpers) and one `_cmd_<command>` that runs
 it; `COMMANDS` lists the parser functions. A command names the optional extras it needs
-(`requires`), and `main` refuses it before any work when one is not installed.
+(`requires`) and may refuse option combinations (`check`, returning the message), and `main`
+refuses it before any work when one is not installed or a combination is refused.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from .contract import (ATTENTION, DEFAULT_PREFILL_CHUNK, DEFAULT_SCORE_WINDOW, QUANTIZE_METHODS, QUANTIZE_SCHEMES,
                        SCORE_HEADS)
-from .eval.peers import EVAL_PEERS, PEER_PRECISIONS, PEERS
+from .eval.peers import EVAL_PEERS, OPENVINO_NO_PPL, PEER_PRECISIONS, PEERS
 
 KV_HELP = ("KV spec: what is stored and attended. 'full' (default); compaction 'streaming:sink=4,window=N', "
            "'h2o:budget=B', 'snapkv:budget=B,window=32,kernel=5', 'kvcrush:budget=B,base=snapkv|h2o|streaming,"
@@ -65,11 +66,36 @@ def add_prefill_chunk_option(p: argparse.ArgumentParser, help: str = "prompt tok
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help=help)
 
 
-def add_peer_options(p: argparse.ArgumentParser, peer_help: str, precision_help: str) -> None:
-    """--peer, --peer-dir, --peer-precision: onnxruntime-genai on the same model (the bench extra)."""
-    p.add_argument("--peer", choices=PEERS, help=peer_help)
-    p.add_argument("--peer-dir", help="where the peer model is built and cached (default: DIR-ortgenai-PRECISION)")
+def add_peer_options(p: argparse.ArgumentParser, peer_help: str, precision_help: str, peers=PEERS,
+                     many: bool = False) -> None:
+    """--peer (one of `peers`, or with `many` a comma-separated / repeated list of them), --peer-dir and
+    --peer-precision (onnxruntime-genai), --openvino-dir (OpenVINO GenAI): peers on the same model."""
+    if many:
+        p.add_argument("--peer", action="extend", type=_names(peers), metavar="{" + ",".join(peers) + "}",
+                       help=peer_help)
+    else:
+        p.add_argument("--peer", choices=peers, help=peer_help)
+    p.add_argument("--peer-dir", help="where the onnxruntime-genai peer model is built and cached (default: "
+                                      "DIR-ortgenai-PRECISION beside DIR)")
     p.add_argument("--peer-precision", default=PEER_PRECISIONS[0], choices=PEER_PRECISIONS, help=precision_help)
+    if "openvino" in peers:
+        p.add_argument("--openvino-dir", help="the OpenVINO GenAI peer's model folder (default: DIR-openvino-fp32 "
+                                              "beside DIR); converted there once from the export's source (fp32 "
+                                              "weights) with optimum-intel's optimum-cli when it holds no "
+                                              "openvino_model.xml (set KVTRT_OPTIMUM_CLI when optimum-cli lives in "
+                                              "another virtualenv)")
+
+
+def _names(allowed) -> "callable":
+    """An argparse type: a comma-separated list of names from `allowed`."""
+    def parse(text: str) -> list[str]:
+        names = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in names if x not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, bad))}; choose from {', '.join(allowed)}")
+        return names
+
+    return parse
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
@@ -104,8 +130,14 @@ def _save_rows(rows: list[dict], table: str, args, plot) -> None:
         print(f"wrote {plot(args.plot)}", file=sys.stderr)
 
 
+#: the module each peer needs (all in the bench extra); kvpress says its own install command
+PEER_MODULES = {"ortgenai": "onnxruntime_genai", "openvino": "openvino_genai"}
+
+
 def _plot_and_peer_extras(args) -> list[tuple[str, str]]:
-    return [("matplotlib", "bench")] * bool(args.plot) + [("onnxruntime_genai", "bench")] * bool(args.peer)
+    peers = [args.peer] if isinstance(args.peer, str) else args.peer or []
+    return [("matplotlib", "bench")] * bool(args.plot) + [(PEER_MODULES[p], "bench") for p in peers
+                                                          if p in PEER_MODULES]
 
 
 def _floats(text: str) -> list[float]:
@@ -252,13 +284,23 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
                        description="For each context, a prompt of exactly that many tokens from the haystack texts, "
                                    "greedy, each measurement in its own subprocess (best of --repeat runs). Reports "
                                    "prefill seconds, decode tok/s, peak RSS and KV MiB; with --peer ortgenai the "
-                                   "same token ids run on onnxruntime-genai built from the same model.")
+                                   "same token ids run on onnxruntime-genai built from the same model, with --peer "
+                                   "openvino on OpenVINO GenAI's LLMPipeline (the same model converted with "
+                                   "optimum-intel, fp32 weights and compute) twice: with its CPU default u8 KV cache "
+                                   "(kv full-u8) and with KV_CACHE_PRECISION=f32 (kv full-f32). Every engine runs in "
+                                   "its own worker process with --threads threads (the peers' intra-op threads, "
+                                   "OpenVINO's INFERENCE_NUM_THREADS), and its peak RSS is that process's own.")
     p.add_argument("dir", help="export folder")
     p.add_argument("--context", type=_ints, default=[512, 2048, 7680], help="comma-separated prompt lengths")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per measurement")
     p.add_argument("--kv", action="append", help="KV spec to measure (repeatable; default full). " + KV_HELP)
-    add_peer_options(p, "also measure onnxruntime-genai on the same model and ids",
-                     "weights of the onnxruntime-genai peer (compare int4 exports with int4)")
+    add_peer_options(p, "also measure peers on the same model and token ids, full cache, greedy (comma-separated "
+                        "or repeated): ortgenai (onnxruntime-genai, built once from the export's source), openvino "
+                        "(OpenVINO GenAI LLMPipeline, two rows: u8 and f32 KV; prefill s is its perf_metrics TTFT, "
+                        "decode tok/s 1 / its TPOT; KV MiB estimated from whole 32-token blocks); both need the "
+                        "bench extra",
+                     "weights of the onnxruntime-genai peer (compare int4 exports with int4; the OpenVINO peer is "
+                     "fp32)", many=True)
     p.add_argument("--text", help="text file or folder for the prompts (default ../shared/data/haystack)")
     p.add_argument("--repeat", type=int, default=2, help="runs per measurement; the best is reported (noisy hosts)")
     add_json_option(p)
@@ -275,9 +317,10 @@ def _cmd_bench(args) -> int:
 
     rows = run_bench(args.dir, args.context, args.kv or ["full"], new_tokens=args.new_tokens, threads=args.threads,
                      peer=args.peer, peer_dir=args.peer_dir, texts=args.text, prefill_chunk=args.prefill_chunk,
-                     repeat=args.repeat, peer_precision=args.peer_precision)
+                     repeat=args.repeat, peer_precision=args.peer_precision, openvino_dir=args.openvino_dir)
     for row in rows:
-        row["series"] = f"{row['engine']} {row['kv']}" if row["engine"] == "kvtrt" else row["engine"]
+        row["series"] = row["engine"] if row["engine"] != "kvtrt" and row["kv"] == "full" else \
+            f"{row['engine']} {row['kv']}"
     _save_rows(rows, table(rows), args, lambda path: line_plot(
         path, [("decode_tok_s", "decode tok/s"), ("prefill_s", "prefill s"), ("peak_rss_mib", "peak RSS MiB")],
         rows, "context", "series", f"kvtrt bench {Path(args.dir).name} ({args.threads} threads)"))
@@ -311,17 +354,35 @@ def _eval_parser(sub) -> argparse.ArgumentParser:
                         "kvpress: ppl and agreement rows also report kvpress's counterpart press at the same budget "
                         "(snapkv: SnapKVPress, h2o: ObservedAttentionPress, streaming: StreamingLLMPress; kvcrush: "
                         "none in kvpress 0.5.5) on the HF model from the same source, same samples and protocol "
-                        "(needs `pip install --no-deps kvpress` and cachetools, fire, datasets)",
-                     "weights of the onnxruntime-genai peer (int4: its own int4 re-quantization)")
-    next(a for a in p._actions if a.dest == "peer").choices = EVAL_PEERS
+                        "(needs `pip install --no-deps kvpress` and cachetools, fire, datasets); "
+                        "openvino: agreement and needle rows also report OpenVINO GenAI (its "
+                        "ContinuousBatchingPipeline on the model converted with optimum-intel, see --openvino-dir; "
+                        "same prompt token ids, fp32 compute, f32 KV, greedy, one request at a time) with its full "
+                        "cache (peer_full_value; "
+                        "agreement against its own full-cache tokens) and with its own cache eviction for each spec "
+                        "that has a counterpart (peer_value): snapkv -> its SnapKV eviction, kvcrush:base=snapkv -> "
+                        "its KVCrush eviction (ratio, anchor, seed from the spec), at kvtrt's kept-token budget "
+                        "rounded down to its 32-token blocks (peer_budget: the tokens it keeps; a budget below its "
+                        "smallest cache, start + recent + one block, has no counterpart); other specs have none. It "
+                        "cannot run --task ppl: its pipelines return generated tokens, not the logits of given "
+                        "targets. Needs the bench extra (openvino-genai)",
+                     "weights of the onnxruntime-genai peer (int4: its own int4 re-quantization)", peers=EVAL_PEERS)
     add_json_option(p)
     add_plot_option(p, "write a PNG plot (metric against budget, one line per policy, the full cache as a line, "
                        "a per-budget peer's points as markers)")
     add_threads_option(p)
     add_prefill_chunk_option(p)
-    p.set_defaults(func=_cmd_eval, requires=lambda args: [("matplotlib", "bench")] * bool(args.plot)
-                   + [("onnxruntime_genai", "bench")] * (args.peer == "ortgenai"))
+    p.set_defaults(func=_cmd_eval, requires=_plot_and_peer_extras, check=_check_eval)
     return p
+
+
+def _check_eval(args) -> str | None:
+    """Option combinations `kvtrt eval` refuses before any work (the message, or None)."""
+    if args.peer == "openvino" and "ppl" in args.task:
+        return OPENVINO_NO_PPL
+    if args.peer == "openvino" and args.peer_dir:
+        return "--peer-dir is the onnxruntime-genai model; give the OpenVINO model folder with --openvino-dir"
+    return None
 
 
 def _cmd_eval(args) -> int:
@@ -335,9 +396,14 @@ def _cmd_eval(args) -> int:
 
         peer_dir = build_ortgenai(args.dir, Path(peer_directory(args.dir, args.peer_dir, args.peer_precision)),
                                   args.peer_precision)
+    openvino_dir = None
+    if args.peer == "openvino":
+        from .eval.peers import build_openvino, openvino_directory
+
+        openvino_dir = str(build_openvino(args.dir, Path(openvino_directory(args.dir, args.openvino_dir))))
     evaluator = Evaluator(args.dir, args.context, texts=args.texts, num_texts=args.num_texts, threads=args.threads,
                           prefill_chunk=args.prefill_chunk, baseline=args.baseline, peer_dir=peer_dir,
-                          kvpress=args.peer == "kvpress")
+                          kvpress=args.peer == "kvpress", openvino=openvino_dir)
     rows = []
     for task in args.task:
         task_runs = runs
@@ -539,6 +605,10 @@ def command_options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    refused = args.check(args) if hasattr(args, "check") else None
+    if refused:
+        print(f"kvtrt {args.command}: error: {refused}", file=sys.stderr)
+        return 2
     missing = missing_extras(args.requires(args) if hasattr(args, "requires") else [])
     if missing:
         print(f"kvtrt {args.command}: error: {extras_error(args.command, missing)}", file=sys.stderr)

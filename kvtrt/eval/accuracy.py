@@ -18,7 +18,12 @@ int4 re-quantization), graphs and KV cache. With `kvpress=True`, ppl and agreeme
 counterpart press (see `peers.kvpress_press`) at the same budget on the HF model dequantized from the
 export's source, same samples and protocol (prefill compressed by the press, continuation teacher-forced or
 greedy on the compressed cache): `peer_value` beside `value`, `peer_full_value` the HF model's own full cache
-(agreement is against that full cache's greedy tokens).
+(agreement is against that full cache's greedy tokens). With an `openvino` model folder (converted by
+`peers.build_openvino`), agreement and needle rows carry OpenVINO GenAI's the same way: its pipeline on the
+same prompt ids, f32 KV, greedy, with its full cache (`peer_full_value`) and with its own cache eviction for
+each spec that has a counterpart (`peers.openvino_counterpart`: snapkv -> its SnapKV, kvcrush:base=snapkv ->
+its KVCrush) at kvtrt's kept-token budget rounded down to its 32-token blocks (`peer_budget`, the tokens it
+keeps); its pipelines give no logits of given targets, so there is no ppl with it.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from ..runtime.kv.spec import COMPACTION_NAMES, KVSpec, StageText, parse_kv_spec
 from ..runtime.llm import check_kv_spec, load
 from ..runtime.request import RequestStats
 from .decoding import decode, prefill
-from .peers import KVPressPeer, kvpress_press, ortgenai_model, ortgenai_nll, press_label
+from .peers import (OPENVINO_NO_PPL, KVPressPeer, OpenVINOPeer, kvpress_press, openvino_counterpart, ortgenai_model,
+                    ortgenai_nll, press_label)
 from .texts import load_texts, token_prefix
 
 TASKS = ("ppl", "agreement", "needle")
@@ -106,9 +112,13 @@ class Evaluator:
 
     def __init__(self, directory: str, context: int, texts: str | None = None, num_texts: int = 10,
                  threads: int | None = None, prefill_chunk: int = 512, progress: bool = True, seed: int = 0,
-                 baseline: str | None = None, peer_dir: str | None = None, kvpress: bool = False):
+                 baseline: str | None = None, peer_dir: str | None = None, kvpress: bool = False,
+                 openvino: str | None = None):
+        if kvpress and openvino is not None:
+            raise ValueError("one per-spec peer at a time: kvpress or OpenVINO GenAI")
         self.llm = load(directory, threads=threads, prefill_chunk=prefill_chunk, prefix_cache=0)
         self.kvpress = KVPressPeer(self.llm.manifest.source, threads) if kvpress else None
+        self.openvino = OpenVINOPeer(openvino, threads, prefill_chunk) if openvino is not None else None
         self.peer_dir = peer_dir
         self.peer = ortgenai_model(peer_dir, threads) if peer_dir is not None else None
         self.baseline = None
@@ -136,6 +146,8 @@ class Evaluator:
         """Rows `task, kv, policy, budget, context, metric, value, full_value` (one per spec)."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+        if task == "ppl" and self.openvino is not None:
+            raise ValueError(OPENVINO_NO_PPL)
         for run in runs:  # budgets that cannot hold sink + window fail now, not an hour in
             check_kv_spec(run.spec, self.llm.manifest)
             if run.spec.compaction is not None:
@@ -146,8 +158,11 @@ class Evaluator:
         peer = Totals() if self.peer is not None and task == "ppl" else None
         pressed = {r.label: Totals() for r in [full, *runs]} \
             if self.kvpress is not None and task in ("ppl", "agreement") else None
-        press_names: dict[str, str] = {}
+        press_names: dict[str, str] = {}  # run label -> the peer's counterpart (kvpress or OpenVINO)
+        peer_fields: dict[str, dict] = {}  # run label -> extra row fields from the peer
         jobs = self._jobs(task, new_tokens, depths)
+        if self.openvino is not None:  # OpenVINO GenAI, same samples, one pipeline per cache configuration
+            pressed = self._openvino_task(task, jobs, full, runs, press_names, peer_fields)
         bar = tqdm(total=len(jobs) * (len(runs) + 1), desc=f"eval {task}", unit="run", disable=not self.progress)
         for prompt, payload in jobs:
             if base is not None:  # the baseline export, full cache, same sample
@@ -157,10 +172,10 @@ class Evaluator:
             if peer is not None:  # the onnxruntime-genai model, same sample
                 peer.nll += ortgenai_nll(self.peer, prompt, payload)
                 peer.tokens += len(payload)
-            if pressed is not None:  # kvpress's presses on the HF model, same sample, same budgets
+            if self.kvpress is not None and pressed is not None:  # kvpress's presses, same sample, same budgets
                 self._kvpress_sample(task, prompt, payload, full, runs, pressed, press_names)
             start = prefill(self.llm, prompt)  # one prefill, copied for the full cache and every spec
-            reference = None
+            outputs = {}
             for run in [full, *runs]:
                 total = totals[run.label]
                 if task == "ppl":
@@ -169,16 +184,11 @@ class Evaluator:
                     total.tokens += len(payload)
                 else:
                     out = decode(self.llm, prompt, payload["new"], run.spec, start=start, stop_at_eos=task == "needle")
-                    tokens = out.tokens
-                    if task == "agreement":
-                        reference = tokens if run is full else reference
-                        total.hits += sum(a == b for a, b in zip(tokens, reference))
-                        total.trials += len(reference)
-                    else:
-                        total.hits += int(payload["key"] in self.llm.codec.decode(tokens))
-                        total.trials += 1
+                    outputs[run.label] = out.tokens
                 total.add_stats(out.stats)
                 bar.update()
+            if task != "ppl":
+                self._score(task, payload, outputs, full.label, totals)
         bar.close()
         rows = [self._row(task, r, totals[r.label], totals[full.label]) for r in [full, *runs]]
         if base is not None:
@@ -190,12 +200,15 @@ class Evaluator:
                 row["peer"] = str(self.peer_dir)
                 row["peer_value"] = math.exp(peer.nll / peer.tokens)
         if pressed is not None:
+            engine = f"kvpress {self.kvpress.version}" if self.openvino is None else \
+                f"openvino-genai {self.openvino.version}"
             for run, row in zip([full, *runs], rows):
                 row["peer_full_value"] = self._value(task, pressed[full.label])
                 name = "full cache" if run is full else press_names.get(run.label)
-                row["peer"] = f"kvpress {self.kvpress.version} " + (name or "(no counterpart)")
-                if name is not None:
+                row["peer"] = f"{engine} " + (name or "(no counterpart)")
+                if name is not None and run.label in pressed:
                     row["peer_value"] = self._value(task, pressed[run.label])
+                row.update(peer_fields.get(run.label, {}))
         return rows
 
     def _kvpress_sample(self, task: str, prompt: list[int], payload, full: SpecRun, runs: list[SpecRun],
@@ -217,10 +230,52 @@ class Evaluator:
                 totals[label].tokens += len(payload)
         else:
             out = self.kvpress.run(prompt, presses, new_tokens=payload["new"])
-            reference = out["full"]
-            for label, tokens in [(full.label, reference), *((k, out[k]) for k in presses)]:
-                totals[label].hits += sum(a == b for a, b in zip(tokens, reference))
-                totals[label].trials += len(reference)
+            self._score(task, payload, {full.label: out["full"], **{k: out[k] for k in presses}}, full.label, totals)
+
+    def _openvino_task(self, task: str, jobs: list, full: SpecRun, runs: list[SpecRun], names: dict[str, str],
+                       fields: dict[str, dict]) -> dict[str, Totals]:
+        """Every sample through OpenVINO GenAI: its full cache and, for every run with a counterpart
+        (`openvino_counterpart`) that keeps at most kvtrt's tokens at this context (every prompt is
+        `context` tokens), its eviction; one pipeline per configuration, run over all samples. Returns the
+        totals of the full cache and those runs."""
+        plan: dict[object, list[str]] = {None: [full.label]}  # eviction config (None: full cache) -> run labels
+        for run in runs:
+            eviction = openvino_counterpart(run.spec, self.context, self.llm.manifest.score_window)
+            if eviction is None:
+                continue
+            keep = min(run.spec.compaction.budget_tokens(self.context), self.context)
+            if eviction.tokens > keep:  # below its smallest cache: it would keep more than kvtrt
+                fields[run.label] = {"peer_note": f"no counterpart at {keep} tokens: OpenVINO's smallest "
+                                                  f"{eviction.mode} cache keeps {eviction.tokens}"}
+                continue
+            names[run.label] = eviction.label
+            fields[run.label] = {"peer_budget": eviction.tokens}
+            plan.setdefault(eviction, []).append(run.label)
+        new = jobs[0][1]["new"] if jobs else 0
+        stop = list(self.llm.manifest.eos_token_ids) if task == "needle" else None
+        outputs: list[dict[str, list[int]]] = [{} for _ in jobs]
+        for eviction, labels in tqdm(plan.items(), desc=f"eval {task} openvino", unit="config",
+                                     disable=not self.progress):
+            tokens = self.openvino.generate([prompt for prompt, _ in jobs], new, eviction, stop_ids=stop)
+            for out, ids in zip(outputs, tokens):
+                out.update({label: ids for label in labels})
+        totals = {label: Totals() for label in [full.label, *names]}
+        for (_, payload), out in zip(jobs, outputs):
+            self._score(task, payload, out, full.label, totals)
+        return totals
+
+    def _score(self, task: str, payload: dict, outputs: dict[str, list[int]], reference: str,
+               totals: dict[str, Totals]) -> None:
+        """One sample's generated tokens per run label: agreement with the `reference` label's tokens
+        (the same engine's full cache), or needle hits (the key's digits in the decoded answer)."""
+        for label, tokens in outputs.items():
+            total = totals[label]
+            if task == "agreement":
+                total.hits += sum(a == b for a, b in zip(tokens, outputs[reference]))
+                total.trials += len(outputs[reference])
+            else:
+                total.hits += int(payload["key"] in self.llm.codec.decode(tokens))
+                total.trials += 1
 
     @staticmethod
     def _value(task: str, total: Totals) -> float:
@@ -284,8 +339,8 @@ def _sentence_end(codec, ids: list[int], at: int) -> int:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown table of eval rows. A peer with per-spec values (kvpress) gets its value, its ratio to its
-    own full cache and kvtrt's value over it; a full-cache peer (ortgenai) and a baseline get theirs."""
+    """Markdown table of eval rows. A peer with per-spec values (kvpress, OpenVINO GenAI) gets its value, its
+    ratio to its own full cache and kvtrt's value over it; a full-cache peer (ortgenai) and a baseline get theirs."""
     if any("peer_full_value" in r for r in rows):
         return _press_table(rows)
     others = [name for name in ("baseline", "peer") if any(f"{name}_value" in r for r in rows)]
@@ -305,15 +360,22 @@ def table(rows: list[dict]) -> str:
 
 
 def _press_table(rows: list[dict]) -> str:
-    lines = ["| task | kv | budget | metric | kvtrt | full cache | ratio | kvpress press | kvpress | kvpress full cache "
-             "| kvpress ratio | kvtrt / kvpress |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    """Rows with a per-spec peer (kvpress, OpenVINO GenAI): its counterpart, value, full cache, ratio and
+    kvtrt's value over the peer's, plus the tokens the peer keeps when it says (`peer_budget`)."""
+    engine = rows[0].get("peer", "peer").split(" ")[0]
+    budgets = any("peer_budget" in r for r in rows)
+    lines = [f"| task | kv | budget | metric | kvtrt | full cache | ratio | {engine} counterpart | "
+             + f"{engine} tokens kept | " * budgets
+             + f"{engine} | {engine} full cache | {engine} ratio | kvtrt / {engine} |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * budgets + "---|---|---|---|"]
     for r in rows:
         ratio = r["value"] / r["full_value"] if r["full_value"] else float("nan")
         peer, peer_full = r.get("peer_value"), r["peer_full_value"]
         press = r.get("peer", "").split(" ", 2)[-1]
         line = (f"| {r['task']} | {r['kv']} | {r['budget'] if r['budget'] is not None else ''} | {r['metric']} | "
                 f"{r['value']:.4f} | {r['full_value']:.4f} | {ratio:.4f} | {press} | ")
+        if budgets:
+            line += f"{r.get('peer_budget', '')} | "
         if peer is None:
             line += f" | {peer_full:.4f} | | |"
         else:

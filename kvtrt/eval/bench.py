@@ -1,5 +1,6 @@
 """`kvtrt bench`: prefill time, decode speed, peak RSS and KV memory per context, each measurement in
-its own subprocess, optionally beside onnxruntime-genai on the same model and the same token ids."""
+its own subprocess, optionally beside peers on the same model and the same token ids: onnxruntime-genai,
+and OpenVINO GenAI's LLMPipeline with its CPU default u8 KV cache and with f32 KV."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..contract import DEFAULT_PREFILL_CHUNK
-from .peers import PEERS, build_ortgenai, ortgenai_model, peer_directory
+from .peers import (OPENVINO_BLOCK, PEERS, build_openvino, build_ortgenai, openvino_directory,
+                    openvino_kv_bytes_per_token, ortgenai_model, peer_directory)
 from .texts import load_texts, token_prefix
 
 
@@ -63,10 +65,51 @@ def measure_ortgenai(model_dir: str, ids: list[int], new_tokens: int, threads: i
     return {"prefill_s": prefill_s, "decode_tok_s": tok_s, "kv_mib": kv_mib, "new_tokens": new_tokens, "kv_stats": {}}
 
 
+#: the OpenVINO rows: its CPU default KV precision (u8) and f32 KV
+OPENVINO_CONFIGS = {"full-u8": None, "full-f32": "f32"}
+
+
+def measure_openvino(model_dir: str, ids: list[int], new_tokens: int, threads: int, kv: str,
+                     kv_dims: tuple[int, int, int]) -> dict:
+    """Runs in the worker process: the same greedy generation with OpenVINO GenAI's LLMPipeline, fp32
+    compute, `threads` INFERENCE_NUM_THREADS, KV per `kv` (full-u8: its CPU default; full-f32); the
+    prefill time is its TTFT, the decode speed 1 / its TPOT (its own perf_metrics). `kv_dims`: layers,
+    KV heads, head size, for the KV estimate (whole 32-token blocks)."""
+    import numpy as np
+    import openvino as ov
+    import openvino_genai as ov_genai
+
+    from .concurrency import openvino_generation_config
+
+    if kv not in OPENVINO_CONFIGS:
+        raise ValueError(f"OpenVINO bench config {kv!r} is unknown; use one of {', '.join(OPENVINO_CONFIGS)}")
+    properties = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
+    if OPENVINO_CONFIGS[kv]:
+        properties["KV_CACHE_PRECISION"] = OPENVINO_CONFIGS[kv]
+    pipe = ov_genai.LLMPipeline(str(model_dir), "CPU", **properties)
+
+    def run(prompt: list[int], n: int) -> tuple[float, float, int]:
+        out = pipe.generate(ov.Tensor(np.array([prompt], dtype=np.int64)), openvino_generation_config(n))
+        metrics = out.perf_metrics
+        tpot_ms = metrics.get_tpot().mean
+        return metrics.get_ttft().mean / 1000, 1000 / tpot_ms if tpot_ms > 0 else 0.0, len(out.tokens[0])
+
+    run(ids[:16], 4)
+    prefill_s, tok_s, generated = run(ids, new_tokens)
+    blocks = -(-(len(ids) + new_tokens) // OPENVINO_BLOCK)
+    per_token = openvino_kv_bytes_per_token(*kv_dims, OPENVINO_CONFIGS[kv] or "u8")
+    return {"prefill_s": prefill_s, "decode_tok_s": tok_s, "kv_mib": blocks * OPENVINO_BLOCK * per_token / 2**20,
+            "new_tokens": generated, "kv_stats": {}, "kv_precision": OPENVINO_CONFIGS[kv] or "u8",
+            "kv_estimated": True}
+
+
 def _worker(args: dict) -> None:
     ids = json.loads(Path(args["ids_file"]).read_text())
     if args["engine"] == "kvtrt":
         row = measure_kvtrt(args["dir"], ids, args["new_tokens"], args["kv"], args["threads"], args["prefill_chunk"])
+    elif args["engine"] == "openvino":
+        row = measure_openvino(args["openvino_dir"], ids, args["new_tokens"], args["threads"], args["kv"],
+                               args["kv_dims"])
     else:
         row = measure_ortgenai(args["peer_dir"], ids, args["new_tokens"], args["threads"])
     row["peak_rss_mib"] = peak_rss_mib()
@@ -97,9 +140,12 @@ def _spawn(args: dict) -> dict:
 
 
 def run_bench(directory: str, contexts: list[int], kv_specs: list[str], new_tokens: int = 64, threads: int = 2,
-              peer: str | None = None, peer_dir: str | None = None, texts: str | None = None,
-              prefill_chunk: int = DEFAULT_PREFILL_CHUNK, repeat: int = 2, peer_precision: str = "fp32") -> list[dict]:
-    """Measure every (context, kv spec) and the peer; returns the rows (also printed as a table)."""
+              peer: str | list[str] | None = None, peer_dir: str | None = None, texts: str | None = None,
+              prefill_chunk: int = DEFAULT_PREFILL_CHUNK, repeat: int = 2, peer_precision: str = "fp32",
+              openvino_dir: str | None = None) -> list[dict]:
+    """Measure every (context, kv spec) and the peers (`peer`: 'ortgenai', 'openvino' or a list of them;
+    `peer_dir` is onnxruntime-genai's model, `openvino_dir` OpenVINO's, both built once when missing);
+    returns the rows (also printed as a table)."""
     from ..manifest import Manifest
     from ..runtime.tokenizer import TextCodec
 
@@ -110,23 +156,31 @@ def run_bench(directory: str, contexts: list[int], kv_specs: list[str], new_toke
                              f"positions; lower --context or --new-tokens")
     codec = TextCodec(directory, manifest)
     corpus = load_texts(texts)
-    if peer:
-        if peer not in PEERS:
-            raise ValueError(f"--peer {peer!r} is unknown; the supported peer is {', '.join(map(repr, PEERS))}")
+    peers = list(dict.fromkeys([peer] if isinstance(peer, str) else peer or []))
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        raise ValueError(f"--peer {', '.join(map(repr, unknown))} is unknown; the peers are {', '.join(PEERS)}")
+    peer_jobs = []
+    if "ortgenai" in peers:
         peer_dir = peer_directory(directory, peer_dir, peer_precision)
         build_ortgenai(directory, Path(peer_dir), peer_precision)
+        peer_jobs.append(("ortgenai", "full"))
+    if "openvino" in peers:
+        openvino_dir = str(build_openvino(directory, Path(openvino_directory(directory, openvino_dir))))
+        peer_jobs += [("openvino", kv) for kv in OPENVINO_CONFIGS]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for context in contexts:
             ids_file = Path(tmp) / f"ids-{context}.json"
             ids_file.write_text(json.dumps(token_prefix(codec.encode, corpus, context)))
-            jobs = [("kvtrt", kv) for kv in kv_specs] + ([("ortgenai", "full")] if peer else [])
+            jobs = [("kvtrt", kv) for kv in kv_specs] + peer_jobs
             best: dict[tuple[str, str], dict] = {}
             for _ in range(repeat):  # interleaved, so a noisy phase of the host hits every engine alike
                 for engine, kv in jobs:
                     args = {"engine": engine, "dir": str(directory), "peer_dir": peer_dir, "ids_file": str(ids_file),
                             "new_tokens": new_tokens, "kv": kv, "threads": threads, "prefill_chunk": prefill_chunk,
-                            "context": context}
+                            "context": context, "openvino_dir": openvino_dir,
+                            "kv_dims": [manifest.n_layers, manifest.n_kv_heads, manifest.head_dim]}
                     row = {"context": context, "engine": engine, "kv": kv, **_spawn(args)}
                     print(_format_row(row), file=sys.stderr, flush=True)
                     old = best.get((engine, kv))
@@ -147,18 +201,26 @@ def _format_row(row: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown table of the rows, with kvtrt/peer and kv/full ratios."""
-    lines = ["| context | engine | kv | prefill s | decode tok/s | peak RSS MiB | KV MiB | decode vs peer | "
-             "decode vs full |", "|---|---|---|---|---|---|---|---|---|"]
+    """Markdown table of the rows, with a decode-speed ratio to each peer row of the same context (one
+    column per peer config: ortgenai, openvino full-u8, openvino full-f32) and kvtrt's to its full cache.
+    A peer's KV MiB marked * is an estimate."""
+    peers = list(dict.fromkeys((r["engine"], r["kv"]) for r in rows if r["engine"] != "kvtrt"))
+    names = [engine if kv == "full" else f"{engine} {kv}" for engine, kv in peers]
+    lines = ["| context | engine | kv | prefill s | decode tok/s | peak RSS MiB | KV MiB | "
+             + "".join(f"decode vs {name} | " for name in names) + "decode vs full |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(peers) + "---|"]
     for row in rows:
         same = [r for r in rows if r["context"] == row["context"]]
-        peer = next((r for r in same if r["engine"] == "ortgenai"), None)
         full = next((r for r in same if r["engine"] == "kvtrt" and r["kv"] == "full"), None)
-        vs_peer = f"{row['decode_tok_s'] / peer['decode_tok_s']:.2f}x" if peer and row is not peer else ""
+        vs_peers = ""
+        for engine, kv in peers:
+            peer = next((r for r in same if r["engine"] == engine and r["kv"] == kv), None)
+            vs_peers += f"{row['decode_tok_s'] / peer['decode_tok_s']:.2f}x | " \
+                if peer and row is not peer and peer["decode_tok_s"] else " | "
         vs_full = f"{row['decode_tok_s'] / full['decode_tok_s']:.2f}x" if full and row["engine"] == "kvtrt" else ""
+        kv_mib = f"{row['kv_mib']:.1f}" + ("*" if row.get("kv_estimated") else "")
         lines.append(f"| {row['context']} | {row['engine']} | {row['kv']} | {row['prefill_s']:.2f} | "
-                     f"{row['decode_tok_s']:.1f} | {row['peak_rss_mib']:.0f} | {row['kv_mib']:.1f} | {vs_peer} | "
-                     f"{vs_full} |")
+                     f"{row['decode_tok_s']:.1f} | {row['peak_rss_mib']:.0f} | {kv_mib} | {vs_peers}{vs_full} |")
     return "\n".join(lines)
 
 

@@ -289,7 +289,8 @@ class OpenVINOPeer:
     def generate(self, prompts: list[list[int]], new_tokens: int, eviction: OpenVINOEviction | None = None,
                  stop_ids: list[int] | None = None) -> list[list[int]]:
         """Greedy tokens for each prompt, with the full cache (`eviction` None) or that eviction; exactly
-        `new_tokens` each, or up to them ending at one of `stop_ids` (the EOS ids)."""
+        `new_tokens` each, or up to them ending before one of `stop_ids` (the EOS ids; left out, as kvtrt
+        leaves EOS out of its tokens)."""
         from .concurrency import openvino_drive, openvino_generation_config, openvino_pipeline
 
         pipe = openvino_pipeline(self.model_dir, "full-f32" if eviction is None else eviction.mode, self.threads,
@@ -299,7 +300,8 @@ class OpenVINOPeer:
             traces = openvino_drive(pipe, prompts, 1, new_tokens, configs=[config] * len(prompts))
         finally:
             del pipe
-        return [t.tokens for t in traces]
+        stop = set(stop_ids or ())
+        return [t.tokens[:-1] if t.tokens and t.tokens[-1] in stop else t.tokens for t in traces]
 
 
 # -- kvpress (`kvtrt eval --peer kvpress`) ----------------------------------------------------------------

@@ -32,8 +32,8 @@ def line_plot(path: str | Path, panels: list[tuple[str, str]], rows: list[dict],
 
 def budget_plot(path: str | Path, rows: list[dict], title: str) -> Path:
     """`kvtrt eval` rows as one subplot per task: each policy's metric against its budget (a line), the
-    full cache as a horizontal line, and a peer's per-budget values (`peer_value`, e.g. kvpress's presses)
-    as separate hollow markers in the policy's colour, with the peer's own full cache dotted.
+    full cache as a horizontal line, and a peer's per-budget values (`peer_value`: kvpress's presses, OpenVINO
+    GenAI's evictions) as separate hollow markers in the policy's colour, with the peer's own full cache dotted.
     Rows without a budget (a spec that fixes its own) are drawn as single points at their token count
     fraction when it is a fraction, else left out."""
     import matplotlib
@@ -50,8 +50,9 @@ def budget_plot(path: str | Path, rows: list[dict], title: str) -> Path:
         full = task_rows[0]["full_value"]
         ax.axhline(full, color="black", lw=1.2, label=f"full cache ({full:.2f})")
         peer_full = next((r["peer_full_value"] for r in task_rows if "peer_full_value" in r), None)
+        engine = next((r["peer"].split(" ")[0] for r in task_rows if "peer_full_value" in r), "peer")
         if peer_full is not None:
-            ax.axhline(peer_full, color="grey", lw=1, ls=":", label=f"kvpress full cache ({peer_full:.2f})")
+            ax.axhline(peer_full, color="grey", lw=1, ls=":", label=f"{engine} full cache ({peer_full:.2f})")
         lines: dict[str, list[tuple[float, float, float | None]]] = defaultdict(list)
         for r in task_rows:
             if r["policy"] == "full" or not isinstance(r.get("budget"), float):
@@ -66,7 +67,7 @@ def budget_plot(path: str | Path, rows: list[dict], title: str) -> Path:
                 press = next((r["peer"].split(" ", 2)[-1].split("(")[0] for r in task_rows
                               if r["policy"] == policy and r.get("peer_value") is not None), "peer")
                 ax.scatter([p[0] for p in peer], [p[1] for p in peer], marker="D", s=46, facecolors="none",
-                           edgecolors=colour, linewidths=1.5, zorder=3, label=f"kvpress {press}")
+                           edgecolors=colour, linewidths=1.5, zorder=3, label=f"{engine} {press}")
         ax.set_xlabel("budget (fraction of the context kept)")
         ax.set_ylabel(metric)
         ax.set_title(task)
