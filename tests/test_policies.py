@@ -268,6 +268,17 @@ def test_kvcrush_pick_best_takes_the_bases_favourite_inside_each_bucket(pick, pa
     assert rows(p.select(scores, 8)) == [expected, expected]
 
 
+def test_block_selection_keeps_whole_blocks_by_their_mean():
+    # sink 0 | blocks of 4 cut to the middle: b0={1,2,3} mean 5/3, b1={4..7} mean 1, b2={8,9,10} mean 2 | 11.
+    # Tokens alone: 8 2 4 5. Blocks: b2 whole (8, then 9 10 in slot order), then b0's best slot, 2.
+    scores = torch.tensor([[9.0, 0, 5, 0, 1, 1, 1, 1, 6, 0, 0, 9]])
+    assert rows(policy("h2o:budget=6,sink=1,window=1").select(scores, 6)) == [[0, 2, 4, 5, 8, 11]]
+    assert rows(policy("h2o:budget=6,sink=1,window=1,block=4").select(scores, 6)) == [[0, 2, 8, 9, 10, 11]]
+    assert rows(policy("snapkv:budget=6,sink=1,window=1,kernel=1,block=4").select(scores, 6)) == [[0, 2, 8, 9, 10, 11]]
+    crush = policy("kvcrush:budget=6,base=h2o,sink=1,window=1,block=4,ratio=0")
+    assert crush.base.block == 4 and rows(crush.select(scores, 6)) == [[0, 2, 8, 9, 10, 11]]
+
+
 def test_block_signature_needs_pages():
     with pytest.raises(KVSpecError, match="signature=block.*granularity=page"):
         policy("kvcrush:budget=64,signature=block")
@@ -387,7 +398,7 @@ def test_budget_tokens_resolves_or_explains(sink, window, context, fraction):
     [
         ("lru:budget=3", r"unknown KV policy 'lru'.*snapkv"),
         ("h2o:budget=64,kernal=5", r"unknown option 'kernal' for h2o.*valid options: budget, sink, window"),
-        ("kvcrush:budget=64,base=h2o,kernel=5", r"unknown option 'kernel'.*valid options: .*anchor.*sink, window$"),
+        ("kvcrush:budget=64,base=h2o,kernel=5", r"unknown option 'kernel'.*valid options: .*anchor.*sink, window, block$"),
         ("snapkv:budget=64,granularity=page", r"unknown option 'granularity' for snapkv"),
         ("h2o:budget=lots", r"budget='lots' is not a number"),
         ("h2o:budget=64,sink=two", r"sink='two'.* is not a whole number"),

@@ -69,7 +69,10 @@ class Policy(SpecStage, ABC):
     def select(self, scores: Tensor, keep: int) -> Tensor:
         """Kept slots, ``LongTensor [Hkv, keep]``, rows ascending: sink + window + top ``token_scores``.
 
-        All ``N`` slots when ``N <= keep``. Ties in ``token_scores`` go to the older slot.
+        All ``N`` slots when ``N <= keep``. Ties in ``token_scores`` go to the older slot. With
+        ``block > 1`` (H2O, SnapKV) whole blocks come first: the slots ``[b*block, (b+1)*block)``
+        outside sink and window, ranked by their mean ``token_scores``, taken whole until the last
+        one, which gives its best slots (a fact spread over a few tokens stays together).
         """
         scores = group_mass(scores)
         heads, n = _shape(scores)
@@ -78,6 +81,12 @@ class Policy(SpecStage, ABC):
         self._check_keep(keep, f"select(keep={keep})")
         middle = self.token_scores(scores)[:, self.sink : n - self.window]
         best = torch.sort(middle, dim=1, descending=True, stable=True).indices
+        block = getattr(self, "block", 1)
+        if block > 1:  # by block mean first, then (stable) by the slot's own score
+            of = torch.arange(self.sink, n - self.window, device=scores.device) // block - self.sink // block
+            mean = torch.zeros(heads, int(of[-1]) + 1, device=scores.device).index_add_(1, of, middle)
+            mean /= torch.bincount(of)
+            best = best.gather(1, torch.sort(mean[:, of].gather(1, best), dim=1, descending=True, stable=True).indices)
         best = best[:, : keep - self.sink - self.window] + self.sink
         slots = torch.arange(n, device=scores.device)
         fixed = torch.cat([slots[: self.sink], slots[n - self.window :]]).expand(heads, -1)
@@ -125,6 +134,7 @@ class H2OPolicy(Policy):
     budget: float | int | None = option(None, "budget", required=True)
     sink: int = option(4, "whole")
     window: int = option(32, "whole")
+    block: int = option(1, "whole", minimum=1)
 
     def token_scores(self, scores: Tensor) -> Tensor:
         """The raw attention mass."""
@@ -145,6 +155,7 @@ class SnapKVPolicy(Policy):
     window: int = option(32, "whole")
     kernel: int = option(5, "whole", minimum=1)
     pool: str = option("avg", "choice", choices=POOLS)
+    block: int = option(1, "whole", minimum=1)
 
     def check_options(self, where: str) -> None:
         if self.kernel % 2 == 0:
