@@ -516,6 +516,18 @@ def test_loadtest_against_server(server, llm, tmp_path):
     assert samples[0][0] == 1 and samples[0][2] > 0
 
 
+def test_loadtest_plot_adds_the_rss_curve_of_a_soak(tmp_path):
+    pytest.importorskip("matplotlib")
+    from kvtrt.eval.loadtest import plot
+
+    row = {"label": "soak", "concurrency": 4, "throughput_tok_s": 10.0, "ttft_p99_s": 1.0, "itl_p50_s": 0.1,
+           "itl_p99_s": 0.2, "server_rss_samples": [(1, 1.0, 100.0), (60, 20.0, 110.0), (120, 40.0, 111.0)]}
+    paths = plot(tmp_path / "soak.png", [row], "soak")
+    assert [p.name for p in paths] == ["soak.png", "soak_rss.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+    assert [p.name for p in plot(tmp_path / "levels.png", [{**row, "server_rss_samples": []}], "t")] == ["levels.png"]
+
+
 def test_rss_drift_is_measured_after_the_warmup_requests():
     from kvtrt.eval.loadtest import rss_drift
 

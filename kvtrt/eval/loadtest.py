@@ -377,13 +377,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(path: str | Path, rows: list[dict], title: str) -> Path:
+def plot(path: str | Path, rows: list[dict], title: str) -> list[Path]:
+    """The levels against concurrency; with a level's RSS samples (`--server-pid`, a soak), also the
+    server's RSS against requests ended, in `<stem>_rss.png` beside it."""
     from .plot import line_plot
 
     rows = [{**r, "series": r.get("label") or r.get("model") or "server"} for r in rows]
-    return line_plot(path, [("throughput_tok_s", "aggregate output tok/s"), ("ttft_p99_s", "TTFT p99 (s)"),
-                            ("itl_p50_s", "inter-token p50 (s)"), ("itl_p99_s", "inter-token p99 (s)")],
-                     rows, "concurrency", "series", title)
+    paths = [line_plot(path, [("throughput_tok_s", "aggregate output tok/s"), ("ttft_p99_s", "TTFT p99 (s)"),
+                              ("itl_p50_s", "inter-token p50 (s)"), ("itl_p99_s", "inter-token p99 (s)")],
+                       rows, "concurrency", "series", title)]
+    samples = [{"series": f"{r['series']} c={r['concurrency']}", "requests ended": done, "rss": rss}
+               for r in rows if len(r.get("server_rss_samples") or []) >= 3 for done, _, rss in r["server_rss_samples"]]
+    if samples:
+        path = Path(path)
+        paths.append(line_plot(path.with_name(f"{path.stem}_rss.png"), [("rss", "server RSS (MiB)")], samples,
+                               "requests ended", "series", title))
+    return paths
 
 
 def _ints(text: str) -> list[int]:
@@ -458,7 +467,8 @@ def cmd_loadtest(args) -> int:
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         title = f"kvtrt loadtest: {args.prompt_tokens}-token prompts, {args.max_tokens} new tokens"
-        print(f"wrote {plot(args.plot, every, title)}", file=sys.stderr)
+        for path in plot(args.plot, every, title):
+            print(f"wrote {path}", file=sys.stderr)
     return 1 if any(r["errors"] for r in rows) else 0
 
 
