@@ -116,6 +116,8 @@ def test_h2o_maps_to_observed_attention_and_kvcrush_to_nothing(tiny):
     assert isinstance(h2o, kvpress.ObservedAttentionPress)
     crush = kvpress_press(parse_kv_spec("kvcrush:budget=64").compaction, 64, len(ids))
     assert crush is None or type(crush).__name__ == "KVCrushPress"
+    for spec in ("snapkv:budget=64,block=8", "h2o:budget=64,block=8"):  # kvpress selects tokens, not blocks
+        assert kvpress_press(parse_kv_spec(spec).compaction, 64, len(ids)) is None
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])

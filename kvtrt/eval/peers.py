@@ -327,12 +327,16 @@ def kvpress_press(policy, keep: int, context: int):
       needs eager attention);
     - streaming -> StreamingLLMPress(n_sink=sink);
     - kvcrush -> KVCrushPress if the installed kvpress has one (0.5.5 has not).
+
+    kvpress selects tokens, so a `block=N` (N > 1) selection has no counterpart.
     """
     import kvpress
 
     from ..runtime.kv.policies import H2OPolicy, KVCrushPolicy, SnapKVPolicy, StreamingPolicy
 
     ratio = kvpress_ratio(keep, context)
+    if getattr(policy, "block", 1) != 1:
+        return None
     if type(policy) is SnapKVPolicy:
         if policy.pool != "avg":
             return None
