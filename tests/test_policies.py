@@ -133,7 +133,7 @@ def _two_head_scores() -> torch.Tensor:
     ],
 )
 def test_kvcrush_anchor_hamming_order_and_bucket_representatives(anchor, expected):
-    p = policy(f"kvcrush:budget=6,base=h2o,sink=1,window=1,ratio=0.5,anchor={anchor}")
+    p = policy(f"kvcrush:budget=6,base=h2o,sink=1,window=1,ratio=0.5,anchor={anchor},pick=first")
     assert p.split(6) == (3, 3)
     assert rows(p.select(_two_head_scores(), 6)) == [expected, expected]
 
@@ -147,7 +147,7 @@ def test_kvcrush_random_anchor_matches_its_bits():
         (1, 0): [0, 1, 3, 4, 10, 11],  # order 4 5 2 | 3 8 9 | 10 6 7
     }
     for seed in range(6):
-        p = policy(f"kvcrush:budget=6,base=h2o,sink=1,window=1,ratio=0.5,seed={seed}")
+        p = policy(f"kvcrush:budget=6,base=h2o,sink=1,window=1,ratio=0.5,seed={seed},pick=first")
         bits = tuple(anchor_bits("random", torch.zeros(2, 1, dtype=torch.bool), seed).int().tolist())
         assert rows(p.select(scores, 6)) == [by_anchor[bits]] * 2
         assert torch.equal(p.select(scores, 6), p.select(scores, 6))
@@ -163,7 +163,7 @@ def test_kvcrush_duplicate_representative_is_replaced_within_its_bucket():
             [0.0, 100.0, 9.0, 8.0, 1.0, 1.0, 7.0, 6.0, 1.0, 1.0, 1.0, 0.0],
         ]
     )
-    p = policy("kvcrush:budget=6,base=h2o,sink=1,window=1,ratio=0.5,anchor=alternating")
+    p = policy("kvcrush:budget=6,base=h2o,sink=1,window=1,ratio=0.5,anchor=alternating,pick=first")
     assert rows(p.select(scores, 6)) == [[0, 1, 2, 8, 10, 11], [0, 1, 2, 6, 10, 11]]
 
 
@@ -180,7 +180,7 @@ def test_kvcrush_page_granularity_whole_pages_and_remainder_to_base():
     scores = _page_scores(28)
     scores[0, 8:12], scores[0, 12:16] = 5.0, 4.0
     scores[1, 8:12], scores[1, 16:20] = 5.0, 4.0
-    p = policy("kvcrush:budget=20,base=h2o,sink=4,window=4,ratio=0.5,anchor=zeros,granularity=page,page=4")
+    p = policy("kvcrush:budget=20,base=h2o,sink=4,window=4,ratio=0.5,anchor=zeros,granularity=page,page=4,pick=first")
     assert p.split(20) == (12, 8)
     expected = list(range(0, 8)) + list(range(16, 28))
     assert rows(p.select(scores, 20)) == [expected, expected]
@@ -194,7 +194,7 @@ def test_kvcrush_short_edge_page_is_topped_up_from_the_next_priority():
     scores = _page_scores(20)
     scores[0, 2:4], scores[0, 8:12] = 5.0, 4.0
     scores[1, 12:16], scores[1, 2:4] = 5.0, 4.0
-    p = policy("kvcrush:budget=16,base=h2o,sink=2,window=2,ratio=0.5,anchor=zeros,granularity=page,page=4")
+    p = policy("kvcrush:budget=16,base=h2o,sink=2,window=2,ratio=0.5,anchor=zeros,granularity=page,page=4,pick=first")
     assert p.split(16) == (8, 8)
     expected = [0, 1, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 17, 18, 19]
     assert rows(p.select(scores, 16)) == [expected, expected]
@@ -231,7 +231,7 @@ def test_block_signatures_mark_the_top_half_of_the_taking_part_slots_per_page_po
 )
 def test_kvcrush_signature_modes_pick_expected_pages(signature, anchor, taken):
     scores = torch.tensor(BLOCK_VALUES).expand(2, -1) / 2
-    p = policy(f"kvcrush:budget=12,base=h2o,sink=2,window=2,ratio=0.5,anchor={anchor},granularity=page,page=4,"
+    p = policy(f"kvcrush:budget=12,base=h2o,sink=2,window=2,ratio=0.5,anchor={anchor},granularity=page,page=4,pick=first,"
                f"signature={signature}")
     assert p.split(12) == (8, 4)
     expected = sorted([0, 1, 3, 5, 7, 12, 14, 15] + taken)
@@ -245,7 +245,7 @@ def test_kvcrush_query_signature_reads_each_query_head():
     h0 = [1.0, 1.0, 0.0, 0.9, 0.8, 0.3, 0.0, 1.0]
     h1 = [1.0, 0.0, 1.0, 0.9, 0.8, 0.0, 0.2, 1.0]
     scores = torch.tensor([[h0, h1]])  # [Hkv=1, g=2, N=8]
-    spec = "kvcrush:budget=5,base=h2o,sink=1,window=1,ratio=0.2,anchor=zeros,signature="
+    spec = "kvcrush:budget=5,base=h2o,sink=1,window=1,ratio=0.2,anchor=zeros,pick=first,signature="
     assert policy(spec + "query").split(5) == (4, 1)
     assert rows(policy(spec + "kv").select(scores, 5)) == [[0, 3, 4, 5, 7]]
     assert rows(policy(spec + "query").select(scores, 5)) == [[0, 1, 3, 4, 7]]
@@ -297,7 +297,8 @@ def test_kvcrush_defaults():
     p = policy("kvcrush:budget=0.25")
     assert isinstance(p, KVCrushPolicy) and isinstance(p.base, SnapKVPolicy)
     assert (p.ratio, p.anchor, p.granularity, p.page, p.seed) == (0.25, "random", "token", 32, 0)
-    assert (p.sink, p.window, p.base.kernel) == (4, 32, 5)
+    assert (p.signature, p.pick) == ("kv", "best")
+    assert (p.sink, p.window, p.base.kernel, p.base.block) == (4, 32, 15, 1)
     assert p.budget_tokens(1000) == 250
     assert isinstance(policy("kvcrush:budget=64,base=streaming").base, StreamingPolicy)
     assert policy("kvcrush:budget=64,base=h2o,window=8").window == 8
