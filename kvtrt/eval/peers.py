@@ -370,9 +370,11 @@ class KVPressPeer:
 
     def __init__(self, source: str, threads: int | None = None, hf=None):
         try:
-            import kvpress  # noqa: F401  (patches transformers' attention functions, as kvpress always does)
+            import kvpress  # (patches transformers' attention functions, as kvpress always does)
         except ImportError as e:
             raise RuntimeError(f"the kvpress peer needs kvpress ({e}); install it with {KVPRESS_INSTALL}") from None
+        import inspect
+
         import torch
 
         if threads:
@@ -382,14 +384,10 @@ class KVPressPeer:
 
             hf = load_hf(source)
         self.model = hf[0].eval()
-        import inspect
-
-        import kvpress as kp
-
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
 
-        self.version = getattr(kp, "__version__", None) or _dist_version("kvpress")
+        self.version = getattr(kvpress, "__version__", None) or _dist_version("kvpress")
 
     def _prefill(self, prompt: list[int], presses: dict[str, object]):
         """Last logits [V] of the uncompressed prefill, and {label: [(keys, values)] per layer} per press

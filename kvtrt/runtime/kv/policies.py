@@ -285,24 +285,24 @@ class KVCrushPolicy(Policy):
         if self.signature == "query" and scores.dim() != 3:
             raise ValueError("kvcrush signature=query needs per-query-head scores [Hkv, g, N] (an export with "
                              "score_heads 'query')")
-        heads, n = _shape(group_mass(scores))
+        mass = group_mass(scores)
+        heads, n = _shape(mass)
         if n <= keep:
             return _all_slots(heads, n, scores.device)
         self._check_keep(keep, f"select(keep={keep})")
         base_keep, reps = self.split(keep)
-        kept = self.base.select(group_mass(scores), base_keep)
+        kept = self.base.select(mass, base_keep)
         if reps == 0:
             return kept
-        return torch.cat([kept, self._representatives(scores, kept, reps)], dim=1).sort(dim=1).values
+        return torch.cat([kept, self._representatives(mass, scores, kept, reps)], dim=1).sort(dim=1).values
 
     @property
     def _unit(self) -> int:
         return self.page if self.granularity == "page" else 1
 
-    def _representatives(self, head_scores: Tensor, kept: Tensor, reps: int) -> Tensor:
-        """``[Hkv, reps]`` slots outside ``kept`` chosen by Hamming-distance buckets; ``head_scores``
-        as ``select`` takes them."""
-        scores = group_mass(head_scores)
+    def _representatives(self, scores: Tensor, head_scores: Tensor, kept: Tensor, reps: int) -> Tensor:
+        """``[Hkv, reps]`` slots outside ``kept`` chosen by Hamming-distance buckets; ``scores`` is the
+        ``[Hkv, N]`` mass per KV head, ``head_scores`` what ``select`` was given."""
         heads, n = scores.shape
         device = scores.device
         slots = torch.arange(n, device=device)
