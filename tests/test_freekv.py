@@ -733,3 +733,59 @@ def test_start_release_hands_each_layer_over_and_changes_nothing():
         assert torch.equal(kept.pool.data[:, s, :n], handed.pool.data[:, s, :n])
         assert torch.equal(kept.pool.kmin[:, s, :, :n], handed.pool.kmin[:, s, :, :n])
         assert torch.equal(kept.pool.kmax[:, s, :, :n], handed.pool.kmax[:, s, :, :n])
+
+
+@pytest.mark.parametrize("pool_dtype", ["fp32", "int8"])
+def test_pool_built_during_prefill_equals_pool_built_after(pool_dtype):
+    """`begin` + `absorb` after each prefill chunk (summaries of the completed pages, built as the
+    chunks are written) then `start` gives exactly the pool, views and decode of `start` alone; the
+    stats say how many pages were summarized during the prefill."""
+    seq = Seq(L=3, B=1, total=260, seed=5)
+    n = 203
+    spec = f"freekv:budget=44,{SMALL},tau=0.8,pool_dtype={pool_dtype}"
+    after = make(spec, seq, threaded=False)
+    during = make(spec, seq, threaded=False)
+    k, v = seq.kv(0, n)
+    after.start(list(k), list(v), seq.q(n - 1), mask=torch.ones(1, n, dtype=torch.long), reserve_tokens=40)
+    during.begin(n, reserve_tokens=40)
+    done = [during.absorb(k, end) for end in (50, 64, 150, n)]  # chunk ends, as the prefill writes them
+    lay = during.layout
+    assert done == [(50 - 4) // 8, (64 - 4) // 8, (150 - 4) // 8, lay.pages_at_start(n)]
+    # before start() the summaries exist, the page data does not (one copy, made by start)
+    for layer in range(seq.L):
+        keys = k[layer][0, :, 4:4 + 8 * done[-1]].reshape(seq.Hkv, done[-1], 8, seq.D)
+        torch.testing.assert_close(during.pool.kmin[layer, 0, :, :done[-1]], keys.amin(-2), rtol=0, atol=0)
+    during.start(list(k), list(v), seq.q(n - 1), mask=torch.ones(1, n, dtype=torch.long), reserve_tokens=40)
+    assert during.stats().pages_summarized_in_prefill == done[-1]
+    assert after.stats().pages_summarized_in_prefill == 0
+    pages = int(after.pool.n_pages[0])
+    assert pages == done[-1] == int(during.pool.n_pages[0])
+    for name in ("data", "kmin", "kmax", "vq"):
+        a, b = getattr(after.pool, name), getattr(during.pool, name)
+        if a is None:
+            continue
+        cut = (slice(None), 0, slice(None), slice(0, pages)) if name.startswith("k") else (slice(None), 0,
+                                                                                           slice(0, pages))
+        assert torch.equal(a[cut], b[cut]), name
+    for name in ("all_keys", "all_values", "mask", "slot_pages"):
+        assert torch.equal(getattr(after.view(), name), getattr(during.view(), name)), name
+    decode(after, seq, n, 30)
+    decode(during, seq, n, 30)
+    for name in ("all_keys", "all_values", "mask", "slot_pages"):
+        assert torch.equal(getattr(after.view(), name), getattr(during.view(), name)), name
+
+
+def test_absorb_needs_begin_and_prompt_mismatch_ignores_summaries():
+    seq = Seq(L=2, B=1, total=120, seed=6)
+    r = make(f"freekv:budget=44,{SMALL}", seq, threaded=False)
+    with pytest.raises(RuntimeError, match="begin"):
+        r.absorb(seq.keys, 50)
+    r.begin(100)
+    r.absorb(seq.keys, 100)
+    k, v = seq.kv(0, 110)  # not the announced prompt: the summaries are rebuilt from the data
+    r.start(list(k), list(v), seq.q(109))
+    assert r.stats().pages_summarized_in_prefill == 0
+    ref = make(f"freekv:budget=44,{SMALL}", seq, threaded=False)
+    ref.start(list(k), list(v), seq.q(109))
+    p = int(ref.pool.n_pages[0])
+    assert torch.equal(r.pool.kmin[:, 0, :, :p], ref.pool.kmin[:, 0, :, :p])

@@ -251,8 +251,17 @@ class RetrievalGroup:
     def nbytes(self) -> int:
         return sum(r.manager.nbytes for r in self.members.values())
 
-    def join(self, seq, store: KVStore, query: list[Tensor]) -> None:
-        self.members[id(seq)] = _RetrievalRow(self.engine, seq, store, query)
+    def join(self, seq, store: KVStore, query: list[Tensor], manager=None) -> None:
+        """`manager`: the one `create_manager` made before the prefill (its summaries built), or a new one."""
+        self.members[id(seq)] = _RetrievalRow(self.engine, seq, store, query, manager)
+
+    @staticmethod
+    def create_manager(engine, seq, max_context: int):
+        """The retrieval manager of one sequence whose cache holds `max_context` tokens."""
+        m = engine.manifest
+        return seq.retrieval.create(m.n_layers, m.n_kv_heads, m.n_heads, m.head_dim, 1, engine.dtype,
+                                    device=engine.device, mask_dtype=torch.long, max_context=max_context,
+                                    staging_slot=GraphVariant.DECODE_SHARED in m.graphs)
 
     def leave(self, seq) -> None:
         row = self.members.pop(id(seq))
@@ -265,14 +274,13 @@ class RetrievalGroup:
 class _RetrievalRow:
     """One sequence's retrieval manager, its per-view bindings and step buffers."""
 
-    def __init__(self, engine, seq, store: KVStore, query: list[Tensor]):
+    def __init__(self, engine, seq, store: KVStore, query: list[Tensor], manager=None):
         m, dev = engine.manifest, engine.device
         self.engine, self.seq = engine, seq
         self.shared = GraphVariant.DECODE_SHARED in m.graphs  # each view gets a staging slot the graph writes to
         self.variant = GraphVariant.DECODE_SHARED if self.shared else GraphVariant.DECODE
         t0 = time.perf_counter()
-        r = seq.retrieval.create(m.n_layers, m.n_kv_heads, m.n_heads, m.head_dim, 1, engine.dtype, device=dev,
-                                 mask_dtype=torch.long, max_context=store.length, staging_slot=self.shared)
+        r = manager if manager is not None else RetrievalGroup.create_manager(engine, seq, store.length)
         r.start(store.keys, store.values, query, mask=store.mask, reserve_tokens=seq.remaining + 1, release=True)
         seq.stats.prefill_s += time.perf_counter() - t0  # building the pool is part of the prompt's cost
         self.manager = r

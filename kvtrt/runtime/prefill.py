@@ -3,6 +3,8 @@ decode steps of the running batch."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -30,8 +32,10 @@ class PrefillJob:
     """
 
     def __init__(self, engine, ids: list[int], chunk: int, track_scores: bool, start: int = 0,
-                 store: KVStore | None = None):
-        """`start`/`store`: continue after a cached prefix of `start` tokens held in `store`."""
+                 store: KVStore | None = None, on_chunk: Callable[[list[Tensor], int], object] | None = None):
+        """`start`/`store`: continue after a cached prefix of `start` tokens held in `store`.
+        `on_chunk(keys, length)`: called after each chunk with the store's keys per layer and the
+        tokens written so far (FreeKV summarizes the completed pages there)."""
         m = engine.manifest
         self.engine, self.ids = engine, ids
         self.shared = GraphVariant.PREFILL_SHARED in m.graphs
@@ -40,6 +44,7 @@ class PrefillJob:
             store = KVStore(m.n_layers, 1, m.n_kv_heads, m.head_dim, engine.dtype, engine.device,
                             track_scores=track_scores, score_rows=m.score_rows)
         self.store = store
+        self.on_chunk = on_chunk
         if self.shared:
             store.reserve(len(ids) - start)
         self.chunks = [(a + start, b + start) for a, b in plan_chunks(len(ids) - start, chunk, m.score_window)]
@@ -86,6 +91,8 @@ class PrefillJob:
             store.append(per_layer(outputs, "key"), per_layer(outputs, "value"),
                          per_layer(outputs, "score") if last else None)
         self.next += 1
+        if self.on_chunk is not None:
+            self.on_chunk(store.keys, store.length)
         if last:
             self.logits, self.query = outputs["logits"][:, 0], per_layer(outputs, "query")
         return s

@@ -85,6 +85,7 @@ class Sequence:
         self.stats = RequestStats(prompt_tokens=len(ids))
         self.held = 0  # most slots this sequence held in a dense batch
         self.job: PrefillJob | None = None
+        self.manager = None  # FreeKV / Quest: the retrieval manager, made before the prefill
         self.progress, self.bar = progress, None  # a prefill progress bar, when asked for
         self.group = None
         self.submitted = time.perf_counter()
@@ -294,7 +295,14 @@ class Scheduler:
         seq.stats.reused_prefix_tokens = start
         self.counters.reused_prefix_tokens_total += start
         self.counters.prompt_tokens_total += len(seq.ids)
-        seq.job = PrefillJob(self.engine, seq.ids, self.llm.prefill_chunk, track_scores=track, start=start, store=store)
+        on_chunk = None
+        if seq.policy is None and seq.retrieval is not None and seq.retrieval.engages(len(seq.ids)):
+            # FreeKV / Quest: the pool's page summaries are built as the prefill writes each chunk
+            seq.manager = RetrievalGroup.create_manager(self.engine, seq, len(seq.ids))
+            seq.manager.begin(len(seq.ids), reserve_tokens=seq.max_new_tokens + 1)
+            on_chunk = seq.manager.absorb
+        seq.job = PrefillJob(self.engine, seq.ids, self.llm.prefill_chunk, track_scores=track, start=start, store=store,
+                             on_chunk=on_chunk)
         if seq.progress and len(seq.job.chunks) > 1:
             from tqdm.auto import tqdm
 
@@ -326,6 +334,7 @@ class Scheduler:
                 if seq in self.prefilling:
                     self.prefilling.remove(seq)
                 seq.job = None
+                self._release_manager(seq)
                 seq.request._fail(error)
 
     def _drop_prefill(self, seq: Sequence, reason: str) -> None:
@@ -346,7 +355,8 @@ class Scheduler:
             return
         if seq.retrieval is not None and seq.retrieval.engages(store.length):
             group = self.retrieval
-            group.join(seq, store, query)
+            group.join(seq, store, query, seq.manager)
+            seq.manager = None
         else:
             if seq.retrieval is not None:  # short cache: dense decode, said in the stats
                 seq.stats.kv = {"retrieval_engaged": 0, "retrieval_min_context": seq.retrieval.threshold(store.length)}
@@ -424,8 +434,16 @@ class Scheduler:
         seq.request._push(emit)
         return stopped
 
+    @staticmethod
+    def _release_manager(seq: Sequence) -> None:
+        """A retrieval manager made for the prefill that never joined a decode group."""
+        if seq.manager is not None:
+            seq.manager.close()
+            seq.manager = None
+
     def _end(self, seq: Sequence, reason: str, store: KVStore | None = None) -> None:
         """Finish a sequence: flush its text, cache its KV for a next turn, publish its result."""
+        self._release_manager(seq)
         if not seq.matcher.stopped and reason != "cancelled":
             self._stream(seq, seq.decoder.flush())
             tail = seq.matcher.flush()

@@ -106,6 +106,8 @@ class FreeKVRetrieval:
         #: the storages of the dense KV handed to ``start`` (weak: to report whether they outlive it)
         self._dense: list[tuple[StorageWeakRef, int]] = []
         self._dense_after_start = 0
+        self._prompt: int | None = None  # the prompt length given to ``begin`` (batch 1)
+        self._summarized = 0  # pool pages of that prompt whose summaries ``absorb`` already stored
 
     # ------------------------------------------------------------------ the decode loop's surface
     @property
@@ -128,6 +130,38 @@ class FreeKVRetrieval:
         after compaction or padding the runtime tracks positions itself."""
         return list(self._lengths)
 
+    def begin(self, n_tokens: int, reserve_tokens: int = 0) -> None:
+        """Expect a prompt of ``n_tokens`` (batch 1) whose prefill ``absorb`` follows chunk by chunk,
+        so each page's summary is built once its chunk is written, not after the prompt; ``start``
+        then stores the pages' data (one copy, the dense KV released layer by layer) and builds the
+        rest. ``reserve_tokens`` as in ``start``."""
+        if self.batch != 1:
+            raise ValueError(f"begin() prefills one sequence; this manager holds {self.batch}")
+        self._drain()
+        self.pool.reset()
+        self.pool.reserve(self._pool_pages(n_tokens, reserve_tokens), exact=True)
+        self._prompt, self._summarized = n_tokens, 0
+
+    def absorb(self, keys: Sequence[Tensor], length: int) -> int:
+        """Summarize the pool pages that the prefill has completed: tokens ``[0, length)`` of
+        ``keys[l]`` ``[1, Hkv, >=length, D]`` are written (all live, in order). Pages that will stay
+        in the window at the prompt's end are left to ``start``. Returns the pages summarized so far."""
+        if self._prompt is None:
+            raise RuntimeError("call begin() with the prompt length before absorb()")
+        lay = self.layout
+        total = lay.pages_at_start(self._prompt)
+        done = min(total, max(0, (length - lay.sink) // lay.page))
+        if done > self._summarized:
+            a, z = lay.first_unpaged(self._summarized), lay.first_unpaged(done)
+            for layer in range(self.n_layers):
+                self.pool.summarize_pages(layer, 0, self._summarized, keys[layer][0, :, a:z])
+            self._summarized = done
+        return self._summarized
+
+    def _pool_pages(self, n_tokens: int, reserve_tokens: int) -> int:
+        lay = self.layout
+        return max(1, -(-(n_tokens + reserve_tokens - lay.sink - lay.window) // lay.page))
+
     def start(self, keys: list[Tensor], values: list[Tensor], query: Sequence[Tensor] | Tensor,
               mask: Tensor | None = None, reserve_tokens: int = 0, release: bool = False) -> KVView:
         """Load a prefilled prompt and build the first view from its last query.
@@ -142,23 +176,29 @@ class FreeKVRetrieval:
         still alive when ``start`` returned (0 when the caller handed them over and kept nothing);
         ``stats().dense_store_bytes`` is the same, now.
         """
+        t0 = time.perf_counter()
         self._drain()
         self.pool.reset()
         for view in self._views:
             view.reset()
         self._counters = RetrievalStats()
         lay, n_tokens = self.layout, keys[0].shape[2]
-        self.pool.reserve(max(1, -(-(n_tokens + reserve_tokens - lay.sink - lay.window) // lay.page)), exact=True)
-        live = [None if mask is None else torch.nonzero(mask[b].to(torch.bool), as_tuple=True)[0].to(keys[0].device)
-                for b in range(self.batch)]
-        counts = [n_tokens if idx is None else int(idx.numel()) for idx in live]
+        self.pool.reserve(self._pool_pages(n_tokens, reserve_tokens), exact=True)
+        live = [_live_tokens(None if mask is None else mask[b], keys[0].device) for b in range(self.batch)]
+        counts = [n_tokens if idx is None else (idx if isinstance(idx, int) else int(idx.numel())) for idx in live]
+        live = [None if isinstance(idx, int) else idx for idx in live]  # a prefix: no gather
         pages = [lay.pages_at_start(n) for n in counts]
+        # summaries ``absorb`` built during the prefill, if this is the prompt ``begin`` announced
+        summarized = self._summarized if (self._prompt == counts[0] and live[0] is None) else 0
+        self._prompt, self._summarized = None, 0
+        self._counters.pages_summarized_in_prefill = summarized
         ring = [lay.master_slot(torch.arange(lay.first_unpaged(p), max(lay.first_unpaged(p), n))).to(self.device)
                 for p, n in zip(pages, counts)]
         self._dense = _weak_storages([*keys, *values])
         for layer in range(self.n_layers):
             for b in range(self.batch):
-                self._load(layer, b, keys[layer][b], values[layer][b], live[b], counts[b], pages[b], ring[b])
+                self._load(layer, b, keys[layer][b], values[layer][b], live[b], counts[b], pages[b], ring[b],
+                           summarized if b == 0 else 0)
             if release:
                 keys[layer] = values[layer] = None
                 return_freed_memory()  # the layer just freed, if it sat inside the malloc heap
@@ -172,6 +212,7 @@ class FreeKVRetrieval:
         self._prepare(self._views[0], self._latest_query, count=False, wait=True)
         self._sync_device()
         self._dense_after_start = self.dense_store_nbytes
+        self._counters.start_s = time.perf_counter() - t0
         return self.view()
 
     def prefetch(self) -> None:
@@ -363,15 +404,17 @@ class FreeKVRetrieval:
                 self._sync_device()
 
     def _load(self, layer: int, b: int, keys: Tensor, values: Tensor, live: Tensor | None, n: int, n_pages: int,
-              ring_slots: Tensor) -> None:
-        """Store one layer of prompt ``b`` (``[Hkv, N, D]``, ``live`` token indices or all): whole pages
-        outside sink and window into the pool, the sink and the rest into the master copy."""
+              ring_slots: Tensor, summarized: int = 0) -> None:
+        """Store one layer of prompt ``b`` (``[Hkv, N, D]``, ``live`` token indices or the first ``n``):
+        whole pages outside sink and window into the pool (the first ``summarized`` pages' summaries
+        are there already), the sink and the rest into the master copy."""
         lay = self.layout
         if live is not None:  # one layer's gathered copy
             keys, values = keys.index_select(1, live), values.index_select(1, live)
         sink, first = min(lay.sink, n), lay.first_unpaged(n_pages)
         if n_pages:
-            self.pool.write(layer, b, 0, keys[:, lay.sink:first].cpu(), values[:, lay.sink:first].cpu())
+            self.pool.write(layer, b, 0, keys[:, lay.sink:first].cpu(), values[:, lay.sink:first].cpu(),
+                            summarized=summarized)
         self.master_keys[layer, b, :, :sink] = keys[:, :sink]
         self.master_values[layer, b, :, :sink] = values[:, :sink]
         if n > first:
@@ -475,6 +518,18 @@ def _placement(slot_pages: Tensor, selected: Tensor) -> _Placement:
     return _Placement(layers, seqs, heads, slots, pages, new_map, int(valid.sum()), int(present.sum()))
 
 
+
+
+def _live_tokens(mask: Tensor | None, device: torch.device) -> Tensor | int | None:
+    """The live token indices of one row's ``mask`` ``[N]``: ``None`` (no mask: all N), their count
+    when they are a prefix ``[0, count)`` (nothing to gather), else the indices."""
+    if mask is None:
+        return None
+    idx = torch.nonzero(mask.to(torch.bool), as_tuple=True)[0]
+    count = int(idx.numel())
+    if count == 0 or int(idx[-1]) == count - 1:
+        return count
+    return idx.to(device)
 
 
 def _weak_storages(tensors: Sequence[Tensor | None]) -> list[tuple[StorageWeakRef, int]]:

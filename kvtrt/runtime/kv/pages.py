@@ -282,19 +282,33 @@ class PagePool:
         self.n_pages[b] = p0 + n_new
         return range(p0, p0 + n_new)
 
-    def write(self, layer: int, b: int, first_page: int, keys: Tensor, values: Tensor) -> None:
+    def summarize_pages(self, layer: int, b: int, first_page: int, keys: Tensor) -> None:
+        """Store only the summaries of one layer's whole pages ``keys`` ``[Hkv, n*page, D]`` of
+        sequence ``b`` at page ids ``first_page..`` (a prefill chunk's pages, before ``write`` stores
+        their data with ``summarized`` set). Room must be reserved."""
+        h, d, pg = self.n_kv_heads, self.head_dim, self.page
+        n_new = keys.shape[-2] // pg
+        k = keys.reshape(h, n_new, pg, d)  # [Hkv, n, page, D]
+        lo, hi = summarize(k.to(self.summary_device, torch.float32))  # [Hkv, n, D]
+        self.kmin[layer, b, :, first_page : first_page + n_new] = lo
+        self.kmax[layer, b, :, first_page : first_page + n_new] = hi
+
+    def write(self, layer: int, b: int, first_page: int, keys: Tensor, values: Tensor, summarized: int = 0) -> None:
         """Store one layer's whole pages ``keys``/``values`` ``[Hkv, n*page, D]`` of sequence ``b`` at
-        page ids ``first_page..``, with their summaries. Room must be reserved; ``n_pages`` is the
-        caller's to advance once every layer is written (``append`` does both)."""
+        page ids ``first_page..``, with their summaries (the first ``summarized`` of them already
+        stored by ``summarize_pages``). Room must be reserved; ``n_pages`` is the caller's to advance
+        once every layer is written (``append`` does both)."""
         h, d, pg = self.n_kv_heads, self.head_dim, self.page
         n_new = keys.shape[-2] // pg
         p0 = first_page
         k = keys.reshape(h, n_new, pg, d).transpose(0, 1)  # [n, Hkv, page, D]
         v = values.reshape(h, n_new, pg, d).transpose(0, 1)
         dst = self.data[layer, b, p0 : p0 + n_new]  # [n, Hkv, 2, page, D]
-        lo, hi = summarize(k.to(self.summary_device, torch.float32))  # [n, Hkv, D], from the unrounded keys
-        self.kmin[layer, b, :, p0 : p0 + n_new] = lo.transpose(0, 1)
-        self.kmax[layer, b, :, p0 : p0 + n_new] = hi.transpose(0, 1)
+        done = min(summarized, n_new)
+        if done < n_new:
+            self.summarize_pages(layer, b, p0 + done, keys[:, done * pg : n_new * pg])
+        lo = self.kmin[layer, b, :, p0 : p0 + n_new].transpose(0, 1)  # [n, Hkv, D], from the unrounded keys
+        hi = self.kmax[layer, b, :, p0 : p0 + n_new].transpose(0, 1)
         if self.int8_scheme is None:
             dst[:, :, 0].copy_(k)  # fp32: exact; fp16: rounded to nearest
             dst[:, :, 1].copy_(v)

@@ -19,6 +19,8 @@ class RetrievalStats:
     wait_s: float = 0.0  # finish_step waiting for the worker
     correction_s: float = 0.0
     sync_prepare_s: float = 0.0  # finish_step preparing the next view itself (quest, no prefetch)
+    start_s: float = 0.0  # start(): the prompt's pages and sink/recent stored, the first view built
+    pages_summarized_in_prefill: int = 0  # pool pages (per layer) whose summaries absorb() built during the prefill
     recalled_bytes: int = 0
     pool_pages: list[int] = field(default_factory=list)
     budget: int = 0
@@ -58,7 +60,7 @@ class RetrievalStats:
 
 _REPORT_ORDER = (
     "steps", "heads_checked", "heads_corrected", "pages_selected", "pages_hit", "pages_recalled", "tokens_copied",
-    "wait_s", "correction_s", "sync_prepare_s", "correction_rate", "page_hit_rate", "recalled_bytes",
+    "wait_s", "correction_s", "sync_prepare_s", "start_s", "pages_summarized_in_prefill", "correction_rate", "page_hit_rate", "recalled_bytes",
     "recalled_bytes_per_step", "pages_recalled_per_step", "wait_s_per_step", "pool_pages", "budget", "k_pages",
     "slots", "stored_bytes", "view_bytes", "pool_bytes", "pool_dtype", "dense_store_bytes_after_start",
     "dense_store_bytes",
