@@ -24,6 +24,10 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # CPU sessions share one prepacked copy of the weights (see `ort_shared`); False: one Python
 # InferenceSession per graph, each prepacking its own copy (the behaviour before; for comparisons).
 SHARE_WEIGHTS = True
+# With SHARE_WEIGHTS: a tied embedding / lm_head weight stays unpacked, read by its M=1 logits MatMul
+# from the same mapping its embedding Gather reads, so the table is resident once instead of twice
+# (`ort_shared.tied_matmul_weights`). False: prepacked like every other weight (for comparisons).
+UNPACK_TIED = True
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -97,7 +101,8 @@ class OrtEngine:
 
             if ort_shared.available():
                 self._shared = ort_shared.SharedWeights(self.directory, self.manifest.weights_file,
-                                                        options.intra_op_num_threads, config)
+                                                        options.intra_op_num_threads, config,
+                                                        unpack_tied=UNPACK_TIED)
         self._lock = threading.Lock()
         self.sessions = {}
         for variant in self.manifest.graphs if variants is None else variants:

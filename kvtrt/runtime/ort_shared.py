@@ -77,6 +77,8 @@ _FUNCS = {
     "ReleasePrepackedWeightsContainer": (167, None, [C.c_void_p]),
     "CreateSessionWithPrepackedWeightsContainer": (168, C.c_void_p, [C.c_void_p, C.c_char_p, C.c_void_p,
                                                                      C.c_void_p, C.c_void_p]),
+    "CreateSessionFromArrayWithPrepackedWeightsContainer": (169, C.c_void_p, [C.c_void_p, C.c_char_p, C.c_size_t,
+                                                                              C.c_void_p, C.c_void_p, C.c_void_p]),
 }
 _API_VERSION = 20  # any version the installed library serves; the entries above are all older
 _ONNX_TYPES = {1: "float", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "double"}
@@ -245,6 +247,87 @@ def external_initializers(path: str | os.PathLike) -> list[ExternalTensor]:
     return out
 
 
+def _ops_by_input(buf: bytes, graph: tuple[int, int]) -> dict[str, list[tuple[str, int]]]:
+    """input name -> [(op_type, input index)] of the nodes of a GraphProto span."""
+    uses: dict[str, list[tuple[str, int]]] = {}
+    for gfield, gwire, node in _fields(buf, *graph):
+        if gfield != 1 or gwire != 2:  # GraphProto.node
+            continue
+        inputs, op_type = [], ""
+        for nfield, nwire, value in _fields(buf, *node):
+            if nfield == 1 and nwire == 2:  # NodeProto.input
+                inputs.append(buf[value[0]:value[1]].decode())
+            elif nfield == 4 and nwire == 2:  # NodeProto.op_type
+                op_type = buf[value[0]:value[1]].decode()
+        for i, name in enumerate(inputs):
+            uses.setdefault(name, []).append((op_type, i))
+    return uses
+
+
+def tied_matmul_weights(path: str | os.PathLike) -> list[ExternalTensor]:
+    """The fp32 external initializers that a `Gather` reads (an embedding lookup) and that are also the
+    weight (input 1) of a `MatMul`: a tied embedding / lm_head. Prepacking such a MatMul keeps a second,
+    packed copy while the Gather keeps reading the original, whose pages the lookups fault into the
+    resident set anyway (a [hidden, vocab] table is read across its whole width by every token)."""
+    buf = Path(path).read_bytes()
+    graph = next((v for f, w, v in _fields(buf) if f == 7 and w == 2), None)
+    if graph is None:
+        return []
+    uses = _ops_by_input(buf, graph)
+    return [t for t in external_initializers(path) if t.data_type == 1
+            and any(op == "Gather" for op, _ in uses.get(t.name, ()))
+            and ("MatMul", 1) in uses.get(t.name, ())]
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _message(field: int, payload: bytes) -> bytes:
+    return _encode_varint(field << 3 | 2) + _encode_varint(len(payload)) + payload
+
+
+def _value_info(tensor: ExternalTensor) -> bytes:
+    """ValueInfoProto {name, type: TypeProto {tensor_type: {elem_type, shape}}}."""
+    shape = b"".join(_message(1, _encode_varint(1 << 3) + _encode_varint(d)) for d in tensor.dims)
+    tensor_type = _encode_varint(1 << 3) + _encode_varint(tensor.data_type) + _message(2, shape)
+    return _message(1, tensor.name.encode()) + _message(2, _message(1, tensor_type))
+
+
+def with_graph_inputs(buf: bytes, tensors: list[ExternalTensor]) -> bytes:
+    """ONNX model bytes `buf` with `tensors` (initializers of its main graph) also declared as graph
+    inputs: ONNX Runtime then treats them as overridable, so it neither prepacks nor constant-folds
+    them; a run that does not bind them uses the initializer."""
+    i = 0
+    while i < len(buf):
+        start = i
+        key, i = _varint(buf, i)
+        field, wire = key >> 3, key & 7
+        if wire == 2:
+            n, i = _varint(buf, i)
+            if field == 7:  # ModelProto.graph
+                graph = buf[i:i + n] + b"".join(_message(11, _value_info(t)) for t in tensors)  # GraphProto.input
+                return buf[:start] + _message(7, graph) + buf[i + n:]
+            i += n
+        elif wire == 0:
+            _, i = _varint(buf, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+    raise ValueError("the model has no graph")
+
+
 # --- sessions ---
 
 @dataclass
@@ -351,8 +434,13 @@ class SharedWeights:
     """The CPU sessions of one export folder, sharing one mapping of the weights file and one set
     of prepacked weights. `config`: session config entries; `threads`: intra-op threads."""
 
-    def __init__(self, directory: str | os.PathLike, weights_file: str, threads: int, config: dict[str, str]):
+    def __init__(self, directory: str | os.PathLike, weights_file: str, threads: int, config: dict[str, str],
+                 unpack_tied: bool = True):
+        """`unpack_tied`: leave a tied embedding / lm_head MatMul weight unpacked (`tied_matmul_weights`):
+        the MatMul reads the mapping the embedding Gather reads, so that table is held once."""
         self._api = api()
+        self.unpack_tied = unpack_tied
+        self.unpacked: set[str] = set()  # initializers some session reads unpacked
         self.directory = Path(directory)
         self.threads = threads
         self.config = dict(config)
@@ -394,6 +482,19 @@ class SharedWeights:
         a = self._api
         graph = Path(graph)
         options = self._options(graph)
+        tied = [t for t in tied_matmul_weights(graph)
+                if (self.directory / t.location).resolve() == self.weights_path.resolve()] if self.unpack_tied else []
+        model = None
+        if tied:
+            # declared graph inputs, these initializers are not prepacked; the model comes from bytes, so
+            # tell ORT where its external data lives (every external initializer is added above anyway)
+            model = with_graph_inputs(graph.read_bytes(), tied)
+            try:
+                a.check(a.AddSessionConfigEntry(options, b"session.model_external_initializers_file_folder_path",
+                                                str(graph.parent).encode()))
+            except BaseException:
+                a.ReleaseSessionOptions(options)
+                raise
         handle = C.c_void_p()
         # Prepacking reads every weight through the mapping: while it runs, drop the pages it has
         # read from the resident set every 50 ms (they stay in the page cache; a page still being
@@ -408,8 +509,12 @@ class SharedWeights:
         trimmer = threading.Thread(target=trim, name="kvtrt-weights-trim", daemon=True)
         trimmer.start()
         try:
-            a.check(a.CreateSessionWithPrepackedWeightsContainer(a.env, str(graph).encode(), options, self.container,
-                                                                 C.byref(handle)))
+            if model is None:
+                a.check(a.CreateSessionWithPrepackedWeightsContainer(a.env, str(graph).encode(), options,
+                                                                     self.container, C.byref(handle)))
+            else:
+                a.check(a.CreateSessionFromArrayWithPrepackedWeightsContainer(a.env, model, len(model), options,
+                                                                              self.container, C.byref(handle)))
         except BaseException:
             a.ReleaseSessionOptions(options)
             raise
@@ -417,6 +522,7 @@ class SharedWeights:
             done.set()
             trimmer.join()
             self._map.madvise(mmap.MADV_DONTNEED)
+        self.unpacked.update(t.name for t in tied)
         return Session(a, handle, options, self)
 
     def __del__(self):
