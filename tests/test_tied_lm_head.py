@@ -126,3 +126,27 @@ def test_tied_table_resident_once(tied_big_vocab):
     # packed: the packed copy plus the table pages the lookups and nothing else read; unpacked: the
     # table once (measured 64 MiB apart)
     assert old["grown"] - new["grown"] >= 0.7 * table_mib, (old["grown"], new["grown"])
+
+
+def test_batched_calls_use_a_packed_twin(tied_big_vocab):
+    """One sequence per call reads the unpacked table (no twin); a call of several sequences goes to
+    a twin session with the tied weight prepacked (MLAS would pack it on every call otherwise), and
+    each row still gets the tokens it gets alone."""
+    import kvtrt
+    from kvtrt.runtime import engine as E
+
+    if not E.SHARE_WEIGHTS:
+        pytest.skip("shared-weight sessions are off")
+    llm = kvtrt.load(tied_big_vocab, threads=1, prefix_cache=0)
+    try:
+        if not llm.engine._unpacks_tied():
+            pytest.skip("onnxruntime's C API is not usable here")
+        prompts = [list(range(3, 40)), list(range(50, 70)), list(range(100, 160))]
+        alone = [llm.generate(p, max_new_tokens=8, ignore_eos=True).token_ids for p in prompts]
+        assert llm.engine.packed_sessions == {}
+        together = [r.token_ids for r in llm.generate(prompts, max_new_tokens=8, ignore_eos=True)]
+        assert set(llm.engine.packed_sessions) == {"decode_shared"}
+        assert together == alone
+        assert llm.engine._shared.unpacked  # the twin did not change what the others read
+    finally:
+        llm.close()

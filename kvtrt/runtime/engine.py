@@ -24,10 +24,22 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # CPU sessions share one prepacked copy of the weights (see `ort_shared`); False: one Python
 # InferenceSession per graph, each prepacking its own copy (the behaviour before; for comparisons).
 SHARE_WEIGHTS = True
-# With SHARE_WEIGHTS: a tied embedding / lm_head weight stays unpacked, read by its M=1 logits MatMul
-# from the same mapping its embedding Gather reads, so the table is resident once instead of twice
-# (`ort_shared.tied_matmul_weights`). False: prepacked like every other weight (for comparisons).
+# With SHARE_WEIGHTS: a tied embedding / lm_head weight stays unpacked, read by the logits MatMul from
+# the same mapping its embedding Gather reads, so the table is resident once instead of twice
+# (`ort_shared.tied_matmul_weights`). That MatMul has one row per sequence; for one row MLAS reads an
+# unpacked weight as fast as a packed one, for several it packs it on every call, so calls of more
+# than one sequence go to a twin session of the graph that prepacks it (created on the first such
+# call; the other weights stay shared). False: always prepacked (the behaviour before; comparisons).
 UNPACK_TIED = True
+
+
+class _Call:
+    """A binding whose session is chosen when its tensors are bound (by batch size, see UNPACK_TIED)."""
+
+    __slots__ = ("variant", "session", "binding")
+
+    def __init__(self, variant):
+        self.variant, self.session, self.binding = variant, None, None
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -105,12 +117,16 @@ class OrtEngine:
                                                         unpack_tied=UNPACK_TIED)
         self._lock = threading.Lock()
         self.sessions = {}
+        self.packed_sessions = {}  # twins that prepack the tied weight, for calls of several sequences
         for variant in self.manifest.graphs if variants is None else variants:
             self.session(variant)
 
-    def session(self, variant: GraphVariant | str):
-        """The ONNX Runtime session of graph `variant`, created (and checked) on first use."""
-        session = self.sessions.get(variant)
+    def session(self, variant: GraphVariant | str, packed: bool = False):
+        """The ONNX Runtime session of graph `variant`, created (and checked) on first use; `packed`:
+        its twin with the tied weight prepacked, when this engine leaves it unpacked (else the same)."""
+        packed = packed and self._unpacks_tied()
+        sessions = self.packed_sessions if packed else self.sessions
+        session = sessions.get(variant)
         if session is not None:
             return session
         if variant not in self.manifest.graphs:
@@ -119,17 +135,20 @@ class OrtEngine:
         import onnxruntime as ort
 
         with self._lock:
-            if variant not in self.sessions:
+            if variant not in sessions:
                 options, wanted, provider_options = self._session_args
                 path = self.directory / self.manifest.graphs[variant]
                 if self._shared is not None:
-                    session = self._shared.session(path)
+                    session = self._shared.session(path, unpack_tied=False if packed else None)
                 else:
                     session = ort.InferenceSession(str(path), options, providers=wanted,
                                                    provider_options=provider_options)
                 self._check(variant, session)
-                self.sessions[variant] = session
-            return self.sessions[variant]
+                sessions[variant] = session
+            return sessions[variant]
+
+    def _unpacks_tied(self) -> bool:
+        return self._shared is not None and bool(self._shared.unpacked)
 
     def _check(self, variant: GraphVariant | str, session) -> None:
         m = self.manifest
@@ -155,10 +174,19 @@ class OrtEngine:
 
     def new_binding(self, variant: GraphVariant | str):
         """A fresh IOBinding for graph `variant`; one per caller."""
-        return self.session(variant).io_binding()
+        session = self.session(variant)
+        if self._unpacks_tied():
+            return _Call(variant)  # the session is chosen in `bind`, by batch size
+        return session.io_binding()
 
     def bind(self, binding, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         """Bind contiguous torch tensors by pointer (no copy)."""
+        if isinstance(binding, _Call):
+            ids = inputs.get("input_ids")
+            session = self.session(binding.variant, packed=ids is not None and ids.shape[0] > 1)
+            if session is not binding.session:
+                binding.session, binding.binding = session, session.io_binding()
+            binding = binding.binding
         for name, tensor in inputs.items():
             binding.bind_input(name, *self._address(tensor))
         for name, tensor in outputs.items():
@@ -172,6 +200,9 @@ class OrtEngine:
 
     def run(self, variant: GraphVariant | str, binding) -> None:
         """One graph call on the bound tensors."""
+        if isinstance(binding, _Call):
+            binding.session.run_with_iobinding(binding.binding)
+            return
         self.sessions[variant].run_with_iobinding(binding)
         if self.device.type == "cuda":
             binding.synchronize_outputs()

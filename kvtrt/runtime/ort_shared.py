@@ -478,12 +478,15 @@ class SharedWeights:
             raise
         return options
 
-    def session(self, graph: str | os.PathLike) -> Session:
+    def session(self, graph: str | os.PathLike, unpack_tied: bool | None = None) -> Session:
+        """A session of `graph`; `unpack_tied` overrides the instance's choice for this session (a
+        session that prepacks the tied weight adds that packed copy to the container)."""
         a = self._api
         graph = Path(graph)
         options = self._options(graph)
+        unpack = self.unpack_tied if unpack_tied is None else unpack_tied
         tied = [t for t in tied_matmul_weights(graph)
-                if (self.directory / t.location).resolve() == self.weights_path.resolve()] if self.unpack_tied else []
+                if (self.directory / t.location).resolve() == self.weights_path.resolve()] if unpack else []
         model = None
         if tied:
             # declared graph inputs, these initializers are not prepacked; the model comes from bytes, so
