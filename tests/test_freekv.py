@@ -789,3 +789,46 @@ def test_absorb_needs_begin_and_prompt_mismatch_ignores_summaries():
     ref.start(list(k), list(v), seq.q(109))
     p = int(ref.pool.n_pages[0])
     assert torch.equal(r.pool.kmin[:, 0, :, :p], ref.pool.kmin[:, 0, :, :p])
+
+
+@pytest.mark.parametrize("combine", ["softmax", "mean"])
+def test_corrected_heads_select_what_a_fresh_selection_picks(combine):
+    """At an intermediate tau, after each step: every head whose group-mean cosine to the speculative
+    query is below tau holds exactly a fresh top-k with the current query; every other head holds
+    the speculative selection (made with the query the prefetch used)."""
+    seq = Seq(L=2, B=2, Hkv=2, G=3, D=16, total=260, seed=9)
+    g = torch.Generator().manual_seed(10)
+    noise = torch.tensor([0.1, 0.1, 0.1, 0.6, 0.6, 0.6])[None, None, :, None]  # per query head: KV head 1 drifts
+    for layer in range(seq.L):  # a fixed query per head plus per-step noise
+        base = torch.randn(1, seq.B, seq.H, seq.D, generator=g)
+        seq.queries[layer] = base + noise * torch.randn(260, seq.B, seq.H, seq.D, generator=g)
+    tau = 0.9
+    r = make(f"freekv:budget=60,{SMALL},tau={tau},combine={combine}", seq, threaded=False)
+    n = 120
+    k, v = seq.kv(0, n)
+    r.start(k, v, seq.q(n - 1))
+    corrected = kept = 0
+    for _ in range(25):
+        speculative = torch.stack(r._latest_query.unbind(0))  # what prefetch() selects with
+        r.prefetch()
+        target = r._views[1 - r._current]
+        q = seq.q(n)
+        nk, nv = seq.kv(n, n + 1)
+        view = r.finish_step(q, nk, nv)
+        assert view is target
+        n += 1
+        qs = torch.stack(q)
+        cos = torch.nn.functional.cosine_similarity(qs, speculative, dim=-1)  # [L, B, H]
+        drifted = cos.reshape(seq.L, seq.B, seq.Hkv, -1).mean(-1) < tau
+        for layer in range(seq.L):
+            fresh = r.fresh_selection(layer, qs[layer], view)
+            spec = r.fresh_selection(layer, speculative[layer], view)
+            for b in range(seq.B):
+                for h in range(seq.Hkv):
+                    want = fresh if drifted[layer, b, h] else spec
+                    assert set(view.slot_pages[layer, b, h].tolist()) - {-1} == set(want[b, h].tolist()) - {-1}
+                    corrected += int(drifted[layer, b, h])
+                    kept += int(not drifted[layer, b, h])
+    assert corrected > 0 and kept > 0  # both branches exercised
+    assert r.stats().heads_corrected == corrected
+    r.close()
