@@ -283,7 +283,8 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="prefill time, decode speed and memory per context (optionally vs a peer)",
                        description="For each context, a prompt of exactly that many tokens from the haystack texts, "
                                    "greedy, each measurement in its own subprocess (best of --repeat runs). Reports "
-                                   "prefill seconds, decode tok/s, peak RSS and KV MiB; with --peer ortgenai the "
+                                   "prefill seconds (the prompt's whole cost, a FreeKV pool's build included), time to "
+                                   "first token, decode tok/s, peak RSS and KV MiB; with --peer ortgenai the "
                                    "same token ids run on onnxruntime-genai built from the same model, with --peer "
                                    "openvino on OpenVINO GenAI's LLMPipeline (the same model converted with "
                                    "optimum-intel, fp32 weights and compute) twice: with its CPU default u8 KV cache "
@@ -322,7 +323,7 @@ def _cmd_bench(args) -> int:
         row["series"] = row["engine"] if row["engine"] != "kvtrt" and row["kv"] == "full" else \
             f"{row['engine']} {row['kv']}"
     _save_rows(rows, table(rows), args, lambda path: line_plot(
-        path, [("decode_tok_s", "decode tok/s"), ("prefill_s", "prefill s"), ("peak_rss_mib", "peak RSS MiB")],
+        path, [("decode_tok_s", "decode tok/s"), ("ttft_s", "time to first token s"), ("peak_rss_mib", "peak RSS MiB")],
         rows, "context", "series", f"kvtrt bench {Path(args.dir).name} ({args.threads} threads)"))
     return 0
 

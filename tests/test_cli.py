@@ -123,8 +123,9 @@ def test_bench_writes_rows_and_plot(tiny_llama, text_file, tmp_path):
     rows = json.loads(out_json.read_text())
     assert len(rows) == 4
     for row in rows:
-        assert {"context", "engine", "prefill_s", "decode_tok_s", "peak_rss_mib", "kv_mib"} <= set(row)
+        assert {"context", "engine", "prefill_s", "ttft_s", "decode_tok_s", "peak_rss_mib", "kv_mib"} <= set(row)
         assert row["decode_tok_s"] > 0 and row["peak_rss_mib"] > 0
+        assert 0 < row["ttft_s"] <= row["prefill_s"] + 0.5  # the first token comes before a FreeKV pool's build
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 
 
