@@ -832,3 +832,28 @@ def test_corrected_heads_select_what_a_fresh_selection_picks(combine):
     assert corrected > 0 and kept > 0  # both branches exercised
     assert r.stats().heads_corrected == corrected
     r.close()
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_prefetch_reuses_the_corrections_selection_when_the_pool_is_unchanged(threaded):
+    """The next prefetch selects with the query the last correction selected with; when the pool
+    snapshot is the same it takes that selection instead of computing it again. Views and stats are
+    exactly those of a manager that always selects (pages spill every 8 steps here, so both paths run)."""
+    seq = Seq(L=2, B=2, Hkv=2, G=3, D=16, total=300, seed=12)  # independent queries: most heads drift
+    reusing = make(f"freekv:budget=60,{SMALL},tau=0.9", seq, threaded=threaded)
+    always = make(f"freekv:budget=60,{SMALL},tau=0.9", seq, threaded=threaded)
+    always._take_selection = lambda: None
+    n = 120
+    for r in (reusing, always):
+        k, v = seq.kv(0, n)
+        r.start(k, v, seq.q(n - 1))
+    for n in lockstep([reusing, always], seq, n, 40):
+        a, b = reusing.view(), always.view()
+        for name in ("all_keys", "all_values", "mask", "slot_pages"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        check_view(reusing, a, seq, [n] * seq.B)
+    got, ref = reusing.stats(), always.stats()
+    assert 0 < got.selections_reused < 40 and ref.selections_reused == 0  # not after a spill
+    assert (got.pages_recalled, got.heads_corrected) == (ref.pages_recalled, ref.heads_corrected)
+    reusing.close()
+    always.close()

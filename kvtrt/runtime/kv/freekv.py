@@ -95,6 +95,10 @@ class FreeKVRetrieval:
         self._lengths = [0] * batch
         self._latest_query: Tensor | None = None  # [L, B, H, D]
         self._speculative_query: Tensor | None = None  # the query the in-flight prefetch selects with
+        # the last correction's full selection with the latest query and the pool snapshot it was made
+        # against: the next prefetch selects with that same query, so when the snapshot is the same
+        # it reuses it instead of selecting again (same pages, one selection less per step)
+        self._selected: tuple[Tensor, list[int]] | None = None
         self._pending: Future | None = None
         self._threaded = threaded and self.mode == "freekv"
         self._executor: ThreadPoolExecutor | None = None
@@ -182,6 +186,7 @@ class FreeKVRetrieval:
         for view in self._views:
             view.reset()
         self._counters = RetrievalStats()
+        self._selected = None
         lay, n_tokens = self.layout, keys[0].shape[2]
         self.pool.reserve(self._pool_pages(n_tokens, reserve_tokens), exact=True)
         live = [_live_tokens(None if mask is None else mask[b], keys[0].device) for b in range(self.batch)]
@@ -235,11 +240,12 @@ class FreeKVRetrieval:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtrt-freekv",
                                                     initializer=torch.set_num_threads,
                                                     initargs=(torch.get_num_threads(),))
-            self._pending = self._executor.submit(self._prepare, target, self._speculative_query)
+            self._pending = self._executor.submit(self._prepare, target, self._speculative_query, True, False,
+                                                  self._take_selection())
             return
         self._pending = Future()
         try:
-            self._prepare(target, self._speculative_query)
+            self._prepare(target, self._speculative_query, selected=self._take_selection())
             self._pending.set_result(None)
         except BaseException as exc:  # surfaced by finish_step like the threaded path
             self._pending.set_exception(exc)
@@ -433,7 +439,12 @@ class FreeKVRetrieval:
         n_pages = torch.tensor(view.n_pages, dtype=torch.long)
         return self.pool.select(None, query, self.layout.k_pages, self.combine, n_pages=n_pages)
 
-    def _prepare(self, view: KVView, query: Tensor, count: bool = True, wait: bool = False) -> None:
+    def _take_selection(self) -> tuple[Tensor, list[int]] | None:
+        selected, self._selected = self._selected, None
+        return selected
+
+    def _prepare(self, view: KVView, query: Tensor, count: bool = True, wait: bool = False,
+                 selected: tuple[Tensor, list[int]] | None = None) -> None:
         """Bring ``view`` up to date: pool snapshot, missing tokens, top-k pages for ``query``, mask.
 
         On CUDA everything is queued on the copy stream (``wait``: after the work already queued
@@ -442,7 +453,9 @@ class FreeKVRetrieval:
         with self._on_copy_stream(wait):
             view.n_pages = self.pool.n_pages.tolist()
             self._counters.tokens_copied += view.copy_unpaged(self.master_keys, self.master_values, self._lengths)
-            self.recall(view, self._select(query, view), count=count)
+            reuse = selected is not None and selected[1] == view.n_pages
+            self._counters.selections_reused += int(reuse)
+            self.recall(view, selected[0] if reuse else self._select(query, view), count=count)
             view.update_mask(self._lengths, non_blocking=self._copier is not None)
 
     def _correct(self, view: KVView, query: Tensor) -> None:
@@ -454,6 +467,7 @@ class FreeKVRetrieval:
         if corrected:
             with self._on_copy_stream(wait=True):
                 fresh = self._select(query, view)
+                self._selected = (fresh, list(view.n_pages))
                 self.recall(view, torch.where(drifted[..., None], fresh, view.slot_pages))
             self._sync_device()
         # the view's mask is current: the worker set it, _append_token marked the new token's slot,

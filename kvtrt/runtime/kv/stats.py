@@ -15,6 +15,7 @@ class RetrievalStats:
     pages_selected: int = 0
     pages_hit: int = 0  # selected pages the view already held
     pages_recalled: int = 0
+    selections_reused: int = 0  # prefetches that took the last correction's selection (same query and pool)
     tokens_copied: int = 0  # sink/recent tokens copied into views
     wait_s: float = 0.0  # finish_step waiting for the worker
     correction_s: float = 0.0
@@ -59,9 +60,9 @@ class RetrievalStats:
 
 
 _REPORT_ORDER = (
-    "steps", "heads_checked", "heads_corrected", "pages_selected", "pages_hit", "pages_recalled", "tokens_copied",
-    "wait_s", "correction_s", "sync_prepare_s", "start_s", "pages_summarized_in_prefill", "correction_rate", "page_hit_rate", "recalled_bytes",
-    "recalled_bytes_per_step", "pages_recalled_per_step", "wait_s_per_step", "pool_pages", "budget", "k_pages",
-    "slots", "stored_bytes", "view_bytes", "pool_bytes", "pool_dtype", "dense_store_bytes_after_start",
-    "dense_store_bytes",
+    "steps", "heads_checked", "heads_corrected", "pages_selected", "pages_hit", "pages_recalled", "selections_reused",
+    "tokens_copied", "wait_s", "correction_s", "sync_prepare_s", "start_s", "pages_summarized_in_prefill",
+    "correction_rate", "page_hit_rate", "recalled_bytes", "recalled_bytes_per_step", "pages_recalled_per_step",
+    "wait_s_per_step", "pool_pages", "budget", "k_pages", "slots", "stored_bytes", "view_bytes", "pool_bytes",
+    "pool_dtype", "dense_store_bytes_after_start", "dense_store_bytes",
 )
