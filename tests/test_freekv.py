@@ -127,6 +127,10 @@ def lockstep(managers, seq: Seq, n: int, steps: int):
 
 
 def retrieval(spec):
+    """The spec's retrieval stage, with an exact fp32 pool unless the spec names one: these tests
+    compare views with the true K/V exactly (the pool's precisions: test_freekv_pool_dtype.py)."""
+    if "pool_dtype" not in spec:
+        spec += ",pool_dtype=fp32" if ":" in spec.split("+")[-1] else ":pool_dtype=fp32"
     return parse_kv_spec(spec).retrieval
 
 

@@ -40,7 +40,7 @@ def kv_with_outliers(L, Hkv, n, D, seed=0):
 
 
 def test_pool_dtype_option_default_and_round_trip():
-    assert parse_stage("freekv:budget=1024").pool_dtype == "fp32"
+    assert parse_stage("freekv:budget=1024").pool_dtype == "fp16"
     for text in ("freekv:budget=1024,pool_dtype=fp16", "quest:budget=512,pool_dtype=int8",
                  "kvcrush:budget=0.5+freekv:budget=300,pool_dtype=int8,tau=0.8"):
         spec = parse_kv_spec(text)

@@ -47,7 +47,9 @@ def _nll(llm, prompt, target, spec):
 def test_retrieval_with_covering_budget_is_exact_on_real_text(long_sample):
     llm, prompt, _ = long_sample
     full = llm.generate(prompt, max_new_tokens=24)
-    for spec in ("freekv:budget=2048,tau=0.9,min_context=0", "quest:budget=2048,min_context=0"):
+    # an fp32 pool: exact (the default fp16 pool rounds recalled pages; test_freekv_pool_dtype.py)
+    for spec in ("freekv:budget=2048,tau=0.9,min_context=0,pool_dtype=fp32",
+                 "quest:budget=2048,min_context=0,pool_dtype=fp32"):
         assert kvtrt.load(llm.directory, kv=spec).generate(prompt, max_new_tokens=24).token_ids == full.token_ids
 
 

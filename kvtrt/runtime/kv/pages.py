@@ -31,7 +31,7 @@ query heads of a KV group are combined into one score per (KV head, page):
 Then the top-k pages per (sequence, KV head) are taken with ``torch.topk`` (no Python loop
 over pages). Pages that do not exist for a sequence score ``-inf`` and come back as ``-1``.
 
-Storage precision (``pool_dtype``): ``fp32`` (default) keeps pages in the KV's own dtype, exact;
+Storage precision (``pool_dtype``): ``fp32`` (this class's default; a ``freekv:`` spec's is ``fp16``) keeps pages in the KV's own dtype, exact;
 ``fp16`` in half precision; ``int8`` as 8-bit codes ``q`` with an affine map ``x = lo + q * step``
 (``step = (hi - lo) / 255``, round to nearest, so ``|x - x'| <= step / 2``). The int8 granules
 (``INT8_SCHEMES``): keys and values per channel within a page (for the keys ``lo``/``hi`` are then

@@ -25,8 +25,8 @@ class RetrievalConfig(SpecStage):
     query cosine to the previous step falls below it are corrected (quest: always 1, every head
     selects with the current query); ``combine``: how the query heads of a KV group score a page;
     ``min_context`` (default ``2 * budget``): retrieval runs only for longer caches;
-    ``pool_dtype``: how the page pool stores the KV (``fp32`` the KV's own dtype, exact; ``fp16``
-    half the bytes; ``int8`` a quarter plus per-channel value scales), dequantized into the view as
+    ``pool_dtype``: how the page pool stores the KV (``fp16``, the default, half the bytes of fp32
+    KV; ``fp32`` the KV's own dtype, exact; ``int8`` a quarter plus per-channel value scales), dequantized into the view as
     pages are recalled (summaries, views and the sink/recent master copy stay full precision).
     """
 
@@ -39,7 +39,7 @@ class RetrievalConfig(SpecStage):
                         hint="tau=0 never corrects, tau=1 always corrects, e.g. tau=0.9")
     combine: str = option("softmax", "choice", choices=COMBINES, stages=("freekv",))
     min_context: int | None = option(None, "whole", example=0)
-    pool_dtype: str = option("fp32", "choice", choices=POOL_DTYPES)
+    pool_dtype: str = option("fp16", "choice", choices=POOL_DTYPES)
 
     @property
     def name(self) -> str:  # type: ignore[override]
