@@ -20,43 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
+from types import SimpleNamespace
 
 import torch
 
-import kvtrt
-from kvtrt.contract import GraphVariant
-from kvtrt.eval.accuracy import NEEDLE, QUESTION, _sentence_end
-from kvtrt.eval.texts import load_texts, token_prefix
-from kvtrt.runtime.buffers import bind_decode, graph_outputs, per_layer
+from kvtrt.eval.accuracy import Evaluator
+from kvtrt.runtime.batch import _RetrievalRow
 from kvtrt.runtime.kv.spec import parse_kv_spec
 from kvtrt.runtime.prefill import PrefillJob
-
-
-def needle_jobs(llm, context: int, n_texts: int, depths: list[float], seed: int = 0):
-    """The same prompts as ``kvtrt eval --task needle`` (Evaluator._needle_jobs), with the needle's span."""
-    import random
-
-    codec = llm.codec
-    head, tail = codec.render_chat([{"role": "user", "content": "\x00"}]).split("\x00")
-    head_ids = codec.tokenizer.encode(head, add_special_tokens=False).ids
-    tail_ids = codec.tokenizer.encode(QUESTION + tail, add_special_tokens=False).ids
-    corpus = load_texts(None)
-    rng = random.Random(seed)
-    jobs = []
-    for i in range(n_texts):
-        rotated = corpus[i:] + corpus[:i]
-        for depth in depths:
-            key = str(rng.randint(10000, 99999))
-            needle = codec.tokenizer.encode(NEEDLE.format(key=key), add_special_tokens=False).ids
-            room = context - len(head_ids) - len(tail_ids) - len(needle)
-            hay = token_prefix(codec.encode, rotated, room)
-            at = _sentence_end(codec, hay, int(depth * len(hay)))
-            ids = head_ids + hay[:at] + needle + hay[at:] + tail_ids
-            span = (len(head_ids) + at, len(head_ids) + at + len(needle))
-            jobs.append((ids, key, depth, span))
-    return jobs
+from kvtrt.runtime.request import RequestStats
 
 
 def unrotate(query: torch.Tensor, position: int, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -77,47 +50,28 @@ def drift(q: torch.Tensor, prev: torch.Tensor, hkv: int, tau: float) -> tuple[to
 
 
 class Driver:
-    """One sequence decoded through a retrieval manager, as the runtime's retrieval row does."""
+    """One sequence decoded by the runtime's own retrieval row (``kvtrt/runtime/batch.py``), with what
+    each step attended and the query it computed exposed."""
 
     def __init__(self, llm, spec: str, store, query, position: int, first: int, remaining: int):
-        e, m = llm.engine, llm.manifest
-        self.engine, self.m = e, m
-        self.r = parse_kv_spec(spec).retrieval.create(m.n_layers, m.n_kv_heads, m.n_heads, m.head_dim, 1, e.dtype,
-                                                      mask_dtype=torch.long, max_context=store.length,
-                                                      staging_slot=True)
-        self.r.start(store.keys, store.values, query, mask=store.mask, reserve_tokens=remaining + 1, release=True)
-        self.variant = GraphVariant.DECODE_SHARED
-        self.ids = torch.zeros(1, 1, dtype=torch.long)
-        self.positions = torch.zeros(1, 1, dtype=torch.long)
-        self.slot = torch.full((), self.r.slots, dtype=torch.long)
-        self.bound = []
-        for v in self.r.views:
-            outputs = graph_outputs(e, 1, 1, None, cache=(v.keys, v.values))
-            binding = bind_decode(e, self.variant, self.ids, self.positions, v.mask, v.keys, v.values, outputs,
-                                  write_slot=self.slot)
-            self.bound.append((binding, outputs, per_layer(outputs, "query"),
-                               v.all_keys[:, :, :, self.r.slots:], v.all_values[:, :, :, self.r.slots:]))
-        self.token, self.position = first, position
+        seq = SimpleNamespace(retrieval=parse_kv_spec(spec).retrieval, remaining=remaining, pending=first,
+                              position=position, stats=RequestStats())
+        self.row = _RetrievalRow(llm.engine, seq, store, query)
+        self.r = self.row.manager
+
+    @property
+    def position(self) -> int:
+        return self.row.seq.position
 
     def step(self):
         """One decode step; returns (next token, view slot_pages attended [L,1,Hkv,k], query [L,1,H,D])."""
-        r = self.r
-        self.ids.fill_(self.token)
-        self.positions.fill_(self.position)
-        view = r.view()
-        binding, outputs, new_q, new_k, new_v = self.bound[view.index]
-        if r.mode == "quest":
-            self.engine.run(self.variant, binding)
-            r.select(new_q)
-        else:
-            r.prefetch()
-        self.engine.run(self.variant, binding)
-        attended = view.slot_pages.clone()
-        query = torch.stack([q.detach().clone() for q in new_q])
-        r.finish_step(new_q, new_k, new_v)
-        self.token = int(outputs["logits"][0, 0].argmax())
-        self.position += 1
-        return self.token, attended, query
+        view = self.r.view()
+        logits = self.row.step()
+        attended = view.slot_pages.clone()  # what the step attended (the next prefetch writes it later)
+        query = torch.stack([q.detach().clone() for q in self.row.bound[view.index][2]])
+        seq = self.row.seq
+        seq.pending, seq.position = int(logits.argmax()), seq.position + 1
+        return seq.pending, attended, query
 
 
 def main() -> None:
@@ -133,12 +87,13 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
 
-    llm = kvtrt.load(args.export, prefix_cache=0)
-    m = llm.manifest
+    ev = Evaluator(args.export, args.context, num_texts=args.texts, progress=False)
+    llm, m = ev.llm, ev.llm.manifest
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, m.head_dim, 2).float() / m.head_dim))
     variants = [v.split(":") for v in args.variants.split(",")]
     specs = {":".join(v): (f"{v[0]}:budget={args.budget}" + (f",{v[1]}" if len(v) > 1 else "")) for v in variants}
-    jobs = needle_jobs(llm, args.context, args.texts, [float(d) for d in args.depths.split(",")])
+    jobs = [(ids, p["key"], p["depth"], p["span"])
+            for ids, p in ev._needle_jobs([float(d) for d in args.depths.split(",")])]
     tests = ("post_group", "post_head", "pre_group", "pre_head")
     totals = {name: {"hits": 0, "cases": 0, "view": [], "fresh": [], **{t: [] for t in tests}} for name in specs}
     full_hits = 0

@@ -311,8 +311,9 @@ class Evaluator:
                 room = self.context - len(head_ids) - len(tail_ids) - len(needle)
                 hay = token_prefix(codec.encode, self._rotated(i), room)
                 at = _sentence_end(codec, hay, int(depth * len(hay)))
-                jobs.append((head_ids + hay[:at] + needle + hay[at:] + tail_ids, {"new": 24, "key": key,
-                                                                                    "depth": depth}))
+                start = len(head_ids) + at  # the needle's tokens: [start, start + len(needle))
+                jobs.append((head_ids + hay[:at] + needle + hay[at:] + tail_ids,
+                             {"new": 24, "key": key, "depth": depth, "span": [start, start + len(needle)]}))
         return jobs
 
     def _row(self, task: str, run: SpecRun, total: Totals, reference: Totals) -> dict:

@@ -40,6 +40,8 @@ class _Call:
 
     def __init__(self, variant):
         self.variant, self.session, self.binding = variant, None, None
+
+
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],

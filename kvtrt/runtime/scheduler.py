@@ -296,7 +296,7 @@ class Scheduler:
         self.counters.reused_prefix_tokens_total += start
         self.counters.prompt_tokens_total += len(seq.ids)
         on_chunk = None
-        if seq.policy is None and seq.retrieval is not None and seq.retrieval.engages(len(seq.ids)):
+        if seq.policy is None and self._placement(seq)[1] is self.retrieval:
             # FreeKV / Quest: the pool's page summaries are built as the prefill writes each chunk
             seq.manager = RetrievalGroup.create_manager(self.engine, seq, len(seq.ids))
             seq.manager.begin(len(seq.ids), reserve_tokens=seq.max_new_tokens + 1)

@@ -240,8 +240,8 @@ class FreeKVRetrieval:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtrt-freekv",
                                                     initializer=torch.set_num_threads,
                                                     initargs=(torch.get_num_threads(),))
-            self._pending = self._executor.submit(self._prepare, target, self._speculative_query, True, False,
-                                                  self._take_selection())
+            self._pending = self._executor.submit(self._prepare, target, self._speculative_query,
+                                                  selected=self._take_selection())
             return
         self._pending = Future()
         try:
