@@ -175,6 +175,12 @@ def _export_parser(sub) -> argparse.ArgumentParser:
                    help="query (default): score.{l} holds the attention mass per query head, which "
                         "kvcrush:signature=query reads (one bit per query head); kv: averaged per KV head, the "
                         "format of exports made before this option (a third of the score output)")
+    p.add_argument("--decode-groups", type=int, default=0, metavar="N",
+                   help="also write the in-place decode graph cut into N layer ranges (decode_group.{g}.onnx, "
+                        "sharing weights.bin), each returning the next range's queries: FreeKV and Quest then "
+                        "choose each range's pages with the step's own query before it attends, instead of "
+                        "the previous step's (N = the number of layers: exact for every layer). Needs "
+                        "--attention gqa. Default 0: none")
     p.add_argument("--quantize", default="none", choices=["none", *QUANTIZE_METHODS],
                    help="int4: 4-bit block-32 MatMulNBits projection weights, the lm_head and tied embedding at "
                         "--lm-head-bits (ONNX Runtime CPU/CUDA)")
@@ -192,7 +198,8 @@ def _cmd_export(args) -> int:
 
     manifest = export_model(args.model, args.output, dtype=args.dtype, max_positions=args.max_positions,
                             score_window=args.score_window, attention=args.attention,
-                            score_heads=args.score_heads, progress=not args.quiet)
+                            score_heads=args.score_heads, decode_groups=args.decode_groups,
+                            progress=not args.quiet)
     if args.quantize != "none":
         from .export.quantize import quantize_export
 

@@ -14,6 +14,17 @@ outputs  logits [B,1,V] (last new token), then
          whose manifest says score_heads "kv": those made before score_heads existed);
          in-place graphs: present_key.{l} / present_value.{l} [B,Hkv,C,D] (the past buffers, the
          new slots written), query.{l}, and for prefill_shared score.{l} [B,H,write_slot+S]
+
+decode groups (optional, `kvtrt export --decode-groups N`): decode_shared cut into N layer ranges
+[a, b), one graph each (`decode_group.{g}`), so retrieval can choose a range's pages with the step's
+own query before the range attends. Group g takes input_ids [B,1] (g = 0) or hidden [B,1,E] (the
+residual stream entering layer a), position_ids, past_mask, write_slot and its layers' past_*;
+it returns logits (last group) or hidden_out [B,1,E] (the next group's hidden), its layers' present_*
+and query.{l}, and lookahead.{l}
+[B,H,D] for the next group's layers: each one's query (rotated, pre-scaled like query.{l})
+projected from the hidden state leaving group g (exact for the next group's first layer, the
+others' input is approximated by it). `decode_lookahead` (input_ids, position_ids) gives group 0's
+lookahead from the token's embedding (exact for layer 0).
 """
 
 from __future__ import annotations
@@ -75,6 +86,36 @@ DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill graph call
 DEFAULT_SCORE_WINDOW = 32    # last prompt queries whose attention forms score.{l} (SnapKV's window)
 
 
+DECODE_GROUP = "decode_group"  # manifest key of group g: f"{DECODE_GROUP}.{g}"
+LOOKAHEAD = "decode_lookahead"  # the graph that gives group 0's lookahead queries
+
+
+def group_key(group: int) -> str:
+    """The manifest key (and file stem) of decode group `group`."""
+    return f"{DECODE_GROUP}.{group}"
+
+
+def group_bounds(n_layers: int, groups: int) -> list[int]:
+    """Layer boundaries [0, ..., n_layers] of `groups` ranges as even as they can be."""
+    if not 1 <= groups <= n_layers:
+        raise ValueError(f"decode groups must be between 1 and the model's {n_layers} layers, got {groups}")
+    return [round(g * n_layers / groups) for g in range(groups + 1)]
+
+
+def group_input_names(layers: range) -> list[str]:
+    """Inputs of the decode group over `layers`."""
+    first = "input_ids" if layers.start == 0 else "hidden"
+    return [first, "position_ids", "past_mask", "write_slot",
+            *(f"past_{kind}.{layer}" for layer in layers for kind in ("key", "value"))]
+
+
+def group_output_names(layers: range, next_layers: range, n_layers: int) -> list[str]:
+    """Outputs of the decode group over `layers`, followed by the group over `next_layers` (empty: last)."""
+    head = "logits" if layers.stop == n_layers else "hidden_out"
+    return [head, *(f"present_{kind}.{layer}" for layer in layers for kind in ("key", "value")),
+            *(f"query.{layer}" for layer in layers), *(f"lookahead.{layer}" for layer in next_layers)]
+
+
 def past_names(n_layers: int, prefix: str = "past") -> list[str]:
     """`{prefix}_key.0, {prefix}_value.0, {prefix}_key.1, ...`: the cache, layer by layer."""
     return [f"{prefix}_{kind}.{layer}" for layer in range(n_layers) for kind in ("key", "value")]
@@ -103,6 +144,7 @@ def output_names(n_layers: int, variant: str = GraphVariant.PREFILL) -> list[str
     return names
 
 
-__all__ = ["GraphVariant", "CONTRACT_VARIANTS", "IN_PLACE_VARIANTS", "ATTENTION", "QUANTIZE_METHODS",
+__all__ = ["DECODE_GROUP", "LOOKAHEAD", "group_key", "group_bounds", "group_input_names", "group_output_names",
+           "GraphVariant", "CONTRACT_VARIANTS", "IN_PLACE_VARIANTS", "ATTENTION", "QUANTIZE_METHODS",
            "QUANTIZE_SCHEMES", "WEIGHTS_FILE", "ENGINE_DIR", "ENGINE_INDEX", "DEFAULT_PREFILL_CHUNK",
            "DEFAULT_SCORE_WINDOW", "past_names", "input_names", "output_names"]

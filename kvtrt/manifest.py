@@ -50,6 +50,8 @@ class Manifest:
     #: `score.{l}` per query head ("query") or per KV group ("kv", every export made before this field)
     score_heads: str = "kv"
     export_options: dict = field(default_factory=dict)
+    #: layer boundaries [0, ..., n_layers] of the decode groups (`kvtrt.contract`); [] when there are none
+    decode_groups: list = field(default_factory=list)
     #: the model's generation_config.json as `generate` keyword arguments (see `generation_defaults()`);
     #: the runtime uses them unless the caller passes its own
     generation_defaults: dict = field(default_factory=dict)
@@ -64,6 +66,12 @@ class Manifest:
     def score_rows(self) -> int:
         """Rows of `score.{l}` per sequence: query heads or KV heads (see `score_heads`)."""
         return self.n_heads if self.score_heads == "query" else self.n_kv_heads
+
+    @property
+    def group_ranges(self) -> list[range]:
+        """The decode groups' layer ranges (empty without decode groups)."""
+        b = self.decode_groups
+        return [range(a, z) for a, z in zip(b[:-1], b[1:])]
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -98,7 +106,7 @@ class Manifest:
                 f"`kvtrt export {data.get('source', 'MODEL')} -o {directory}`")
         known = set(cls.__dataclass_fields__)
         missing = known - set(data) - {"bos_token", "eos_token", "quantize", "export_options", "generation_defaults",
-                                       "score_heads"}
+                                       "score_heads", "decode_groups"}
         if missing:
             raise ExportMismatchError(f"{path} lacks {sorted(missing)}; re-export the model")
         manifest = cls(**{k: v for k, v in data.items() if k in known})

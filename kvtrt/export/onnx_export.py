@@ -14,8 +14,9 @@ import torch
 from onnx import TensorProto, external_data_helper
 from tqdm.auto import tqdm
 
-from ..contract import (ATTENTION, CONTRACT_VARIANTS, DEFAULT_SCORE_WINDOW, IN_PLACE_VARIANTS, SCORE_HEADS,
-                        WEIGHTS_FILE, GraphVariant, input_names, output_names)
+from ..contract import (ATTENTION, CONTRACT_VARIANTS, DEFAULT_SCORE_WINDOW, IN_PLACE_VARIANTS, LOOKAHEAD, SCORE_HEADS,
+                        WEIGHTS_FILE, GraphVariant, group_bounds, group_input_names, group_key, group_output_names,
+                        input_names, output_names)
 from ..manifest import Manifest, generation_defaults, generation_eos_ids
 from ..models import get_adapter
 from ..models.loading import DEFAULT_MODEL, load_hf
@@ -28,7 +29,8 @@ INLINE_LIMIT = 1024  # smaller initializers stay inside the graph
 
 def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export", *, dtype: str = "fp32",
                  max_positions: int | None = None, score_window: int = DEFAULT_SCORE_WINDOW, opset: int = 18,
-                 attention: str = "auto", score_heads: str = SCORE_HEADS[0], progress: bool = True) -> Manifest:
+                 attention: str = "auto", score_heads: str = SCORE_HEADS[0], decode_groups: int = 0,
+                 progress: bool = True) -> Manifest:
     """Export `model` to `out_dir` and return the manifest.
 
     `model` is a HF folder, a .gguf file, an alias (see `kvtrt.models.loading.ALIASES`), or an
@@ -37,6 +39,9 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
     graphs that write the KV cache in place; fastest on CPU), "ops" (standard ONNX ops only, which TensorRT needs), or
     "auto" (gqa for fp32, ops for fp16). `score_heads`: "query" (`score.{l}` per query head, what
     `kvcrush:signature=query` reads) or "kv" (averaged per KV group, the format before this option).
+    `decode_groups`: also write decode_shared cut into that many layer ranges, with lookahead
+    queries (`kvtrt.contract`), which FreeKV/Quest use to choose pages with each step's own query;
+    0: none. Needs attention "gqa".
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
@@ -46,6 +51,9 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
         raise ValueError(f"attention {attention!r} is unknown; use auto, {', '.join(ATTENTION)}")
     if score_heads not in SCORE_HEADS:
         raise ValueError(f"score_heads {score_heads!r} is unknown; use one of {', '.join(SCORE_HEADS)}")
+    if decode_groups and attention != "gqa":
+        raise ValueError(f"--decode-groups cuts the in-place decode graph, which needs attention 'gqa' (this export "
+                         f"uses {attention!r}); drop --decode-groups or use --attention gqa")
     out = Path(out_dir)
     bar = tqdm(total=6, desc="kvtrt export", disable=not progress, unit="step")
     bar.set_postfix_str("loading model")
@@ -63,6 +71,8 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
         raise ValueError(f"--max-positions {max_positions} exceeds the model's {limit} positions; use at most {limit}")
     adapter.check(config, max_positions)
     arch = adapter.arch(config, max_positions)
+    bounds = group_bounds(arch.n_layers, decode_groups) if decode_groups else []
+    bar.total += bool(bounds)
     bar.update()
 
     out.mkdir(parents=True, exist_ok=True)
@@ -76,6 +86,19 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
             module = adapter.build(hf_model, max_positions, DTYPES[dtype], variant, attention=attention,
                                    score_heads=score_heads)
             protos[str(variant)] = _trace(module, arch, variant, Path(tmp) / variant.onnx_file, opset, DTYPES[dtype])
+            bar.update()
+        if bounds:
+            bar.set_postfix_str(f"tracing {decode_groups} decode groups")
+            ranges = [range(a, z) for a, z in zip(bounds[:-1], bounds[1:])]
+            for key, layers, following in [(LOOKAHEAD, range(0), ranges[0]),
+                                           *((group_key(g), r, ranges[g + 1] if g + 1 < len(ranges) else range(0))
+                                             for g, r in enumerate(ranges))]:
+                module = adapter.build(hf_model, max_positions, DTYPES[dtype], GraphVariant.DECODE_SHARED,
+                                       attention=attention, score_heads=score_heads, layers=layers,
+                                       next_layers=following)
+                graphs[key] = f"{key}.onnx"
+                protos[key] = _trace_group(module, arch, layers, following, Path(tmp) / graphs[key], opset,
+                                           DTYPES[dtype])
             bar.update()
         bar.set_postfix_str("writing weights")
         save_shared(protos, graphs, out)
@@ -93,8 +116,9 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
         graphs=graphs, weights_file=WEIGHTS_FILE, export_options={"dtype": dtype, "max_positions": max_positions,
                                                                    "score_window": score_window, "opset": opset,
                                                                    "attention": attention,
-                                                                   "score_heads": score_heads},
-        score_heads=score_heads,
+                                                                   "score_heads": score_heads,
+                                                                   "decode_groups": decode_groups},
+        score_heads=score_heads, decode_groups=bounds,
         generation_defaults=generation_defaults(getattr(hf_model, "generation_config", None)),
         **_save_tokenizer(tokenizer, config, out))
     # HF generate stops at generation_config's EOS ids too (Llama 3: <|eot_id|> besides <|end_of_text|>)
@@ -142,6 +166,33 @@ def _trace(module, arch, variant: GraphVariant, path: Path, opset: int, dtype: t
         torch.onnx.export(module.eval(), tuple(args), str(path), input_names=ins, output_names=outs,
                           dynamic_axes=dyn, opset_version=opset, dynamo=False, do_constant_folding=True,
                           custom_opsets={PLACEHOLDER_DOMAIN: 1} if module.fused else None)
+    return to_contrib_ops(onnx.load(str(path), load_external_data=True))
+
+
+def _trace_group(module, arch, layers: range, following: range, path: Path, opset: int,
+                 dtype: torch.dtype) -> onnx.ModelProto:
+    """Trace one decode group, or the lookahead graph when `layers` is empty (`kvtrt.contract`)."""
+    B, P = 2, 5
+    first = torch.zeros(B, 1, dtype=torch.long) if layers.start == 0 else torch.zeros(B, 1, arch.hidden_size,
+                                                                                       dtype=dtype)
+    args = [first, torch.full((B, 1), P - 1, dtype=torch.long)]
+    if layers:
+        ins, outs = group_input_names(layers), group_output_names(layers, following, arch.n_layers)
+        args += [torch.ones(B, P, dtype=torch.long), torch.tensor(P - 1)]
+        args += [torch.zeros(B, arch.n_kv_heads, P, arch.head_dim, dtype=dtype) for _ in range(2 * len(layers))]
+    else:
+        ins, outs = ["input_ids", "position_ids"], [f"lookahead.{layer}" for layer in following]
+    dyn = {name: {0: "batch"} for name in (*ins[:2], *outs)}
+    for name in ins[2:] + outs:
+        if name.startswith(("past_", "present_")):
+            dyn[name] = {0: "batch", 2: "capacity"}
+    if layers:
+        dyn["past_mask"] = {0: "batch", 1: "capacity"}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), tuple(args), str(path), input_names=ins, output_names=outs,
+                          dynamic_axes=dyn, opset_version=opset, dynamo=False, do_constant_folding=True,
+                          custom_opsets={PLACEHOLDER_DOMAIN: 1} if layers else None)
     return to_contrib_ops(onnx.load(str(path), load_external_data=True))
 
 

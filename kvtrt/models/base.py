@@ -252,6 +252,54 @@ class DecoderGraph(nn.Module):
         return SkipSimplifiedLayerNormalization.apply(self.mlp(x, layer), h, self.w(following), a.rms_eps)
 
 
+class DecoderGroupGraph(DecoderGraph):
+    """One decode group of `kvtrt.contract` (decode_shared over `layers`), or with empty `layers` the
+    `decode_lookahead` graph; both end with the lookahead queries of `next_layers`."""
+
+    def __init__(self, arch: ArchConfig, weights: dict[str, Tensor], inv_freq: Tensor, rope_scaling: float = 1.0, *,
+                 layers: range, next_layers: range, score_heads: str = SCORE_HEADS[0]):
+        super().__init__(arch, weights, inv_freq, rope_scaling, variant=GraphVariant.DECODE_SHARED, attention="gqa",
+                         score_heads=score_heads)
+        self.layers, self.next_layers = layers, next_layers
+
+    def forward(self, x: Tensor, position_ids: Tensor, past_mask: Tensor | None = None,  # type: ignore[override]
+                write_slot: Tensor | None = None, *past: Tensor):
+        """x: input_ids [B,1] (the first group, and the lookahead graph) or hidden [B,1,E]."""
+        a, d = self.arch, self.dims(-1, 1)
+        h = self.embed(x, -1, 1) if self.layers.start == 0 else x              # [B,1,E]
+        if not self.layers:  # decode_lookahead
+            return tuple(self.lookahead(h, position_ids, d))
+        cos, sin = self.packed_rope(position_ids, h.dtype)                    # [B,1,H+2Hkv,D]
+        lengths = AttentionLengths.apply(position_ids, past_mask, write_slot)
+        bias = ChunkBias.apply(past_mask, lengths[1], position_ids, h)        # [B,1,1,total]
+        presents, queries = [], []
+        x = self.norm(h, f"layers.{self.layers.start}.input_norm.weight")
+        for i, layer in enumerate(self.layers):
+            packed = d.heads + 2 * d.kv_heads
+            qkv = self.rotate(self.linear(x, f"layers.{layer}.qkv").reshape(d.batch, d.new, packed, d.head_dim),
+                              cos, sin)
+            attn, keys, values = SharedCacheAttention.apply(qkv.reshape(d.batch, d.new, packed * d.head_dim),
+                                                            past[2 * i], past[2 * i + 1], bias, *lengths,
+                                                            d.heads, d.kv_heads)
+            presents += [keys, values]                                        # [B,Hkv,C,D]
+            queries.append(qkv[:, -1, :d.heads])                              # [B,H,D]
+            x, h = self.fused_residual_mlp(h, attn, layer)
+        head = self.logits(x) if self.layers.stop == a.n_layers else h       # [B,1,V] | [B,1,E]
+        return (head, *presents, *queries, *self.lookahead(h, position_ids, d))
+
+    def lookahead(self, h: Tensor, position_ids: Tensor, d: Dims) -> list[Tensor]:
+        """The queries [B,H,D] of `next_layers` as if each took `h` [B,1,E] as its input."""
+        if not self.next_layers:
+            return []
+        cos, sin = self.rope(position_ids, h.dtype)                           # [B,1,1,D]
+        out = []
+        for layer in self.next_layers:
+            x = self.norm(h, f"layers.{layer}.input_norm.weight")
+            q = self.linear(x, f"layers.{layer}.qkv")[..., : d.heads * d.head_dim]  # the fused weight, q's columns
+            out.append(self.rotate(q.reshape(-1, d.heads, d.head_dim), cos.squeeze(1), sin.squeeze(1)))
+        return out
+
+
 def rotate_half_matrix(head_dim: int) -> Tensor:
     """R with x @ R == cat(-x[half:], x[:half]) (HF's rotate_half)."""
     half = head_dim // 2

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..contract import SCORE_HEADS, GraphVariant
-from .base import ArchConfig, DecoderGraph, rotate_half_matrix
+from .base import ArchConfig, DecoderGraph, DecoderGroupGraph, rotate_half_matrix
 
 
 class UnsupportedModelError(ValueError):
@@ -88,9 +88,14 @@ class LlamaAdapter:
         return rotary.inv_freq.detach().float().clone(), float(getattr(rotary, "attention_scaling", 1.0))
 
     def build(self, model, max_positions: int, dtype: torch.dtype, variant: GraphVariant | str,
-              attention: str = "ops", score_heads: str = SCORE_HEADS[0]) -> DecoderGraph:
-        """The exportable module for `model`, for one graph variant (see `DecoderGraph`)."""
+              attention: str = "ops", score_heads: str = SCORE_HEADS[0], layers: range | None = None,
+              next_layers: range = range(0)) -> DecoderGraph:
+        """The exportable module for `model`, for one graph variant (see `DecoderGraph`), or with
+        `layers` one decode group / the lookahead graph (see `DecoderGroupGraph`)."""
         arch = self.arch(model.config, max_positions)
         inv_freq, scaling = self.rope(model)
+        if layers is not None:
+            return DecoderGroupGraph(arch, self.weights(model, arch, dtype), inv_freq, scaling, layers=layers,
+                                     next_layers=next_layers, score_heads=score_heads)
         return DecoderGraph(arch, self.weights(model, arch, dtype), inv_freq, scaling, variant=variant,
                             attention=attention, score_heads=score_heads)

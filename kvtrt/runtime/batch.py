@@ -22,11 +22,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..contract import GraphVariant
+from ..contract import LOOKAHEAD, GraphVariant, group_key
 from .buffers import bind_decode, graph_outputs, per_layer
 from .kv.store import KVStore
 from .memory import return_freed_memory
 
+#: retrieval rows decode through the export's decode groups when it has them (`kvtrt export
+#: --decode-groups`), each layer range's pages chosen with the step's own queries; False: through the
+#: one decode graph, pages chosen with the previous step's queries (the behaviour before; comparisons)
+USE_DECODE_GROUPS = True
 COMPACTION_SLACK = 64  # tokens a compacted row may grow past its budget before it is compacted again
 GROW_STEPS = 256  # most cursor room a repack adds for full-cache rows (they end sooner or repack again)
 
@@ -287,6 +291,11 @@ class _RetrievalRow:
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.positions = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.slot = torch.full((), r.slots, dtype=torch.long, device=dev)
+        self.grouped = USE_DECODE_GROUPS and self.shared and bool(m.decode_groups)
+        if self.grouped:
+            r.use_fresh_queries()
+            self.bound = self._bind_groups(r)
+            return
         plain = None if self.shared else graph_outputs(engine, 1, 1, r.slots + 1)  # one set for both views
         self.bound = []
         for v in r.views:
@@ -302,10 +311,52 @@ class _RetrievalRow:
                 new_k, new_v = per_layer(outputs, "key"), per_layer(outputs, "value")
             self.bound.append((binding, outputs, per_layer(outputs, "query"), new_k, new_v))
 
+    def _bind_groups(self, r) -> list:
+        """Per view: the lookahead call, then one call per decode group (their hidden states, queries
+        and lookahead queries in shared buffers), and where the step's new K/V land."""
+        e, m, dev, dt = self.engine, self.engine.manifest, self.engine.device, self.engine.dtype
+        ranges = m.group_ranges
+        self.query = torch.empty(m.n_layers, 1, m.n_heads, m.head_dim, dtype=dt, device=dev)      # [L,1,H,D]
+        self.lookahead = torch.empty(m.n_layers, 1, m.n_heads, m.head_dim, dtype=dt, device=dev)  # [L,1,H,D]
+        self.logits = torch.empty(1, 1, m.vocab_size, device=dev)
+        # between groups; held here: a binding keeps only the address
+        self.hidden = hidden = [torch.empty(1, 1, m.hidden_size, dtype=dt, device=dev) for _ in ranges[1:]]
+        look = e.new_binding(LOOKAHEAD)
+        e.bind(look, {"input_ids": self.ids, "position_ids": self.positions},
+               {f"lookahead.{layer}": self.lookahead[layer] for layer in ranges[0]})
+        bound = []
+        for v in r.views:
+            calls = [(LOOKAHEAD, look, None)]
+            for g, layers in enumerate(ranges):
+                following = ranges[g + 1] if g + 1 < len(ranges) else range(0)
+                inputs = {"input_ids" if g == 0 else "hidden": self.ids if g == 0 else hidden[g - 1],
+                          "position_ids": self.positions, "past_mask": v.mask, "write_slot": self.slot}
+                outputs = {"hidden_out": hidden[g]} if following else {"logits": self.logits}
+                for layer in layers:
+                    inputs[f"past_key.{layer}"] = outputs[f"present_key.{layer}"] = v.keys[layer]
+                    inputs[f"past_value.{layer}"] = outputs[f"present_value.{layer}"] = v.values[layer]
+                outputs.update({f"query.{layer}": self.query[layer] for layer in layers})
+                outputs.update({f"lookahead.{layer}": self.lookahead[layer] for layer in following})
+                binding = e.new_binding(group_key(g))
+                e.bind(binding, inputs, outputs)
+                calls.append((group_key(g), binding, layers))
+            staging = v.all_keys[:, :, :, r.slots:], v.all_values[:, :, :, r.slots:]
+            bound.append((calls, {"logits": self.logits}, self.query, *staging))
+        return bound
+
     def step(self) -> Tensor:
         r = self.manager
         self.ids.fill_(self.seq.pending)
         self.positions.fill_(self.seq.position)
+        if self.grouped:  # each layer range's pages chosen with its lookahead query, right before it attends
+            calls, _, query, new_k, new_v = self.bound[r.view().index]
+            r.prefetch()
+            for key, binding, layers in calls:
+                if layers is not None:
+                    r.refresh(layers, self.lookahead[layers.start:layers.stop])
+                self.engine.run(key, binding)
+            r.finish_step(query, new_k, new_v)
+            return self.logits[0, 0]
         binding, outputs, new_q, new_k, new_v = self.bound[r.view().index]
         if r.mode == "quest":  # select with the current query: probe, re-select, run again
             self.engine.run(self.variant, binding)

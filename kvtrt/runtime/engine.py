@@ -16,7 +16,8 @@ from typing import Iterable, Protocol
 import numpy as np
 import torch
 
-from ..contract import GraphVariant, input_names, output_names
+from ..contract import (DECODE_GROUP, LOOKAHEAD, GraphVariant, group_input_names, group_output_names, input_names,
+                        output_names)
 from ..manifest import ExportMismatchError, Manifest
 
 NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
@@ -152,15 +153,30 @@ class OrtEngine:
     def _unpacks_tied(self) -> bool:
         return self._shared is not None and bool(self._shared.unpacked)
 
+    def _names(self, key: str) -> tuple[list[str], list[str]]:
+        """The inputs and outputs graph `key` must have (a variant, a decode group or the lookahead graph)."""
+        m = self.manifest
+        ranges = m.group_ranges
+        if key == LOOKAHEAD and ranges:
+            return ["input_ids", "position_ids"], [f"lookahead.{layer}" for layer in ranges[0]]
+        if key.startswith(DECODE_GROUP + ".") and ranges:
+            g = int(key.split(".")[1])
+            following = ranges[g + 1] if g + 1 < len(ranges) else range(0)
+            return group_input_names(ranges[g]), group_output_names(ranges[g], following, m.n_layers)
+        return input_names(m.n_layers, key), output_names(m.n_layers, key)
+
     def _check(self, variant: GraphVariant | str, session) -> None:
         m = self.manifest
         got_in = [i.name for i in session.get_inputs()]
         got_out = [o.name for o in session.get_outputs()]
-        if got_in != input_names(m.n_layers, variant) or got_out != output_names(m.n_layers, variant):
+        want_in, want_out = self._names(variant)
+        if got_in != want_in or got_out != want_out:
             raise ExportMismatchError(
                 f"{variant} graph in {self.directory} does not have the inputs/outputs of its manifest "
                 f"({m.n_layers} layers): re-export the model with `kvtrt export`")
-        past = session.get_inputs()[got_in.index("past_key.0")]
+        if variant == LOOKAHEAD:
+            return
+        past = session.get_inputs()[next(i for i, name in enumerate(got_in) if name.startswith("past_key."))]
         if past.shape[1] != m.n_kv_heads or past.shape[3] != m.head_dim:
             raise ExportMismatchError(
                 f"{variant} graph in {self.directory} has past_key shape {past.shape}, manifest says "
@@ -170,7 +186,7 @@ class OrtEngine:
             raise ExportMismatchError(f"{variant} graph stores KV as {past.type} but the manifest says {m.dtype}: "
                                       f"re-export the model with `kvtrt export`")
         logits = session.get_outputs()[0]
-        if logits.shape[-1] != m.vocab_size:
+        if logits.name == "logits" and logits.shape[-1] != m.vocab_size:
             raise ExportMismatchError(f"{variant} graph has vocab {logits.shape[-1]}, manifest {m.vocab_size}: "
                                       f"re-export the model")
 

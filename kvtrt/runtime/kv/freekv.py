@@ -18,7 +18,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..memory import return_freed_memory
 from .options import KVSpecError
-from .pages import PagePool
+from .pages import PagePool, select_pages
 from .stats import RetrievalStats
 from .views import KVView
 
@@ -94,6 +94,11 @@ class FreeKVRetrieval:
         self._current = 0
         self._lengths = [0] * batch
         self._latest_query: Tensor | None = None  # [L, B, H, D]
+        #: per view, the query its page slots were selected with ([L, B, H, D]; None: not selected)
+        self._basis: list[Tensor | None] = [None, None]
+        # ``refresh`` corrects each layer range with the step's own query before it attends (decode
+        # groups): ``finish_step`` then corrects nothing, and quest selects only in ``refresh``
+        self._fresh = False
         self._speculative_query: Tensor | None = None  # the query the in-flight prefetch selects with
         # the last correction's full selection with the latest query and the pool snapshot it was made
         # against: the next prefetch selects with that same query, so when the snapshot is the same
@@ -133,6 +138,41 @@ class FreeKVRetrieval:
         """Tokens held per sequence (pool + sink + recent; padding excluded). Not a position:
         after compaction or padding the runtime tracks positions itself."""
         return list(self._lengths)
+
+    def use_fresh_queries(self) -> None:
+        """Correct with each step's own queries: the caller runs the layers in ranges and calls
+        ``refresh(layers, query)`` before each range attends (``decode_group`` graphs). A head is
+        re-selected when its group-mean cosine to the query its pages were chosen with falls below
+        ``tau`` (quest: always); ``finish_step`` no longer corrects with the step's query."""
+        self._fresh = True
+
+    def refresh(self, layers: range, query: Tensor) -> KVView:
+        """Before ``layers`` attend on ``view()``: re-select with ``query`` ``[len(layers), B, H, D]`` (the
+        step's own queries of those layers) the heads whose query drifted from the one the view
+        chose their pages with, and recall the missing pages (after ``use_fresh_queries``)."""
+        self._check_started()
+        view = self.view()
+        query = query.to(self.device)
+        basis = self._basis[view.index]
+        if self.mode == "quest" or basis is None:
+            drifted = torch.ones(len(layers), self.batch, self.n_kv_heads, dtype=torch.bool, device=query.device)
+        else:
+            drifted = self._needs_correction(query, basis[layers.start:layers.stop])  # [Lg, B, Hkv]
+        self._counters.heads_checked += drifted.numel()
+        corrected = int(drifted.sum())
+        self._counters.heads_corrected += corrected
+        if corrected:
+            start = time.perf_counter()
+            with self._on_copy_stream(wait=True):
+                n_pages = torch.tensor(view.n_pages, dtype=torch.long)
+                fresh = select_pages(query, self.pool.kmin[layers.start:layers.stop],
+                                     self.pool.kmax[layers.start:layers.stop], n_pages, self.layout.k_pages,
+                                     self.combine)
+                current = view.slot_pages[layers.start:layers.stop]
+                self.recall(view, torch.where(drifted[..., None], fresh, current), layers=layers)
+            self._sync_device()
+            self._counters.correction_s += time.perf_counter() - start
+        return view
 
     def begin(self, n_tokens: int, reserve_tokens: int = 0) -> None:
         """Expect a prompt of ``n_tokens`` (batch 1) whose prefill ``absorb`` follows chunk by chunk,
@@ -187,6 +227,7 @@ class FreeKVRetrieval:
             view.reset()
         self._counters = RetrievalStats()
         self._selected = None
+        self._basis = [None, None]
         lay, n_tokens = self.layout, keys[0].shape[2]
         self.pool.reserve(self._pool_pages(n_tokens, reserve_tokens), exact=True)
         live = [_live_tokens(None if mask is None else mask[b], keys[0].device) for b in range(self.batch)]
@@ -282,11 +323,11 @@ class FreeKVRetrieval:
             self._counters.wait_s += time.perf_counter() - start
         self._append_token(new_keys, new_values, target if speculative else None)
         start = time.perf_counter()
-        if speculative:
+        if speculative and not self._fresh:
             self._correct(target, query)
             self._counters.correction_s += time.perf_counter() - start
-        else:
-            self._prepare(target, query, wait=True)
+        elif not speculative:  # (fresh quest: pages are chosen in ``refresh``, layer range by layer range)
+            self._prepare(target, None if self._fresh and self.mode == "quest" else query, wait=True)
             self._sync_device()
             self._counters.sync_prepare_s += time.perf_counter() - start
         self._latest_query = query
@@ -315,13 +356,17 @@ class FreeKVRetrieval:
         n_pages = torch.tensor((view or self.view()).n_pages, dtype=torch.long)
         return self.pool.select(layer, query, self.layout.k_pages, self.combine, n_pages=n_pages)
 
-    def recall(self, view: KVView, pages: Tensor, count: bool = True) -> None:
-        """Make ``view``'s page slots hold ``pages`` ``[L, B, Hkv, k]`` (``-1`` = none).
+    def recall(self, view: KVView, pages: Tensor, count: bool = True, layers: range | None = None) -> None:
+        """Make ``view``'s page slots hold ``pages`` ``[L, B, Hkv, k]`` (``-1`` = none); with ``layers``,
+        only those layers' (``pages`` ``[len(layers), B, Hkv, k]``).
 
         Pages already resident stay in their slot; missing pages go to the free slots in ascending
         slot order; only those are copied (``copy_chunk`` layers per copy op).
         """
-        plan = _placement(view.slot_pages, pages.to(view.slot_pages.device))
+        slot_pages = view.slot_pages if layers is None else view.slot_pages[layers.start:layers.stop]
+        plan = _placement(slot_pages, pages.to(view.slot_pages.device))
+        if layers is not None and layers.start:
+            plan = plan._replace(layers=plan.layers + layers.start)
         if count:
             self._counters.pages_selected += plan.selected
             self._counters.pages_hit += plan.hits
@@ -332,7 +377,7 @@ class FreeKVRetrieval:
             bounds = torch.searchsorted(plan.layers, edges).tolist()
         for a, z in zip(bounds[:-1], bounds[1:]):
             self._copy_pages(view, plan.layers[a:z], plan.seqs[a:z], plan.heads[a:z], plan.slots[a:z], plan.pages[a:z])
-        view.slot_pages.copy_(plan.slot_pages)
+        slot_pages.copy_(plan.slot_pages)
 
     @property
     def nbytes(self) -> int:
@@ -443,9 +488,10 @@ class FreeKVRetrieval:
         selected, self._selected = self._selected, None
         return selected
 
-    def _prepare(self, view: KVView, query: Tensor, count: bool = True, wait: bool = False,
+    def _prepare(self, view: KVView, query: Tensor | None, count: bool = True, wait: bool = False,
                  selected: tuple[Tensor, list[int]] | None = None) -> None:
-        """Bring ``view`` up to date: pool snapshot, missing tokens, top-k pages for ``query``, mask.
+        """Bring ``view`` up to date: pool snapshot, missing tokens, top-k pages for ``query`` (None:
+        the page slots are left to ``refresh``), mask.
 
         On CUDA everything is queued on the copy stream (``wait``: after the work already queued
         on the caller's stream; the worker does not wait, ``prefetch`` ordered it already).
@@ -453,9 +499,11 @@ class FreeKVRetrieval:
         with self._on_copy_stream(wait):
             view.n_pages = self.pool.n_pages.tolist()
             self._counters.tokens_copied += view.copy_unpaged(self.master_keys, self.master_values, self._lengths)
-            reuse = selected is not None and selected[1] == view.n_pages
-            self._counters.selections_reused += int(reuse)
-            self.recall(view, selected[0] if reuse else self._select(query, view), count=count)
+            if query is not None:
+                reuse = selected is not None and selected[1] == view.n_pages
+                self._counters.selections_reused += int(reuse)
+                self.recall(view, selected[0] if reuse else self._select(query, view), count=count)
+            self._basis[view.index] = query
             view.update_mask(self._lengths, non_blocking=self._copier is not None)
 
     def _correct(self, view: KVView, query: Tensor) -> None:
@@ -505,7 +553,7 @@ class FreeKVRetrieval:
 
     def _needs_correction(self, query: Tensor, speculative: Tensor) -> Tensor:
         """``[L, B, Hkv]`` bool: heads whose group-mean cos(q_t, q_{t-1}) is below ``tau``."""
-        shape = (self.n_layers, self.batch, self.n_kv_heads)
+        shape = (query.shape[0], self.batch, self.n_kv_heads)
         if self.tau >= 1.0:
             return torch.ones(shape, dtype=torch.bool, device=query.device)
         if self.tau <= 0.0:
