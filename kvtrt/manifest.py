@@ -68,6 +68,12 @@ class Manifest:
         return self.n_heads if self.score_heads == "query" else self.n_kv_heads
 
     @property
+    def variant_graphs(self) -> dict[str, str]:
+        """`graphs` without the decode groups (ORT-only slices of decode_shared, checked against it by
+        the tests): what validation and TensorRT builds cover."""
+        return {k: v for k, v in self.graphs.items() if not k.startswith(("decode_group", "decode_lookahead"))}
+
+    @property
     def group_ranges(self) -> list[range]:
         """The decode groups' layer ranges (empty without decode groups)."""
         b = self.decode_groups

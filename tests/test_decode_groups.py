@@ -42,6 +42,16 @@ def test_group_bounds():
         group_bounds(4, 5)
 
 
+def test_manifest_lists_groups_apart_from_the_variants(grouped):
+    """Validation and TensorRT builds cover the graph variants; the groups are listed beside them."""
+    from kvtrt.manifest import Manifest
+
+    m = Manifest.load(grouped["qwen2"])
+    assert m.decode_groups == [0, 1, 3, 4] and m.group_ranges == [range(0, 1), range(1, 3), range(3, 4)]
+    assert set(m.variant_graphs) == {"prefill", "decode", "prefill_shared", "decode_shared"}
+    assert set(m.graphs) - set(m.variant_graphs) == {LOOKAHEAD, *(group_key(g) for g in range(3))}
+
+
 def test_export_refuses_groups_without_fused_attention(tmp_path):
     from kvtrt.export import export_model
 

@@ -84,7 +84,7 @@ def trt_profiles(manifest: Manifest, *, max_batch: int = 1, prefill_chunk: int =
     problems = check_profiles(profiles, manifest)
     if problems:  # a bug here, not a user error
         raise AssertionError("inconsistent TensorRT profiles: " + "; ".join(problems))
-    return {k: v for k, v in profiles.items() if k in manifest.graphs}
+    return {k: v for k, v in profiles.items() if k in manifest.variant_graphs}
 
 
 def _profile(manifest: Manifest, graph: GraphVariant, b: tuple, s: tuple, p: tuple) -> Profile:
@@ -159,7 +159,7 @@ def check_trt_graph(directory: str | os.PathLike) -> dict[str, GraphCheck]:
     directory = Path(directory)
     manifest = Manifest.load(directory)
     out = {}
-    for graph, filename in manifest.graphs.items():
+    for graph, filename in manifest.variant_graphs.items():
         model = onnx.load(str(directory / filename), load_external_data=False)
         domains: dict[str, int] = {}
         ops: dict[str, int] = {}

@@ -210,7 +210,7 @@ def _modules(hf_model, manifest: Manifest, directory: Path, weight_checks: list 
     attention = manifest.export_options.get("attention", "ops")
     modules = {GraphVariant(v): adapter.build(hf_model, manifest.max_positions, torch.float32, v, attention=attention,
                                               score_heads=manifest.score_heads)
-               for v in manifest.graphs}
+               for v in manifest.variant_graphs}
     if manifest.quantize != "none":
         from .quantize import dequantized_weights
 
@@ -389,7 +389,7 @@ def compare(directory: Path, manifest: Manifest, cases: list[Case], kind: str,
         from polygraphy.comparator import CompareFunc
 
         SimpleCompareFunc = CompareFunc.simple
-    names = list(dict.fromkeys(n for graph in manifest.graphs for n in output_names(manifest.n_layers, graph)))
+    names = list(dict.fromkeys(n for graph in manifest.variant_graphs for n in output_names(manifest.n_layers, graph)))
     checks = []
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
         for graph in dict.fromkeys(c.graph for c in cases):
@@ -427,7 +427,7 @@ def lint(directory: Path, manifest: Manifest, files: dict[str, str], timeout: fl
     """`polygraphy check lint` on every graph, fed the validation inputs, in a subprocess."""
     results = []
     code = "import sys; from polygraphy.tools._main import main; sys.exit(main())"
-    for graph, filename in manifest.graphs.items():
+    for graph, filename in manifest.variant_graphs.items():
         with tempfile.TemporaryDirectory() as tmp:
             report = Path(tmp) / "lint.json"
             cmd = [sys.executable, "-c", code, "check", "lint", str(directory / filename), "-q", "-o", str(report)]
@@ -459,7 +459,7 @@ def lint(directory: Path, manifest: Manifest, files: dict[str, str], timeout: fl
 
 def write_polygraphy_script(out_dir: Path, directory: Path, manifest: Manifest, kind: str) -> Path:
     """`polygraphy_run.sh`: the same comparison from the command line (ONNX Runtime vs the goldens)."""
-    names = list(dict.fromkeys(n for graph in manifest.graphs for n in output_names(manifest.n_layers, graph)))
+    names = list(dict.fromkeys(n for graph in manifest.variant_graphs for n in output_names(manifest.n_layers, graph)))
     atol, rtol = _tolerances(kind, REFERENCE, names)
     groups: dict[tuple, list[str]] = {}
     for n in names:
@@ -470,7 +470,7 @@ def write_polygraphy_script(out_dir: Path, directory: Path, manifest: Manifest, 
     lines = ["#!/usr/bin/env bash", "# Replays `kvtrt validate`'s comparison with the Polygraphy CLI: ONNX Runtime",
              "# against the PyTorch reference outputs saved beside this script.", "set -euo pipefail",
              'HERE="$(cd "$(dirname "$0")" && pwd)"', f'EXPORT="${{EXPORT:-{directory.resolve()}}}"']
-    for graph, filename in manifest.graphs.items():
+    for graph, filename in manifest.variant_graphs.items():
         lines.append(f'polygraphy run "$EXPORT/{filename}" --onnxrt --load-inputs "$HERE/{graph}_inputs.json" '
                      f'--load-outputs "$HERE/{graph}_golden.json" --check-error-stat {TOLERANCES[kind]["stat"]} '
                      f'--atol {" ".join(a_args)} --rtol {" ".join(r_args)}')
@@ -515,7 +515,7 @@ def validate(directory: str | os.PathLike, reference_model=None, *, json_out: st
     files["polygraphy_run"] = str(write_polygraphy_script(save_dir, directory, manifest, kind))
     checks = weight_checks + compare(directory, manifest, cases, kind, providers)
     lints = lint(directory, manifest, files) if run_lint else \
-        [LintResult(g, True, skipped="--no-lint") for g in manifest.graphs]
+        [LintResult(g, True, skipped="--no-lint") for g in manifest.variant_graphs]
     report = ValidationReport(str(directory), kind, lints, checks, files)
     if json_out is not None:
         Path(json_out).write_text(json.dumps(report.to_json(), indent=2) + "\n")

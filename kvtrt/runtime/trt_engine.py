@@ -82,7 +82,7 @@ class TrtEngine:
         self._runtime = trt.Runtime(self._logger)
         self.engines, self.contexts, self.locks = {}, {}, {}
         with torch.cuda.device(self.device):
-            for variant in self.manifest.graphs:
+            for variant in self.manifest.variant_graphs:
                 path = engine_dir / info["engines"].get(variant, f"{variant}.engine")
                 if not path.is_file():
                     raise FileNotFoundError(f"{path} is missing; rebuild with `kvtrt build-engine {self.directory}`")
