@@ -285,15 +285,16 @@ class _RetrievalRow:
         self.variant = GraphVariant.DECODE_SHARED if self.shared else GraphVariant.DECODE
         t0 = time.perf_counter()
         r = manager if manager is not None else RetrievalGroup.create_manager(engine, seq, store.length)
+        self.grouped = USE_DECODE_GROUPS and self.shared and bool(m.decode_groups)
+        if self.grouped:
+            r.use_fresh_queries()
         r.start(store.keys, store.values, query, mask=store.mask, reserve_tokens=seq.remaining + 1, release=True)
         seq.stats.prefill_s += time.perf_counter() - t0  # building the pool is part of the prompt's cost
         self.manager = r
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.positions = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.slot = torch.full((), r.slots, dtype=torch.long, device=dev)
-        self.grouped = USE_DECODE_GROUPS and self.shared and bool(m.decode_groups)
         if self.grouped:
-            r.use_fresh_queries()
             self.bound = self._bind_groups(r)
             return
         plain = None if self.shared else graph_outputs(engine, 1, 1, r.slots + 1)  # one set for both views
@@ -325,7 +326,7 @@ class _RetrievalRow:
         e.bind(look, {"input_ids": self.ids, "position_ids": self.positions},
                {f"lookahead.{layer}": self.lookahead[layer] for layer in ranges[0]})
         bound = []
-        for v in r.views:
+        for v in r.views[:1]:  # one view serves every step (`use_fresh_queries`)
             calls = [(LOOKAHEAD, look, None)]
             for g, layers in enumerate(ranges):
                 following = ranges[g + 1] if g + 1 < len(ranges) else range(0)
@@ -349,8 +350,7 @@ class _RetrievalRow:
         self.ids.fill_(self.seq.pending)
         self.positions.fill_(self.seq.position)
         if self.grouped:  # each layer range's pages chosen with its lookahead query, right before it attends
-            calls, _, query, new_k, new_v = self.bound[r.view().index]
-            r.prefetch()
+            calls, _, query, new_k, new_v = self.bound[0]
             for key, binding, layers in calls:
                 if layers is not None:
                     r.refresh(layers, self.lookahead[layers.start:layers.stop])

@@ -99,6 +99,7 @@ class FreeKVRetrieval:
         # ``refresh`` corrects each layer range with the step's own query before it attends (decode
         # groups): ``finish_step`` then corrects nothing, and quest selects only in ``refresh``
         self._fresh = False
+        self._stale = False  # (fresh) the pool grew since the last step: every head re-selects
         self._speculative_query: Tensor | None = None  # the query the in-flight prefetch selects with
         # the last correction's full selection with the latest query and the pool snapshot it was made
         # against: the next prefetch selects with that same query, so when the snapshot is the same
@@ -140,24 +141,32 @@ class FreeKVRetrieval:
         return list(self._lengths)
 
     def use_fresh_queries(self) -> None:
-        """Correct with each step's own queries: the caller runs the layers in ranges and calls
-        ``refresh(layers, query)`` before each range attends (``decode_group`` graphs). A head is
-        re-selected when its group-mean cosine to the query its pages were chosen with falls below
-        ``tau`` (quest: always); ``finish_step`` no longer corrects with the step's query."""
+        """Choose pages with each step's own queries (decode groups): the caller runs the layers in
+        ranges and calls ``refresh(layers, query)`` before each range attends. One view serves every
+        step (no double buffer, no worker: the selection needs the query of the step it serves);
+        ``finish_step`` appends the token to it. A head keeps its pages while its query stays within
+        ``tau`` (group-mean cosine) of the query they were chosen with, and is re-selected when it
+        moves away or when a page has left the window since (quest: every head, every step).
+        Call before ``start``."""
+        if self._latest_query is not None:
+            raise RuntimeError("use_fresh_queries() must come before start()")
         self._fresh = True
+        self._stale = True
 
     def refresh(self, layers: range, query: Tensor) -> KVView:
         """Before ``layers`` attend on ``view()``: re-select with ``query`` ``[len(layers), B, H, D]`` (the
-        step's own queries of those layers) the heads whose query drifted from the one the view
-        chose their pages with, and recall the missing pages (after ``use_fresh_queries``)."""
+        step's own queries of those layers) the heads whose query moved from the one their pages were
+        chosen with (or every head; see ``use_fresh_queries``), recall the missing pages."""
         self._check_started()
+        if not self._fresh:
+            raise RuntimeError("refresh() needs use_fresh_queries() before start()")
         view = self.view()
         query = query.to(self.device)
-        basis = self._basis[view.index]
-        if self.mode == "quest" or basis is None:
+        basis = self._basis[view.index][layers.start:layers.stop]                  # [Lg, B, H, D]
+        if self.mode == "quest" or self._stale:
             drifted = torch.ones(len(layers), self.batch, self.n_kv_heads, dtype=torch.bool, device=query.device)
         else:
-            drifted = self._needs_correction(query, basis[layers.start:layers.stop])  # [Lg, B, Hkv]
+            drifted = self._needs_correction(query, basis)                          # [Lg, B, Hkv]
         self._counters.heads_checked += drifted.numel()
         corrected = int(drifted.sum())
         self._counters.heads_corrected += corrected
@@ -171,6 +180,8 @@ class FreeKVRetrieval:
                 current = view.slot_pages[layers.start:layers.stop]
                 self.recall(view, torch.where(drifted[..., None], fresh, current), layers=layers)
             self._sync_device()
+            group = self.n_heads // self.n_kv_heads
+            basis.copy_(torch.where(drifted.repeat_interleave(group, dim=-1)[..., None], query, basis))
             self._counters.correction_s += time.perf_counter() - start
         return view
 
@@ -248,7 +259,7 @@ class FreeKVRetrieval:
             if release:
                 keys[layer] = values[layer] = None
                 return_freed_memory()  # the layer just freed, if it sat inside the malloc heap
-        for view in self._views:  # first touched now, after the dense KV was released
+        for view in self._served:  # first touched now, after the dense KV was released
             view.clear()
         for b in range(self.batch):
             self.pool.n_pages[b] = pages[b]
@@ -267,7 +278,7 @@ class FreeKVRetrieval:
         Call right before the engine runs on ``view()``. No-op in quest mode.
         """
         self._check_started()
-        if self.mode != "freekv":
+        if self.mode != "freekv" or self._fresh:
             return
         if self._pending is not None:
             raise RuntimeError("prefetch() called twice without finish_step()")
@@ -314,8 +325,17 @@ class FreeKVRetrieval:
         lists, or tensors with the layers stacked in front). Returns the view for the next step.
         """
         self._check_started()
-        target = self._next_view()
         query = _stacked(query).to(self.device).clone()
+        if self._fresh:  # one view: the token goes into it, pages are chosen by the next step's refreshes
+            view = self.view()
+            self._append_token(new_keys, new_values, view)
+            pages = list(view.n_pages)
+            self._prepare(view, None)
+            self._stale = view.n_pages != pages  # a page left the window: every head re-selects
+            self._latest_query = query
+            self._counters.steps += 1
+            return view
+        target = self._next_view()
         speculative = self._pending is not None
         if speculative:
             start = time.perf_counter()
@@ -323,11 +343,11 @@ class FreeKVRetrieval:
             self._counters.wait_s += time.perf_counter() - start
         self._append_token(new_keys, new_values, target if speculative else None)
         start = time.perf_counter()
-        if speculative and not self._fresh:
+        if speculative:
             self._correct(target, query)
             self._counters.correction_s += time.perf_counter() - start
-        elif not speculative:  # (fresh quest: pages are chosen in ``refresh``, layer range by layer range)
-            self._prepare(target, None if self._fresh and self.mode == "quest" else query, wait=True)
+        else:
+            self._prepare(target, query, wait=True)
             self._sync_device()
             self._counters.sync_prepare_s += time.perf_counter() - start
         self._latest_query = query
@@ -403,9 +423,16 @@ class FreeKVRetrieval:
         return sum(nbytes for ref, nbytes in self._dense if not ref.expired())
 
     @property
+    def _served(self) -> tuple[KVView, ...]:
+        """The views steps run on: both, alternating; one with ``use_fresh_queries`` (the other is
+        never touched, so never resident)."""
+        return self._views[:1] if self._fresh else self._views
+
+    @property
     def view_nbytes(self) -> int:
-        """Bytes of the two double-buffered views the engine reads (fixed by the budget)."""
-        return sum(view.nbytes for view in self._views)
+        """Bytes of the views the engine reads (fixed by the budget): two double-buffered ones, or one
+        with ``use_fresh_queries``."""
+        return sum(view.nbytes for view in self._served)
 
     def stats(self) -> RetrievalStats:
         """Counters since ``start``, with the sizes and memory held now."""
@@ -503,7 +530,7 @@ class FreeKVRetrieval:
                 reuse = selected is not None and selected[1] == view.n_pages
                 self._counters.selections_reused += int(reuse)
                 self.recall(view, selected[0] if reuse else self._select(query, view), count=count)
-            self._basis[view.index] = query
+                self._basis[view.index] = query.clone()
             view.update_mask(self._lengths, non_blocking=self._copier is not None)
 
     def _correct(self, view: KVView, query: Tensor) -> None:

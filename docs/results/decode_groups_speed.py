@@ -1,0 +1,69 @@
+"""Decode speed of FreeKV/Quest with and without decode groups, side by side in one process.
+
+One export made with `kvtrt export --decode-groups N`; one prefill of a haystack prompt, then each
+(spec, mode) decodes from a copy of it, interleaved, `--repeat` times (median reported). Mode
+`groups`: the row runs the lookahead graph and the N group graphs, refreshing each range's pages with
+its lookahead query; `one graph`: the same export's decode_shared with the previous step's query
+(`kvtrt.runtime.batch.USE_DECODE_GROUPS = False`, the behaviour before).
+
+    python docs/results/decode_groups_speed.py /tmp/smol-g30 --context 4096 --new-tokens 128 \
+        --kv freekv:budget=1024 --kv quest:budget=1024 --kv full --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import kvtrt
+import kvtrt.runtime.batch as batch
+from kvtrt.eval.decoding import decode, prefill
+from kvtrt.eval.texts import load_texts, token_prefix
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("dir")
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--kv", action="append", required=True)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    llm = kvtrt.load(args.dir, threads=args.threads)
+    ids = token_prefix(llm.codec.encode, load_texts(), args.context)
+    start = prefill(llm, ids)
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.repeat):
+        for spec in args.kv:
+            for mode in ("groups", "one graph"):
+                if spec == "full" and mode == "one graph":
+                    continue
+                batch.USE_DECODE_GROUPS = mode == "groups"
+                got = decode(llm, ids, args.new_tokens, spec, start=start)
+                kv = got.stats.kv
+                runs.setdefault((spec, mode), []).append(
+                    {"tok_s": got.stats.decode_tok_s, "correction_rate": kv.get("correction_rate"),
+                     "pages_recalled_per_step": kv.get("pages_recalled_per_step"),
+                     "correction_ms_per_step": 1e3 * kv.get("correction_s", 0) / max(1, kv.get("steps", 1))})
+    rows = []
+    print(f"| spec | mode | decode tok/s (median of {args.repeat}) | correction rate | pages recalled / step "
+          f"| correction ms / step |")
+    print("|---|---|---|---|---|---|")
+    for (spec, mode), got in runs.items():
+        med = {k: statistics.median(r[k] for r in got) if got[0][k] is not None else None for k in got[0]}
+        rows.append({"spec": spec, "mode": mode, **med, "runs": got})
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        print(f"| {spec} | {mode} | {med['tok_s']:.1f} | {fmt(med['correction_rate'], '.2f')} | "
+              f"{fmt(med['pages_recalled_per_step'], '.0f')} | {fmt(med['correction_ms_per_step'], '.2f')} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"dir": args.dir, "context": args.context, "new_tokens": args.new_tokens,
+                       "threads": args.threads, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
