@@ -184,3 +184,46 @@ def test_grouped_rows_decode_concurrently_as_alone(grouped):
         t.join()
     assert out == alone
     llm.close()
+
+
+def test_fresh_refresh_reselects_exactly_the_heads_that_moved():
+    """Manager level (pure torch): with `use_fresh_queries`, each `refresh` gives a head a fresh top-k
+    with the query it is given when the group-mean cosine to the query its pages were chosen with
+    is below tau (or a page left the window since the last step), and leaves the other heads' pages
+    as they were; both branches are exercised."""
+    from test_freekv import Seq, make
+
+    seq = Seq(L=3, total=400, drift=0.25)
+    r = make("freekv:budget=64,page=8,sink=4,window=8,tau=0.9,min_context=0", seq, threaded=False)
+    r.use_fresh_queries()
+    n0 = 200
+    keys, values = seq.kv(0, n0)
+    r.start(keys, values, seq.q(n0 - 1))
+    moved = kept = 0
+    for t in range(n0, n0 + 40):
+        view = r.view()
+        q_all = torch.stack(seq.q(t))                                         # [L,B,H,D]
+        for layers in (range(0, 1), range(1, 3)):
+            q = q_all[layers.start:layers.stop]
+            basis = r._basis[0][layers.start:layers.stop].clone()
+            before = view.slot_pages[layers.start:layers.stop].clone()
+            stale = r._stale
+            r.refresh(layers, q)
+            cos = torch.nn.functional.cosine_similarity(q, basis, dim=-1)      # [Lg,B,H]
+            drifted = cos.reshape(*cos.shape[:-1], seq.Hkv, -1).mean(-1) < 0.9 if not stale else \
+                torch.ones(len(layers), seq.B, seq.Hkv, dtype=torch.bool)
+            for i, layer in enumerate(layers):
+                fresh = r.fresh_selection(layer, q[i], view)
+                for b in range(seq.B):
+                    for h in range(seq.Hkv):
+                        held = view.slot_pages[layer, b, h].sort().values
+                        if drifted[i, b, h]:
+                            moved += 1
+                            assert torch.equal(held, fresh[b, h].sort().values), (t, layer, h)
+                        else:
+                            kept += 1
+                            assert torch.equal(held, before[i, b, h].sort().values), (t, layer, h)
+        new_keys, new_values = seq.kv(t, t + 1)
+        r.finish_step(q_all, new_keys, new_values)
+    assert moved > 0 and kept > 0
+    assert r.view() is r.views[0] and r.view_nbytes == r.views[0].nbytes  # one view serves every step
