@@ -142,7 +142,7 @@ def test_every_layer_attends_pages_chosen_with_its_own_query(grouped, monkeypatc
     llm = kvtrt.load(grouped["llama"], torch_threads=1)
     llm.manifest.eos_token_ids = []
     result = llm.generate(_prompt(200), max_new_tokens=12, kv=spec)
-    assert result.stats.kv["retrieval_engaged"] == 1
+    assert result.stats.kv["retrieval_engaged"] == 1 and result.stats.kv["decode_groups"] == 4
     assert len(checked) == 11  # every step but the last token's, which needs no further step
     stats = result.stats.kv
     assert stats["heads_checked"] == stats["heads_corrected"] > 0  # quest / tau=1: every head, every step

@@ -370,5 +370,6 @@ class _RetrievalRow:
     def close(self) -> None:
         self.seq.stats.kv_bytes = max(self.seq.stats.kv_bytes, self.manager.nbytes)
         self.seq.stats.kv = {"retrieval_engaged": 1,
+                             "decode_groups": len(self.engine.manifest.group_ranges) if self.grouped else 0,
                              **{k: v for k, v in self.manager.stats().as_dict().items() if isinstance(v, (int, float))}}
         self.manager.close()
