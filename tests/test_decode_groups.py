@@ -14,6 +14,7 @@ from kvtrt.contract import LOOKAHEAD, group_bounds, group_key
 from kvtrt.runtime.buffers import bind_decode, graph_outputs
 from kvtrt.runtime.engine import OrtEngine
 from kvtrt.runtime.kv.freekv import FreeKVRetrieval
+from kvtrt.runtime.kv.options import KVSpecError
 from tiny import tiny_model, tiny_tokenizer
 
 SPEC = "page=8,sink=4,window=8,pool_dtype=fp32"
@@ -227,3 +228,24 @@ def test_fresh_refresh_reselects_exactly_the_heads_that_moved():
         r.finish_step(q_all, new_keys, new_values)
     assert moved > 0 and kept > 0
     assert r.view() is r.views[0] and r.view_nbytes == r.views[0].nbytes  # one view serves every step
+
+
+def test_select_option_picks_the_path_and_fresh_needs_decode_groups(grouped, tiny_llama):
+    """`select=speculative` runs the one decode graph on a grouped export (as before: tau=1 corrects
+    with the previous step's query, so the view does not follow each layer's own query);
+    `select=fresh` on an export without decode groups is refused at submit, naming the fix."""
+    llm = kvtrt.load(grouped["llama"], torch_threads=1)
+    llm.manifest.eos_token_ids = []
+    prompt = _prompt(200, seed=3)
+    fresh = llm.generate(prompt, max_new_tokens=10, kv=f"quest:budget=48,{SPEC},min_context=0")
+    speculative = llm.generate(prompt, max_new_tokens=10, kv=f"quest:budget=48,{SPEC},min_context=0,select=speculative")
+    assert fresh.stats.kv["decode_groups"] == 4 and speculative.stats.kv["decode_groups"] == 0
+    assert fresh.stats.kv["view_bytes"] * 2 == speculative.stats.kv["view_bytes"]  # one view against two
+    llm.close()
+    _, _, plain = tiny_llama
+    llm = kvtrt.load(plain, torch_threads=1)
+    with pytest.raises(KVSpecError, match="needs an export with decode groups.*--decode-groups 2.*select=speculative"):
+        llm.submit(prompt, max_new_tokens=4, kv=f"freekv:budget=48,{SPEC},select=fresh")
+    assert llm.generate(prompt, max_new_tokens=4, kv=f"freekv:budget=48,{SPEC},min_context=0").stats.kv[
+        "decode_groups"] == 0  # auto: speculative without decode groups
+    llm.close()

@@ -3,8 +3,8 @@
 One export made with `kvtrt export --decode-groups N`; one prefill of a haystack prompt, then each
 (spec, mode) decodes from a copy of it, interleaved, `--repeat` times (median reported). Mode
 `groups`: the row runs the lookahead graph and the N group graphs, refreshing each range's pages with
-its lookahead query; `one graph`: the same export's decode_shared with the previous step's query
-(`kvtrt.runtime.batch.USE_DECODE_GROUPS = False`, the behaviour before).
+its lookahead query (spec option `select=fresh`); `one graph`: the same export's decode_shared with
+the previous step's query (`select=speculative`, the behaviour before).
 
     python docs/results/decode_groups_speed.py /tmp/smol-g30 --context 4096 --new-tokens 128 \
         --kv freekv:budget=1024 --kv quest:budget=1024 --kv full --repeat 3
@@ -17,7 +17,6 @@ import json
 import statistics
 
 import kvtrt
-import kvtrt.runtime.batch as batch
 from kvtrt.eval.decoding import decode, prefill
 from kvtrt.eval.texts import load_texts, token_prefix
 
@@ -42,8 +41,8 @@ def main() -> None:
             for mode in ("groups", "one graph"):
                 if spec == "full" and mode == "one graph":
                     continue
-                batch.USE_DECODE_GROUPS = mode == "groups"
-                got = decode(llm, ids, args.new_tokens, spec, start=start)
+                select = "" if spec == "full" else (",select=" + ("fresh" if mode == "groups" else "speculative"))
+                got = decode(llm, ids, args.new_tokens, spec + select, start=start)
                 kv = got.stats.kv
                 runs.setdefault((spec, mode), []).append(
                     {"tok_s": got.stats.decode_tok_s, "correction_rate": kv.get("correction_rate"),

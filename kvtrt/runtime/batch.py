@@ -27,10 +27,6 @@ from .buffers import bind_decode, graph_outputs, per_layer
 from .kv.store import KVStore
 from .memory import return_freed_memory
 
-#: retrieval rows decode through the export's decode groups when it has them (`kvtrt export
-#: --decode-groups`), each layer range's pages chosen with the step's own queries; False: through the
-#: one decode graph, pages chosen with the previous step's queries (the behaviour before; comparisons)
-USE_DECODE_GROUPS = True
 COMPACTION_SLACK = 64  # tokens a compacted row may grow past its budget before it is compacted again
 GROW_STEPS = 256  # most cursor room a repack adds for full-cache rows (they end sooner or repack again)
 
@@ -285,7 +281,8 @@ class _RetrievalRow:
         self.variant = GraphVariant.DECODE_SHARED if self.shared else GraphVariant.DECODE
         t0 = time.perf_counter()
         r = manager if manager is not None else RetrievalGroup.create_manager(engine, seq, store.length)
-        self.grouped = USE_DECODE_GROUPS and self.shared and bool(m.decode_groups)
+        # the spec's `select` (default: fresh when the export has decode groups, `kvtrt export --decode-groups`)
+        self.grouped = self.shared and seq.retrieval.fresh(m)
         if self.grouped:
             r.use_fresh_queries()
         r.start(store.keys, store.values, query, mask=store.mask, reserve_tokens=seq.remaining + 1, release=True)

@@ -40,6 +40,11 @@ def check_kv_spec(kv: KVSpec, manifest) -> None:
                           f"are per KV head (score_heads={manifest.score_heads!r}, an export made before "
                           f"--score-heads); re-export it (`kvtrt export {manifest.source} -o DIR`) or use "
                           f"signature=kv or signature=block")
+    retrieval = kv.retrieval
+    if retrieval is not None and retrieval.select == "fresh" and not manifest.decode_groups:
+        raise KVSpecError(f"{retrieval.mode} select=fresh chooses each layer range's pages with the step's own "
+                          f"query, which needs an export with decode groups; re-export with `kvtrt export "
+                          f"{manifest.source} -o DIR --decode-groups {manifest.n_layers}` or use select=speculative")
     base = getattr(policy, "base", policy)
     if isinstance(base, SnapKVPolicy) and policy.given("window") \
             and base.window != manifest.score_window:

@@ -13,6 +13,10 @@ from .options import KVSpecError, SpecStage, option, resolve_budget
 from .pages import COMBINES, POOL_DTYPES
 
 RETRIEVAL_MODES = ("freekv", "quest")
+#: with which query a step's pages are chosen: ``fresh`` (each layer range's own, before it attends;
+#: needs an export with decode groups), ``speculative`` (the previous step's: one decode graph; quest
+#: runs the step twice), ``auto`` (fresh when the export has decode groups)
+SELECT_MODES = ("auto", "fresh", "speculative")
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,8 @@ class RetrievalConfig(SpecStage):
     ``min_context`` (default ``2 * budget``): retrieval runs only for longer caches;
     ``pool_dtype``: how the page pool stores the KV (``fp16``, the default, half the bytes of fp32
     KV; ``fp32`` the KV's own dtype, exact; ``int8`` a quarter plus per-channel value scales), dequantized into the view as
-    pages are recalled (summaries, views and the sink/recent master copy stay full precision).
+    pages are recalled (summaries, views and the sink/recent master copy stay full precision);
+    ``select``: which query chooses a step's pages (``SELECT_MODES``, ``docs/freekv.md``).
     """
 
     mode: str = "freekv"
@@ -40,6 +45,7 @@ class RetrievalConfig(SpecStage):
     combine: str = option("softmax", "choice", choices=COMBINES, stages=("freekv",))
     min_context: int | None = option(None, "whole", example=0)
     pool_dtype: str = option("fp16", "choice", choices=POOL_DTYPES)
+    select: str = option("auto", "choice", choices=SELECT_MODES)
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -55,6 +61,10 @@ class RetrievalConfig(SpecStage):
     def check(self, where: str) -> None:
         if isinstance(self.budget, int):
             self.budget_tokens()  # budget < sink + window + page -> KVSpecError now
+
+    def fresh(self, manifest) -> bool:
+        """Whether a step's pages are chosen with its own queries on this export (``select``)."""
+        return self.select == "fresh" or (self.select == "auto" and bool(manifest.decode_groups))
 
     @property
     def min_budget(self) -> int:
