@@ -217,12 +217,8 @@ class DecoderGraph(nn.Module):
         presents, queries, scores = [], [], []
         x = self.norm(h, "layers.0.input_norm.weight")
         for layer in range(self.arch.n_layers):
-            packed = d.heads + 2 * d.kv_heads
-            qkv = self.rotate(self.linear(x, f"layers.{layer}.qkv").reshape(d.batch, d.new, packed, d.head_dim),
-                              cos, sin)
-            attn, keys, values = SharedCacheAttention.apply(qkv.reshape(d.batch, d.new, packed * d.head_dim),
-                                                            past[2 * layer], past[2 * layer + 1], bias, *lengths,
-                                                            d.heads, d.kv_heads)
+            qkv, attn, keys, values = self.shared_attention(x, layer, past[2 * layer], past[2 * layer + 1], bias,
+                                                            lengths, cos, sin, d)
             presents += [keys, values]                                        # [B,Hkv,C,D]
             queries.append(qkv[:, -1, :d.heads])                              # [B,H,D]
             if prefill:  # over the live prefix [0, total) of the buffer
@@ -230,6 +226,16 @@ class DecoderGraph(nn.Module):
                 scores.append(row_scores(q_rows, LeadingSlots.apply(keys, lengths[1]), score_bias, d.query_scores))
             x, h = self.fused_residual_mlp(h, attn, layer)
         return (self.logits(x[:, -1:] if prefill else x), *presents, *queries, *scores)
+
+    def shared_attention(self, x: Tensor, layer: int, past_k: Tensor, past_v: Tensor, bias: Tensor, lengths,
+                         cos: Tensor, sin: Tensor, d: Dims) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The layer's packed projection of the normed input x [B,S,E], rotated ([B,S,H+2Hkv,D]), and
+        its attention over the shared buffers: (qkv, attn [B,S,H*D], keys, values [B,Hkv,C,D])."""
+        packed = d.heads + 2 * d.kv_heads
+        qkv = self.rotate(self.linear(x, f"layers.{layer}.qkv").reshape(d.batch, d.new, packed, d.head_dim), cos, sin)
+        attn, keys, values = SharedCacheAttention.apply(qkv.reshape(d.batch, d.new, packed * d.head_dim), past_k,
+                                                        past_v, bias, *lengths, d.heads, d.kv_heads)
+        return qkv, attn, keys, values
 
     def packed_rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos and sin for packed q, k and v heads [B,S,H+2Hkv,D]: v is rotated by the identity
@@ -275,12 +281,8 @@ class DecoderGroupGraph(DecoderGraph):
         presents, queries = [], []
         x = self.norm(h, f"layers.{self.layers.start}.input_norm.weight")
         for i, layer in enumerate(self.layers):
-            packed = d.heads + 2 * d.kv_heads
-            qkv = self.rotate(self.linear(x, f"layers.{layer}.qkv").reshape(d.batch, d.new, packed, d.head_dim),
-                              cos, sin)
-            attn, keys, values = SharedCacheAttention.apply(qkv.reshape(d.batch, d.new, packed * d.head_dim),
-                                                            past[2 * i], past[2 * i + 1], bias, *lengths,
-                                                            d.heads, d.kv_heads)
+            qkv, attn, keys, values = self.shared_attention(x, layer, past[2 * i], past[2 * i + 1], bias, lengths,
+                                                            cos, sin, d)
             presents += [keys, values]                                        # [B,Hkv,C,D]
             queries.append(qkv[:, -1, :d.heads])                              # [B,H,D]
             x, h = self.fused_residual_mlp(h, attn, layer)
