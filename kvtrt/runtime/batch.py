@@ -310,8 +310,9 @@ class _RetrievalRow:
             self.bound.append((binding, outputs, per_layer(outputs, "query"), new_k, new_v))
 
     def _bind_groups(self, r) -> list:
-        """Per view: the lookahead call, then one call per decode group (their hidden states, queries
-        and lookahead queries in shared buffers), and where the step's new K/V land."""
+        """For the one view a fresh-query manager serves: the lookahead call, then one call per decode
+        group (hidden states, queries and lookahead queries in buffers held here), and where the
+        step's new K/V land (the view's staging slot)."""
         e, m, dev, dt = self.engine, self.engine.manifest, self.engine.device, self.engine.dtype
         ranges = m.group_ranges
         self.query = torch.empty(m.n_layers, 1, m.n_heads, m.head_dim, dtype=dt, device=dev)      # [L,1,H,D]

@@ -94,11 +94,9 @@ class FreeKVRetrieval:
         self._current = 0
         self._lengths = [0] * batch
         self._latest_query: Tensor | None = None  # [L, B, H, D]
-        #: per view, the query its page slots were selected with ([L, B, H, D]; None: not selected)
+        # (``use_fresh_queries``) per view, the query each head's pages were chosen with ([L, B, H, D])
         self._basis: list[Tensor | None] = [None, None]
-        # ``refresh`` corrects each layer range with the step's own query before it attends (decode
-        # groups): ``finish_step`` then corrects nothing, and quest selects only in ``refresh``
-        self._fresh = False
+        self._fresh = False  # ``use_fresh_queries``: ``refresh`` chooses pages, one view, no worker
         self._stale = False  # (fresh) the pool grew since the last step: every head re-selects
         self._speculative_query: Tensor | None = None  # the query the in-flight prefetch selects with
         # the last correction's full selection with the latest query and the pool snapshot it was made
@@ -532,7 +530,8 @@ class FreeKVRetrieval:
                 reuse = selected is not None and selected[1] == view.n_pages
                 self._counters.selections_reused += int(reuse)
                 self.recall(view, selected[0] if reuse else self._select(query, view), count=count)
-                self._basis[view.index] = query.clone()
+                if self._fresh:
+                    self._basis[view.index] = query.clone()
             view.update_mask(self._lengths, non_blocking=self._copier is not None)
 
     def _correct(self, view: KVView, query: Tensor) -> None:
