@@ -102,6 +102,23 @@ def group_bounds(n_layers: int, groups: int) -> list[int]:
     return [round(g * n_layers / groups) for g in range(groups + 1)]
 
 
+def group_graphs(bounds: list[int]) -> list[tuple[str, range, range]]:
+    """(manifest key, layers, next layers) of the lookahead graph (no layers) and of every decode group,
+    in the order a step runs them, for the layer boundaries `bounds` (`Manifest.decode_groups`)."""
+    if not bounds:
+        return []
+    ranges = [range(a, z) for a, z in zip(bounds[:-1], bounds[1:])]
+    following = ranges[1:] + [range(0)]
+    return [(LOOKAHEAD, range(0), ranges[0]), *((group_key(g), r, f) for g, (r, f) in enumerate(zip(ranges, following)))]
+
+
+def group_names(layers: range, next_layers: range, n_layers: int) -> tuple[list[str], list[str]]:
+    """Input and output names of the decode group over `layers` (empty: the lookahead graph)."""
+    if not layers:
+        return ["input_ids", "position_ids"], [f"lookahead.{layer}" for layer in next_layers]
+    return group_input_names(layers), group_output_names(layers, next_layers, n_layers)
+
+
 def group_input_names(layers: range) -> list[str]:
     """Inputs of the decode group over `layers`."""
     first = "input_ids" if layers.start == 0 else "hidden"
@@ -144,7 +161,8 @@ def output_names(n_layers: int, variant: str = GraphVariant.PREFILL) -> list[str
     return names
 
 
-__all__ = ["DECODE_GROUP", "LOOKAHEAD", "group_key", "group_bounds", "group_input_names", "group_output_names",
+__all__ = ["DECODE_GROUP", "LOOKAHEAD", "group_key", "group_bounds", "group_graphs", "group_names",
+           "group_input_names", "group_output_names",
            "GraphVariant", "CONTRACT_VARIANTS", "IN_PLACE_VARIANTS", "ATTENTION", "QUANTIZE_METHODS",
            "QUANTIZE_SCHEMES", "WEIGHTS_FILE", "ENGINE_DIR", "ENGINE_INDEX", "DEFAULT_PREFILL_CHUNK",
            "DEFAULT_SCORE_WINDOW", "past_names", "input_names", "output_names"]

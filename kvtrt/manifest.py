@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import __version__
+from .contract import group_graphs
 
 #: bump when the graph contract (`kvtrt.contract`) changes; an export with another format is refused
 FORMAT = 5
@@ -71,7 +72,8 @@ class Manifest:
     def variant_graphs(self) -> dict[str, str]:
         """`graphs` without the decode groups (ORT-only slices of decode_shared, checked against it by
         the tests): what validation and TensorRT builds cover."""
-        return {k: v for k, v in self.graphs.items() if not k.startswith(("decode_group", "decode_lookahead"))}
+        groups = {key for key, _, _ in group_graphs(self.decode_groups)}
+        return {k: v for k, v in self.graphs.items() if k not in groups}
 
     @property
     def group_ranges(self) -> list[range]:

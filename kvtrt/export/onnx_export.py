@@ -14,9 +14,8 @@ import torch
 from onnx import TensorProto, external_data_helper
 from tqdm.auto import tqdm
 
-from ..contract import (ATTENTION, CONTRACT_VARIANTS, DEFAULT_SCORE_WINDOW, IN_PLACE_VARIANTS, LOOKAHEAD, SCORE_HEADS,
-                        WEIGHTS_FILE, GraphVariant, group_bounds, group_input_names, group_key, group_output_names,
-                        input_names, output_names)
+from ..contract import (ATTENTION, CONTRACT_VARIANTS, DEFAULT_SCORE_WINDOW, IN_PLACE_VARIANTS, SCORE_HEADS,
+                        WEIGHTS_FILE, GraphVariant, group_bounds, group_graphs, group_names, input_names, output_names)
 from ..manifest import Manifest, generation_defaults, generation_eos_ids
 from ..models import get_adapter
 from ..models.loading import DEFAULT_MODEL, load_hf
@@ -89,10 +88,7 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
             bar.update()
         if bounds:
             bar.set_postfix_str(f"tracing {decode_groups} decode groups")
-            ranges = [range(a, z) for a, z in zip(bounds[:-1], bounds[1:])]
-            for key, layers, following in [(LOOKAHEAD, range(0), ranges[0]),
-                                           *((group_key(g), r, ranges[g + 1] if g + 1 < len(ranges) else range(0))
-                                             for g, r in enumerate(ranges))]:
+            for key, layers, following in group_graphs(bounds):
                 module = adapter.build(hf_model, max_positions, DTYPES[dtype], GraphVariant.DECODE_SHARED,
                                        attention=attention, score_heads=score_heads, layers=layers,
                                        next_layers=following)
@@ -176,12 +172,10 @@ def _trace_group(module, arch, layers: range, following: range, path: Path, opse
     first = torch.zeros(B, 1, dtype=torch.long) if layers.start == 0 else torch.zeros(B, 1, arch.hidden_size,
                                                                                        dtype=dtype)
     args = [first, torch.full((B, 1), P - 1, dtype=torch.long)]
+    ins, outs = group_names(layers, following, arch.n_layers)
     if layers:
-        ins, outs = group_input_names(layers), group_output_names(layers, following, arch.n_layers)
         args += [torch.ones(B, P, dtype=torch.long), torch.tensor(P - 1)]
         args += [torch.zeros(B, arch.n_kv_heads, P, arch.head_dim, dtype=dtype) for _ in range(2 * len(layers))]
-    else:
-        ins, outs = ["input_ids", "position_ids"], [f"lookahead.{layer}" for layer in following]
     dyn = {name: {0: "batch"} for name in (*ins[:2], *outs)}
     for name in ins[2:] + outs:
         if name.startswith(("past_", "present_")):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..contract import LOOKAHEAD, GraphVariant, group_key
+from ..contract import GraphVariant, group_graphs
 from .buffers import bind_decode, graph_outputs, per_layer
 from .kv.store import KVStore
 from .memory import return_freed_memory
@@ -314,34 +314,30 @@ class _RetrievalRow:
         group (hidden states, queries and lookahead queries in buffers held here), and where the
         step's new K/V land (the view's staging slot)."""
         e, m, dev, dt = self.engine, self.engine.manifest, self.engine.device, self.engine.dtype
-        ranges = m.group_ranges
+        graphs = group_graphs(m.decode_groups)  # the lookahead graph, then the groups
         self.query = torch.empty(m.n_layers, 1, m.n_heads, m.head_dim, dtype=dt, device=dev)      # [L,1,H,D]
         self.lookahead = torch.empty(m.n_layers, 1, m.n_heads, m.head_dim, dtype=dt, device=dev)  # [L,1,H,D]
         self.logits = torch.empty(1, 1, m.vocab_size, device=dev)
         # between groups; held here: a binding keeps only the address
-        self.hidden = hidden = [torch.empty(1, 1, m.hidden_size, dtype=dt, device=dev) for _ in ranges[1:]]
-        look = e.new_binding(LOOKAHEAD)
-        e.bind(look, {"input_ids": self.ids, "position_ids": self.positions},
-               {f"lookahead.{layer}": self.lookahead[layer] for layer in ranges[0]})
-        bound = []
-        for v in r.views[:1]:  # one view serves every step (`use_fresh_queries`)
-            calls = [(LOOKAHEAD, look, None)]
-            for g, layers in enumerate(ranges):
-                following = ranges[g + 1] if g + 1 < len(ranges) else range(0)
-                inputs = {"input_ids" if g == 0 else "hidden": self.ids if g == 0 else hidden[g - 1],
-                          "position_ids": self.positions, "past_mask": v.mask, "write_slot": self.slot}
-                outputs = {"hidden_out": hidden[g]} if following else {"logits": self.logits}
+        self.hidden = hidden = [torch.empty(1, 1, m.hidden_size, dtype=dt, device=dev) for _ in graphs[2:]]
+        v = r.views[0]  # one view serves every step (`use_fresh_queries`)
+        calls = []
+        for g, (key, layers, following) in enumerate(graphs, start=-1):  # g = -1: the lookahead graph
+            inputs = {"input_ids" if g <= 0 else "hidden": self.ids if g <= 0 else hidden[g - 1],
+                      "position_ids": self.positions}
+            outputs = {f"lookahead.{layer}": self.lookahead[layer] for layer in following}
+            if layers:
+                inputs.update({"past_mask": v.mask, "write_slot": self.slot})
+                outputs.update({"hidden_out": hidden[g]} if following else {"logits": self.logits})
                 for layer in layers:
                     inputs[f"past_key.{layer}"] = outputs[f"present_key.{layer}"] = v.keys[layer]
                     inputs[f"past_value.{layer}"] = outputs[f"present_value.{layer}"] = v.values[layer]
-                outputs.update({f"query.{layer}": self.query[layer] for layer in layers})
-                outputs.update({f"lookahead.{layer}": self.lookahead[layer] for layer in following})
-                binding = e.new_binding(group_key(g))
-                e.bind(binding, inputs, outputs)
-                calls.append((group_key(g), binding, layers))
-            staging = v.all_keys[:, :, :, r.slots:], v.all_values[:, :, :, r.slots:]
-            bound.append((calls, {"logits": self.logits}, self.query, *staging))
-        return bound
+                    outputs[f"query.{layer}"] = self.query[layer]
+            binding = e.new_binding(key)
+            e.bind(binding, inputs, outputs)
+            calls.append((key, binding, layers or None))
+        staging = v.all_keys[:, :, :, r.slots:], v.all_values[:, :, :, r.slots:]
+        return [(calls, {"logits": self.logits}, self.query, *staging)]
 
     def step(self) -> Tensor:
         r = self.manager

@@ -16,8 +16,7 @@ from typing import Iterable, Protocol
 import numpy as np
 import torch
 
-from ..contract import (DECODE_GROUP, LOOKAHEAD, GraphVariant, group_input_names, group_output_names, input_names,
-                        output_names)
+from ..contract import LOOKAHEAD, GraphVariant, group_graphs, group_names, input_names, output_names
 from ..manifest import ExportMismatchError, Manifest
 
 NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
@@ -156,13 +155,9 @@ class OrtEngine:
     def _names(self, key: str) -> tuple[list[str], list[str]]:
         """The inputs and outputs graph `key` must have (a variant, a decode group or the lookahead graph)."""
         m = self.manifest
-        ranges = m.group_ranges
-        if key == LOOKAHEAD and ranges:
-            return ["input_ids", "position_ids"], [f"lookahead.{layer}" for layer in ranges[0]]
-        if key.startswith(DECODE_GROUP + ".") and ranges:
-            g = int(key.split(".")[1])
-            following = ranges[g + 1] if g + 1 < len(ranges) else range(0)
-            return group_input_names(ranges[g]), group_output_names(ranges[g], following, m.n_layers)
+        for group, layers, following in group_graphs(m.decode_groups):
+            if key == group:
+                return group_names(layers, following, m.n_layers)
         return input_names(m.n_layers, key), output_names(m.n_layers, key)
 
     def _check(self, variant: GraphVariant | str, session) -> None:
