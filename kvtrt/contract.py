@@ -6,7 +6,9 @@ graph, the exporter to trace one. The README's "The graph contract" describes th
 
 inputs   input_ids [B,S] int64, position_ids [B,S] int64, past_mask [B,P] int64 (1 = live slot),
          prefill only: score_queries [n] int64 (rows of the chunk whose attention forms `score`),
-         in place only: write_slot int64 scalar (first slot the new K/V go to),
+         in place only: write_slot (prefill_shared: int64 scalar, the chunk's first slot in every
+         row; decode_shared and decode groups: int64 [B], row b's token goes to slot write_slot[b]
+         and the row attends slots [0, write_slot[b]] only),
          past_key.{l} / past_value.{l} [B,Hkv,P,D] (keys already rotated)
 outputs  logits [B,1,V] (last new token), then
          contract graphs: key.{l} / value.{l} [B,Hkv,S,D] (new tokens only), query.{l} [B,H,D],

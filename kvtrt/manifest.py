@@ -15,7 +15,7 @@ from . import __version__
 from .contract import group_graphs
 
 #: bump when the graph contract (`kvtrt.contract`) changes; an export with another format is refused
-FORMAT = 5
+FORMAT = 6
 MANIFEST_NAME = "manifest.json"
 
 

@@ -75,7 +75,7 @@ def test_groups_chained_equal_the_whole_decode_graph(grouped, family):
     values = [torch.randn(1, Hkv, C, D, generator=g) for _ in range(L)]
     mask = torch.ones(1, C, dtype=torch.long)
     mask[0, 3] = 0
-    ids, positions, slot = torch.tensor([[7]]), torch.tensor([[40]]), torch.tensor(C - 1)
+    ids, positions, slot = torch.tensor([[7]]), torch.tensor([[40]]), torch.tensor([C - 1])
 
     k1, v1 = [k.clone() for k in keys], [v.clone() for v in values]
     whole = graph_outputs(engine, 1, 1, None, cache=(k1, v1))

@@ -241,7 +241,7 @@ def test_shared_cache_decode_writes_in_place_and_matches_decode(tiny_llama):
     expect = _run(decode, ids, positions, mask[:, :past_len],
                   [(buffers[2 * i][:, :, :past_len], buffers[2 * i + 1][:, :, :past_len]) for i in range(layers)])
     feeds = {"input_ids": ids.astype(np.int64), "position_ids": positions.astype(np.int64), "past_mask": mask,
-             "write_slot": np.array(past_len, np.int64)}
+             "write_slot": np.array([past_len, past_len], np.int64)}
     logits = np.zeros((2, 1, c.vocab_size), np.float32)
     _run_in_place(shared, feeds, {"logits": logits}, buffers)
     np.testing.assert_allclose(logits, expect["logits"], atol=2e-5, rtol=1e-4)
@@ -251,6 +251,47 @@ def test_shared_cache_decode_writes_in_place_and_matches_decode(tiny_llama):
             np.testing.assert_allclose(b[:, :, past_len], expect[f"{kind}.{layer}"][:, :, 0], atol=1e-5, rtol=1e-5)
             others = [s for s in range(capacity) if s != past_len]
             np.testing.assert_array_equal(b[:, :, others], old[:, :, others])  # NaN == NaN here
+
+
+def test_shared_cache_decode_rows_end_at_their_own_slots(tiny_llama):
+    """`decode_shared` with a write slot per row (rows of different lengths, left-aligned in one
+    buffer): each row's logits, query and written K/V equal the same row run alone with a buffer
+    that ends at its own slot; a row never reads past its slot (NaN there, as the other rows'
+    longer spans would leave) and no slot but its own is written."""
+    model, _, directory = tiny_llama
+    shared = _session(directory, "decode_shared")
+    c = model.config
+    layers, head_dim, kv = c.num_hidden_layers, c.hidden_size // c.num_attention_heads, c.num_key_value_heads
+    rng = np.random.default_rng(2)
+    lengths, capacity = [11, 4, 7], 16
+    buffers = [rng.standard_normal((3, kv, capacity, head_dim)).astype(np.float32) for _ in range(2 * layers)]
+    mask = np.zeros((3, capacity), np.int64)
+    for row, n in enumerate(lengths):
+        mask[row, :n + 1] = 1
+        for b in buffers:
+            b[row, :, n + 1:] = np.nan  # past the row's own slot: never read
+    before = [b.copy() for b in buffers]
+    ids, positions = np.array([[7], [42], [3]]), np.array([[n] for n in lengths])
+    feeds = {"input_ids": ids, "position_ids": positions, "past_mask": mask,
+             "write_slot": np.array(lengths, np.int64)}
+    logits = np.zeros((3, 1, c.vocab_size), np.float32)
+    queries = {f"query.{layer}": np.zeros((3, c.num_attention_heads, head_dim), np.float32) for layer in range(layers)}
+    _run_in_place(shared, feeds, {"logits": logits, **queries}, buffers)
+    assert np.isfinite(logits).all()
+    for row, n in enumerate(lengths):
+        alone = [b[row:row + 1, :, :n + 1].copy() for b in before]
+        one = {"input_ids": ids[row:row + 1], "position_ids": positions[row:row + 1], "past_mask": mask[row:row + 1, :n + 1],
+               "write_slot": np.array([n], np.int64)}
+        expect = np.zeros((1, 1, c.vocab_size), np.float32)
+        q = {f"query.{layer}": np.zeros((1, c.num_attention_heads, head_dim), np.float32) for layer in range(layers)}
+        _run_in_place(shared, one, {"logits": expect, **q}, alone)
+        np.testing.assert_allclose(logits[row], expect[0], atol=2e-5, rtol=1e-4)
+        for name in q:
+            np.testing.assert_allclose(queries[name][row], q[name][0], atol=1e-5, rtol=1e-5)
+        for b, a, old in zip(buffers, alone, before):
+            np.testing.assert_allclose(b[row, :, :n + 1], a[0], atol=1e-5, rtol=1e-5)  # its slot n, written
+            np.testing.assert_array_equal(b[row, :, :n], old[row, :, :n])
+            np.testing.assert_array_equal(b[row, :, n + 1:], old[row, :, n + 1:])  # NaN == NaN here
 
 
 def test_shared_cache_prefill_writes_the_chunk_in_place_and_matches_prefill(tiny_llama):

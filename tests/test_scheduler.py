@@ -96,6 +96,49 @@ def test_batched_rows_share_calls(tiny_llama, monkeypatch):
     llm.close()
 
 
+def test_rows_keep_their_own_lengths_within_the_admission_bound(tiny_llama, monkeypatch):
+    """Rows of different lengths share a batch without being padded to each other: after every step
+    each row's live slots are exactly `[0, length)`; a full-cache batch holds no more than the
+    largest length + up to 256 steps to come, and a compacting batch never more than the largest
+    budget + the compaction slack (its admission bound), however the rows' steps interleave."""
+    from kvtrt.runtime.batch import COMPACTION_SLACK, GROW_STEPS, DenseBatch
+
+    _, _, directory = tiny_llama
+    seen = {"full": 0, "crush": 0}
+    step = DenseBatch.step
+
+    def checked(group):
+        out = step(group)
+        for i, row in enumerate(group.rows):
+            live = group.mask[i].nonzero().flatten().tolist()
+            assert live == list(range(row.length)), "a row's live slots are [0, length)"
+        longest = max(r.length for r in group.rows)
+        if group.scored:
+            assert group.capacity <= max(r.seq.keep for r in group.rows) + COMPACTION_SLACK
+            seen["crush"] += 1
+        else:
+            assert group.capacity <= longest + GROW_STEPS
+            seen["full"] += 1
+        return out
+
+    monkeypatch.setattr(DenseBatch, "step", checked)
+    # compacting rows start below their budget (prompts of at most 60 tokens, budget 100) and grow
+    # to budget + slack before their first compaction
+    for spec, new, cut in (("full", 40, 280), ("kvcrush:budget=100,base=snapkv,window=4", 3 * COMPACTION_SLACK, 60)):
+        llm = kvtrt.load(directory, kv=spec)
+        llm.manifest.eos_token_ids = []
+        # shortest first, the others join while it decodes (280 + 192 new tokens fit in 512 positions)
+        prompts = sorted((p[:cut] for p in prompts_of(4, seed=5)), key=len)
+        requests = [llm.submit(prompts[0], max_new_tokens=new)]
+        for _ in zip(range(30), requests[0]):  # pieces of its stream: some 30 tokens decoded
+            pass
+        requests += [llm.submit(p, max_new_tokens=new - 7 * i) for i, p in enumerate(prompts[1:])]
+        for r in requests:
+            r.result()
+        llm.close()
+    assert seen["full"] > 0 and seen["crush"] > 0
+
+
 def test_stream_pieces_and_async_stream(tiny_llama):
     _, _, directory = tiny_llama
     llm = kvtrt.load(directory)

@@ -134,8 +134,8 @@ def _trace(module, arch, variant: GraphVariant, path: Path, opset: int, dtype: t
             torch.ones(B, P, dtype=torch.long)]
     if variant.is_prefill:
         args.append(torch.tensor([1, 2]))  # score_queries
-    if variant.in_place:
-        args.append(torch.tensor(P - S))  # write_slot: the chunk fills the buffer
+    if variant.in_place:  # write_slot: the chunk fills the buffer (decode: one slot per row)
+        args.append(torch.full((B,), P - S) if decode else torch.tensor(P - S))
     args += [torch.zeros(B, Hkv, P, D, dtype=dtype) for _ in range(2 * L)]
     ins, outs = input_names(L, variant), output_names(L, variant)
     past = "capacity" if variant.in_place else "past"
@@ -144,6 +144,8 @@ def _trace(module, arch, variant: GraphVariant, path: Path, opset: int, dtype: t
            "past_mask": {0: "batch", 1: past}, "logits": {0: "batch"}}
     if not decode:
         dyn["score_queries"] = {0: "score_queries"}
+    elif variant.in_place:
+        dyn["write_slot"] = {0: "batch"}
     for name in ins:
         if name.startswith(("past_key.", "past_value.")):
             dyn[name] = {0: "batch", 2: past}
@@ -174,9 +176,9 @@ def _trace_group(module, arch, layers: range, following: range, path: Path, opse
     args = [first, torch.full((B, 1), P - 1, dtype=torch.long)]
     ins, outs = group_names(layers, following, arch.n_layers)
     if layers:
-        args += [torch.ones(B, P, dtype=torch.long), torch.tensor(P - 1)]
+        args += [torch.ones(B, P, dtype=torch.long), torch.full((B,), P - 1)]
         args += [torch.zeros(B, arch.n_kv_heads, P, arch.head_dim, dtype=dtype) for _ in range(2 * len(layers))]
-    dyn = {name: {0: "batch"} for name in (*ins[:2], *outs)}
+    dyn = {name: {0: "batch"} for name in (*ins[:2], *ins[3:4], *outs)}  # write_slot [B]
     for name in ins[2:] + outs:
         if name.startswith(("past_", "present_")):
             dyn[name] = {0: "batch", 2: "capacity"}

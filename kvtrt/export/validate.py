@@ -279,8 +279,8 @@ def build_cases(hf_model, manifest: Manifest, directory: Path, batch: int = 2, f
         extra = {}
         if variant.is_prefill:  # the score window's rows, as the runtime asks on a last chunk
             extra["score_queries"] = torch.arange(max(0, ids.shape[1] - manifest.score_window), ids.shape[1])
-        if write_slot is not None:
-            extra["write_slot"] = torch.tensor(write_slot)
+        if write_slot is not None:  # prefill_shared: one slot for the chunk; decode_shared: one per row
+            extra["write_slot"] = torch.tensor(write_slot) if variant.is_prefill else torch.full((batch,), write_slot)
         with torch.no_grad():
             out = modules[variant](ids, pos, mask, *extra.values(), *past)
         inputs = OrderedDict(input_ids=ids.numpy(), position_ids=pos.numpy(), past_mask=mask.numpy())

@@ -13,17 +13,21 @@ from .common import const, zero_and_neg_inf
 
 class AttentionLengths(torch.autograd.Function):
     """GroupQueryAttention's length inputs, once per graph (per layer they cost ORT ~6 nodes each):
-    seqlens_k [B] int32 (the last new token's slot), total_sequence_length int32 scalar and
-    query_seqlens [B] int32 (S: every row of a chunk is a real token, which lets batch > 1 chunks
-    have a past). `write_slot` None: the chunk follows the P past slots; shared cache: the chunk
-    goes to slots [write_slot, write_slot + S)."""
+    seqlens_k [B] int32 (each row's last new slot), total_sequence_length int32 scalar (the longest
+    row's) and query_seqlens [B] int32 (S: every row of a chunk is a real token, which lets batch > 1
+    chunks have a past). `write_slot` None: the chunk follows the P past slots; a scalar (shared-cache
+    prefill): the chunk goes to slots [write_slot, write_slot + S) of every row; [B] (shared-cache
+    decode): row b's token goes to slot write_slot[b] and the row attends [0, write_slot[b]] only, so
+    rows of different lengths share a call without attending each other's padding."""
 
     @staticmethod
     def forward(ctx, input_ids, past_mask, write_slot):
         b, s = input_ids.shape
-        total = (int(write_slot) if write_slot is not None else past_mask.shape[1]) + s
-        return (torch.full((b,), total - 1, dtype=torch.int32), torch.tensor(total, dtype=torch.int32),
-                torch.full((b,), s, dtype=torch.int32))
+        if write_slot is None:
+            ends = torch.full((b,), past_mask.shape[1] + s)
+        else:
+            ends = write_slot.reshape(-1).expand(b) + s
+        return ((ends - 1).to(torch.int32), ends.max().to(torch.int32), torch.full((b,), s, dtype=torch.int32))
 
     @staticmethod
     def symbolic(g, input_ids, past_mask, write_slot):
@@ -32,10 +36,11 @@ class AttentionLengths(torch.autograd.Function):
         new_len = g.op("Cast", g.op("Gather", shape, const(g, 1), axis_i=0), to_i=6)
         if write_slot is None or write_slot.node().mustBeNone():
             past_len = g.op("Cast", g.op("Gather", g.op("Shape", past_mask), const(g, 1), axis_i=0), to_i=6)
-            total = g.op("Add", past_len, new_len)
+            ends = total = g.op("Add", past_len, new_len)
         else:
-            total = g.op("Add", g.op("Cast", write_slot, to_i=6), new_len)
-        seqlens = g.op("Expand", g.op("Sub", total, const(g, 1, torch.int32)), batch)
+            ends = g.op("Add", g.op("Cast", write_slot, to_i=6), new_len)  # scalar or [B]
+            total = ends if write_slot.type().dim() == 0 else g.op("ReduceMax", ends, keepdims_i=0)
+        seqlens = g.op("Expand", g.op("Sub", ends, const(g, 1, torch.int32)), batch)
         query_lens = g.op("Expand", new_len, batch)
         for out, sizes in ((seqlens, [None]), (total, []), (query_lens, [None])):
             out.setType(out.type().with_dtype(torch.int32).with_sizes(sizes))

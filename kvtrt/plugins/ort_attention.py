@@ -145,14 +145,15 @@ class GroupQueryAttention(torch.autograd.Function):
 
 class SharedCacheAttention(torch.autograd.Function):
     """Attention over a buffer that is both past and present (ORT GroupQueryAttention with
-    `past_key` and `present_key` bound to one tensor: the op writes the S new K/V at slots
-    [write_slot, write_slot + S) and row i attends over slots [0, write_slot + i], causal by slot;
-    nothing else of the cache is copied).
+    `past_key` and `present_key` bound to one tensor: the op writes row b's S new K/V at slots
+    [end_b - S, end_b), end_b = seqlens[b] + 1, and its token i attends over slots [0, end_b - S + i],
+    causal by slot; nothing else of the cache is copied).
 
     qkv [B,S,(H+2Hkv)*D] (q and k rotated, q pre-scaled), past [B,Hkv,C,D], bias [B,1,S,total]
-    (see `ChunkBias`), lengths from `AttentionLengths`. Returns attn [B,S,H*D] and the buffers with
-    the new slots written. (Run unshared, e.g. by Polygraphy, the op returns the same values in fresh
-    tensors when write_slot + S = C.)
+    (see `ChunkBias`), lengths from `AttentionLengths` (per row: a decode call's rows may end at
+    different slots). Returns attn [B,S,H*D] and the buffers with the new slots written. (Run
+    unshared, e.g. by Polygraphy, the op returns the same values in fresh tensors when every row
+    ends at C.)
     """
 
     @staticmethod
@@ -160,15 +161,17 @@ class SharedCacheAttention(torch.autograd.Function):
         b, s, d = qkv.shape[0], qkv.shape[1], past_k.shape[-1]
         q, k, v = qkv.split([n_heads * d, n_kv_heads * d, n_kv_heads * d], dim=-1)
         t = int(total)
-        start = t - s  # the chunk's first slot
+        starts = seqlens.long() + 1 - s  # [B] each row's first new slot
         keys, values = past_k.clone(), past_v.clone()
-        keys[:, :, start:t] = k.reshape(b, s, n_kv_heads, d).transpose(1, 2)
-        values[:, :, start:t] = v.reshape(b, s, n_kv_heads, d).transpose(1, 2)
+        for row, start in enumerate(starts.tolist()):
+            keys[row, :, start:start + s] = k[row].reshape(s, n_kv_heads, d).transpose(0, 1)
+            values[row, :, start:start + s] = v[row].reshape(s, n_kv_heads, d).transpose(0, 1)
         g = n_heads // n_kv_heads
         qh = q.reshape(b, s, n_heads, d).transpose(1, 2)  # [B,H,S,D]
         scores = qh @ keys[:, :, :t].repeat_interleave(g, dim=1).transpose(2, 3) + bias
-        later = torch.arange(t)[None, :] > (start + torch.arange(s))[:, None]  # the op's own causal mask, by slot
-        probs = torch.softmax(scores.masked_fill(later, float("-inf")), dim=-1)
+        own = starts[:, None] + torch.arange(s)[None, :]  # [B,S] each token's slot
+        later = torch.arange(t)[None, None, :] > own[:, :, None]  # the op's own causal mask, by slot
+        probs = torch.softmax(scores.masked_fill(later[:, None], float("-inf")), dim=-1)
         attn = probs @ values[:, :, :t].repeat_interleave(g, dim=1)
         return attn.transpose(1, 2).reshape(b, s, n_heads * d), keys, values
 

@@ -1,15 +1,17 @@
 """Decode groups: the sequences that share one graph call per step.
 
-Layout (why): the exported decode graphs take one `[B, Hkv, C, D]` buffer per layer, one
-`past_mask [B, C]` and, for the in-place graph, one `write_slot` for the whole batch. So the rows of
-a `DenseBatch` share a write cursor `c`: each row holds its sequence's KV right-aligned in
-`[c - span, c)`, everything left of it masked (and zeroed: masked slots are still multiplied by 0).
-Per-row positions are explicit inputs, so rows of any length decode together; no re-export is
-needed. A joining sequence is copied into the next free row; a leaving one is replaced by the last
-row (one row copy) so the active rows stay `[:R]` and are bound as views. When the cursor reaches
-the capacity, or a joiner is longer than the cursor, the batch is repacked: rows shifted left so the
-longest starts at slot 0, capacity = longest span + the steps still to come. Buffers are allocated
-for `max_rows` rows with `torch.empty`: rows never touched are never resident.
+Layout (why): the exported decode graphs take one `[B, Hkv, C, D]` buffer per layer and one
+`past_mask [B, C]`; the in-place graph (`decode_shared`) also takes a `write_slot [B]`, one per row.
+So each row holds its sequence's KV left-aligned in `[0, length)`, the next token goes to slot
+`length` of that row, and in the in-place graph a row attends its own `[0, length]` only (ONNX Runtime's
+GroupQueryAttention reads each row up to its own length): rows of any length decode together
+without paying for each other's padding. The `decode` graph (compaction, which needs `score`, and
+exports without in-place graphs) reads all C slots, the dead ones masked and zeroed (masked slots
+are still multiplied by 0); the runtime writes its new K/V at each row's slot. A joining sequence is
+copied into the next free row; a leaving one is replaced by the last row (one row copy) so the
+active rows stay `[:R]` and are bound as views. When a row reaches the capacity the batch is
+reallocated with room for the steps to come. Buffers are allocated for `max_rows` rows with
+`torch.empty`: rows never touched are never resident.
 
 `RetrievalGroup` decodes FreeKV/Quest sequences, each with its own views (one call per sequence).
 """
@@ -28,13 +30,13 @@ from .kv.store import KVStore
 from .memory import return_freed_memory
 
 COMPACTION_SLACK = 64  # tokens a compacted row may grow past its budget before it is compacted again
-GROW_STEPS = 256  # most cursor room a repack adds for full-cache rows (they end sooner or repack again)
+GROW_STEPS = 256  # most room a reallocation adds to a full-cache row (it ends sooner or grows again)
 
 
 @dataclass
 class Row:
     seq: object  # the scheduler's Sequence: .pending (next input token), .position, .keep, .policy, .remaining
-    start: int  # first live slot
+    length: int  # live slots [0, length); the next token's K/V go to slot `length`
 
 
 class DenseBatch:
@@ -44,10 +46,10 @@ class DenseBatch:
     def __init__(self, engine, scored: bool, max_rows: int):
         m = engine.manifest
         self.engine, self.m, self.scored, self.max_rows = engine, m, scored, max_rows
-        in_place = not scored and GraphVariant.DECODE_SHARED in m.graphs
-        self.variant = GraphVariant.DECODE_SHARED if in_place else GraphVariant.DECODE
+        self.in_place = not scored and GraphVariant.DECODE_SHARED in m.graphs
+        self.variant = GraphVariant.DECODE_SHARED if self.in_place else GraphVariant.DECODE
         self.rows: list[Row] = []
-        self.capacity = self.cursor = 0
+        self.capacity = 0
         self.touched = 0  # rows written since the last allocation (resident memory)
         self.repacks = 0  # reallocations so far
         self.keys: list[Tensor] = []
@@ -56,34 +58,33 @@ class DenseBatch:
         self.mask = torch.zeros(0, 0, dtype=torch.long)
         self._binding = None
         self.slot_bytes = m.kv_bytes_per_token + (4 * m.score_rows * m.n_layers if scored else 0)
-        self.room = COMPACTION_SLACK if scored else GROW_STEPS  # most steps a repack makes room for
+        self.room = COMPACTION_SLACK if scored else GROW_STEPS  # most steps a reallocation makes room for
 
     # -- memory ----------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
-        """Bytes resident in this batch's buffers (rows touched since the last repack)."""
+        """Bytes resident in this batch's buffers (rows touched since the last reallocation)."""
         return self.touched * self.capacity * self.slot_bytes
 
-    def span(self, row: Row) -> int:
-        return self.cursor - row.start
+    @staticmethod
+    def span(row: Row) -> int:
+        return row.length
 
-    def _need(self, rows: list[tuple[int, int]]) -> tuple[int, int]:
-        """(cursor, capacity) a repack would choose for rows of (span, steps still to come).
-        Compacting rows repack every COMPACTION_SLACK steps (their spans stay within budget + slack)."""
-        cursor = max(span for span, _ in rows)
-        return cursor, cursor + max(1, min(max(rest for _, rest in rows), self.room))
+    def _steps(self, row: Row) -> int:
+        """Steps a reallocation makes room for: the row's steps to come, up to `room`; a compacting
+        row's only until it is compacted again (at budget + slack)."""
+        rest = min(row.seq.remaining, self.room)
+        if self.scored and row.seq.policy is not None:
+            rest = min(rest, row.seq.keep + COMPACTION_SLACK - row.length)
+        return max(1, rest)
 
     def bound(self, rows: list[tuple[int, int]]) -> int:
-        """Bytes this batch may hold for rows of (slots, steps to come) until they end. A repack sizes
-        it to the longest span + the most steps to come, and that sum never grows as the rows decode
-        (full-cache rows: uncapped here, since repacks then add up to `room` at a time; compacting
-        rows stay within budget + slack and repack every `room` steps)."""
-        rest = max(r for _, r in rows)
-        capacity = max(e for e, _ in rows) + (min(rest, self.room) if self.scored else rest)
+        """Bytes this batch may hold for rows of (slots, steps to come) until they end: full-cache
+        rows of (span, steps), whose sum never grows as they decode; compacting rows of (budget +
+        slack, steps), a length they never pass (each reallocation sizes the buffers to the largest
+        length + `_steps`)."""
+        capacity = max(e + (0 if self.scored else r) for e, r in rows)
         return max(self.touched, len(rows)) * capacity * self.slot_bytes
-
-    def _fits(self, span: int) -> bool:
-        return len(self.rows) < self.max_rows and span <= self.cursor < self.capacity
 
     # -- membership ------------------------------------------------------------------------
     def join(self, seq, store: KVStore) -> None:
@@ -92,19 +93,20 @@ class DenseBatch:
         n = store.length
         if len(self.rows) >= self.max_rows:
             raise RuntimeError("DenseBatch.join past max_rows")
-        if not self._fits(n):
-            self._repack(extra=(n, seq.remaining))
-        r, c = len(self.rows), self.cursor
+        r = len(self.rows)
+        self.rows.append(Row(seq, n))
+        if n >= self.capacity:
+            self._reallocate(copied=r)
         for dst, src in zip(self._tensors(), self._store_tensors(store)):
             for layer, (d, s) in enumerate(zip(dst, src)):
-                d[r].zero_()
-                d[r, :, c - n:c] = s[0, :, :n]
+                d[r, :, :n] = s[0, :, :n]
+                if not self.in_place:  # the decode graph reads every slot: dead ones must be finite
+                    d[r, :, n:].zero_()
                 src[layer] = s.new_empty(0)
                 del s
                 return_freed_memory()
         self.mask[r].zero_()
-        self.mask[r, c - n:c] = 1
-        self.rows.append(Row(seq, c - n))
+        self.mask[r, :n] = 1
         self.touched = max(self.touched, len(self.rows))
         self._binding = None
 
@@ -127,7 +129,7 @@ class DenseBatch:
     def _release(self) -> None:
         self.keys, self.values, self.scores = [], [], None
         self.mask = torch.zeros(0, 0, dtype=torch.long)
-        self.capacity = self.cursor = self.touched = 0
+        self.capacity = self.touched = 0
 
     def _tensors(self) -> list[list[Tensor]]:
         return [self.keys, self.values] + ([self.scores] if self.scored else [])
@@ -135,28 +137,28 @@ class DenseBatch:
     def _store_tensors(self, store: KVStore) -> list[list[Tensor]]:
         return [store.keys, store.values] + ([store.scores] if self.scored else [])
 
-    def _repack(self, extra: tuple[int, int] | None = None) -> None:
-        """Reallocate: rows shifted so the longest starts at slot 0, room for the steps to come."""
+    def _reallocate(self, copied: int | None = None) -> None:
+        """New buffers with room for every row's next steps (`_steps`); the first `copied` rows (all)
+        copied to them (`join` copies the row it appended itself)."""
         m, dev = self.m, self.engine.device
-        rows = [(self.span(r), r.seq.remaining) for r in self.rows] + ([extra] if extra else [])
-        cursor, capacity = self._need(rows)
+        capacity = max(r.length + self._steps(r) for r in self.rows)
         old = self._tensors()
         shape = (self.max_rows, m.n_kv_heads, capacity, m.head_dim)
         new_kv = [[torch.empty(*shape, dtype=self.engine.dtype, device=dev) for _ in range(m.n_layers)] for _ in range(2)]
         new = new_kv + ([[torch.empty(self.max_rows, m.score_rows, capacity, device=dev) for _ in range(m.n_layers)]]
                         if self.scored else [])
         mask = torch.zeros(self.max_rows, capacity, dtype=torch.long, device=dev)
-        for i, row in enumerate(self.rows):
-            span = self.span(row)
+        for i, row in enumerate(self.rows[:copied]):
+            n = row.length
             for dst, src in zip(new, old):
                 for d, s in zip(dst, src):
-                    d[i].zero_()
-                    d[i, :, cursor - span:cursor] = s[i, :, row.start:self.cursor]
-            mask[i, cursor - span:cursor] = 1
-            row.start = cursor - span
+                    d[i, :, :n] = s[i, :, :n]
+                    if not self.in_place:
+                        d[i, :, n:].zero_()
+            mask[i, :n] = 1
         self.keys, self.values = new[0], new[1]
         self.scores = new[2] if self.scored else None
-        self.mask, self.cursor, self.capacity = mask, cursor, capacity
+        self.mask, self.capacity = mask, capacity
         self.touched = len(self.rows)
         self.repacks += 1
         self._binding = None
@@ -165,56 +167,57 @@ class DenseBatch:
     def compact_due(self) -> None:
         """Compact every row that outgrew its budget by the slack (scored batches)."""
         for i, row in enumerate(self.rows):
-            if row.seq.policy is not None and self.span(row) >= row.seq.keep + COMPACTION_SLACK:
+            if row.seq.policy is not None and row.length >= row.seq.keep + COMPACTION_SLACK:
                 self._compact_row(i, row)
 
     def _compact_row(self, i: int, row: Row) -> None:
-        keep, c, m = row.seq.keep, self.cursor, self.m
+        keep, n, m = row.seq.keep, row.length, self.m
         for layer in range(m.n_layers):
-            scores = self.scores[layer][i][:, row.start:c].view(m.n_kv_heads, -1, c - row.start)  # [Hkv,R/Hkv,N]
-            chosen = row.seq.policy.select(scores, keep) + row.start  # [Hkv,keep]
+            scores = self.scores[layer][i][:, :n].view(m.n_kv_heads, -1, n)  # [Hkv,R/Hkv,N]
+            chosen = row.seq.policy.select(scores, keep)  # [Hkv,keep]
             for t in (self.keys[layer], self.values[layer]):
                 kept = torch.gather(t[i], 1, chosen.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
-                t[i, :, row.start:c].zero_()
-                t[i, :, c - keep:c] = kept
+                t[i, :, :n].zero_()
+                t[i, :, :keep] = kept
             mass = torch.gather(self.scores[layer][i], 1, chosen.repeat_interleave(scores.shape[1], dim=0))
-            self.scores[layer][i, :, row.start:c] = 0
-            self.scores[layer][i, :, c - keep:c] = mass
-        self.mask[i, row.start:c - keep] = 0
-        row.start = c - keep
+            self.scores[layer][i, :, :n] = 0
+            self.scores[layer][i, :, :keep] = mass
+        self.mask[i, keep:n] = 0
+        row.length = keep
         row.seq.stats.compactions += 1
 
     # -- one step --------------------------------------------------------------------------
     def step(self) -> list[tuple[object, Tensor]]:
-        """One graph call over all rows: writes each row's pending token's KV at the cursor.
+        """One graph call over all rows: writes each row's pending token's KV at its slot.
         Returns (sequence, logits [V]) per row."""
         if self.scored:
             self.compact_due()
-        if self.cursor == self.capacity:
-            self._repack()
-        batch, c = len(self.rows), self.cursor
+        if any(r.length >= self.capacity for r in self.rows):
+            self._reallocate()
+        batch = len(self.rows)
         if self._binding is None:
             self._bind(batch)
         self.ids.copy_(torch.tensor([[r.seq.pending] for r in self.rows]))
         self.positions.copy_(torch.tensor([[r.seq.position] for r in self.rows]))
-        if self.variant == GraphVariant.DECODE_SHARED:
-            self.slot.fill_(c)
-            self.mask[:batch, c] = 1
-            self.engine.run(self.variant, self._binding)
-        else:
-            self.engine.run(self.variant, self._binding)
+        slots = self.slot
+        slots.copy_(torch.tensor([r.length for r in self.rows]))
+        rows = torch.arange(batch)
+        if self.in_place:  # the graph writes the slot and attends it
+            self.mask[rows, slots] = 1
+        self.engine.run(self.variant, self._binding)
+        if not self.in_place:  # the graph attended past + new apart; the new K/V are filed now
+            self.mask[rows, slots] = 1
             out = self._outputs
             for layer in range(self.m.n_layers):
-                self.keys[layer][:batch, :, c] = out[f"key.{layer}"][:, :, 0]
-                self.values[layer][:batch, :, c] = out[f"value.{layer}"][:, :, 0]
+                self.keys[layer][rows, :, slots] = out[f"key.{layer}"][:, :, 0]
+                self.values[layer][rows, :, slots] = out[f"value.{layer}"][:, :, 0]
                 if self.scored:
                     score = out[f"score.{layer}"]  # [rows,R,C+1]: past slots, then the new token
-                    self.scores[layer][:batch, :, :c] += score[:, :, :c]
-                    self.scores[layer][:batch, :, c] = score[:, :, -1]
-            self.mask[:batch, c] = 1
-        self.cursor += 1
+                    self.scores[layer][:batch] += score[:, :, :-1]  # dead slots get no mass
+                    self.scores[layer][rows, :, slots] = score[:, :, -1]
         for row in self.rows:
-            row.seq.held = max(row.seq.held, self.cursor - row.start)
+            row.length += 1
+            row.seq.held = max(row.seq.held, row.length)
         logits = self._outputs["logits"][:, 0]
         return [(row.seq, logits[i]) for i, row in enumerate(self.rows)]
 
@@ -222,11 +225,11 @@ class DenseBatch:
         dev = self.engine.device
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=dev)
-        self.slot = torch.zeros((), dtype=torch.long, device=dev)
+        self.slot = torch.zeros(batch, dtype=torch.long, device=dev)
         keys = [k[:batch] for k in self.keys]
         values = [v[:batch] for v in self.values]
         mask = self.mask[:batch]
-        if self.variant == GraphVariant.DECODE_SHARED:
+        if self.in_place:
             self._outputs = graph_outputs(self.engine, batch, 1, None, cache=(keys, values))
             self._binding = bind_decode(self.engine, self.variant, self.ids, self.positions, mask, keys, values,
                                         self._outputs, write_slot=self.slot)
@@ -290,7 +293,7 @@ class _RetrievalRow:
         self.manager = r
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.positions = torch.zeros(1, 1, dtype=torch.long, device=dev)
-        self.slot = torch.full((), r.slots, dtype=torch.long, device=dev)
+        self.slot = torch.full((1,), r.slots, dtype=torch.long, device=dev)
         if self.grouped:
             self.bound = self._bind_groups(r)
             return

@@ -488,12 +488,12 @@ class Scheduler:
         """A single-sequence copy of `seq`'s row (its live span)."""
         i = next(i for i, r in enumerate(group.rows) if r.seq is seq)
         row = group.rows[i]
-        span = group.cursor - row.start
+        span = row.length
         store = KVStore(self.m.n_layers, 1, self.m.n_kv_heads, self.m.head_dim, self.engine.dtype, self.engine.device,
                         capacity=span, track_scores=group.scored, score_rows=self.m.score_rows)
         for dst, src in zip(store._tensors(), group._tensors()):
             for d, s in zip(dst, src):
-                d[0] = s[i, :, row.start:group.cursor]
+                d[0] = s[i, :, :span]
         store.mask[0] = 1
         store.length = span
         return store
