@@ -795,19 +795,23 @@ def test_absorb_needs_begin_and_prompt_mismatch_ignores_summaries():
     assert torch.equal(r.pool.kmin[:, 0, :, :p], ref.pool.kmin[:, 0, :, :p])
 
 
-@pytest.mark.parametrize("combine", ["softmax", "mean"])
-def test_corrected_heads_select_what_a_fresh_selection_picks(combine):
-    """At an intermediate tau, after each step: every head whose group-mean cosine to the speculative
-    query is below tau holds exactly a fresh top-k with the current query; every other head holds
-    the speculative selection (made with the query the prefetch used)."""
+@pytest.mark.parametrize("combine,drift", [("softmax", "mean"), ("mean", "mean"), ("softmax", "min")])
+def test_corrected_heads_select_what_a_fresh_selection_picks(combine, drift):
+    """At an intermediate tau, after each step: every head whose query heads' cosines to the
+    speculative query (their mean, or with drift=min the least) fall below tau holds exactly a fresh
+    top-k with the current query; every other head holds the speculative selection (made with the
+    query the prefetch used)."""
     seq = Seq(L=2, B=2, Hkv=2, G=3, D=16, total=260, seed=9)
     g = torch.Generator().manual_seed(10)
-    noise = torch.tensor([0.1, 0.1, 0.1, 0.6, 0.6, 0.6])[None, None, :, None]  # per query head: KV head 1 drifts
+    # per query head: KV head 1 drifts; with drift=min one query head of KV head 0 drifts alone, which
+    # its group mean would not catch
+    noise = torch.tensor([0.1, 0.1, 0.6, 0.1, 0.1, 0.1] if drift == "min" else [0.1, 0.1, 0.1, 0.6, 0.6, 0.6])
+    noise = noise[None, None, :, None]
     for layer in range(seq.L):  # a fixed query per head plus per-step noise
         base = torch.randn(1, seq.B, seq.H, seq.D, generator=g)
         seq.queries[layer] = base + noise * torch.randn(260, seq.B, seq.H, seq.D, generator=g)
     tau = 0.9
-    r = make(f"freekv:budget=60,{SMALL},tau={tau},combine={combine}", seq, threaded=False)
+    r = make(f"freekv:budget=60,{SMALL},tau={tau},combine={combine},drift={drift}", seq, threaded=False)
     n = 120
     k, v = seq.kv(0, n)
     r.start(k, v, seq.q(n - 1))
@@ -823,7 +827,8 @@ def test_corrected_heads_select_what_a_fresh_selection_picks(combine):
         n += 1
         qs = torch.stack(q)
         cos = torch.nn.functional.cosine_similarity(qs, speculative, dim=-1)  # [L, B, H]
-        drifted = cos.reshape(seq.L, seq.B, seq.Hkv, -1).mean(-1) < tau
+        grouped = cos.reshape(seq.L, seq.B, seq.Hkv, -1)
+        drifted = (grouped.mean(-1) if drift == "mean" else grouped.amin(-1)) < tau
         for layer in range(seq.L):
             fresh = r.fresh_selection(layer, qs[layer], view)
             spec = r.fresh_selection(layer, speculative[layer], view)

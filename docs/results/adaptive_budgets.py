@@ -127,9 +127,24 @@ def main() -> None:
     ap.add_argument("--budget", default="0.1,0.25", help="comma-separated fractions of the context kept")
     ap.add_argument("--kernel", type=int, default=15, help="SnapKV pooling kernel")
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--counts", action="store_true",
+                    help="only print, per sample and budget, the largest per-head count adakv gives over `keep` "
+                         "(the bytes a layout padded to the largest head would hold), no HF scoring")
     args = ap.parse_args()
     torch.set_num_threads(2)
     ev = Evaluator(args.dir, args.context, texts=args.texts, num_texts=args.num_texts, progress=False)
+    if args.counts:
+        print("| sample | budget | keep | max count / keep (all layers) | mean over layers of the layer's max / keep |")
+        print("|---|---|---|---|---|")
+        for i, (prompt, _) in enumerate(ev._jobs("ppl", None, None)):
+            store = prefill(ev.llm, prompt).store
+            for b in [float(b) for b in args.budget.split(",")]:
+                policy = SnapKVPolicy(budget=b, kernel=args.kernel)
+                keep = policy.budget_tokens(len(prompt))
+                counts = torch.stack([kept_mask(policy, store.grouped_scores(l)[..., :len(prompt)], keep, True).sum(1)
+                                      for l in range(ev.llm.manifest.n_layers)]).float()  # [L,Hkv]
+                print(f"| {i + 1} | {b:g} | {keep} | {counts.max() / keep:.2f} | {counts.max(1).values.mean() / keep:.2f} |")
+        return
     model = load_hf(ev.llm.manifest.source)[0].eval()
     budgets = [float(b) for b in args.budget.split(",")]
     nll = {"full": 0.0, **{f"{a}@{b}": 0.0 for b in budgets for a in ALLOCATIONS}}

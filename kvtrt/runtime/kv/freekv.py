@@ -73,7 +73,7 @@ class FreeKVRetrieval:
         self.batch, self.dtype, self.device = batch, dtype, torch.device(device)
         self.layout = lay = config.layout(max_context, staging_slot)
         self.budget = config.budget_tokens(max_context)
-        self.tau, self.combine = config.tau, config.combine
+        self.tau, self.combine, self.drift = config.tau, config.combine, config.drift
         self.pool_dtype = config.pool_dtype
         if self.pool_dtype == "int8" and self.device.type != "cpu":
             raise KVSpecError(f"{config.mode}: pool_dtype=int8 dequantizes recalled pages on the host, not on "
@@ -580,14 +580,16 @@ class FreeKVRetrieval:
                                  self.master_values[:, b][:, :, slots].cpu())
 
     def _needs_correction(self, query: Tensor, speculative: Tensor) -> Tensor:
-        """``[L, B, Hkv]`` bool: heads whose group-mean cos(q_t, q_{t-1}) is below ``tau``."""
+        """``[L, B, Hkv]`` bool: KV heads whose query heads' cos(q_t, q_{t-1}), combined by ``drift``
+        (group mean, or the least of them), is below ``tau``."""
         shape = (query.shape[0], self.batch, self.n_kv_heads)
         if self.tau >= 1.0:
             return torch.ones(shape, dtype=torch.bool, device=query.device)
         if self.tau <= 0.0:
             return torch.zeros(shape, dtype=torch.bool, device=query.device)
         cos = torch.nn.functional.cosine_similarity(query.float(), speculative.float(), dim=-1, eps=1e-8)
-        return cos.reshape(*cos.shape[:-1], self.n_kv_heads, -1).mean(dim=-1) < self.tau
+        cos = cos.reshape(*cos.shape[:-1], self.n_kv_heads, -1)                 # [L, B, Hkv, g]
+        return (cos.mean(dim=-1) if self.drift == "mean" else cos.amin(dim=-1)) < self.tau
 
 
 def _placement(slot_pages: Tensor, selected: Tensor) -> _Placement:

@@ -17,6 +17,7 @@ RETRIEVAL_MODES = ("freekv", "quest")
 #: needs an export with decode groups), ``speculative`` (the previous step's: one decode graph; quest
 #: runs the step twice), ``auto`` (fresh when the export has decode groups)
 SELECT_MODES = ("auto", "fresh", "speculative")
+DRIFTS = ("mean", "min")  # how a KV group's query-head cosines combine in the correction test
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,9 @@ class RetrievalConfig(SpecStage):
     ``pool_dtype``: how the page pool stores the KV (``fp16``, the default, half the bytes of fp32
     KV; ``fp32`` the KV's own dtype, exact; ``int8`` a quarter plus per-channel value scales), dequantized into the view as
     pages are recalled (summaries, views and the sink/recent master copy stay full precision);
-    ``select``: which query chooses a step's pages (``SELECT_MODES``, ``docs/freekv.md``).
+    ``select``: which query chooses a step's pages (``SELECT_MODES``, ``docs/freekv.md``);
+    ``drift``: a KV head is corrected when the ``mean`` (FreeKV's group mean) or the ``min`` (any one
+    query head) of its query heads' cosines falls below ``tau``.
     """
 
     mode: str = "freekv"
@@ -43,6 +46,7 @@ class RetrievalConfig(SpecStage):
     tau: float = option(0.9, "fraction", stages=("freekv",),
                         hint="tau=0 never corrects, tau=1 always corrects, e.g. tau=0.9")
     combine: str = option("softmax", "choice", choices=COMBINES, stages=("freekv",))
+    drift: str = option("mean", "choice", choices=DRIFTS, stages=("freekv",))
     min_context: int | None = option(None, "whole", example=0)
     pool_dtype: str = option("fp16", "choice", choices=POOL_DTYPES)
     select: str = option("auto", "choice", choices=SELECT_MODES)
