@@ -201,7 +201,7 @@ class DenseBatch:
         self.positions.copy_(torch.tensor([[r.seq.position] for r in self.rows]))
         slots = self.slot
         slots.copy_(torch.tensor([r.length for r in self.rows]))
-        rows = torch.arange(batch)
+        rows = torch.arange(batch, device=slots.device)
         if self.in_place:  # the graph writes the slot and attends it
             self.mask[rows, slots] = 1
         self.engine.run(self.variant, self._binding)
