@@ -47,7 +47,7 @@ def test_batch_of_different_lengths_matches_single_and_hf(tiny_llama):
 
 def test_full_cache_decodes_in_place_across_reallocations(tiny_llama, monkeypatch):
     """A gqa export decodes the full cache with the `decode_shared` graph (K/V written in place, no
-    append), also across repacks of the batch (a longer row joining shifts the others), token-identical
+    append), also across reallocations of the batch (a longer row joining reallocates it), token-identical
     to HF; a batch too."""
     model, tokenizer, directory = tiny_llama
     llm = kvtrt.load(directory)
@@ -61,10 +61,10 @@ def test_full_cache_decodes_in_place_across_reallocations(tiny_llama, monkeypatc
     result = llm.generate(PROMPTS[1], max_new_tokens=32)
     assert ran["decode_shared"] == 31 and ran["decode"] == 0, ran
     assert result.token_ids == hf_greedy(model, tokenizer, PROMPTS[1], 32)
-    repacks = llm.scheduler.dense.repacks
+    reallocations = llm.scheduler.dense.reallocations
     for prompt, one in zip(PROMPTS, llm.generate(PROMPTS, max_new_tokens=32)):  # the longer prompt joins second
         assert one.token_ids == hf_greedy(model, tokenizer, prompt, 32)
-    assert llm.scheduler.dense.repacks >= repacks + 2
+    assert llm.scheduler.dense.reallocations >= reallocations + 2
 
 
 def test_stream_yields_the_generated_text(tiny_llama):

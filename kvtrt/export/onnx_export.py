@@ -178,7 +178,7 @@ def _trace_group(module, arch, layers: range, following: range, path: Path, opse
     if layers:
         args += [torch.ones(B, P, dtype=torch.long), torch.full((B,), P - 1)]
         args += [torch.zeros(B, arch.n_kv_heads, P, arch.head_dim, dtype=dtype) for _ in range(2 * len(layers))]
-    dyn = {name: {0: "batch"} for name in (*ins[:2], *ins[3:4], *outs)}  # write_slot [B]
+    dyn = {name: {0: "batch"} for name in (*ins, *outs) if not name.startswith(("past_", "present_"))}
     for name in ins[2:] + outs:
         if name.startswith(("past_", "present_")):
             dyn[name] = {0: "batch", 2: "capacity"}

@@ -51,7 +51,7 @@ class DenseBatch:
         self.rows: list[Row] = []
         self.capacity = 0
         self.touched = 0  # rows written since the last allocation (resident memory)
-        self.repacks = 0  # reallocations so far
+        self.reallocations = 0  # buffer reallocations so far
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
         self.scores: list[Tensor] | None = None
@@ -65,10 +65,6 @@ class DenseBatch:
     def nbytes(self) -> int:
         """Bytes resident in this batch's buffers (rows touched since the last reallocation)."""
         return self.touched * self.capacity * self.slot_bytes
-
-    @staticmethod
-    def span(row: Row) -> int:
-        return row.length
 
     def _steps(self, row: Row) -> int:
         """Steps a reallocation makes room for: the row's steps to come, up to `room`; a compacting
@@ -160,7 +156,7 @@ class DenseBatch:
         self.scores = new[2] if self.scored else None
         self.mask, self.capacity = mask, capacity
         self.touched = len(self.rows)
-        self.repacks += 1
+        self.reallocations += 1
         self._binding = None
 
     # -- compaction ------------------------------------------------------------------------

@@ -189,7 +189,7 @@ class Scheduler:
         for g in (self.dense, self.scored):
             rows = []
             if not alone:
-                rows = [(self._placement(r.seq)[0] if g.scored else g.span(r), r.seq.remaining) for r in g.rows]
+                rows = [(self._placement(r.seq)[0] if g.scored else r.length, r.seq.remaining) for r in g.rows]
                 rows += [(self._placement(s)[0], s.max_new_tokens) for s in self.prefilling if self._placement(s)[1] is g]
             if group is g:
                 rows.append((extent, rest))
