@@ -190,6 +190,23 @@ def test_pool_summaries_and_layout():
         pool.append(0, [k[:, :3] for k in ks], [v[:, :3] for v in vs])
 
 
+def test_pool_growth_moves_written_pages_and_summaries_ahead_of_n_pages():
+    """Growing the pool copies what was written (pages appended, and summaries a prefill stored
+    before `start` appends the pages), and only that: memory past it is left untouched."""
+    g = torch.Generator().manual_seed(5)
+    L, Hkv, D, page = 2, 2, 4, 4
+    pool = PagePool(n_layers=L, batch=1, n_kv_heads=Hkv, head_dim=D, page=page, capacity=2)
+    ks = [torch.randn(Hkv, 2 * page, D, generator=g) for _ in range(L)]
+    for layer in range(L):
+        pool.summarize_pages(layer, 0, 0, ks[layer])  # as `absorb` during a prefill: n_pages stays 0
+    pool.reset()                                       # as `start` does before appending
+    pool.reserve(64)
+    assert pool.capacity >= 64 and pool.n_pages.tolist() == [0]
+    for layer in range(L):
+        pages = ks[layer].reshape(Hkv, 2, page, D)
+        torch.testing.assert_close(pool.kmin[layer, 0, :, :2], pages.amin(2))
+        torch.testing.assert_close(pool.kmax[layer, 0, :, :2], pages.amax(2))
+
 @pytest.mark.parametrize("combine", ["softmax", "mean"])
 def test_topk_per_kv_head(combine):
     g = torch.Generator().manual_seed(3)

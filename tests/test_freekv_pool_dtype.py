@@ -83,7 +83,8 @@ def test_recalled_pages_within_tolerance(pool_dtype, scheme):
             p.append(b, k[:, :, : 3 * page], v[:, :, : 3 * page])
             p.append(b, k[:, :, 3 * page:], v[:, :, 3 * page:])
     # selection summaries are the fp32 ones, from the unrounded keys
-    assert torch.equal(pool.kmin, exact.kmin) and torch.equal(pool.kmax, exact.kmax)
+    written = (slice(None),) * 3 + (slice(0, n_pages),)  # pages past n_pages are never written (nor read)
+    assert torch.equal(pool.kmin[written], exact.kmin[written]) and torch.equal(pool.kmax[written], exact.kmax[written])
     worst = 0.0
     for layer in range(L):
         for b in range(B):

@@ -55,6 +55,27 @@ class Tracker:
         return out
 
 
+def trace_start(tracker: Tracker) -> None:
+    from kvtrt.runtime import batch
+    from kvtrt.runtime.kv import freekv, views
+
+    def wrap(owner, name, label, every=1, limit=None):
+        original, calls = getattr(owner, name), [0]
+
+        def traced(*a, **kw):
+            out = original(*a, **kw)
+            calls[0] += 1
+            if calls[0] % every == 0 and (limit is None or calls[0] <= limit):
+                tracker.mark(f"{label} {calls[0]}")
+            return out
+        setattr(owner, name, traced)
+
+    wrap(freekv.FreeKVRetrieval, "_load", "start: layers in the pool", every=10)
+    wrap(views.KVView, "clear", "start: view cleared")
+    wrap(freekv.FreeKVRetrieval, "_prepare", "start/step: view prepared", limit=2)
+    wrap(batch._RetrievalRow, "step", "decode step", limit=3)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("dir")
@@ -67,6 +88,9 @@ def main() -> None:
     p.add_argument("--session-flag", action="append", default=[], choices=["no-cpu-arena", "no-mem-pattern"],
                    help="experiment: extra OrtSessionOptions on the shared-weight sessions")
     p.add_argument("--no-check", action="store_true", help="skip the engine's graph I/O check (experimental graphs)")
+    p.add_argument("--trace-start", action="store_true",
+                   help="retrieval specs: also mark inside FreeKV's start (every 10 layers moved into the pool, the views "
+                        "cleared, the first view prepared) and the first 3 decode steps")
     args = p.parse_args()
     tracker = Tracker()
     import torch  # noqa: F401
@@ -116,6 +140,8 @@ def main() -> None:
         return n
 
     prefill_mod.PrefillJob.step = traced
+    if args.trace_start:
+        trace_start(tracker)
     t = time.perf_counter()
     result = llm.generate(ids, max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     tracker.mark(f"first token + {args.new_tokens - 1} decode steps")

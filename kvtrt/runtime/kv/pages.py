@@ -196,6 +196,7 @@ class PagePool:
         self.pin_memory = pin_memory
         self.n_pages = torch.zeros(batch, dtype=torch.long)
         self._cap = 0
+        self._touched = 0  # pages below this id may hold data or summaries (the rest was never written)
         self.data = self.kmin = self.kmax = None
         #: int8 only: ``lo``/``step`` ``[L, B, cap, Hkv, 2, a, c]`` of the keys (``None`` when they come
         #: from the summaries) and of the values, ``(a, c)`` the granule's broadcast shape
@@ -229,22 +230,24 @@ class PagePool:
 
     def _alloc(self, cap: int) -> None:
         L, b, h, d, pg = self.n_layers, self.batch, self.n_kv_heads, self.head_dim, self.page
-        # only appended pages are ever read, so the page store needs no zero fill
+        # only written pages are ever read (`select_pages` masks pages >= n_pages before its softmax), so
+        # neither the page store nor the summaries need a zero fill: their memory is touched as pages arrive
         data = torch.empty((L, b, cap, h, 2, pg, d), dtype=self.storage, pin_memory=self.pin_memory)
-        kmin = torch.zeros((L, b, h, cap, d), dtype=torch.float32, device=self.summary_device)
-        kmax = torch.zeros((L, b, h, cap, d), dtype=torch.float32, device=self.summary_device)
+        kmin = torch.empty((L, b, h, cap, d), dtype=torch.float32, device=self.summary_device)
+        kmax = torch.empty((L, b, h, cap, d), dtype=torch.float32, device=self.summary_device)
         kq = vq = None
         if self.int8_scheme is not None:
             if self.int8_scheme[0] != "channel":  # keys per channel: lo/hi are the summaries
                 kq = torch.empty((L, b, cap, h, 2, *self._granule(self.int8_scheme[0])), dtype=torch.float32)
             vq = torch.empty((L, b, cap, h, 2, *self._granule(self.int8_scheme[1])), dtype=torch.float32)
-        if self._cap:
-            data[:, :, : self._cap] = self.data
-            kmin[:, :, :, : self._cap] = self.kmin
-            kmax[:, :, :, : self._cap] = self.kmax
+        live = self._touched  # only the pages written so far (data or summaries) move over
+        if live:
+            data[:, :, :live] = self.data[:, :, :live]
+            kmin[:, :, :, :live] = self.kmin[:, :, :, :live]
+            kmax[:, :, :, :live] = self.kmax[:, :, :, :live]
             for new, old in ((kq, self.kq), (vq, self.vq)):
                 if new is not None:
-                    new[:, :, : self._cap] = old
+                    new[:, :, :live] = old[:, :, :live]
         self.data, self.kmin, self.kmax, self._cap = data, kmin, kmax, cap
         self.kq, self.vq = kq, vq
 
@@ -258,7 +261,8 @@ class PagePool:
             self._alloc(cap)
 
     def reset(self) -> None:
-        """Forget every page (storage is kept)."""
+        """Forget every page (storage is kept; so are summaries stored ahead of ``n_pages``, which a
+        prefill's ``summarize_pages`` writes before ``start`` resets and appends)."""
         self.n_pages.zero_()
 
     # ------------------------------------------------------------------ writing
@@ -292,6 +296,7 @@ class PagePool:
         lo, hi = summarize(k.to(self.summary_device, torch.float32))  # [Hkv, n, D]
         self.kmin[layer, b, :, first_page : first_page + n_new] = lo
         self.kmax[layer, b, :, first_page : first_page + n_new] = hi
+        self._touched = max(self._touched, first_page + n_new)
 
     def write(self, layer: int, b: int, first_page: int, keys: Tensor, values: Tensor, summarized: int = 0) -> None:
         """Store one layer's whole pages ``keys``/``values`` ``[Hkv, n*page, D]`` of sequence ``b`` at

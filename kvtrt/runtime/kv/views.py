@@ -9,6 +9,10 @@ from .layout import ViewLayout
 from .pages import PagePool
 
 
+#: pages recalled per gather-and-put in ``KVView.put_pages`` (a few MB of staging each)
+RECALL_RUN = 256
+
+
 class KVView:
     """One of the two fixed view buffers of a ``FreeKVRetrieval``, laid out by ``layout``.
 
@@ -69,11 +73,15 @@ class KVView:
         lay, kv = self.layout, self.all_kv
         n_layers, batch, n_kv_heads, width, head_dim = self.all_keys.shape
         block = lay.page * head_dim
-        rows = pool.read(layers, seqs, heads, pages)
         blocks = kv.view(-1).as_strided((n_layers * batch * n_kv_heads, lay.k_pages, 2, block),
                                         (width * head_dim, block, kv.stride(0), 1),
                                         kv.storage_offset() + lay.sink * head_dim)
-        blocks.index_put_(((layers * batch + seqs) * n_kv_heads + heads, slots), rows)
+        owners = (layers * batch + seqs) * n_kv_heads + heads
+        # in bounded runs: a whole view's recall (the first one) would otherwise stage every page twice
+        # (in the pool's dtype, then in the view's) beside the view, at the sequence's peak of KV memory
+        for i in range(0, len(pages), RECALL_RUN):
+            run = slice(i, i + RECALL_RUN)
+            blocks.index_put_((owners[run], slots[run]), pool.read(layers[run], seqs[run], heads[run], pages[run]))
 
     def copy_unpaged(self, master_keys: Tensor, master_values: Tensor, lengths: list[int]) -> int:
         """Copy from the master copy the sink/recent tokens this view lacks (tokens inside its pool
