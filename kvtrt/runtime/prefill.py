@@ -67,8 +67,10 @@ class PrefillJob:
         a, b = self.chunks[self.next]
         s = b - a
         last = self.next == len(self.chunks) - 1  # its last queries are the observation window
-        # score rows: the window on the last chunk; one row elsewhere (its score is not used)
-        rows = torch.arange(max(0, s - m.score_window) if last else s - 1, s, device=dev)
+        # score rows: the window on the last chunk when a policy tracks scores; one row elsewhere (its
+        # score is not used; the window's attention rows would only grow ONNX Runtime's arena)
+        window = last and store.scores is not None
+        rows = torch.arange(max(0, s - m.score_window) if window else s - 1, s, device=dev)
         inputs = {"input_ids": self.tokens[a:b].unsqueeze(0), "position_ids": torch.arange(a, b, device=dev)[None],
                   "past_mask": store.mask, "score_queries": rows}
         if self.shared:
