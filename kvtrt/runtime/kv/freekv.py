@@ -87,8 +87,10 @@ class FreeKVRetrieval:
                              summary_device=self.device, pin_memory=self._copier is not None,
                              pool_dtype=self.pool_dtype)
         master = (n_layers, batch, n_kv_heads, lay.master_slots, head_dim)
-        self.master_keys = torch.zeros(master, dtype=dtype, device=self.device)  # the sink and the ring
-        self.master_values = torch.zeros(master, dtype=dtype, device=self.device)
+        # the sink and the ring; each (layer, sequence) is zeroed by `_load` as `start` fills it, so its memory
+        # is first touched while the prompt's dense KV is being released, not beside the whole of it
+        self.master_keys = torch.empty(master, dtype=dtype, device=self.device)
+        self.master_values = torch.empty(master, dtype=dtype, device=self.device)
         self._views = tuple(KVView(i, lay, n_layers, batch, n_kv_heads, head_dim, dtype, self.device, mask_dtype)
                             for i in range(2))
         self._current = 0
@@ -490,6 +492,8 @@ class FreeKVRetrieval:
         if live is not None:  # one layer's gathered copy
             keys, values = keys.index_select(1, live), values.index_select(1, live)
         sink, first = min(lay.sink, n), lay.first_unpaged(n_pages)
+        self.master_keys[layer, b].zero_()
+        self.master_values[layer, b].zero_()
         if n_pages:
             self.pool.write(layer, b, 0, keys[:, lay.sink:first].cpu(), values[:, lay.sink:first].cpu(),
                             summarized=summarized)
