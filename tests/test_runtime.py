@@ -57,7 +57,7 @@ def test_full_cache_decodes_in_place_across_reallocations(tiny_llama, monkeypatc
     llm.manifest.eos_token_ids = []
     ran = Counter()
     run = llm.engine.run
-    monkeypatch.setattr(llm.engine, "run", lambda variant, binding: (ran.update([variant]), run(variant, binding)))
+    monkeypatch.setattr(llm.engine, "run", lambda variant, binding, **kw: (ran.update([variant]), run(variant, binding, **kw)))
     result = llm.generate(PROMPTS[1], max_new_tokens=32)
     assert ran["decode_shared"] == 31 and ran["decode"] == 0, ran
     assert result.token_ids == hf_greedy(model, tokenizer, PROMPTS[1], 32)
@@ -65,6 +65,34 @@ def test_full_cache_decodes_in_place_across_reallocations(tiny_llama, monkeypatc
     for prompt, one in zip(PROMPTS, llm.generate(PROMPTS, max_new_tokens=32)):  # the longer prompt joins second
         assert one.token_ids == hf_greedy(model, tokenizer, prompt, 32)
     assert llm.scheduler.dense.reallocations >= reallocations + 2
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["shared-weights-session", "python-session"])
+def test_only_the_last_prefill_chunk_releases_the_arena(tiny_llama, monkeypatch, share):
+    """A prompt's last prefill chunk runs with ONNX Runtime's arena shrinkage (its activations handed
+    back before decoding), no other call does, through either kind of session; tokens stay HF's."""
+    from kvtrt.runtime import engine as engine_module
+    from kvtrt.runtime import ort_shared
+
+    model, tokenizer, directory = tiny_llama
+    monkeypatch.setattr(engine_module, "SHARE_WEIGHTS", share)
+    llm = kvtrt.load(directory, prefill_chunk=8)
+    llm.manifest.eos_token_ids = []
+    calls = []
+    run = llm.engine.run
+
+    def recorded(variant, binding, release_arena=False):
+        calls.append((variant, release_arena))
+        run(variant, binding, release_arena=release_arena)
+
+    monkeypatch.setattr(llm.engine, "run", recorded)
+    prompt = " ".join(PROMPTS * 4)
+    result = llm.generate(prompt, max_new_tokens=8)
+    prefills = [release for variant, release in calls if variant.startswith("prefill")]
+    assert len(prefills) > 1 and prefills[-1] and not any(prefills[:-1]), calls
+    assert not any(release for variant, release in calls if not variant.startswith("prefill")), calls
+    assert set(llm.engine._run_options) == {"shared" if share and ort_shared.available() else "python"}
+    assert result.token_ids == hf_greedy(model, tokenizer, prompt, 8)
 
 
 def test_stream_yields_the_generated_text(tiny_llama):

@@ -86,7 +86,7 @@ def test_batched_rows_share_calls(tiny_llama, monkeypatch):
     llm.manifest.eos_token_ids = []
     calls = []
     run = llm.engine.run
-    monkeypatch.setattr(llm.engine, "run", lambda variant, binding: (calls.append(variant), run(variant, binding)))
+    monkeypatch.setattr(llm.engine, "run", lambda variant, binding, **kw: (calls.append(variant), run(variant, binding, **kw)))
     prompts = prompts_of(4, seed=2)
     requests = [llm.submit(p, max_new_tokens=30) for p in prompts]
     for r in requests:

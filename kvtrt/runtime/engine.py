@@ -59,7 +59,7 @@ class Engine(Protocol):
 
     def bind(self, binding, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None: ...
 
-    def run(self, variant: GraphVariant | str, binding) -> None: ...
+    def run(self, variant: GraphVariant | str, binding, release_arena: bool = False) -> None: ...
 
 
 class OrtEngine:
@@ -118,6 +118,7 @@ class OrtEngine:
                                                         options.intra_op_num_threads, config,
                                                         unpack_tied=UNPACK_TIED)
         self._lock = threading.Lock()
+        self._run_options = {}
         self.sessions = {}
         self.packed_sessions = {}  # twins that prepack the tied weight, for calls of several sequences
         for variant in self.manifest.graphs if variants is None else variants:
@@ -211,11 +212,31 @@ class OrtEngine:
         device = "cpu" if tensor.device.type == "cpu" else "cuda"
         return device, tensor.device.index or 0, NP_DTYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr()
 
-    def run(self, variant: GraphVariant | str, binding) -> None:
-        """One graph call on the bound tensors."""
+    def run(self, variant: GraphVariant | str, binding, release_arena: bool = False) -> None:
+        """One graph call on the bound tensors. `release_arena` (CPU): the session's memory arena hands
+        the call's activation memory back when it ends (ORT's arena shrinkage), for a call after which the
+        graph will not run again soon (a prompt's last prefill chunk: decoding follows, in other graphs)."""
         if isinstance(binding, _Call):
-            binding.session.run_with_iobinding(binding.binding)
-            return
-        self.sessions[variant].run_with_iobinding(binding)
+            session, binding = binding.session, binding.binding
+        else:
+            session = self.sessions[variant]
+        if release_arena and self.provider == "cpu":
+            session.run_with_iobinding(binding, self._release_options(session))
+        else:
+            session.run_with_iobinding(binding)
         if self.device.type == "cuda":
             binding.synchronize_outputs()
+
+    def _release_options(self, session):
+        """Run options that shrink the CPU arena after the call (ORT's or `ort_shared`'s kind, as the session)."""
+        kind = "shared" if type(session).__module__.endswith("ort_shared") else "python"
+        options = self._run_options.get(kind)
+        if options is None:
+            if kind == "shared":
+                from .ort_shared import RunOptions
+            else:
+                from onnxruntime import RunOptions
+            options = RunOptions()
+            options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+            self._run_options[kind] = options
+        return options

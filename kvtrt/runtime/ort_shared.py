@@ -52,6 +52,7 @@ _FUNCS = {
     "SessionGetOutputTypeInfo": (34, C.c_void_p, [C.c_void_p, C.c_size_t, C.c_void_p]),
     "SessionGetInputName": (36, C.c_void_p, [C.c_void_p, C.c_size_t, C.c_void_p, C.c_void_p]),
     "SessionGetOutputName": (37, C.c_void_p, [C.c_void_p, C.c_size_t, C.c_void_p, C.c_void_p]),
+    "CreateRunOptions": (39, C.c_void_p, [C.c_void_p]),
     "CreateTensorWithDataAsOrtValue": (49, C.c_void_p, [C.c_void_p, C.c_void_p, C.c_size_t, C.c_void_p,
                                                          C.c_size_t, C.c_int, C.c_void_p]),
     "CastTypeInfoToTensorInfo": (55, C.c_void_p, [C.c_void_p, C.c_void_p]),
@@ -64,6 +65,7 @@ _FUNCS = {
     "ReleaseStatus": (93, None, [C.c_void_p]),
     "ReleaseSession": (95, None, [C.c_void_p]),
     "ReleaseValue": (96, None, [C.c_void_p]),
+    "ReleaseRunOptions": (97, None, [C.c_void_p]),
     "ReleaseTypeInfo": (98, None, [C.c_void_p]),
     "ReleaseSessionOptions": (100, None, [C.c_void_p]),
     "AddSessionConfigEntry": (130, C.c_void_p, [C.c_void_p, C.c_char_p, C.c_char_p]),
@@ -73,6 +75,7 @@ _FUNCS = {
     "BindInput": (136, C.c_void_p, [C.c_void_p, C.c_char_p, C.c_void_p]),
     "BindOutput": (137, C.c_void_p, [C.c_void_p, C.c_char_p, C.c_void_p]),
     "AddInitializer": (150, C.c_void_p, [C.c_void_p, C.c_char_p, C.c_void_p]),
+    "AddRunConfigEntry": (165, C.c_void_p, [C.c_void_p, C.c_char_p, C.c_char_p]),
     "CreatePrepackedWeightsContainer": (166, C.c_void_p, [C.c_void_p]),
     "ReleasePrepackedWeightsContainer": (167, None, [C.c_void_p]),
     "CreateSessionWithPrepackedWeightsContainer": (168, C.c_void_p, [C.c_void_p, C.c_char_p, C.c_void_p,
@@ -330,6 +333,23 @@ def with_graph_inputs(buf: bytes, tensors: list[ExternalTensor]) -> bytes:
 
 # --- sessions ---
 
+class RunOptions:
+    """`onnxruntime.RunOptions` for these sessions (only what the engine uses: config entries)."""
+
+    def __init__(self):
+        self._api = api()
+        self.handle = C.c_void_p()
+        self._api.check(self._api.CreateRunOptions(C.byref(self.handle)))
+
+    def add_run_config_entry(self, key: str, value: str) -> None:
+        self._api.check(self._api.AddRunConfigEntry(self.handle, key.encode(), value.encode()))
+
+    def __del__(self):
+        if getattr(self, "handle", None) and self.handle.value:
+            self._api.ReleaseRunOptions(self.handle)
+            self.handle = None
+
+
 @dataclass
 class NodeArg:
     """What `onnxruntime.NodeArg` gives the engine: name, shape (None for a symbolic dim), type."""
@@ -420,8 +440,9 @@ class Session:
     def io_binding(self) -> Binding:
         return Binding(self)
 
-    def run_with_iobinding(self, binding: Binding, run_options=None) -> None:
-        self._api.check(self._api.RunWithBinding(self.handle, None, binding.handle))
+    def run_with_iobinding(self, binding: Binding, run_options: "RunOptions | None" = None) -> None:
+        options = None if run_options is None else run_options.handle
+        self._api.check(self._api.RunWithBinding(self.handle, options, binding.handle))
 
     def __del__(self):
         if getattr(self, "handle", None) and self.handle.value:

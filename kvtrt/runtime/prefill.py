@@ -83,7 +83,7 @@ class PrefillJob:
             inputs[f"past_value.{layer}"] = store.values[layer]
         binding = self.engine.new_binding(self.variant)
         self.engine.bind(binding, inputs, outputs)
-        self.engine.run(self.variant, binding)
+        self.engine.run(self.variant, binding, release_arena=last)  # the prompt's activations go before decoding
         del inputs, binding  # let reserve() free each old layer as it copies it (peak: store + 1 layer)
         if self.shared:
             if last:

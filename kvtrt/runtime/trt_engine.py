@@ -130,7 +130,8 @@ class TrtEngine:
                                      f"(TensorRT is strongly typed: the export's dtype is the engine's)")
                 target[name] = tensor
 
-    def run(self, variant: GraphVariant | str, binding: TrtBinding) -> None:
+    def run(self, variant: GraphVariant | str, binding: TrtBinding, release_arena: bool = False) -> None:
+        # (`release_arena` is ONNX Runtime's CPU arena shrinkage; TensorRT's activations are its own)
         engine, context = self.engines[variant], self.contexts[variant]
         stream = torch.cuda.current_stream(self.device)
         with self.locks[variant], torch.cuda.device(self.device):
