@@ -11,6 +11,7 @@ import torch
 
 import kvtrt
 from kvtrt.contract import LOOKAHEAD, group_bounds, group_key
+from kvtrt.runtime.arrays import TorchArrays
 from kvtrt.runtime.buffers import bind_decode, graph_outputs
 from kvtrt.runtime.engine import OrtEngine
 from kvtrt.runtime.kv.freekv import FreeKVRetrieval
@@ -78,7 +79,7 @@ def test_groups_chained_equal_the_whole_decode_graph(grouped, family):
     ids, positions, slot = torch.tensor([[7]]), torch.tensor([[40]]), torch.tensor([C - 1])
 
     k1, v1 = [k.clone() for k in keys], [v.clone() for v in values]
-    whole = graph_outputs(engine, 1, 1, None, cache=(k1, v1))
+    whole = graph_outputs(engine, 1, 1, None, cache=(k1, v1), arrays=TorchArrays())  # torch tensors, as on a GPU
     engine.run("decode_shared", bind_decode(engine, "decode_shared", ids, positions, mask, k1, v1, whole,
                                             write_slot=slot))
 

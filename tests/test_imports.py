@@ -1,4 +1,5 @@
-"""A runtime-only install: `import kvtrt` and running an export import none of the exporter's stack.
+"""A runtime-only install: `import kvtrt` and running an export import none of the exporter's stack,
+and a runtime serving only dense (full-cache) requests does not import torch either.
 
 Each check runs in a fresh interpreter (this test process has transformers loaded already).
 """
@@ -33,6 +34,10 @@ texts = [llm.generate("Hello", max_new_tokens=4).text,
          "".join(llm.stream("Hello", max_new_tokens=4, stop=["zz"])),
          llm.generate([{"role": "user", "content": "Hi 😀"}], max_new_tokens=3).text]
 report.update(after_generate=loaded(), kvtrt_after_generate=ours(), texts=texts)
+report["torch_after_dense"] = "torch" in sys.modules  # the full cache's path is numpy only
+if sys.argv[3] == "inspect":  # a compaction request brings torch (its policies compute in torch)
+    llm.generate("Hello world " * 20, max_new_tokens=2, kv="snapkv:budget=0.5")
+    report["torch_after_compaction"] = "torch" in sys.modules
 close = getattr(llm, "close", None)
 if close is not None:
     close()
@@ -56,6 +61,8 @@ def test_runtime_imports_none_of_the_export_stack(tiny_llama):
     for key in ("kvtrt_after_import", "kvtrt_after_generate"):
         assert not [m for m in report[key] if m.startswith(EXPORT_PACKAGES)], report[key]
     assert all(isinstance(t, str) for t in report["texts"])
+    assert report["torch_after_dense"] is False  # ~190 MiB and ~1.3 s a dense-only runtime never pays
+    assert report["torch_after_compaction"] is True
 
 
 def test_runtime_works_without_the_export_stack_installed(tiny_llama):

@@ -62,7 +62,7 @@ def test_compaction_equals_hf_with_evicted_tokens_masked(tiny_llama, spec):
     out = decode(llm, ids, 2, kv, keep_logits=True)  # the runtime's own prefill and compaction
     assert out.tokens[0] == first and out.stats.compactions == 1
     reference = _hf_logits_with_hidden(model, ids + [first], hidden)
-    torch.testing.assert_close(out.logits[1], reference, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(out.logits[1]), reference, atol=1e-4, rtol=0)
     # and the evicted tokens matter: the full cache gives different logits
     full = _hf_logits_with_hidden(model, ids + [first], [[set()] * 2] * model.config.num_hidden_layers)
     assert (full - reference).abs().max() > 1e-3
@@ -185,7 +185,7 @@ def test_streaming_decode_equals_a_sliding_window_reference(tiny_llama):
         for h in hooks:
             h.remove()
     for t in range(1, n - len(ids) + 1):
-        torch.testing.assert_close(out.logits[t], reference[len(ids) + t - 1], atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(out.logits[t]), reference[len(ids) + t - 1], atol=1e-4, rtol=0)
 
 
 def _stored_after(prompt: int, step: int, budget: int, slack: int) -> int:

@@ -145,16 +145,17 @@ def test_processors_match_hf_logits_processors():
         seen = torch.randint(0, 300, (1, 40), generator=gen)
         ref = RepetitionPenaltyLogitsProcessor(penalty)(seen, logits.clone())
         sampler = Sampler(SamplingParams(repetition_penalty=penalty))
-        torch.testing.assert_close(sampler.process(logits[0], seen[0].tolist()), ref[0], rtol=0, atol=0)
+        torch.testing.assert_close(torch.from_numpy(sampler.process(logits[0], seen[0].tolist())), ref[0],
+                                   rtol=0, atol=0)
         mask = torch.zeros(300, dtype=torch.bool)
         mask[seen[0]] = True
-        torch.testing.assert_close(sampler.process(logits[0], mask), ref[0], rtol=0, atol=0)
+        torch.testing.assert_close(torch.from_numpy(sampler.process(logits[0], mask)), ref[0], rtol=0, atol=0)
     logits = torch.randn(1, 300, generator=gen)
     for generated in (0, 3, 4, 9):
         ids = torch.arange(10 + generated)[None]
         ref = MinNewTokensLengthLogitsProcessor(10, 4, [7, 9])(ids, logits.clone())
         got = Sampler(SamplingParams(min_new_tokens=4)).process(logits[0], (), generated, [7, 9])
-        torch.testing.assert_close(got, ref[0], rtol=0, atol=0)
+        torch.testing.assert_close(torch.from_numpy(got), ref[0], rtol=0, atol=0)
     original = logits.clone()
     Sampler(SamplingParams(repetition_penalty=2.0, min_new_tokens=3)).process(logits[0], [1, 2], 0, [3])
     assert torch.equal(logits, original)  # the caller's logits are never modified
@@ -163,7 +164,7 @@ def test_processors_match_hf_logits_processors():
 def test_old_batch_api_unchanged_and_choose_agrees():
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(3, 50, generator=gen)
-    assert torch.equal(Sampler(SamplingParams())(logits), logits.argmax(-1))
+    assert Sampler(SamplingParams())(logits).tolist() == logits.argmax(-1).tolist()
     params = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=7)
     a, b = Sampler(params), Sampler(params)
     for _ in range(20):  # the same seed draws the same tokens through either API
@@ -175,6 +176,23 @@ def test_old_batch_api_unchanged_and_choose_agrees():
         SamplingParams(min_new_tokens=-1)
     with pytest.raises(ValueError):
         SamplingParams(logprobs=-1)
+
+
+def test_draws_follow_the_filtered_distribution():
+    """Seeded draws: only tokens that top-k / top-p keep, each about as often as its renormalized
+    probability (4000 draws, a fixed seed: deterministic), and the same seed gives the same draws."""
+    logits = np.log(np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04], dtype=np.float32))
+    cases = {(0, 1.0): [0, 1, 2, 3, 4, 5], (3, 1.0): [0, 1, 2], (0, 0.7): [0, 1, 2]}  # 0.4+0.25 < 0.7: 2 crosses it
+    for (top_k, top_p), support in cases.items():
+        params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p, seed=11)
+        draws = np.array([Sampler(params)(np.tile(logits, (4000, 1)))]).reshape(-1)
+        assert sorted(set(draws.tolist())) == support
+        p = np.exp(logits[support]) / np.exp(logits[support]).sum()
+        freq = np.bincount(draws, minlength=6)[support] / len(draws)
+        assert np.abs(freq - p).max() < 0.03, (top_k, top_p, freq, p)
+        assert Sampler(params)(np.tile(logits, (50, 1))).tolist() == draws[:50].tolist()
+    cold = Sampler(SamplingParams(temperature=0.05, seed=1))(np.tile(logits, (200, 1)))
+    assert set(cold.tolist()) == {0}  # a low temperature sharpens toward the argmax
 
 
 def test_choose_rows_applies_each_rows_params():

@@ -7,6 +7,7 @@ import asyncio
 import random
 import threading
 
+import numpy as np
 import pytest
 
 import kvtrt
@@ -110,7 +111,7 @@ def test_rows_keep_their_own_lengths_within_the_admission_bound(tiny_llama, monk
     def checked(group):
         out = step(group)
         for i, row in enumerate(group.rows):
-            live = group.mask[i].nonzero().flatten().tolist()
+            live = np.flatnonzero(group.mask[i]).tolist()
             assert live == list(range(row.length)), "a row's live slots are [0, length)"
         longest = max(r.length for r in group.rows)
         if group.scored:
@@ -360,4 +361,28 @@ def test_load_leaves_the_process_torch_threads_alone(tiny_llama):
     llm = kvtrt.load(directory, torch_threads=1, kv="freekv:budget=48,page=8,sink=4,window=8,min_context=0")
     llm.generate(prompts_of(1, seed=6)[0][:120], max_new_tokens=8)
     assert torch.get_num_threads() == before
+    llm.close()
+
+
+def test_a_request_whose_prefill_cannot_start_fails_alone(tiny_llama, monkeypatch):
+    """An error while a request's prefill is set up (here: its store cannot be allocated) fails that
+    request with the error; the scheduler's loop goes on and serves the next request."""
+    from kvtrt.runtime import scheduler as scheduler_module
+
+    llm = kvtrt.load(tiny_llama[2])
+    prompts = prompts_of(2, seed=5)
+    expected = llm.generate(prompts[1], max_new_tokens=6).token_ids
+    real = scheduler_module.PrefillJob
+
+    def failing(engine, ids, *args, **kwargs):
+        if ids == prompts[0]:
+            raise MemoryError("no room for this prompt's KV")
+        return real(engine, ids, *args, **kwargs)
+
+    monkeypatch.setattr(scheduler_module, "PrefillJob", failing)
+    bad = llm.submit(prompts[0], max_new_tokens=6)
+    with pytest.raises(MemoryError, match="no room"):
+        bad.result(timeout=60)
+    assert llm.generate(prompts[1], max_new_tokens=6).token_ids == expected
+    assert llm.stats().running == 0 and llm.stats().kv_bytes_used == 0
     llm.close()

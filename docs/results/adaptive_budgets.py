@@ -141,7 +141,7 @@ def main() -> None:
             for b in [float(b) for b in args.budget.split(",")]:
                 policy = SnapKVPolicy(budget=b, kernel=args.kernel)
                 keep = policy.budget_tokens(len(prompt))
-                counts = torch.stack([kept_mask(policy, store.grouped_scores(l)[..., :len(prompt)], keep, True).sum(1)
+                counts = torch.stack([kept_mask(policy, torch.from_numpy(store.grouped_scores(l)[..., :len(prompt)]), keep, True).sum(1)
                                       for l in range(ev.llm.manifest.n_layers)]).float()  # [L,Hkv]
                 print(f"| {i + 1} | {b:g} | {keep} | {counts.max() / keep:.2f} | {counts.max(1).values.mean() / keep:.2f} |")
         return

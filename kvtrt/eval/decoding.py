@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
+import numpy as np
 
 from ..runtime.kv.spec import KVSpec
 from ..runtime.kv.store import KVStore
@@ -19,10 +19,10 @@ class Prefill:
 
     ids: list[int]
     store: KVStore
-    logits: Tensor
-    query: list[Tensor]
+    logits: np.ndarray  # engine arrays (numpy on the CPU)
+    query: list[np.ndarray]
 
-    def copy(self) -> tuple[KVStore, Tensor, list[Tensor]]:
+    def copy(self) -> tuple[KVStore, np.ndarray, list[np.ndarray]]:
         return self.store.clone(), self.logits, self.query
 
 
@@ -33,7 +33,7 @@ class Decoded:
     tokens: list[int]
     stats: RequestStats
     logprobs: list[float]  # log-probability of each token (the teacher's, when forced)
-    logits: list[Tensor] | None  # every step's logits [V] when kept
+    logits: list[np.ndarray] | None  # every step's logits [V] (host copies) when kept
 
 
 def prefill(llm, ids: list[int]) -> Prefill:

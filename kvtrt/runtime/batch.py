@@ -10,22 +10,20 @@ exports without in-place graphs) reads all C slots, the dead ones masked and zer
 are still multiplied by 0); the runtime writes its new K/V at each row's slot. A joining sequence is
 copied into the next free row; a leaving one is replaced by the last row (one row copy) so the
 active rows stay `[:R]` and are bound as views. When a row reaches the capacity the batch is
-reallocated with room for the steps to come. Buffers are allocated for `max_rows` rows with
-`torch.empty`: rows never touched are never resident.
+reallocated with room for the steps to come. Buffers are allocated for `max_rows` rows as
+`arrays.empty` (memory maps on the CPU): rows never touched are never resident.
 
-`RetrievalGroup` decodes FreeKV/Quest sequences, each with its own views (one call per sequence).
+FreeKV/Quest sequences decode in `retrieval_batch.RetrievalGroup`, each with its own views.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
+import numpy as np
 
-from ..contract import GraphVariant, group_graphs
-from .buffers import bind_decode, graph_outputs, per_layer
+from ..contract import GraphVariant
+from .buffers import bind_decode, graph_outputs
 from .kv.store import KVStore
 from .memory import return_freed_memory
 
@@ -52,13 +50,18 @@ class DenseBatch:
         self.capacity = 0
         self.touched = 0  # rows written since the last allocation (resident memory)
         self.reallocations = 0  # buffer reallocations so far
-        self.keys: list[Tensor] = []
-        self.values: list[Tensor] = []
-        self.scores: list[Tensor] | None = None
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.keys: list = []  # [max_rows,Hkv,capacity,D] per layer
+        self.values: list = []
+        self.scores: list | None = None  # [max_rows,R,capacity] per layer
+        self.mask = self.arrays.zeros((0, 0), np.int64)  # [max_rows,capacity]
         self._binding = None
         self.slot_bytes = m.kv_bytes_per_token + (4 * m.score_rows * m.n_layers if scored else 0)
         self.room = COMPACTION_SLACK if scored else GROW_STEPS  # most steps a reallocation makes room for
+
+    @property
+    def arrays(self):
+        """The engine's array type (numpy on the CPU)."""
+        return self.engine.arrays
 
     # -- memory ----------------------------------------------------------------------------
     @property
@@ -97,11 +100,11 @@ class DenseBatch:
             for layer, (d, s) in enumerate(zip(dst, src)):
                 d[r, :, :n] = s[0, :, :n]
                 if not self.in_place:  # the decode graph reads every slot: dead ones must be finite
-                    d[r, :, n:].zero_()
-                src[layer] = s.new_empty(0)
+                    d[r, :, n:] = 0
+                src[layer] = self.arrays.empty((0,), s.dtype)  # the store's buffer goes (no view of it is kept)
                 del s
                 return_freed_memory()
-        self.mask[r].zero_()
+        self.mask[r] = 0
         self.mask[r, :n] = 1
         self.touched = max(self.touched, len(self.rows))
         self._binding = None
@@ -113,10 +116,10 @@ class DenseBatch:
         if r != last:
             for tensors in self._tensors():
                 for t in tensors:
-                    t[r].copy_(t[last])
-            self.mask[r].copy_(self.mask[last])
+                    t[r] = t[last]
+            self.mask[r] = self.mask[last]
             self.rows[r] = self.rows[last]
-        self.mask[last].zero_()
+        self.mask[last] = 0
         self.rows.pop()
         self._binding = None
         if not self.rows:
@@ -124,33 +127,33 @@ class DenseBatch:
 
     def _release(self) -> None:
         self.keys, self.values, self.scores = [], [], None
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.mask = self.arrays.zeros((0, 0), np.int64)
         self.capacity = self.touched = 0
 
-    def _tensors(self) -> list[list[Tensor]]:
+    def _tensors(self) -> list[list]:
         return [self.keys, self.values] + ([self.scores] if self.scored else [])
 
-    def _store_tensors(self, store: KVStore) -> list[list[Tensor]]:
+    def _store_tensors(self, store: KVStore) -> list[list]:
         return [store.keys, store.values] + ([store.scores] if self.scored else [])
 
     def _reallocate(self, copied: int | None = None) -> None:
         """New buffers with room for every row's next steps (`_steps`); the first `copied` rows (all)
         copied to them (`join` copies the row it appended itself)."""
-        m, dev = self.m, self.engine.device
+        m, a = self.m, self.arrays
         capacity = max(r.length + self._steps(r) for r in self.rows)
         old = self._tensors()
         shape = (self.max_rows, m.n_kv_heads, capacity, m.head_dim)
-        new_kv = [[torch.empty(*shape, dtype=self.engine.dtype, device=dev) for _ in range(m.n_layers)] for _ in range(2)]
-        new = new_kv + ([[torch.empty(self.max_rows, m.score_rows, capacity, device=dev) for _ in range(m.n_layers)]]
+        new_kv = [[a.empty(shape, self.engine.dtype) for _ in range(m.n_layers)] for _ in range(2)]
+        new = new_kv + ([[a.empty((self.max_rows, m.score_rows, capacity)) for _ in range(m.n_layers)]]
                         if self.scored else [])
-        mask = torch.zeros(self.max_rows, capacity, dtype=torch.long, device=dev)
+        mask = a.zeros((self.max_rows, capacity), np.int64)
         for i, row in enumerate(self.rows[:copied]):
             n = row.length
             for dst, src in zip(new, old):
                 for d, s in zip(dst, src):
                     d[i, :, :n] = s[i, :, :n]
                     if not self.in_place:
-                        d[i, :, n:].zero_()
+                        d[i, :, n:] = 0
             mask[i, :n] = 1
         self.keys, self.values = new[0], new[1]
         self.scores = new[2] if self.scored else None
@@ -167,15 +170,15 @@ class DenseBatch:
                 self._compact_row(i, row)
 
     def _compact_row(self, i: int, row: Row) -> None:
-        keep, n, m = row.seq.keep, row.length, self.m
+        keep, n, m, a = row.seq.keep, row.length, self.m, self.arrays
         for layer in range(m.n_layers):
-            scores = self.scores[layer][i][:, :n].view(m.n_kv_heads, -1, n)  # [Hkv,R/Hkv,N]
-            chosen = row.seq.policy.select(scores, keep)  # [Hkv,keep]
+            scores = self.scores[layer][i][:, :n].reshape(m.n_kv_heads, -1, n)  # [Hkv,R/Hkv,N]
+            chosen = a.from_torch(row.seq.policy.select(a.to_torch(scores), keep))  # [Hkv,keep] (a torch policy)
             for t in (self.keys[layer], self.values[layer]):
-                kept = torch.gather(t[i], 1, chosen.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
-                t[i, :, :n].zero_()
+                kept = a.take_along(t[i], chosen[..., None], 1)  # [Hkv,keep,D]
+                t[i, :, :n] = 0
                 t[i, :, :keep] = kept
-            mass = torch.gather(self.scores[layer][i], 1, chosen.repeat_interleave(scores.shape[1], dim=0))
+            mass = a.take_along(self.scores[layer][i], a.repeat(chosen, scores.shape[1], 0), 1)  # [R,keep]
             self.scores[layer][i, :, :n] = 0
             self.scores[layer][i, :, :keep] = mass
         self.mask[i, keep:n] = 0
@@ -183,7 +186,7 @@ class DenseBatch:
         row.seq.stats.compactions += 1
 
     # -- one step --------------------------------------------------------------------------
-    def step(self) -> list[tuple[object, Tensor]]:
+    def step(self) -> list[tuple[object, object]]:
         """One graph call over all rows: writes each row's pending token's KV at its slot.
         Returns (sequence, logits [V]) per row."""
         if self.scored:
@@ -193,11 +196,12 @@ class DenseBatch:
         batch = len(self.rows)
         if self._binding is None:
             self._bind(batch)
-        self.ids.copy_(torch.tensor([[r.seq.pending] for r in self.rows]))
-        self.positions.copy_(torch.tensor([[r.seq.position] for r in self.rows]))
+        a = self.arrays
+        self.ids[:] = a.asarray([[r.seq.pending] for r in self.rows])
+        self.positions[:] = a.asarray([[r.seq.position] for r in self.rows])
         slots = self.slot
-        slots.copy_(torch.tensor([r.length for r in self.rows]))
-        rows = torch.arange(batch, device=slots.device)
+        slots[:] = a.asarray([r.length for r in self.rows])
+        rows = a.arange(batch)
         if self.in_place:  # the graph writes the slot and attends it
             self.mask[rows, slots] = 1
         self.engine.run(self.variant, self._binding)
@@ -218,10 +222,10 @@ class DenseBatch:
         return [(row.seq, logits[i]) for i, row in enumerate(self.rows)]
 
     def _bind(self, batch: int) -> None:
-        dev = self.engine.device
-        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=dev)
-        self.slot = torch.zeros(batch, dtype=torch.long, device=dev)
+        a = self.arrays
+        self.ids = a.zeros((batch, 1), np.int64)
+        self.positions = a.zeros((batch, 1), np.int64)
+        self.slot = a.zeros((batch,), np.int64)
         keys = [k[:batch] for k in self.keys]
         values = [v[:batch] for v in self.values]
         mask = self.mask[:batch]
@@ -233,136 +237,3 @@ class DenseBatch:
             self._outputs = graph_outputs(self.engine, batch, 1, self.capacity + 1 if self.scored else None)
             self._binding = bind_decode(self.engine, self.variant, self.ids, self.positions, mask, keys, values,
                                         self._outputs)
-
-
-class RetrievalGroup:
-    """FreeKV / Quest sequences: each attends through its own two view buffers (one call each)."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.members: dict[int, _RetrievalRow] = {}
-
-    @property
-    def rows(self) -> list:
-        return list(self.members.values())
-
-    @property
-    def nbytes(self) -> int:
-        return sum(r.manager.nbytes for r in self.members.values())
-
-    def join(self, seq, store: KVStore, query: list[Tensor], manager=None) -> None:
-        """`manager`: the one `create_manager` made before the prefill (its summaries built), or a new one."""
-        self.members[id(seq)] = _RetrievalRow(self.engine, seq, store, query, manager)
-
-    @staticmethod
-    def create_manager(engine, seq, max_context: int):
-        """The retrieval manager of one sequence whose cache holds `max_context` tokens."""
-        m = engine.manifest
-        return seq.retrieval.create(m.n_layers, m.n_kv_heads, m.n_heads, m.head_dim, 1, engine.dtype,
-                                    device=engine.device, mask_dtype=torch.long, max_context=max_context,
-                                    staging_slot=GraphVariant.DECODE_SHARED in m.graphs)
-
-    def leave(self, seq) -> None:
-        row = self.members.pop(id(seq))
-        row.close()
-
-    def step(self) -> list[tuple[object, Tensor]]:
-        return [(row.seq, row.step()) for row in list(self.members.values())]
-
-
-class _RetrievalRow:
-    """One sequence's retrieval manager, its per-view bindings and step buffers."""
-
-    def __init__(self, engine, seq, store: KVStore, query: list[Tensor], manager=None):
-        m, dev = engine.manifest, engine.device
-        self.engine, self.seq = engine, seq
-        self.shared = GraphVariant.DECODE_SHARED in m.graphs  # each view gets a staging slot the graph writes to
-        self.variant = GraphVariant.DECODE_SHARED if self.shared else GraphVariant.DECODE
-        t0 = time.perf_counter()
-        r = manager if manager is not None else RetrievalGroup.create_manager(engine, seq, store.length)
-        # the spec's `select` (default: fresh when the export has decode groups, `kvtrt export --decode-groups`)
-        self.grouped = self.shared and seq.retrieval.fresh(m)
-        if self.grouped:
-            r.use_fresh_queries()
-        r.start(store.keys, store.values, query, mask=store.mask, reserve_tokens=seq.remaining + 1, release=True)
-        seq.stats.prefill_s += time.perf_counter() - t0  # building the pool is part of the prompt's cost
-        self.manager = r
-        self.ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(1, 1, dtype=torch.long, device=dev)
-        self.slot = torch.full((1,), r.slots, dtype=torch.long, device=dev)
-        if self.grouped:
-            self.bound = self._bind_groups(r)
-            return
-        plain = None if self.shared else graph_outputs(engine, 1, 1, r.slots + 1)  # one set for both views
-        self.bound = []
-        for v in r.views:
-            if self.shared:
-                outputs = graph_outputs(engine, 1, 1, None, cache=(v.keys, v.values))
-                binding = bind_decode(engine, self.variant, self.ids, self.positions, v.mask, v.keys, v.values,
-                                      outputs, write_slot=self.slot)
-                new_k, new_v = v.all_keys[:, :, :, r.slots:], v.all_values[:, :, :, r.slots:]  # staging slot
-            else:
-                outputs = plain
-                binding = bind_decode(engine, self.variant, self.ids, self.positions, v.mask, v.keys, v.values,
-                                      outputs)
-                new_k, new_v = per_layer(outputs, "key"), per_layer(outputs, "value")
-            self.bound.append((binding, outputs, per_layer(outputs, "query"), new_k, new_v))
-
-    def _bind_groups(self, r) -> list:
-        """For the one view a fresh-query manager serves: the lookahead call, then one call per decode
-        group (hidden states, queries and lookahead queries in buffers held here), and where the
-        step's new K/V land (the view's staging slot)."""
-        e, m, dev, dt = self.engine, self.engine.manifest, self.engine.device, self.engine.dtype
-        graphs = group_graphs(m.decode_groups)  # the lookahead graph, then the groups
-        self.query = torch.empty(m.n_layers, 1, m.n_heads, m.head_dim, dtype=dt, device=dev)      # [L,1,H,D]
-        self.lookahead = torch.empty(m.n_layers, 1, m.n_heads, m.head_dim, dtype=dt, device=dev)  # [L,1,H,D]
-        self.logits = torch.empty(1, 1, m.vocab_size, device=dev)
-        # between groups; held here: a binding keeps only the address
-        self.hidden = hidden = [torch.empty(1, 1, m.hidden_size, dtype=dt, device=dev) for _ in graphs[2:]]
-        v = r.views[0]  # one view serves every step (`use_fresh_queries`)
-        calls = []
-        for g, (key, layers, following) in enumerate(graphs, start=-1):  # g = -1: the lookahead graph
-            inputs = {"input_ids" if g <= 0 else "hidden": self.ids if g <= 0 else hidden[g - 1],
-                      "position_ids": self.positions}
-            outputs = {f"lookahead.{layer}": self.lookahead[layer] for layer in following}
-            if layers:
-                inputs.update({"past_mask": v.mask, "write_slot": self.slot})
-                outputs.update({"hidden_out": hidden[g]} if following else {"logits": self.logits})
-                for layer in layers:
-                    inputs[f"past_key.{layer}"] = outputs[f"present_key.{layer}"] = v.keys[layer]
-                    inputs[f"past_value.{layer}"] = outputs[f"present_value.{layer}"] = v.values[layer]
-                    outputs[f"query.{layer}"] = self.query[layer]
-            binding = e.new_binding(key)
-            e.bind(binding, inputs, outputs)
-            calls.append((key, binding, layers or None))
-        staging = v.all_keys[:, :, :, r.slots:], v.all_values[:, :, :, r.slots:]
-        return [(calls, {"logits": self.logits}, self.query, *staging)]
-
-    def step(self) -> Tensor:
-        r = self.manager
-        self.ids.fill_(self.seq.pending)
-        self.positions.fill_(self.seq.position)
-        if self.grouped:  # each layer range's pages chosen with its lookahead query, right before it attends
-            calls, _, query, new_k, new_v = self.bound[0]
-            for key, binding, layers in calls:
-                if layers is not None:
-                    r.refresh(layers, self.lookahead[layers.start:layers.stop])
-                self.engine.run(key, binding)
-            r.finish_step(query, new_k, new_v)
-            return self.logits[0, 0]
-        binding, outputs, new_q, new_k, new_v = self.bound[r.view().index]
-        if r.mode == "quest":  # select with the current query: probe, re-select, run again
-            self.engine.run(self.variant, binding)
-            r.select(new_q)
-        else:
-            r.prefetch()
-        self.engine.run(self.variant, binding)
-        r.finish_step(new_q, new_k, new_v)
-        return outputs["logits"][0, 0]
-
-    def close(self) -> None:
-        self.seq.stats.kv_bytes = max(self.seq.stats.kv_bytes, self.manager.nbytes)
-        self.seq.stats.kv = {"retrieval_engaged": 1,
-                             "decode_groups": len(self.engine.manifest.group_ranges) if self.grouped else 0,
-                             **{k: v for k, v in self.manager.stats().as_dict().items() if isinstance(v, (int, float))}}
-        self.manager.close()

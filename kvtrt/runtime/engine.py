@@ -1,4 +1,5 @@
-"""Engines run one graph call over pre-allocated torch tensors bound by pointer.
+"""Engines run one graph call over pre-allocated arrays bound by pointer (numpy arrays on the CPU,
+torch tensors on a GPU: `arrays.py`).
 
 `OrtEngine` drives the exported graphs (prefill, decode and the in-place prefill_shared and
 decode_shared when present) through ONNX Runtime IO binding on any execution provider (CPU, CUDA,
@@ -14,13 +15,15 @@ from pathlib import Path
 from typing import Iterable, Protocol
 
 import numpy as np
-import torch
 
 from ..contract import LOOKAHEAD, GraphVariant, group_graphs, group_names, input_names, output_names
 from ..manifest import ExportMismatchError, Manifest
+from .arrays import for_provider
 
-NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# torch dtypes (by name: torch is not imported here) of tensors bound on a GPU
+NP_DTYPES = {"torch.float32": np.float32, "torch.float16": np.float16, "torch.int64": np.int64,
+             "torch.int32": np.int32, "torch.bool": np.bool_}
+DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16)}  # the KV (and query) dtype of an export
 # CPU sessions share one prepacked copy of the weights (see `ort_shared`); False: one Python
 # InferenceSession per graph, each prepacking its own copy (the behaviour before; for comparisons).
 SHARE_WEIGHTS = True
@@ -53,11 +56,13 @@ class Engine(Protocol):
     """What the generator needs from a backend."""
 
     manifest: Manifest
-    device: torch.device
+    device: str  # "cpu" or "cuda:N"
+    dtype: np.dtype  # of K/V and queries
+    arrays: object  # `arrays.NumpyArrays` or `arrays.TorchArrays`: what `bind` takes
 
     def new_binding(self, variant: GraphVariant | str): ...
 
-    def bind(self, binding, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None: ...
+    def bind(self, binding, inputs: dict, outputs: dict) -> None: ...
 
     def run(self, variant: GraphVariant | str, binding, release_arena: bool = False) -> None: ...
 
@@ -82,8 +87,9 @@ class OrtEngine:
                                f"(available: {', '.join(ort.get_available_providers())}); install the GPU build "
                                f"with `pip install 'kvtrt[gpu]'` on a machine with an NVIDIA GPU")
         self.provider = provider
-        self.device = torch.device("cpu") if provider == "cpu" else torch.device("cuda", device_id)
-        self.dtype = TORCH_DTYPES[self.manifest.dtype]
+        self.device = "cpu" if provider == "cpu" else f"cuda:{device_id}"
+        self.dtype = DTYPES[self.manifest.dtype]
+        self.arrays = for_provider(provider, device_id)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or os.cpu_count() or 1
@@ -193,8 +199,8 @@ class OrtEngine:
             return _Call(variant)  # the session is chosen in `bind`, by batch size
         return session.io_binding()
 
-    def bind(self, binding, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        """Bind contiguous torch tensors by pointer (no copy)."""
+    def bind(self, binding, inputs: dict, outputs: dict) -> None:
+        """Bind contiguous arrays (numpy, or torch tensors) by pointer (no copy)."""
         if isinstance(binding, _Call):
             ids = inputs.get("input_ids")
             session = self.session(binding.variant, packed=ids is not None and ids.shape[0] > 1)
@@ -206,11 +212,16 @@ class OrtEngine:
         for name, tensor in outputs.items():
             binding.bind_output(name, *self._address(tensor))
 
-    def _address(self, tensor: torch.Tensor):
+    @staticmethod
+    def _address(tensor):
+        if isinstance(tensor, np.ndarray):
+            if not tensor.flags.c_contiguous:
+                raise ValueError("bound arrays must be contiguous")
+            return "cpu", 0, tensor.dtype.type, tensor.shape, tensor.ctypes.data
         if not tensor.is_contiguous():
             raise ValueError("bound tensors must be contiguous")
         device = "cpu" if tensor.device.type == "cpu" else "cuda"
-        return device, tensor.device.index or 0, NP_DTYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr()
+        return device, tensor.device.index or 0, NP_DTYPES[str(tensor.dtype)], tuple(tensor.shape), tensor.data_ptr()
 
     def run(self, variant: GraphVariant | str, binding, release_arena: bool = False) -> None:
         """One graph call on the bound tensors. `release_arena` (CPU): the session's memory arena hands
@@ -224,7 +235,7 @@ class OrtEngine:
             session.run_with_iobinding(binding, self._release_options(session))
         else:
             session.run_with_iobinding(binding)
-        if self.device.type == "cuda":
+        if self.provider != "cpu":
             binding.synchronize_outputs()
 
     def _release_options(self, session):

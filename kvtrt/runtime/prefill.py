@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from ..contract import GraphVariant
 from .buffers import graph_outputs, per_layer
@@ -32,7 +31,7 @@ class PrefillJob:
     """
 
     def __init__(self, engine, ids: list[int], chunk: int, track_scores: bool, start: int = 0,
-                 store: KVStore | None = None, on_chunk: Callable[[list[Tensor], int], object] | None = None):
+                 store: KVStore | None = None, on_chunk: Callable[[list, int], object] | None = None):
         """`start`/`store`: continue after a cached prefix of `start` tokens held in `store`.
         `on_chunk(keys, length)`: called after each chunk with the store's keys per layer and the
         tokens written so far (FreeKV summarizes the completed pages there)."""
@@ -41,17 +40,17 @@ class PrefillJob:
         self.shared = GraphVariant.PREFILL_SHARED in m.graphs
         self.variant = GraphVariant.PREFILL_SHARED if self.shared else GraphVariant.PREFILL
         if store is None:
-            store = KVStore(m.n_layers, 1, m.n_kv_heads, m.head_dim, engine.dtype, engine.device,
+            store = KVStore(m.n_layers, 1, m.n_kv_heads, m.head_dim, engine.dtype, engine.arrays,
                             track_scores=track_scores, score_rows=m.score_rows)
         self.store = store
         self.on_chunk = on_chunk
         if self.shared:
             store.reserve(len(ids) - start)
         self.chunks = [(a + start, b + start) for a, b in plan_chunks(len(ids) - start, chunk, m.score_window)]
-        self.tokens = torch.tensor(ids, dtype=torch.long, device=engine.device)
+        self.tokens = engine.arrays.asarray(ids, np.int64)
         self.next = 0
-        self.logits: Tensor | None = None
-        self.query: list[Tensor] | None = None
+        self.logits = None  # [1,V]
+        self.query: list | None = None  # [1,H,D] per layer
 
     @property
     def done(self) -> bool:
@@ -63,18 +62,18 @@ class PrefillJob:
 
     def step(self) -> int:
         """Run the next chunk; returns its token count."""
-        m, dev, store = self.engine.manifest, self.engine.device, self.store
-        a, b = self.chunks[self.next]
-        s = b - a
+        m, a, store = self.engine.manifest, self.engine.arrays, self.store
+        start, end = self.chunks[self.next]
+        s = end - start
         last = self.next == len(self.chunks) - 1  # its last queries are the observation window
         # score rows: the window on the last chunk when a policy tracks scores; one row elsewhere (its
         # score is not used; the window's attention rows would only grow ONNX Runtime's arena)
         window = last and store.scores is not None
-        rows = torch.arange(max(0, s - m.score_window) if window else s - 1, s, device=dev)
-        inputs = {"input_ids": self.tokens[a:b].unsqueeze(0), "position_ids": torch.arange(a, b, device=dev)[None],
+        rows = a.arange(max(0, s - m.score_window) if window else s - 1, s)
+        inputs = {"input_ids": self.tokens[None, start:end], "position_ids": a.arange(start, end)[None],
                   "past_mask": store.mask, "score_queries": rows}
         if self.shared:
-            inputs["write_slot"] = torch.tensor(store.claim(s), device=dev)
+            inputs["write_slot"] = a.asarray(store.claim(s), np.int64)
             outputs = graph_outputs(self.engine, 1, s, store.length, cache=(store.keys, store.values))
         else:
             outputs = graph_outputs(self.engine, 1, s, store.capacity + s)
@@ -99,7 +98,7 @@ class PrefillJob:
             self.logits, self.query = outputs["logits"][:, 0], per_layer(outputs, "query")
         return s
 
-    def run(self, progress=None) -> tuple[KVStore, Tensor, list[Tensor]]:
+    def run(self, progress=None) -> tuple[KVStore, object, list]:
         """All remaining chunks; returns (store, logits [1,V], query per layer [1,H,D])."""
         while not self.done:
             n = self.step()

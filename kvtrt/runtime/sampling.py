@@ -8,6 +8,8 @@ Two ways in:
   calls each row's sampler (`choose_rows` does that for a `[B, V]` batch).
 
 The order is HF `generate`'s: repetition penalty, then min_new_tokens, then temperature, top-k, top-p.
+Logits may be numpy arrays or torch tensors (they are read on the host); the computation is numpy,
+the draws come from a numpy generator seeded with `seed`.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import torch
-from torch import Tensor
+import numpy as np
+
+from .arrays import host
 
 
 @dataclass
@@ -66,38 +69,41 @@ class Sampler:
 
     def __init__(self, params: SamplingParams):
         self.params = params
-        self.generator = torch.Generator().manual_seed(params.seed)
+        self.generator = np.random.default_rng(params.seed)
 
     # -- the original batch API (every row the same params, no penalties) ----------------------
-    def __call__(self, logits: Tensor) -> Tensor:
-        """One token per row of `[B, V]` logits (temperature / top-k / top-p only)."""
+    def __call__(self, logits) -> np.ndarray:
+        """One token per row of `[B, V]` logits (temperature / top-k / top-p only); `[B]` int64."""
+        logits = host(logits)
         if self.params.temperature == 0:
-            return logits.argmax(dim=-1)
-        return self._sample(logits.float())
+            return logits.argmax(axis=-1)
+        return self._sample(logits.astype(np.float32))
 
     # -- one sequence's row with all options --------------------------------------------------
-    def process(self, logits: Tensor, seen_ids: Sequence[int] | Tensor = (), n_generated: int = 0,
-                eos_ids: Sequence[int] = ()) -> Tensor:
+    def process(self, logits, seen_ids: Sequence[int] | np.ndarray = (), n_generated: int = 0,
+                eos_ids: Sequence[int] = ()) -> np.ndarray:
         """`logits [V]` (fp32 copy) after the repetition penalty and min_new_tokens, as HF's logits
         processors leave them (before temperature / top-k / top-p).
 
         seen_ids: the ids of the prompt and the tokens generated so far (any order, repeats allowed),
         or a bool mask `[V]` of them; n_generated: how many new tokens precede this one."""
         p = self.params
-        x = logits.detach().reshape(-1).float().clone()
+        x = host(logits).reshape(-1).astype(np.float32)  # a copy: the caller's logits stay as they are
         if p.repetition_penalty != 1.0:
-            if isinstance(seen_ids, Tensor) and seen_ids.dtype == torch.bool:
-                seen = seen_ids.to(x.device)
-                x = torch.where(seen, torch.where(x < 0, x * p.repetition_penalty, x / p.repetition_penalty), x)
+            mask = host(seen_ids) if not isinstance(seen_ids, (list, tuple)) else None
+            if mask is not None and mask.dtype == np.bool_:
+                x = np.where(mask, np.where(x < 0, x * np.float32(p.repetition_penalty),
+                                            x / np.float32(p.repetition_penalty)), x)
             elif len(seen_ids):
-                ids = torch.as_tensor(seen_ids, dtype=torch.long, device=x.device).reshape(-1).unique()
+                ids = np.unique(np.asarray(seen_ids if mask is None else mask, dtype=np.int64).reshape(-1))
                 score = x[ids]
-                x[ids] = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
+                x[ids] = np.where(score < 0, score * np.float32(p.repetition_penalty),
+                                  score / np.float32(p.repetition_penalty))
         if n_generated < p.min_new_tokens and len(eos_ids):
-            x[torch.as_tensor(list(eos_ids), dtype=torch.long, device=x.device)] = float("-inf")
+            x[np.asarray(list(eos_ids), dtype=np.int64)] = -np.inf
         return x
 
-    def choose(self, logits: Tensor, seen_ids: Sequence[int] | Tensor = (), n_generated: int = 0,
+    def choose(self, logits, seen_ids: Sequence[int] | np.ndarray = (), n_generated: int = 0,
                eos_ids: Sequence[int] = ()) -> tuple[int, TokenLogprobs | None]:
         """The next token for one sequence from its `logits [V]` (or `[1, V]`), and its
         log-probabilities when `params.logprobs` is set. See `process` for the arguments."""
@@ -108,41 +114,61 @@ class Sampler:
             token = int(self._sample(x[None])[0])
         return token, (self.logprobs(logits, token) if self.params.logprobs is not None else None)
 
-    def logprobs(self, logits: Tensor, token: int) -> TokenLogprobs:
+    def logprobs(self, logits, token: int) -> TokenLogprobs:
         """`token`'s log-probability under the model's logits `[V]` and the `params.logprobs` most likely."""
-        logp = torch.log_softmax(logits.detach().reshape(-1).float(), dim=-1)
+        logp = log_softmax(host(logits).reshape(-1).astype(np.float32))
         n = min(self.params.logprobs or 0, logp.shape[-1])
         top = []
         if n:
-            values, ids = torch.topk(logp, n)
-            top = [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist())]
+            ids = np.argpartition(-logp, n - 1)[:n]
+            ids = ids[np.argsort(-logp[ids], kind="stable")]
+            top = [(int(i), float(logp[i])) for i in ids]
         return TokenLogprobs(token, float(logp[token]), top)
 
     # -- shared ----------------------------------------------------------------------------------
-    def _sample(self, logits: Tensor) -> Tensor:
+    def _sample(self, logits: np.ndarray) -> np.ndarray:
         """Temperature, top-k, top-p on fp32 `[B, V]`, then one draw per row from the generator."""
         p = self.params
-        logits = logits / p.temperature
+        logits = logits / np.float32(p.temperature)
         if p.top_k:
-            kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+            k = min(p.top_k, logits.shape[-1])
+            kth = -np.partition(-logits, k - 1, axis=-1)[..., k - 1:k]  # the k-th largest per row
+            logits = np.where(logits < kth, -np.inf, logits)
         if p.top_p < 1:
-            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cumulative - sorted_logits.softmax(-1) > p.top_p  # keep the token that crosses top_p
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-        probs = logits.softmax(-1).cpu()
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1).to(logits.device)
+            order = np.argsort(-logits, axis=-1, kind="stable")
+            sorted_logits = np.take_along_axis(logits, order, -1)
+            probs = softmax(sorted_logits)
+            drop = np.cumsum(probs, -1) - probs > p.top_p  # keep the token that crosses top_p
+            sorted_logits = np.where(drop, -np.inf, sorted_logits)
+            logits = np.full_like(logits, -np.inf)
+            np.put_along_axis(logits, order, sorted_logits, -1)
+        probs = softmax(logits.astype(np.float64))
+        cumulative = np.cumsum(probs, -1)
+        draws = self.generator.random(len(probs)) * cumulative[:, -1]
+        tokens = [int(np.searchsorted(c, u, side="right")) for c, u in zip(cumulative, draws)]
+        return np.minimum(np.asarray(tokens, dtype=np.int64), probs.shape[-1] - 1)
 
 
-def choose_rows(samplers: Sequence[Sampler], logits: Tensor, seen_ids: Sequence[Sequence[int] | Tensor],
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis (-inf entries get 0)."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Log-softmax over the last axis, in x's dtype."""
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def choose_rows(samplers: Sequence[Sampler], logits, seen_ids: Sequence[Sequence[int] | np.ndarray],
                 n_generated: Sequence[int], eos_ids: Sequence[int]) -> list[tuple[int, TokenLogprobs | None]]:
     """`Sampler.choose` for each row of `logits [B, V]` (or `[B, 1, V]`) with that row's sampler,
     seen ids and count of new tokens. Rows that are plain greedy share one argmax."""
+    logits = host(logits)
     logits = logits.reshape(logits.shape[0], -1)
     plain = [s.params.temperature == 0 and s.params.repetition_penalty == 1.0 and s.params.logprobs is None
              and n >= s.params.min_new_tokens for s, n in zip(samplers, n_generated)]
-    argmax = logits.argmax(dim=-1).tolist() if any(plain) else None
+    argmax = logits.argmax(axis=-1).tolist() if any(plain) else None
     return [(argmax[b], None) if plain[b] else samplers[b].choose(logits[b], seen_ids[b], n_generated[b], eos_ids)
             for b in range(logits.shape[0])]

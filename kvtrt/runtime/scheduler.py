@@ -15,6 +15,7 @@ prefills only what is new.
 from __future__ import annotations
 
 import atexit
+import sys
 import threading
 import time
 import traceback
@@ -22,10 +23,11 @@ import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
+import numpy as np
 
-from .batch import COMPACTION_SLACK, DenseBatch, RetrievalGroup
+from .arrays import host
+from .batch import COMPACTION_SLACK, DenseBatch
+from .retrieval_batch import RetrievalGroup
 from .kv.spec import KVSpec
 from .kv.store import KVStore
 from .prefill import PrefillJob
@@ -70,7 +72,7 @@ class Sequence:
         # evaluation hooks: tokens fed instead of sampled (their log-probs recorded), every step's
         # logits kept, a prefill to start from (store, logits, query) instead of running one
         self.forced: list[int] | None = None
-        self.kept_logits: list[Tensor] | None = None
+        self.kept_logits: list[np.ndarray] | None = None
         self.prefilled: tuple | None = None
         self.cache = True  # leave the KV in the prefix cache when done
         self.stop, self.spec, self.eos = stop, spec, eos
@@ -233,9 +235,18 @@ class Scheduler:
         return sum(store.nbytes for _, store, _ in self.prefixes.values())
 
     # -- the loop ----------------------------------------------------------------------------
+    def _scope_torch_threads(self) -> bool:
+        """Once torch is imported (by the first compaction or retrieval request), this thread's torch
+        thread count is `torch_threads` (True when that is done; a dense-only runtime never imports it)."""
+        if self.torch_threads is None:
+            return True
+        if "torch" not in sys.modules:
+            return False
+        sys.modules["torch"].set_num_threads(self.torch_threads)
+        return True
+
     def _loop(self) -> None:
-        if self.torch_threads is not None:
-            torch.set_num_threads(self.torch_threads)
+        torch_scoped = False
         while True:
             with self._lock:
                 while not (self.waiting or self.prefilling or self._running()) and not self._stopping:
@@ -248,6 +259,7 @@ class Scheduler:
                     return
                 self._admit()
             self._cancel_requested()
+            torch_scoped = torch_scoped or self._scope_torch_threads()
             self._prefill()
             for group in self.groups:
                 if group.rows:
@@ -283,7 +295,14 @@ class Scheduler:
             self.waiting.popleft()
             seq.admitted = time.perf_counter()
             seq.stats.queue_wait_s = seq.admitted - seq.submitted
-            self._start_prefill(seq)
+            try:
+                self._start_prefill(seq)
+            except Exception as error:  # fails this request only (the loop and the queue go on)
+                traceback.print_exc()
+                seq.job = None
+                self._release_manager(seq)
+                seq.request._fail(error)
+                continue
             self.prefilling.append(seq)
 
     def _start_prefill(self, seq: Sequence) -> None:
@@ -298,9 +317,9 @@ class Scheduler:
         on_chunk = None
         if seq.policy is None and self._placement(seq)[1] is self.retrieval:
             # FreeKV / Quest: the pool's page summaries are built as the prefill writes each chunk
-            seq.manager = RetrievalGroup.create_manager(self.engine, seq, len(seq.ids))
+            seq.manager = self.retrieval.create_manager(seq, len(seq.ids))
             seq.manager.begin(len(seq.ids), reserve_tokens=seq.max_new_tokens + 1)
-            on_chunk = seq.manager.absorb
+            on_chunk = self.retrieval.absorber(seq.manager)
         seq.job = PrefillJob(self.engine, seq.ids, self.llm.prefill_chunk, track_scores=track, start=start, store=store,
                              on_chunk=on_chunk)
         if seq.progress and len(seq.job.chunks) > 1:
@@ -343,7 +362,7 @@ class Scheduler:
         seq.job = None
         self._end(seq, reason)
 
-    def _first_token(self, seq: Sequence, store: KVStore, logits: Tensor, query: list[Tensor]) -> None:
+    def _first_token(self, seq: Sequence, store: KVStore, logits, query: list) -> None:
         """The prompt is in `store`: compact it, choose the first token, join a decode group."""
         if seq.bar is not None:
             seq.bar.close()
@@ -367,9 +386,11 @@ class Scheduler:
 
     def _compact_store(self, seq: Sequence, store: KVStore) -> None:
         """Shrink a single-sequence store to the sequence's budget (per layer, per KV head)."""
-        live = torch.nonzero(store.mask[0], as_tuple=True)[0]
+        a = store.arrays
+        live = a.nonzero(store.mask[0])
         count = min(seq.keep, len(live))
-        slots = [live[seq.policy.select(store.grouped_scores(layer)[..., live], count)].unsqueeze(0)
+        # the policy is torch code: scores in, chosen slots out, without copies on the CPU
+        slots = [live[a.from_torch(seq.policy.select(a.to_torch(store.grouped_scores(layer)[..., live]), count))][None]
                  for layer in range(self.m.n_layers)]
         store.compact(slots, [count], 0)
         seq.stats.compactions += 1
@@ -383,10 +404,12 @@ class Scheduler:
                 group.leave(seq)
                 self._end(seq, seq.finish_reason, store=store)
 
-    def _choose(self, seq: Sequence, logits: Tensor) -> bool:
-        """Pick, record and stream the next token; True when the sequence is finished."""
+    def _choose(self, seq: Sequence, logits) -> bool:
+        """Pick, record and stream the next token from `logits` [V] (an engine array); True when the
+        sequence is finished."""
+        logits = host(logits)
         if seq.kept_logits is not None:
-            seq.kept_logits.append(logits.clone())
+            seq.kept_logits.append(logits.copy())
         params = seq.sampler.params
         if seq.forced is not None:
             token = seq.forced[len(seq.generated)]
@@ -395,8 +418,8 @@ class Scheduler:
             token, info = int(seq.sampler(logits[None])[0]), None
         else:
             if params.repetition_penalty != 1.0 and seq.seen is None:
-                seq.seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
-                seq.seen[torch.tensor(seq.ids + seq.generated)] = True
+                seq.seen = np.zeros(logits.shape[-1], dtype=bool)
+                seq.seen[np.asarray(seq.ids + seq.generated, dtype=np.int64)] = True
             token, info = seq.sampler.choose(logits, seq.seen if seq.seen is not None else (), len(seq.generated),
                                              list(seq.eos))
         if seq.seen is not None:
@@ -489,7 +512,7 @@ class Scheduler:
         i = next(i for i, r in enumerate(group.rows) if r.seq is seq)
         row = group.rows[i]
         span = row.length
-        store = KVStore(self.m.n_layers, 1, self.m.n_kv_heads, self.m.head_dim, self.engine.dtype, self.engine.device,
+        store = KVStore(self.m.n_layers, 1, self.m.n_kv_heads, self.m.head_dim, self.engine.dtype, self.engine.arrays,
                         capacity=span, track_scores=group.scored, score_rows=self.m.score_rows)
         for dst, src in zip(store._tensors(), group._tensors()):
             for d, s in zip(dst, src):

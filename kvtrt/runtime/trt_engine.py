@@ -31,7 +31,8 @@ import torch
 
 from ..contract import ENGINE_DIR, ENGINE_INDEX, GraphVariant, input_names, output_names
 from ..manifest import ExportMismatchError, Manifest
-from .engine import TORCH_DTYPES
+from .arrays import TorchArrays
+from .engine import DTYPES
 
 ALIGN = 256
 
@@ -67,8 +68,10 @@ class TrtEngine:
                                "backend='onnxruntime' on this machine")
         trt = import_tensorrt()
         self.trt = trt
-        self.device = torch.device("cuda", device_id)
-        self.dtype = TORCH_DTYPES[self.manifest.dtype]
+        self.cuda = torch.device("cuda", device_id)
+        self.device = f"cuda:{device_id}"
+        self.dtype = DTYPES[self.manifest.dtype]  # numpy dtype of K/V; the tensors are `self.arrays`'
+        self.arrays = TorchArrays(self.device)
         engine_dir = Path(engine_dir) if engine_dir is not None else self.directory / ENGINE_DIR
         index = engine_dir / ENGINE_INDEX
         if not index.is_file():
@@ -81,7 +84,7 @@ class TrtEngine:
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engines, self.contexts, self.locks = {}, {}, {}
-        with torch.cuda.device(self.device):
+        with torch.cuda.device(self.cuda):
             for variant in self.manifest.variant_graphs:
                 path = engine_dir / info["engines"].get(variant, f"{variant}.engine")
                 if not path.is_file():
@@ -94,7 +97,7 @@ class TrtEngine:
                 self.engines[variant] = engine
                 self.contexts[variant] = engine.create_execution_context()
                 self.locks[variant] = threading.Lock()
-        self._empty = torch.empty(ALIGN, dtype=torch.uint8, device=self.device)
+        self._empty = torch.empty(ALIGN, dtype=torch.uint8, device=self.cuda)
         self._staging: dict[tuple, torch.Tensor] = {}
 
     def _check(self, variant: GraphVariant | str, engine) -> None:
@@ -119,9 +122,9 @@ class TrtEngine:
         engine = self.engines[binding.variant]
         for group, target in ((inputs, binding.inputs), (outputs, binding.outputs)):
             for name, tensor in group.items():
-                if tensor.device != self.device:
+                if tensor.device != self.cuda:
                     raise ValueError(f"{name} is on {tensor.device}; the TensorRT engine needs tensors on "
-                                     f"{self.device}")
+                                     f"{self.cuda}")
                 if not tensor.is_contiguous():
                     raise ValueError(f"bound tensors must be contiguous ({name} is not)")
                 want = _torch_dtype(self.trt, engine.get_tensor_dtype(name))
@@ -133,8 +136,8 @@ class TrtEngine:
     def run(self, variant: GraphVariant | str, binding: TrtBinding, release_arena: bool = False) -> None:
         # (`release_arena` is ONNX Runtime's CPU arena shrinkage; TensorRT's activations are its own)
         engine, context = self.engines[variant], self.contexts[variant]
-        stream = torch.cuda.current_stream(self.device)
-        with self.locks[variant], torch.cuda.device(self.device):
+        stream = torch.cuda.current_stream(self.cuda)
+        with self.locks[variant], torch.cuda.device(self.cuda):
             for name, tensor in binding.inputs.items():
                 self._check_shape(variant, engine, name, tuple(tensor.shape))
                 if not context.set_input_shape(name, tuple(tensor.shape)):

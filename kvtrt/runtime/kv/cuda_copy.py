@@ -6,10 +6,14 @@ a CUDA device, so it is never exercised on a machine without a GPU.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
+
+from ..lazy_torch import torch
 
 from .pages import PagePool
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 class CudaPageCopier:

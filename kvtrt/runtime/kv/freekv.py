@@ -12,9 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 from typing import TYPE_CHECKING, NamedTuple
 
-import torch
-from torch import Tensor
-from torch.multiprocessing.reductions import StorageWeakRef
+from ..lazy_torch import torch
 
 from ..memory import return_freed_memory
 from .options import KVSpecError
@@ -23,6 +21,9 @@ from .stats import RetrievalStats
 from .views import KVView
 
 if TYPE_CHECKING:
+    from torch import Tensor
+    from torch.multiprocessing.reductions import StorageWeakRef
+
     from .retrieval import RetrievalConfig
 
 
@@ -58,10 +59,10 @@ class FreeKVRetrieval:
         n_heads: int,
         head_dim: int,
         batch: int = 1,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         *,
         device: torch.device | str = "cpu",
-        mask_dtype: torch.dtype = torch.bool,
+        mask_dtype: torch.dtype | None = None,
         max_context: int | None = None,
         threaded: bool = True,
         staging_slot: bool = False,
@@ -70,6 +71,8 @@ class FreeKVRetrieval:
             raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
         self.config, self.mode = config, config.mode
         self.n_layers, self.n_kv_heads, self.n_heads, self.head_dim = n_layers, n_kv_heads, n_heads, head_dim
+        dtype = torch.float32 if dtype is None else dtype
+        mask_dtype = torch.bool if mask_dtype is None else mask_dtype
         self.batch, self.dtype, self.device = batch, dtype, torch.device(device)
         self.layout = lay = config.layout(max_context, staging_slot)
         self.budget = config.budget_tokens(max_context)
@@ -630,6 +633,8 @@ def _live_tokens(mask: Tensor | None, device: torch.device) -> Tensor | int | No
 
 def _weak_storages(tensors: Sequence[Tensor | None]) -> list[tuple[StorageWeakRef, int]]:
     """A weak reference and the size of each distinct storage under ``tensors``."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
     seen: dict[int, tuple[StorageWeakRef, int]] = {}
     for t in tensors:
         if t is not None:
@@ -640,4 +645,4 @@ def _weak_storages(tensors: Sequence[Tensor | None]) -> list[tuple[StorageWeakRe
 
 def _stacked(per_layer: Sequence[Tensor] | Tensor) -> Tensor:
     """One ``[L, ...]`` tensor from per-layer tensors (a tensor already stacked is used as is)."""
-    return per_layer.detach() if isinstance(per_layer, Tensor) else torch.stack([t.detach() for t in per_layer])
+    return per_layer.detach() if isinstance(per_layer, torch.Tensor) else torch.stack([t.detach() for t in per_layer])

@@ -45,8 +45,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
+
+from ..lazy_torch import torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 COMBINES = ("softmax", "mean")
 POOL_DTYPES = ("fp32", "fp16", "int8")
@@ -170,7 +174,7 @@ class PagePool:
         n_kv_heads: int,
         head_dim: int,
         page: int = 32,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         *,
         capacity: int = 8,
         summary_device: torch.device | str = "cpu",
@@ -186,6 +190,7 @@ class PagePool:
             raise ValueError(f"int8_scheme={int8_scheme!r}: keys page|channel, values page|channel|token")
         self.n_layers, self.batch, self.n_kv_heads, self.head_dim = n_layers, batch, n_kv_heads, head_dim
         #: ``dtype``: what pages are written from and read back as (the view's); ``storage``: what they are kept in
+        dtype = torch.float32 if dtype is None else dtype  # (torch is imported here, not at import)
         self.page, self.dtype, self.pool_dtype = page, dtype, pool_dtype
         self.storage = {"fp32": dtype, "fp16": torch.float16, "int8": torch.uint8}[pool_dtype]
         self.int8_scheme = int8_scheme if pool_dtype == "int8" else None

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from ..lazy_torch import F, torch
 
 from .options import KVSpecError, SpecStage, option, read_value, resolve_budget
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 ANCHORS = ("random", "zeros", "ones", "mean", "alternating")
 GRANULARITIES = ("token", "page")
@@ -73,8 +74,9 @@ class Policy(SpecStage, ABC):
         ``block > 1`` (H2O, SnapKV) whole blocks come first: the slots ``[b*block, (b+1)*block)``
         outside sink and window, ranked by their mean ``token_scores``, taken whole until the last
         one, which gives its best slots (a fact spread over a few tokens stays together).
+        ``scores`` may also be a numpy array (the CPU runtime's store): it is read without a copy.
         """
-        scores = group_mass(scores)
+        scores = group_mass(torch.as_tensor(scores))
         heads, n = _shape(scores)
         if n <= keep:
             return _all_slots(heads, n, scores.device)
@@ -282,6 +284,7 @@ class KVCrushPolicy(Policy):
 
     def select(self, scores: Tensor, keep: int) -> Tensor:
         """Base share plus per-head representatives, ``LongTensor [Hkv, keep]`` rows ascending."""
+        scores = torch.as_tensor(scores)
         if self.signature == "query" and scores.dim() != 3:
             raise ValueError("kvcrush signature=query needs per-query-head scores [Hkv, g, N] (an export with "
                              "score_heads 'query')")

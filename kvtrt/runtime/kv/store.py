@@ -11,28 +11,32 @@ KV head, or its KV heads), which the compaction policies rank.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import numpy as np
+
+from ..arrays import NumpyArrays
 
 
 class KVStore:
-    """KV cache of a batch of sequences; all sequences share the write cursor `length`."""
+    """KV cache of a batch of sequences; all sequences share the write cursor `length`.
 
-    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, capacity: int = 0, track_scores: bool = False, score_rows: int | None = None):
+    Arrays come from `arrays` (numpy on the CPU, torch on a GPU: see `runtime/arrays.py`); `dtype` is
+    a numpy dtype."""
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, dtype=np.float32,
+                 arrays=None, capacity: int = 0, track_scores: bool = False, score_rows: int | None = None):
         self.shape = (batch, n_kv_heads, head_dim)
-        self.dtype, self.device = dtype, device
+        self.dtype, self.arrays = np.dtype(dtype), arrays or NumpyArrays()
         self.keys = [self._empty(capacity) for _ in range(n_layers)]
         self.values = [self._empty(capacity) for _ in range(n_layers)]
         rows = score_rows or n_kv_heads
-        self.scores = [torch.zeros(batch, rows, capacity, device=device) for _ in range(n_layers)] \
+        self.scores = [self.arrays.zeros((batch, rows, capacity)) for _ in range(n_layers)] \
             if track_scores else None
-        self.mask = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        self.mask = self.arrays.zeros((batch, capacity), np.int64)
         self.length = 0
 
-    def _empty(self, capacity: int, dtype: torch.dtype | None = None) -> Tensor:
+    def _empty(self, capacity: int):
         b, h, d = self.shape
-        return torch.zeros(b, h, capacity, d, dtype=dtype or self.dtype, device=self.device)
+        return self.arrays.zeros((b, h, capacity, d), self.dtype)
 
     @property
     def capacity(self) -> int:
@@ -45,23 +49,23 @@ class KVStore:
     @property
     def nbytes(self) -> int:
         """Bytes held by stored K and V (allocated capacity, all layers)."""
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return sum(t.nbytes for t in (*self.keys, *self.values))
 
-    def grouped_scores(self, layer: int, row: int = 0) -> Tensor:
+    def grouped_scores(self, layer: int, row: int = 0):
         """Sequence `row`'s tracked mass in `layer` as a policy takes it: `[Hkv, R/Hkv, capacity]`."""
         scores = self.scores[layer][row]
-        return scores.view(self.shape[1], -1, scores.shape[-1])
+        return scores.reshape(self.shape[1], -1, scores.shape[-1])
 
-    def _tensors(self) -> list[list[Tensor]]:
+    def _tensors(self) -> list[list]:
         return [self.keys, self.values] + ([self.scores] if self.scores is not None else [])
 
     def clone(self) -> "KVStore":
         """An independent copy (evaluation reuses one prefill for several KV specs)."""
-        copy = KVStore(len(self.keys), self.batch, self.shape[1], self.shape[2], self.dtype, self.device)
-        copy.keys = [t.clone() for t in self.keys]
-        copy.values = [t.clone() for t in self.values]
-        copy.scores = [t.clone() for t in self.scores] if self.scores is not None else None
-        copy.mask, copy.length = self.mask.clone(), self.length
+        copy = KVStore(len(self.keys), self.batch, self.shape[1], self.shape[2], self.dtype, self.arrays)
+        copy.keys = [self.arrays.copy(t) for t in self.keys]
+        copy.values = [self.arrays.copy(t) for t in self.values]
+        copy.scores = [self.arrays.copy(t) for t in self.scores] if self.scores is not None else None
+        copy.mask, copy.length = self.arrays.copy(self.mask), self.length
         return copy
 
     def resize(self, capacity: int) -> None:
@@ -73,11 +77,11 @@ class KVStore:
         n = self.length
         for tensors in self._tensors():
             for i, old in enumerate(tensors):
-                new = old.new_empty(*old.shape[:2], capacity, *old.shape[3:])
-                new[:, :, :n] = old[:, :, :n]
-                new[:, :, n:] = 0  # dead slots are masked but still multiplied by 0: keep them finite
+                new = self.arrays.zeros((*old.shape[:2], capacity, *old.shape[3:]), old.dtype)
+                new[:, :, :n] = old[:, :, :n]  # dead slots stay 0: masked, but still multiplied by 0
                 tensors[i] = new
-        mask = torch.zeros(self.batch, capacity, dtype=torch.long, device=self.device)
+                del old
+        mask = self.arrays.zeros((self.batch, capacity), np.int64)
         mask[:, :n] = self.mask[:, :n]
         self.mask = mask
 
@@ -88,7 +92,7 @@ class KVStore:
         self.resize(self.length + extra)
         return True
 
-    def append(self, keys: list[Tensor], values: list[Tensor], scores: list[Tensor] | None = None) -> None:
+    def append(self, keys: list, values: list, scores: list | None = None) -> None:
         """Write new tokens' KV (`[B,Hkv,S,D]` per layer) at the cursor; room must be reserved.
 
         `scores[l]` (`[B,R,capacity+S]`, the graph's score output for this call) is added to the
@@ -118,46 +122,31 @@ class KVStore:
         self.length += count
         return start
 
-    def add_scores(self, scores: list[Tensor]) -> None:
+    def add_scores(self, scores: list) -> None:
         """Add a call's attention mass over the live prefix (`[B,R,length]` per layer, the
         `prefill_shared` graph's score output) to the tracked mass of those slots."""
         if self.scores is not None:
             for acc, new in zip(self.scores, scores):
                 acc[:, :, :new.shape[2]] += new
 
-    @classmethod
-    def merge(cls, stores: list["KVStore"], extra: int) -> "KVStore":
-        """Batch single-sequence stores, right-aligned so all end at one cursor, with `extra` free slots."""
-        first = stores[0]
-        n = max(s.length for s in stores)
-        merged = cls(len(first.keys), len(stores), first.shape[1], first.shape[2], first.dtype, first.device, n + extra,
-                     track_scores=first.scores is not None,
-                     score_rows=first.scores[0].shape[1] if first.scores is not None else None)
-        for b, s in enumerate(stores):
-            offset = n - s.length
-            for dst_list, src_list in zip(merged._tensors(), s._tensors()):
-                for dst, src in zip(dst_list, src_list):
-                    dst[b, :, offset:n] = src[0, :, :s.length]
-            merged.mask[b, offset:n] = s.mask[0, :s.length]
-        merged.length = n
-        return merged
-
-    def compact(self, slots: list[Tensor], counts: list[int], extra: int) -> None:
+    def compact(self, slots: list, counts: list[int], extra: int) -> None:
         """Keep, per layer, sequence and KV head, the slots `slots[l][b, h, -counts[b]:]` (ascending;
         entries before them are padding), right-aligned, in `max(counts) + extra` slots. The
         dropped slots' memory is released (new tensors, the old ones are freed)."""
+        a = self.arrays
         k = slots[0].shape[-1]
         for tensors in self._tensors():
             for layer, old in enumerate(tensors):
                 index = slots[layer]
-                if old.dim() == 4:
-                    index = index.unsqueeze(-1).expand(*index.shape, old.shape[-1])
+                if old.ndim == 4:
+                    index = index[..., None]  # [B,Hkv,k,1]: the same slot for every channel
                 else:  # scores: each KV head's slots for its query heads' rows
-                    index = index.repeat_interleave(old.shape[1] // index.shape[1], dim=1)
-                new = old.new_zeros(*old.shape[:2], k + extra, *old.shape[3:])
-                new[:, :, :k] = torch.gather(old, 2, index)
+                    index = a.repeat(index, old.shape[1] // index.shape[1], 1)
+                new = a.zeros((*old.shape[:2], k + extra, *old.shape[3:]), old.dtype)
+                new[:, :, :k] = a.take_along(old, index, 2)
                 tensors[layer] = new
-        self.mask = torch.zeros(self.batch, k + extra, dtype=torch.long, device=self.device)
+                del old
+        self.mask = a.zeros((self.batch, k + extra), np.int64)
         for b, count in enumerate(counts):
             self.mask[b, k - count:k] = 1
         self.length = k

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
+
+from ..lazy_torch import torch
 
 from .layout import ViewLayout
 from .pages import PagePool
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 #: pages recalled per gather-and-put in ``KVView.put_pages`` (a few MB of staging each)

@@ -1,0 +1,140 @@
+"""The arrays an engine binds: numpy on the CPU, torch tensors on a GPU.
+
+The dense KV path (store, decode batch, prefill, output buffers, sampling) is written once against
+the few operations below, so a CPU runtime that serves the full cache never imports torch (torch's
+import alone is ~190 MiB of resident memory and ~1.3 s). The KV policies (compaction) and the
+retrieval managers (FreeKV, Quest) compute in torch and import it when a request first needs them;
+`to_torch` / `from_torch` cross that boundary without copies on the CPU.
+
+Large CPU buffers are anonymous memory maps: pages become resident when written (rows never touched
+cost nothing), read as zeros before that, and go back to the OS the moment the last view of the
+buffer is dropped. (numpy's own allocator would put arrays of 4 MiB and more in transparent huge
+pages, resident 2 MiB at a time.)
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+MAPPED_BYTES = 1 << 20  # buffers at least this large are memory maps (below: numpy's allocator)
+
+
+def _mapped(shape: tuple[int, ...], dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    buffer = mmap.mmap(-1, count * dtype.itemsize)
+    return np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape)
+
+
+class NumpyArrays:
+    """Host arrays (the CPU execution provider)."""
+
+    device = "cpu"
+
+    def empty(self, shape, dtype=np.float32) -> np.ndarray:
+        """Uninitialized for small buffers; large ones are maps, zero until written."""
+        shape = tuple(shape)
+        if np.prod(shape, dtype=np.int64) * np.dtype(dtype).itemsize >= MAPPED_BYTES:
+            return _mapped(shape, dtype)
+        return np.empty(shape, dtype)
+
+    def zeros(self, shape, dtype=np.float32) -> np.ndarray:
+        shape = tuple(shape)
+        if np.prod(shape, dtype=np.int64) * np.dtype(dtype).itemsize >= MAPPED_BYTES:
+            return _mapped(shape, dtype)
+        return np.zeros(shape, dtype)
+
+    def asarray(self, values, dtype=np.int64) -> np.ndarray:
+        out = np.asarray(values, dtype=dtype)  # (a scalar stays 0-d)
+        return out if out.flags.c_contiguous else out.copy()
+
+    def arange(self, start: int, stop: int | None = None) -> np.ndarray:
+        return np.arange(start, stop, dtype=np.int64) if stop is not None else np.arange(start, dtype=np.int64)
+
+    def take_along(self, x: np.ndarray, index: np.ndarray, axis: int) -> np.ndarray:
+        return np.take_along_axis(x, index, axis)
+
+    def repeat(self, x: np.ndarray, count: int, axis: int) -> np.ndarray:
+        return np.repeat(x, count, axis)
+
+    def copy(self, x: np.ndarray) -> np.ndarray:
+        out = self.empty(x.shape, x.dtype)
+        out[...] = x
+        return out
+
+    def nonzero(self, x: np.ndarray) -> np.ndarray:
+        """Indices of the non-zero entries of a 1-D array."""
+        return np.flatnonzero(x)
+
+    def to_torch(self, x):
+        import torch
+
+        return torch.from_numpy(x)
+
+    def from_torch(self, t) -> np.ndarray:
+        return t.numpy()
+
+
+class TorchArrays:
+    """torch tensors on `device` (GPU engines; on "cpu" the tests use it to run the GPU code path)."""
+
+    def __init__(self, device: str = "cpu"):
+        import torch
+
+        self.torch, self.device = torch, torch.device(device)
+        self._dtypes = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
+                        np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32,
+                        np.dtype(np.bool_): torch.bool}
+
+    def dtype(self, dtype):
+        """The torch dtype of a numpy dtype (a torch dtype is returned as is)."""
+        return dtype if isinstance(dtype, self.torch.dtype) else self._dtypes[np.dtype(dtype)]
+
+    def empty(self, shape, dtype=np.float32):
+        return self.torch.empty(tuple(shape), dtype=self.dtype(dtype), device=self.device)
+
+    def zeros(self, shape, dtype=np.float32):
+        return self.torch.zeros(tuple(shape), dtype=self.dtype(dtype), device=self.device)
+
+    def asarray(self, values, dtype=np.int64):
+        return self.torch.as_tensor(values, dtype=self.dtype(dtype), device=self.device)
+
+    def arange(self, start: int, stop: int | None = None):
+        if stop is None:
+            start, stop = 0, start
+        return self.torch.arange(start, stop, device=self.device)
+
+    def take_along(self, x, index, axis: int):
+        return self.torch.take_along_dim(x, index, axis)
+
+    def repeat(self, x, count: int, axis: int):
+        return x.repeat_interleave(count, dim=axis)
+
+    def copy(self, x):
+        return x.clone()
+
+    def nonzero(self, x):
+        return self.torch.nonzero(x, as_tuple=True)[0]
+
+    def to_torch(self, x):
+        return x
+
+    def from_torch(self, t):
+        return t
+
+
+def for_provider(provider: str, device_id: int = 0):
+    """`NumpyArrays` for the CPU provider, `TorchArrays` on the GPU for the others."""
+    return NumpyArrays() if provider == "cpu" else TorchArrays(f"cuda:{device_id}")
+
+
+def host(x) -> np.ndarray:
+    """A numpy view (CPU) or copy (GPU) of an engine array: numpy arrays pass through, torch tensors
+    are detached and moved to the host."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "detach"):  # a torch tensor; torch is only touched when one is passed
+        return x.detach().cpu().numpy()
+    return np.asarray(x)

@@ -1,0 +1,170 @@
+"""FreeKV / Quest sequences at decode: each attends through its own view buffers, one call per step.
+
+The retrieval managers (`kv/freekv.py`) compute in torch, so everything bound here is a torch tensor
+(`arrays.TorchArrays` on the engine's device); torch is imported when the first such sequence comes,
+never by a runtime that serves only dense caches. A joining sequence's prompt KV (engine arrays) is
+handed over as torch tensors without a copy on the CPU.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..contract import GraphVariant, group_graphs
+from .arrays import TorchArrays
+from .buffers import bind_decode, graph_outputs, per_layer
+from .kv.store import KVStore
+
+
+class RetrievalGroup:
+    """FreeKV / Quest sequences: each attends through its own two view buffers (one call each)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.members: dict[int, _RetrievalRow] = {}
+        self._arrays = None
+
+    @property
+    def rows(self) -> list:
+        return list(self.members.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.manager.nbytes for r in self.members.values())
+
+    @property
+    def arrays(self) -> TorchArrays:
+        """torch tensors on the engine's device (the managers compute in torch; imported on first use)."""
+        if self._arrays is None:
+            self._arrays = TorchArrays(self.engine.device)
+        return self._arrays
+
+    def join(self, seq, store: KVStore, query: list, manager=None) -> None:
+        """`manager`: the one `create_manager` made before the prefill (its summaries built), or a new one.
+        `store`'s arrays (and `query`, [1,H,D] per layer) are handed to the manager as torch tensors."""
+        self.members[id(seq)] = _RetrievalRow(self, seq, store, query, manager)
+
+    def create_manager(self, seq, max_context: int):
+        """The retrieval manager of one sequence whose cache holds `max_context` tokens."""
+        m, a = self.engine.manifest, self.arrays
+        return seq.retrieval.create(m.n_layers, m.n_kv_heads, m.n_heads, m.head_dim, 1, a.dtype(self.engine.dtype),
+                                    device=self.engine.device, mask_dtype=a.dtype(np.int64), max_context=max_context,
+                                    staging_slot=GraphVariant.DECODE_SHARED in m.graphs)
+
+    def absorber(self, manager):
+        """`PrefillJob`'s `on_chunk` for `manager`: the chunk's keys (engine arrays) summarized into pages."""
+        to_torch = self.engine.arrays.to_torch
+        return lambda keys, length: manager.absorb([to_torch(k) for k in keys], length)
+
+    def leave(self, seq) -> None:
+        row = self.members.pop(id(seq))
+        row.close()
+
+    def step(self) -> list[tuple[object, object]]:
+        return [(row.seq, row.step()) for row in list(self.members.values())]
+
+
+class _RetrievalRow:
+    """One sequence's retrieval manager, its per-view bindings and step buffers."""
+
+    def __init__(self, group: RetrievalGroup, seq, store: KVStore, query: list, manager=None):
+        engine, a = group.engine, group.arrays
+        m, to_torch = engine.manifest, engine.arrays.to_torch
+        self.engine, self.arrays, self.seq = engine, a, seq
+        self.shared = GraphVariant.DECODE_SHARED in m.graphs  # each view gets a staging slot the graph writes to
+        self.variant = GraphVariant.DECODE_SHARED if self.shared else GraphVariant.DECODE
+        t0 = time.perf_counter()
+        r = manager if manager is not None else group.create_manager(seq, store.length)
+        # the spec's `select` (default: fresh when the export has decode groups, `kvtrt export --decode-groups`)
+        self.grouped = self.shared and seq.retrieval.fresh(m)
+        if self.grouped:
+            r.use_fresh_queries()
+        keys, values = [to_torch(k) for k in store.keys], [to_torch(v) for v in store.values]
+        store.keys, store.values = [], []  # the manager holds them now (and frees them: `release`)
+        r.start(keys, values, [to_torch(q) for q in query], mask=to_torch(store.mask),
+                reserve_tokens=seq.remaining + 1, release=True)
+        del keys, values
+        seq.stats.prefill_s += time.perf_counter() - t0  # building the pool is part of the prompt's cost
+        self.manager = r
+        self.ids = a.zeros((1, 1), np.int64)
+        self.positions = a.zeros((1, 1), np.int64)
+        self.slot = a.asarray([r.slots], np.int64)
+        if self.grouped:
+            self.bound = self._bind_groups(r)
+            return
+        plain = None if self.shared else graph_outputs(engine, 1, 1, r.slots + 1, arrays=a)  # one set for both views
+        self.bound = []
+        for v in r.views:
+            if self.shared:
+                outputs = graph_outputs(engine, 1, 1, None, cache=(v.keys, v.values), arrays=a)
+                binding = bind_decode(engine, self.variant, self.ids, self.positions, v.mask, v.keys, v.values,
+                                      outputs, write_slot=self.slot)
+                new_k, new_v = v.all_keys[:, :, :, r.slots:], v.all_values[:, :, :, r.slots:]  # staging slot
+            else:
+                outputs = plain
+                binding = bind_decode(engine, self.variant, self.ids, self.positions, v.mask, v.keys, v.values,
+                                      outputs)
+                new_k, new_v = per_layer(outputs, "key"), per_layer(outputs, "value")
+            self.bound.append((binding, outputs, per_layer(outputs, "query"), new_k, new_v))
+
+    def _bind_groups(self, r) -> list:
+        """For the one view a fresh-query manager serves: the lookahead call, then one call per decode
+        group (hidden states, queries and lookahead queries in buffers held here), and where the
+        step's new K/V land (the view's staging slot)."""
+        e, m, a, dt = self.engine, self.engine.manifest, self.arrays, self.engine.dtype
+        graphs = group_graphs(m.decode_groups)  # the lookahead graph, then the groups
+        self.query = a.empty((m.n_layers, 1, m.n_heads, m.head_dim), dt)      # [L,1,H,D]
+        self.lookahead = a.empty((m.n_layers, 1, m.n_heads, m.head_dim), dt)  # [L,1,H,D]
+        self.logits = a.empty((1, 1, m.vocab_size))
+        # between groups; held here: a binding keeps only the address
+        self.hidden = hidden = [a.empty((1, 1, m.hidden_size), dt) for _ in graphs[2:]]
+        v = r.views[0]  # one view serves every step (`use_fresh_queries`)
+        calls = []
+        for g, (key, layers, following) in enumerate(graphs, start=-1):  # g = -1: the lookahead graph
+            inputs = {"input_ids" if g <= 0 else "hidden": self.ids if g <= 0 else hidden[g - 1],
+                      "position_ids": self.positions}
+            outputs = {f"lookahead.{layer}": self.lookahead[layer] for layer in following}
+            if layers:
+                inputs.update({"past_mask": v.mask, "write_slot": self.slot})
+                outputs.update({"hidden_out": hidden[g]} if following else {"logits": self.logits})
+                for layer in layers:
+                    inputs[f"past_key.{layer}"] = outputs[f"present_key.{layer}"] = v.keys[layer]
+                    inputs[f"past_value.{layer}"] = outputs[f"present_value.{layer}"] = v.values[layer]
+                    outputs[f"query.{layer}"] = self.query[layer]
+            binding = e.new_binding(key)
+            e.bind(binding, inputs, outputs)
+            calls.append((key, binding, layers or None))
+        staging = v.all_keys[:, :, :, r.slots:], v.all_values[:, :, :, r.slots:]
+        return [(calls, {"logits": self.logits}, self.query, *staging)]
+
+    def step(self):
+        """One decode step; the logits `[V]` (a torch tensor)."""
+        r = self.manager
+        self.ids.fill_(self.seq.pending)
+        self.positions.fill_(self.seq.position)
+        if self.grouped:  # each layer range's pages chosen with its lookahead query, right before it attends
+            calls, _, query, new_k, new_v = self.bound[0]
+            for key, binding, layers in calls:
+                if layers is not None:
+                    r.refresh(layers, self.lookahead[layers.start:layers.stop])
+                self.engine.run(key, binding)
+            r.finish_step(query, new_k, new_v)
+            return self.logits[0, 0]
+        binding, outputs, new_q, new_k, new_v = self.bound[r.view().index]
+        if r.mode == "quest":  # select with the current query: probe, re-select, run again
+            self.engine.run(self.variant, binding)
+            r.select(new_q)
+        else:
+            r.prefetch()
+        self.engine.run(self.variant, binding)
+        r.finish_step(new_q, new_k, new_v)
+        return outputs["logits"][0, 0]
+
+    def close(self) -> None:
+        self.seq.stats.kv_bytes = max(self.seq.stats.kv_bytes, self.manager.nbytes)
+        self.seq.stats.kv = {"retrieval_engaged": 1,
+                             "decode_groups": len(self.engine.manifest.group_ranges) if self.grouped else 0,
+                             **{k: v for k, v in self.manager.stats().as_dict().items() if isinstance(v, (int, float))}}
+        self.manager.close()
