@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..contract import GraphVariant
+from .arrays import host
 from .buffers import bind_decode, graph_outputs
 from .kv.store import KVStore
 from .memory import return_freed_memory
@@ -188,7 +189,7 @@ class DenseBatch:
     # -- one step --------------------------------------------------------------------------
     def step(self) -> list[tuple[object, object]]:
         """One graph call over all rows: writes each row's pending token's KV at its slot.
-        Returns (sequence, logits [V]) per row."""
+        Returns (sequence, logits [V], a numpy view valid until the next step) per row."""
         if self.scored:
             self.compact_due()
         if any(r.length >= self.capacity for r in self.rows):
@@ -218,7 +219,7 @@ class DenseBatch:
         for row in self.rows:
             row.length += 1
             row.seq.held = max(row.seq.held, row.length)
-        logits = self._outputs["logits"][:, 0]
+        logits = host(self._outputs["logits"][:, 0])  # [B,V] on the host: a view on the CPU, one copy from a GPU
         return [(row.seq, logits[i]) for i, row in enumerate(self.rows)]
 
     def _bind(self, batch: int) -> None:
