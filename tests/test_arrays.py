@@ -6,6 +6,7 @@ CPU tensors and must decode exactly what the numpy path decodes.
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -52,6 +53,13 @@ def test_large_cpu_buffers_are_memory_maps_that_read_zero():
     big[:3] = 1
     assert big.sum() == 3
     assert a.empty((4,), np.float32).flags.owndata
+    if hasattr(os, "fork"):  # a private map: a forked child's writes are its own
+        pid = os.fork()
+        if pid == 0:
+            big[:3] = 7
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert big[:3].tolist() == [1, 1, 1]
 
 
 def _prompts(n: int) -> list[list[int]]:

@@ -24,7 +24,8 @@ MAPPED_BYTES = 1 << 20  # buffers at least this large are memory maps (below: nu
 def _mapped(shape: tuple[int, ...], dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     count = int(np.prod(shape, dtype=np.int64))
-    buffer = mmap.mmap(-1, count * dtype.itemsize)
+    # private: a forked child gets copy-on-write pages, not the parent's KV (Python's default is MAP_SHARED)
+    buffer = mmap.mmap(-1, count * dtype.itemsize, flags=mmap.MAP_PRIVATE)
     return np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape)
 
 
