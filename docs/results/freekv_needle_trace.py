@@ -2,7 +2,7 @@
 
 For each needle prompt (``kvtrt eval``'s passkey task: same texts, depths and keys), one prefill,
 then greedy decoding with several retrieval variants driven step by step as the runtime drives
-them (``kvtrt/runtime/batch.py`` ``_RetrievalRow``). At every step it records, per variant, the
+them (``kvtrt/runtime/retrieval_batch.py`` ``_RetrievalRow``). At every step it records, per variant, the
 share of (layer, KV head) whose *attended view* holds a page of the needle, and the share whose
 *fresh selection with the step's own query* would hold one (the query the step really computed,
 known only after the step: what an in-model correction like FreeKV's would use). It also records
@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import torch
 
 from kvtrt.eval.accuracy import Evaluator
-from kvtrt.runtime.batch import _RetrievalRow
+from kvtrt.runtime.retrieval_batch import RetrievalGroup, _RetrievalRow
 from kvtrt.runtime.kv.spec import parse_kv_spec
 from kvtrt.runtime.prefill import PrefillJob
 from kvtrt.runtime.request import RequestStats
@@ -50,13 +50,13 @@ def drift(q: torch.Tensor, prev: torch.Tensor, hkv: int, tau: float) -> tuple[to
 
 
 class Driver:
-    """One sequence decoded by the runtime's own retrieval row (``kvtrt/runtime/batch.py``), with what
+    """One sequence decoded by the runtime's own retrieval row (``kvtrt/runtime/retrieval_batch.py``), with what
     each step attended and the query it computed exposed."""
 
     def __init__(self, llm, spec: str, store, query, position: int, first: int, remaining: int):
         seq = SimpleNamespace(retrieval=parse_kv_spec(spec).retrieval, remaining=remaining, pending=first,
                               position=position, stats=RequestStats())
-        self.row = _RetrievalRow(llm.engine, seq, store, query)
+        self.row = _RetrievalRow(RetrievalGroup(llm.engine), seq, store, query)
         self.r = self.row.manager
 
     @property
@@ -114,7 +114,7 @@ def main() -> None:
             lay = parse_kv_spec(spec).retrieval.layout(len(ids))
             pages = set(range((span[0] - lay.sink) // lay.page, (span[1] - 1 - lay.sink) // lay.page + 1))
             needle_pages = torch.tensor(sorted(pages))
-            d = Driver(llm, spec, store.clone(), [q.clone() for q in query], len(ids), first, args.new)
+            d = Driver(llm, spec, store.clone(), [q.copy() for q in query], len(ids), first, args.new)
             out, prev_pre, prev_post = [first], None, None
             cover_view, cover_fresh, rates = [], [], {t: [] for t in tests}
             for step in range(args.new - 1):

@@ -79,7 +79,7 @@ def main() -> None:
     timed(type(llm.engine), "run", "graph")
     report = {}
     for spec in specs:
-        d = Driver(llm, spec, store.clone(), [q.clone() for q in query], len(ids), int(logits[0].argmax()),
+        d = Driver(llm, spec, store.clone(), [q.copy() for q in query], len(ids), int(logits[0].argmax()),
                    args.steps + 8)
         for _ in range(4):  # warm-up
             d.step()

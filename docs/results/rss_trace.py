@@ -56,7 +56,7 @@ class Tracker:
 
 
 def trace_start(tracker: Tracker) -> None:
-    from kvtrt.runtime import batch
+    from kvtrt.runtime import retrieval_batch
     from kvtrt.runtime.kv import freekv, views
 
     def wrap(owner, name, label, every=1, limit=None):
@@ -73,7 +73,7 @@ def trace_start(tracker: Tracker) -> None:
     wrap(freekv.FreeKVRetrieval, "_load", "start: layers in the pool", every=10)
     wrap(views.KVView, "clear", "start: view cleared")
     wrap(freekv.FreeKVRetrieval, "_prepare", "start/step: view prepared", limit=2)
-    wrap(batch._RetrievalRow, "step", "decode step", limit=3)
+    wrap(retrieval_batch._RetrievalRow, "step", "decode step", limit=3)
 
 
 def main() -> None:
