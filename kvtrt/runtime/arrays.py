@@ -36,16 +36,16 @@ class NumpyArrays:
 
     def empty(self, shape, dtype=np.float32) -> np.ndarray:
         """Uninitialized for small buffers; large ones are maps, zero until written."""
-        shape = tuple(shape)
-        if np.prod(shape, dtype=np.int64) * np.dtype(dtype).itemsize >= MAPPED_BYTES:
-            return _mapped(shape, dtype)
-        return np.empty(shape, dtype)
+        return self._allocate(tuple(shape), dtype, np.empty)
 
     def zeros(self, shape, dtype=np.float32) -> np.ndarray:
-        shape = tuple(shape)
+        return self._allocate(tuple(shape), dtype, np.zeros)
+
+    @staticmethod
+    def _allocate(shape: tuple[int, ...], dtype, small) -> np.ndarray:
         if np.prod(shape, dtype=np.int64) * np.dtype(dtype).itemsize >= MAPPED_BYTES:
             return _mapped(shape, dtype)
-        return np.zeros(shape, dtype)
+        return small(shape, dtype)
 
     def asarray(self, values, dtype=np.int64) -> np.ndarray:
         out = np.asarray(values, dtype=dtype)  # (a scalar stays 0-d)

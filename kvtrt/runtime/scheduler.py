@@ -389,8 +389,8 @@ class Scheduler:
         a = store.arrays
         live = a.nonzero(store.mask[0])
         count = min(seq.keep, len(live))
-        # the policy is torch code: scores in, chosen slots out, without copies on the CPU
-        slots = [live[a.from_torch(seq.policy.select(a.to_torch(store.grouped_scores(layer)[..., live]), count))][None]
+        # the policy computes in torch (it takes the store's arrays as they are); its picks come back as arrays
+        slots = [live[a.from_torch(seq.policy.select(store.grouped_scores(layer)[..., live], count))][None]
                  for layer in range(self.m.n_layers)]
         store.compact(slots, [count], 0)
         seq.stats.compactions += 1
