@@ -14,7 +14,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from .contract import (ATTENTION, DEFAULT_PREFILL_CHUNK, DEFAULT_SCORE_WINDOW, QUANTIZE_METHODS, QUANTIZE_SCHEMES,
+from .contract import (ATTENTION, DEFAULT_PREFILL_CHUNK, DEFAULT_SCORE_WINDOW, KV_DTYPES, QUANTIZE_METHODS, QUANTIZE_SCHEMES,
                        SCORE_HEADS)
 from .eval.peers import EVAL_PEERS, OPENVINO_NO_PPL, PEER_PRECISIONS, PEERS
 
@@ -182,6 +182,11 @@ def _export_parser(sub) -> argparse.ArgumentParser:
                         "choose each range's pages with the step's own query before it attends, instead of "
                         "the previous step's (N = the number of layers: exact for every layer). Needs "
                         "--attention gqa. Default 0: none")
+    p.add_argument("--kv-dtype", default=None, choices=list(KV_DTYPES),
+                   help="dtype of the KV cache the graphs read and write (default: --dtype). fp16 on an fp32 "
+                        "export halves the cache's memory (more sequences under --kv-memory, longer contexts "
+                        "in the same RAM); attention still computes in fp32. Cost on SmolLM2: "
+                        "docs/results/kv_dtype.md")
     p.add_argument("--quantize", default="none", choices=["none", *QUANTIZE_METHODS],
                    help="int4: 4-bit block-32 MatMulNBits projection weights, the lm_head and tied embedding at "
                         "--lm-head-bits (ONNX Runtime CPU/CUDA)")
@@ -200,13 +205,14 @@ def _cmd_export(args) -> int:
     manifest = export_model(args.model, args.output, dtype=args.dtype, max_positions=args.max_positions,
                             score_window=args.score_window, attention=args.attention,
                             score_heads=args.score_heads, decode_groups=args.decode_groups,
-                            progress=not args.quiet)
+                            kv_dtype=args.kv_dtype, progress=not args.quiet)
     if args.quantize != "none":
         from .export.quantize import quantize_export
 
         manifest = quantize_export(args.output, method=args.quantize, lm_head_bits=args.lm_head_bits)
     weights = f"{manifest.quantize} weights, {manifest.dtype} activations" if manifest.quantize != "none" \
         else manifest.dtype
+    weights += f", {manifest.kv_dtype} KV" if manifest.kv_dtype != manifest.dtype else ""
     print(f"exported {manifest.source} ({manifest.model_type}, {manifest.n_layers} layers, {weights}, "
           f"{manifest.max_positions} positions) to {args.output}")
     return 0

@@ -76,6 +76,9 @@ ATTENTION = ("ops", "gqa")
 SCORE_HEADS = ("query", "kv")
 #: weight quantization of an export (`quantize`, `export_options["quantize"]`); the first is the default
 QUANTIZE_METHODS = ("int4",)
+#: precision of the KV cache an export's graphs read and write (`Manifest.kv_dtype`); fp16 on an fp32
+#: model halves the cache (`kvtrt.export.kv_dtype`); the default is the model's dtype
+KV_DTYPES = ("fp32", "fp16")
 QUANTIZE_SCHEMES = ("offset", "rtn")
 
 # -- export folder ---------------------------------------------------------------------------------

@@ -56,8 +56,14 @@ class Manifest:
     #: the model's generation_config.json as `generate` keyword arguments (see `generation_defaults()`);
     #: the runtime uses them unless the caller passes its own
     generation_defaults: dict = field(default_factory=dict)
+    #: dtype of the KV cache the graphs read and write ("fp32" | "fp16"); "" (exports made before this
+    #: field): the model's `dtype`
+    kv_dtype: str = ""
     format: int = FORMAT
     kvtrt_version: str = __version__
+
+    def __post_init__(self):
+        self.kv_dtype = self.kv_dtype or self.dtype
 
     @property
     def group(self) -> int:
@@ -84,7 +90,7 @@ class Manifest:
     @property
     def kv_bytes_per_token(self) -> int:
         """Bytes one token's K and V take over all layers and KV heads."""
-        itemsize = 2 if self.dtype == "fp16" else 4
+        itemsize = 2 if self.kv_dtype == "fp16" else 4
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * itemsize
 
     def save(self, directory: Path) -> Path:
@@ -114,7 +120,7 @@ class Manifest:
                 f"`kvtrt export {data.get('source', 'MODEL')} -o {directory}`")
         known = set(cls.__dataclass_fields__)
         missing = known - set(data) - {"bos_token", "eos_token", "quantize", "export_options", "generation_defaults",
-                                       "score_heads", "decode_groups"}
+                                       "score_heads", "decode_groups", "kv_dtype"}
         if missing:
             raise ExportMismatchError(f"{path} lacks {sorted(missing)}; re-export the model")
         manifest = cls(**{k: v for k, v in data.items() if k in known})

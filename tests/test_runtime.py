@@ -174,7 +174,7 @@ def test_missing_and_mismatched_exports(tiny_llama, tmp_path):
         kvtrt.load(tmp_path)
     for field, value, message in (("n_layers", 3, "inputs/outputs"), ("n_kv_heads", 4, "KV heads"),
                                   ("kvtrt_version", "9.9.0", "Re-export"), ("format", 99, "Re-export"),
-                                  ("dtype", "fp16", "manifest says fp16")):
+                                  ("kv_dtype", "fp16", "manifest says fp16")):
         copy = tmp_path / f"copy-{field}"
         shutil.copytree(directory, copy)
         manifest = json.loads((copy / "manifest.json").read_text())

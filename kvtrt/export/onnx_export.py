@@ -14,7 +14,7 @@ import torch
 from onnx import TensorProto, external_data_helper
 from tqdm.auto import tqdm
 
-from ..contract import (ATTENTION, CONTRACT_VARIANTS, DEFAULT_SCORE_WINDOW, IN_PLACE_VARIANTS, SCORE_HEADS,
+from ..contract import (ATTENTION, CONTRACT_VARIANTS, DEFAULT_SCORE_WINDOW, IN_PLACE_VARIANTS, KV_DTYPES, SCORE_HEADS,
                         WEIGHTS_FILE, GraphVariant, group_bounds, group_graphs, group_names, input_names, output_names)
 from ..manifest import Manifest, generation_defaults, generation_eos_ids
 from ..models import get_adapter
@@ -29,7 +29,7 @@ INLINE_LIMIT = 1024  # smaller initializers stay inside the graph
 def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export", *, dtype: str = "fp32",
                  max_positions: int | None = None, score_window: int = DEFAULT_SCORE_WINDOW, opset: int = 18,
                  attention: str = "auto", score_heads: str = SCORE_HEADS[0], decode_groups: int = 0,
-                 progress: bool = True) -> Manifest:
+                 kv_dtype: str | None = None, progress: bool = True) -> Manifest:
     """Export `model` to `out_dir` and return the manifest.
 
     `model` is a HF folder, a .gguf file, an alias (see `kvtrt.models.loading.ALIASES`), or an
@@ -40,10 +40,16 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
     `kvcrush:signature=query` reads) or "kv" (averaged per KV group, the format before this option).
     `decode_groups`: also write decode_shared cut into that many layer ranges, with lookahead
     queries (`kvtrt.contract`), which FreeKV/Quest use to choose pages with each step's own query;
-    0: none. Needs attention "gqa".
+    0: none. Needs attention "gqa". `kv_dtype`: the KV cache's dtype (default: `dtype`); "fp16" on an
+    fp32 export halves the cache (`kvtrt.export.kv_dtype`).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    kv_dtype = kv_dtype or dtype
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype {kv_dtype!r} is not supported; use one of {', '.join(KV_DTYPES)}")
+    if dtype == "fp16" and kv_dtype != "fp16":
+        raise ValueError("an fp16 export keeps its KV in fp16; drop --kv-dtype or export with --dtype fp32")
     if attention == "auto":
         attention = "gqa" if dtype == "fp32" else "ops"
     if attention not in ATTENTION:
@@ -121,6 +127,10 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
     manifest.eos_token_ids = sorted({*manifest.eos_token_ids,
                                      *generation_eos_ids(getattr(hf_model, "generation_config", None))})
     manifest.save(out)
+    if kv_dtype != dtype:
+        from .kv_dtype import set_kv_dtype
+
+        manifest = set_kv_dtype(out, kv_dtype)
     bar.update()
     bar.close()
     return manifest

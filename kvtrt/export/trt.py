@@ -217,7 +217,7 @@ def sample_inputs(manifest: Manifest, graph: str, batch: int = 1, new: int = 8, 
     rng = np.random.default_rng(seed)
     variant = GraphVariant(graph)
     new = 1 if variant.is_decode else new
-    dtype = np.float16 if manifest.dtype == "fp16" else np.float32
+    dtype = np.float16 if manifest.kv_dtype == "fp16" else np.float32
     out = {"input_ids": rng.integers(0, manifest.vocab_size, (batch, new), dtype=np.int64),
            "position_ids": np.tile(np.arange(past, past + new, dtype=np.int64), (batch, 1)),
            "past_mask": np.ones((batch, past), dtype=np.int64)}

@@ -88,7 +88,7 @@ class OrtEngine:
                                f"with `pip install 'kvtrt[gpu]'` on a machine with an NVIDIA GPU")
         self.provider = provider
         self.device = "cpu" if provider == "cpu" else f"cuda:{device_id}"
-        self.dtype = DTYPES[self.manifest.dtype]
+        self.dtype = DTYPES[self.manifest.kv_dtype]  # numpy dtype of K/V
         self.arrays = for_provider(provider, device_id)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -183,9 +183,9 @@ class OrtEngine:
             raise ExportMismatchError(
                 f"{variant} graph in {self.directory} has past_key shape {past.shape}, manifest says "
                 f"{m.n_kv_heads} KV heads x {m.head_dim}: re-export the model with `kvtrt export`")
-        want_type = "tensor(float16)" if m.dtype == "fp16" else "tensor(float)"
+        want_type = "tensor(float16)" if m.kv_dtype == "fp16" else "tensor(float)"
         if past.type != want_type:
-            raise ExportMismatchError(f"{variant} graph stores KV as {past.type} but the manifest says {m.dtype}: "
+            raise ExportMismatchError(f"{variant} graph stores KV as {past.type} but the manifest says {m.kv_dtype}: "
                                       f"re-export the model with `kvtrt export`")
         logits = session.get_outputs()[0]
         if logits.name == "logits" and logits.shape[-1] != m.vocab_size:

@@ -15,6 +15,7 @@ import numpy as np
 from ..contract import GraphVariant, group_graphs
 from .arrays import TorchArrays
 from .buffers import bind_decode, graph_outputs, per_layer
+from .engine import DTYPES
 from .kv.store import KVStore
 
 
@@ -119,7 +120,7 @@ class _RetrievalRow:
         self.lookahead = a.empty((m.n_layers, 1, m.n_heads, m.head_dim), dt)  # [L,1,H,D]
         self.logits = a.empty((1, 1, m.vocab_size))
         # between groups; held here: a binding keeps only the address
-        self.hidden = hidden = [a.empty((1, 1, m.hidden_size), dt) for _ in graphs[2:]]
+        self.hidden = hidden = [a.empty((1, 1, m.hidden_size), DTYPES[m.dtype]) for _ in graphs[2:]]  # activations
         v = r.views[0]  # one view serves every step (`use_fresh_queries`)
         calls = []
         for g, (key, layers, following) in enumerate(graphs, start=-1):  # g = -1: the lookahead graph

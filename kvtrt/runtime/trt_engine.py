@@ -70,7 +70,7 @@ class TrtEngine:
         self.trt = trt
         self.cuda = torch.device("cuda", device_id)
         self.device = f"cuda:{device_id}"
-        self.dtype = DTYPES[self.manifest.dtype]  # numpy dtype of K/V; the tensors are `self.arrays`'
+        self.dtype = DTYPES[self.manifest.kv_dtype]  # numpy dtype of K/V; the tensors are `self.arrays`'
         self.arrays = TorchArrays(self.device)
         engine_dir = Path(engine_dir) if engine_dir is not None else self.directory / ENGINE_DIR
         index = engine_dir / ENGINE_INDEX
