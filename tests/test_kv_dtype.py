@@ -148,3 +148,20 @@ def test_validate_passes_and_sees_the_rounding(kv16, tiny_llama, tmp_path):
     report = validate(kv16[1], reference_model=model, save_dir=tmp_path, run_lint=False)
     assert report.passed, report.table()
     assert max(c.max_abs for c in report.checks if c.output.startswith("present_key.")) > 1e-4
+
+
+def test_fp16_prefill_chunks_bound_the_attention_scratch(kv16, monkeypatch):
+    """ORT's fp16 attention keeps heads x chunk x slots fp32 scores: chunks shrink to fit the bound
+    (multiples of 64), the fp32 cache's do not, and the result is the same prefill."""
+    from kvtrt.runtime import prefill as prefill_module
+    from kvtrt.runtime.prefill import PrefillJob
+
+    a, b = (kvtrt.load(d) for d in kv16)
+    whole = PrefillJob(b.engine, IDS, 512, track_scores=False)
+    heads = b.engine.manifest.n_heads
+    monkeypatch.setattr(prefill_module, "FP16_ATTENTION_SCRATCH", heads * whole.store.capacity * 4 * 130)
+    cut = PrefillJob(b.engine, IDS, 512, track_scores=False)
+    assert [e - s for s, e in cut.chunks][:-1] == [128] * (len(cut.chunks) - 1)
+    assert len(PrefillJob(a.engine, IDS, 512, track_scores=False).chunks) == 1 == len(whole.chunks)
+    (_, want, _), (_, got, _) = whole.run(), cut.run()
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)

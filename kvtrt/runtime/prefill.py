@@ -21,6 +21,22 @@ def plan_chunks(n: int, chunk: int, min_last: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+#: ONNX Runtime's CPU GroupQueryAttention in fp16 (an fp16 KV cache) keeps every head's fp32 scores
+#: of a chunk at once, heads x chunk x buffer slots x 4 bytes (its fp32 kernel works in tiles); an
+#: fp16 cache's prefill chunks are cut to keep that scratch under this (docs/results/kv_dtype.md)
+FP16_ATTENTION_SCRATCH = 48 << 20
+
+
+def attention_chunk(engine, chunk: int, slots: int) -> int:
+    """The prefill chunk to use over a buffer of `slots` slots: `chunk`, or on the CPU with an fp16
+    KV cache the largest multiple of 64 (at least 64) whose attention scratch fits FP16_ATTENTION_SCRATCH."""
+    m = engine.manifest
+    if m.kv_dtype != "fp16" or engine.device != "cpu":
+        return chunk
+    fits = FP16_ATTENTION_SCRATCH // (m.n_heads * max(slots, 1) * 4)
+    return min(chunk, max(64, fits // 64 * 64))
+
+
 class PrefillJob:
     """Runs `ids` through the prefill graph in chunks into a single-sequence `KVStore`.
 
@@ -46,6 +62,7 @@ class PrefillJob:
         self.on_chunk = on_chunk
         if self.shared:
             store.reserve(len(ids) - start)
+        chunk = attention_chunk(engine, chunk, store.capacity if self.shared else len(ids))
         self.chunks = [(a + start, b + start) for a, b in plan_chunks(len(ids) - start, chunk, m.score_window)]
         self.tokens = engine.arrays.asarray(ids, np.int64)
         self.next = 0
