@@ -362,8 +362,10 @@ def _eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--texts", help="text file or folder (default ../shared/data/haystack)")
     p.add_argument("--num-texts", type=int, default=10, help="samples (each starts at a different text)")
     p.add_argument("--baseline", metavar="DIR",
-                   help="another export of the same model (e.g. the fp32 export when DIR is int4): ppl rows also "
-                        "report its full-cache perplexity on the same samples and the ratio to it")
+                   help="another export of the same model (e.g. the fp32 export when DIR is int4, or has an fp16 "
+                        "KV cache), full cache, same samples: ppl rows also report its perplexity and the ratio to "
+                        "it, agreement rows how often DIR's full cache picks its greedy token, needle rows its "
+                        "accuracy")
     add_peer_options(p, "ortgenai: ppl rows also report onnxruntime-genai's perplexity on the same samples (its own "
                         "model built from the same source, as `kvtrt bench --peer` builds it; needs the bench extra); "
                         "kvpress: ppl and agreement rows also report kvpress's counterpart press at the same budget "

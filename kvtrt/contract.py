@@ -9,7 +9,9 @@ inputs   input_ids [B,S] int64, position_ids [B,S] int64, past_mask [B,P] int64 
          in place only: write_slot (prefill_shared: int64 scalar, the chunk's first slot in every
          row; decode_shared and decode groups: int64 [B], row b's token goes to slot write_slot[b]
          and the row attends slots [0, write_slot[b]] only),
-         past_key.{l} / past_value.{l} [B,Hkv,P,D] (keys already rotated)
+         past_key.{l} / past_value.{l} [B,Hkv,P,D] (keys already rotated; like every K/V, query and
+         lookahead tensor below, in the manifest's `kv_dtype`: the model's dtype, or fp16 on an fp32
+         model exported with --kv-dtype fp16)
 outputs  logits [B,1,V] (last new token), then
          contract graphs: key.{l} / value.{l} [B,Hkv,S,D] (new tokens only), query.{l} [B,H,D],
          score.{l} [B,H,P+S] (per query head; [B,Hkv,P+S], averaged per KV group, in exports

@@ -89,6 +89,37 @@ def test_eval_baseline_reports_the_other_exports_full_cache(tiny_exports, text_f
     assert "tokenizes differently" in capsys.readouterr().err
 
 
+def test_eval_baseline_agreement_and_needle(tiny_exports, text_file, tmp_path):
+    """--baseline on agreement and needle: an export against itself agrees on every token and has
+    its own needle accuracy; an int4 copy of it agrees on fewer (a different model)."""
+    import shutil
+
+    from kvtrt.export.quantize import quantize_export
+
+    _, _, directory = tiny_exports["llama"]
+    int4 = tmp_path / "int4"
+    shutil.copytree(directory, int4)
+    quantize_export(int4)
+    common = ["--task", "agreement,needle", "--kv", "snapkv", "--budget", "0.5", "--context", "400",
+              "--new-tokens", "24", "--texts", str(text_file), "--num-texts", "2", "--depths", "0.5"]
+    for export, name in ((directory, "self"), (int4, "int4")):
+        assert main(["eval", str(export), *common, "--baseline", str(directory),
+                     "--json", str(tmp_path / f"{name}.json")]) == 0
+    rows = {name: {(r["task"], r["kv"]): r for r in json.loads((tmp_path / f"{name}.json").read_text())}
+            for name in ("self", "int4")}
+    assert rows["self"][("agreement", "full")]["baseline_value"] == 1.0
+    assert rows["int4"][("agreement", "full")]["baseline_value"] < 1.0
+    for name in ("self", "int4"):  # needle: the baseline's accuracy, the same whatever DIR is
+        assert rows[name][("needle", "full")]["baseline_value"] == rows["self"][("needle", "full")]["value"]
+
+
+def test_eval_needle_refuses_a_context_without_room_for_the_haystack(tiny_llama, text_file, capsys):
+    _, _, directory = tiny_llama
+    assert main(["eval", str(directory), "--task", "needle", "--kv", "full", "--context", "100",
+                 "--texts", str(text_file), "--num-texts", "1", "--depths", "0.5"]) == 2
+    assert "haystack around the needle" in capsys.readouterr().err
+
+
 def test_eval_peer_reports_onnxruntime_genai_perplexity(tiny_llama, text_file, tmp_path, capsys):
     """--peer ortgenai: ppl rows carry onnxruntime-genai's teacher-forced perplexity on the same
     samples; a peer built from the same fp32 weights matches kvtrt's full cache, one built from

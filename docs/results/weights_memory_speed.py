@@ -1,7 +1,12 @@
 """Step-interleaved speed, one process: an engine with shared prepacked weights (new) and one with a
 Python session per graph (old, `engine.SHARE_WEIGHTS = False`), generations of the same prompt
 advanced alternately token by token (order flipped every step and round); tokens asserted equal.
-usage: KVTRT_TEXTS=../shared/data/haystack python docs/results/weights_memory_speed.py DIR 512,2048 ROUNDS NEW_TOKENS"""
+usage: KVTRT_TEXTS=../shared/data/haystack python docs/results/weights_memory_speed.py DIR 512,2048 ROUNDS NEW_TOKENS
+
+Runs against the runtime it measured (commit 24f517d): it drives `kvtrt.runtime.generator.Generation`
+step by step, which b138463 replaced by the scheduler (whose thread decodes on its own, so steps of two
+engines can no longer be interleaved from outside). To rerun: `git worktree add /tmp/w 24f517d` and
+`PYTHONPATH=/tmp/w python /tmp/w/docs/results/weights_memory_speed.py ...`."""
 import json, os, statistics, sys, time
 import kvtrt
 from kvtrt.runtime import engine as E

@@ -9,9 +9,11 @@ every spec, so a spec differs from the reference only by what the KV manager doe
 - needle: a pass key hidden at each depth of an N-token haystack, asked for at the end of a
   chat-templated prompt; exact-match accuracy (the key's digits in the answer).
 
-With a `baseline` export of the same model (e.g. the fp32 export when evaluating an int4 one), ppl
-rows also carry the baseline's full-cache perplexity on the same samples (`baseline_value`), so
-the table shows what the export's own precision costs next to what the KV spec costs. With a
+With a `baseline` export of the same model (e.g. the fp32 export when evaluating an int4 one, or
+an fp32 KV cache for an fp16 one) rows also carry `baseline_value`, on the same samples: ppl the
+baseline's full-cache perplexity; agreement how often this export's full cache picks the baseline
+full cache's greedy token; needle the baseline full cache's accuracy. So the table shows what the
+export's own precision costs next to what the KV spec costs. With a
 `peer_dir` (an onnxruntime-genai model of the same source, as `kvtrt bench --peer` builds it) they
 also carry the peer's perplexity on the same samples (`peer_value`): its own weights (e.g. its
 int4 re-quantization), graphs and KV cache. With `kvpress=True`, ppl and agreement rows carry kvpress's
@@ -154,7 +156,7 @@ class Evaluator:
                 run.spec.compaction.budget_tokens(self.context)
         full = SpecRun(KVSpec(), "full", None)
         totals = {r.label: Totals() for r in [full, *runs]}
-        base = Totals() if self.baseline is not None and task == "ppl" else None
+        base = Totals() if self.baseline is not None else None
         peer = Totals() if self.peer is not None and task == "ppl" else None
         pressed = {r.label: Totals() for r in [full, *runs]} \
             if self.kvpress is not None and task in ("ppl", "agreement") else None
@@ -165,10 +167,13 @@ class Evaluator:
             pressed = self._openvino_task(task, jobs, full, runs, press_names, peer_fields)
         bar = tqdm(total=len(jobs) * (len(runs) + 1), desc=f"eval {task}", unit="run", disable=not self.progress)
         for prompt, payload in jobs:
-            if base is not None:  # the baseline export, full cache, same sample
+            if base is not None and task == "ppl":  # the baseline export, full cache, same sample
                 out = decode(self.baseline, prompt, len(payload), "full", teacher=payload)
                 base.nll -= sum(out.logprobs)
                 base.tokens += len(payload)
+            elif base is not None:
+                baseline_tokens = decode(self.baseline, prompt, payload["new"], "full",
+                                         stop_at_eos=task == "needle").tokens
             if peer is not None:  # the onnxruntime-genai model, same sample
                 peer.nll += ortgenai_nll(self.peer, prompt, payload)
                 peer.tokens += len(payload)
@@ -189,12 +194,17 @@ class Evaluator:
                 bar.update()
             if task != "ppl":
                 self._score(task, payload, outputs, full.label, totals)
+                if base is not None:  # agreement: our full cache against the baseline's; needle: the baseline's
+                    mine = {"baseline": baseline_tokens, full.label: outputs[full.label]}
+                    self._score(task, payload, mine, "baseline",
+                                {"baseline": base if task == "needle" else Totals(),
+                                 full.label: base if task == "agreement" else Totals()})
         bar.close()
         rows = [self._row(task, r, totals[r.label], totals[full.label]) for r in [full, *runs]]
         if base is not None:
             for row in rows:
                 row["baseline"] = str(self.baseline.directory)
-                row["baseline_value"] = math.exp(base.nll / base.tokens)
+                row["baseline_value"] = self._value(task, base)
         if peer is not None:
             for row in rows:
                 row["peer"] = str(self.peer_dir)
@@ -309,6 +319,10 @@ class Evaluator:
                 key = str(rng.randint(10000, 99999))
                 needle = codec.tokenizer.encode(NEEDLE.format(key=key), add_special_tokens=False).ids
                 room = self.context - len(head_ids) - len(tail_ids) - len(needle)
+                if room < 16:
+                    raise ValueError(f"--context {self.context} leaves {room} tokens of haystack around the needle "
+                                     f"and question ({self.context - room} tokens); use --context "
+                                     f"{self.context - room + 16} or more")
                 hay = token_prefix(codec.encode, self._rotated(i), room)
                 at = _sentence_end(codec, hay, int(depth * len(hay)))
                 start = len(head_ids) + at  # the needle's tokens: [start, start + len(needle))
@@ -355,7 +369,10 @@ def table(rows: list[dict]) -> str:
                 f"{r['value']:.4f} | {r['full_value']:.4f} | {ratio:.4f} | {r['kv_mib']:.1f} | {corr} |")
         for name in others:
             b = r.get(f"{name}_value")
-            line += f" {b:.4f} | {r['value'] / b:.4f} |" if b else " | |"
+            if not b:
+                line += " | |"
+            else:  # a ratio of perplexities; agreement and needle baselines are shown as they are
+                line += f" {b:.4f} | {r['value'] / b:.4f} |" if r["task"] == "ppl" else f" {b:.4f} | |"
         lines.append(line)
     return "\n".join(lines)
 
