@@ -191,3 +191,32 @@ def test_export_command_with_fp16_kv_and_int4_weights(tiny_llama, tmp_path):
     x, y = np.stack(want.logits), np.stack(got.logits)
     assert 0 < np.abs(x - y).max() < 0.3
     assert (x.argmax(-1) == y.argmax(-1)).mean() >= 0.9
+
+
+def test_decode_groups_with_an_fp16_cache(tmp_path):
+    """`export_model(..., decode_groups=2, kv_dtype="fp16")`: the group graphs carry fp16 K/V and
+    lookahead queries and fp32 hidden states; FreeKV choosing pages with each step's own query
+    (select=fresh) decodes within fp16 rounding of the fp32 cache's grouped export, with a budget that
+    covers the context (a smaller one can choose other pages: fp16 moves page scores slightly, and
+    one different page moved these logits by 0.64)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import tiny_model, tiny_tokenizer
+
+    exports = {}
+    for kv_dtype in ("fp32", "fp16"):
+        exports[kv_dtype] = tmp_path / kv_dtype
+        export_model((tiny_model("llama", num_hidden_layers=4), tiny_tokenizer()), exports[kv_dtype],
+                     progress=False, score_window=4, decode_groups=2, kv_dtype=kv_dtype)
+    graph = onnx.load(str(exports["fp16"] / "decode_group.1.onnx"), load_external_data=False).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)}
+    assert types["hidden"] == TensorProto.FLOAT and types["past_key.2"] == TensorProto.FLOAT16
+    assert types["present_value.3"] == TensorProto.FLOAT16 and types["logits"] == TensorProto.FLOAT
+    a, b = kvtrt.load(exports["fp32"]), kvtrt.load(exports["fp16"])
+    spec = "freekv:budget=600,page=8,sink=4,window=8,min_context=0,select=fresh"
+    want = decode(a, IDS, 24, spec, keep_logits=True)
+    got = decode(b, IDS, 24, spec, teacher=want.tokens, keep_logits=True)
+    diff = np.abs(np.stack(want.logits) - np.stack(got.logits)).max()
+    assert 0 < diff < LOGIT_ATOL
