@@ -623,7 +623,8 @@ def run_serve_bench(directory: str, concurrency: Sequence[int] = (1, 4, 8, 16), 
                 probes.append(row)
             bar.write(_format_row(row))
     bar.close()
-    config = {"dir": str(directory), "model": manifest.source, "dtype": manifest.dtype, "threads": threads,
+    config = {"dir": str(directory), "model": manifest.source, "dtype": manifest.dtype,
+              "kv_dtype": manifest.kv_dtype, "threads": threads,
               "new_tokens": new_tokens, "prompt_tokens": [low, high], "mean_prompt_tokens": mean_prompt,
               "requests": counts, "kv_memory_bytes": cap, "kv_memory_arg": kv_memory, "prefill_chunk": prefill_chunk,
               "max_batch": max_batch, "peer": peer, "peer_budget_tokens": budget if peer else None,

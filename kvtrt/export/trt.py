@@ -373,7 +373,7 @@ def build_engines(directory: str | os.PathLike, out_dir: str | os.PathLike | Non
         path.write_bytes(bytes(serialized))
         written[graph] = path
     (out_dir / ENGINE_INDEX).write_text(json.dumps({
-        "tensorrt": trt.__version__, "dtype": manifest.dtype, "engines": {g: p.name for g, p in written.items()},
+        "tensorrt": trt.__version__, "dtype": manifest.dtype, "kv_dtype": manifest.kv_dtype, "engines": {g: p.name for g, p in written.items()},
         "profiles": {g: {n: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])} for n, s in p.shapes.items()}
                      for g, p in profiles.items()}}, indent=1) + "\n")
     return written

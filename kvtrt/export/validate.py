@@ -26,7 +26,8 @@ What it does, in order:
    when it exceeds both atol and rtol):
    - fp32: atol 1e-4 / rtol 1e-3 (HF logits atol 2e-4: its SDPA kernel sums in another order).
      Measured on SmolLM2: max abs 7.4e-5 (logits), 8.6e-5 (values), 1.6e-6 (scores).
-   - fp16 (weights, or only the KV cache: `--kv-dtype fp16`) against the fp32 reference: key/value atol 1.5e-1, logits 1e-1, query/score 2e-2 (rtol
+   - fp16 (weights, or only the KV cache: `--kv-dtype fp16`; an int4 export with an fp16 cache
+     takes the int4-int8 row below whatever its accuracy_level) against the fp32 reference: key/value atol 1.5e-1, logits 1e-1, query/score 2e-2 (rtol
      5e-2; logits 2e-2). Measured on SmolLM2 fp16 (ORT CPU): max abs 0.10 on keys/values (layers
      12-20 at P=0, magnitudes ~3, i.e. fp16's ~3% after 30 layers; mean abs 2e-3), 0.033 on logits,
      1.9e-3 on queries, 8e-4 on scores.

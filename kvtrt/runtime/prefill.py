@@ -29,12 +29,14 @@ FP16_ATTENTION_SCRATCH = 48 << 20
 
 def attention_chunk(engine, chunk: int, slots: int) -> int:
     """The prefill chunk to use over a buffer of `slots` slots: `chunk`, or on the CPU with an fp16
-    KV cache the largest multiple of 64 (at least 64) whose attention scratch fits FP16_ATTENTION_SCRATCH."""
+    KV cache in the fused attention the largest multiple of 64 whose attention scratch fits
+    FP16_ATTENTION_SCRATCH (at least 64, and at least the score window, so a prompt's last chunk
+    still holds the window's rows)."""
     m = engine.manifest
-    if m.kv_dtype != "fp16" or engine.device != "cpu":
+    if m.kv_dtype != "fp16" or engine.device != "cpu" or m.export_options.get("attention") != "gqa":
         return chunk
     fits = FP16_ATTENTION_SCRATCH // (m.n_heads * max(slots, 1) * 4)
-    return min(chunk, max(64, fits // 64 * 64))
+    return min(chunk, max(64, m.score_window, fits // 64 * 64))
 
 
 class PrefillJob:

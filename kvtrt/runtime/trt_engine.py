@@ -78,9 +78,11 @@ class TrtEngine:
             raise FileNotFoundError(f"no TensorRT engines in {engine_dir}; build them with "
                                     f"`kvtrt build-engine {self.directory}`")
         info = json.loads(index.read_text())
-        if info.get("dtype") != self.manifest.dtype:
-            raise ExportMismatchError(f"the engines in {engine_dir} were built for a {info.get('dtype')} export, this "
-                                      f"export is {self.manifest.dtype}; rebuild with `kvtrt build-engine`")
+        built = (info.get("dtype"), info.get("kv_dtype", info.get("dtype")))  # engines before kv_dtype: the dtype's
+        if built != (self.manifest.dtype, self.manifest.kv_dtype):
+            raise ExportMismatchError(f"the engines in {engine_dir} were built for a {built[0]} export with a {built[1]} "
+                                      f"KV cache, this export is {self.manifest.dtype} with {self.manifest.kv_dtype} KV; "
+                                      f"rebuild with `kvtrt build-engine`")
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engines, self.contexts, self.locks = {}, {}, {}
