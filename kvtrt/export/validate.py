@@ -162,7 +162,7 @@ class ValidationReport:
             names = sorted({c.output for c in self.failures}, key=lambda n: (n.split(".")[0], len(n), n))
             lines.append(f"... {len(self.failures) - len(shown)} more failures (--all-outputs or --json for all); "
                          f"failing outputs: {', '.join(names)}")
-        lines.append("validation " + ("PASSED" if self.passed else "FAILED") + f" ({self.kind} export, "
+        lines.append("validation " + ("PASSED" if self.passed else "FAILED") + f" ({self.kind} tolerances, "
                      f"{len(self.checks)} output comparisons)")
         return "\n".join(lines)
 
