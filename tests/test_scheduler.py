@@ -386,3 +386,35 @@ def test_a_request_whose_prefill_cannot_start_fails_alone(tiny_llama, monkeypatc
     assert llm.generate(prompts[1], max_new_tokens=6).token_ids == expected
     assert llm.stats().running == 0 and llm.stats().kv_bytes_used == 0
     llm.close()
+
+
+def test_admission_counts_buffers_a_longer_row_left_behind(tiny_llama):
+    """A batch keeps its buffers' length when its longest row leaves; rows joining later fill them.
+    Admission must count those slots, not only what the rows now need: the KV held (sampled after
+    every decode step) never passes kv_memory."""
+    _, _, directory = tiny_llama
+    probe = kvtrt.load(directory)
+    cap = full_cache_bytes(probe, 2000)
+    llm = kvtrt.load(directory, kv_memory=cap)
+    llm.manifest.eos_token_ids = []
+    held = []
+    step = llm.scheduler.dense.step
+
+    def recording_step():
+        out = step()
+        held.append(llm.scheduler.used_bytes())
+        return out
+
+    llm.scheduler.dense.step = recording_step
+    with llm.scheduler._lock:  # a long row (460 slots) and a short one (160) run together
+        long = llm.submit([9] * 400, max_new_tokens=60)
+        short = llm.submit([9] * 10, max_new_tokens=150)
+    long.result()
+    later = [llm.submit([9] * 10, max_new_tokens=100) for _ in range(4)]  # each needs 110 slots
+    stats = [r.result().stats for r in (short, *later)]
+    assert stats[1].admitted_at < stats[0].finished_at  # joined the short row's batch
+    # five rows of 460 slots (2300 tokens' worth) would pass the cap; counted by what the rows need
+    # (160 + 4 x 110) they seemed to fit, and did run at once before the fix
+    assert max(held) <= cap
+    assert llm.stats().kv_bytes_used == 0
+    llm.close()

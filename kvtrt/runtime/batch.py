@@ -82,8 +82,9 @@ class DenseBatch:
         """Bytes this batch may hold for rows of (slots, steps to come) until they end: full-cache
         rows of (span, steps), whose sum never grows as they decode; compacting rows of (budget +
         slack, steps), a length they never pass (each reallocation sizes the buffers to the largest
-        length + `_steps`)."""
-        capacity = max(e + (0 if self.scored else r) for e, r in rows)
+        length + `_steps`). A row joining without a reallocation fills the buffers as they are, whose
+        length may still be that of a longer row that has left: that length counts too."""
+        capacity = max(self.capacity, *(e + (0 if self.scored else r) for e, r in rows))
         return max(self.touched, len(rows)) * capacity * self.slot_bytes
 
     # -- membership ------------------------------------------------------------------------
