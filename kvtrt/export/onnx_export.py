@@ -20,6 +20,7 @@ from ..manifest import Manifest, generation_defaults, generation_eos_ids
 from ..models import get_adapter
 from ..models.loading import DEFAULT_MODEL, load_hf
 from ..plugins import PLACEHOLDER_DOMAIN, to_contrib_ops
+from .kv_dtype import fp16_kv
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 ALIGN = 1 << 16  # external data offsets aligned so ORT can map them
@@ -102,6 +103,9 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
                 protos[key] = _trace_group(module, arch, layers, following, Path(tmp) / graphs[key], opset,
                                            DTYPES[dtype])
             bar.update()
+        if kv_dtype != dtype:  # fp16 K/V I/O on an fp32 model, before the graphs are written
+            for proto in protos.values():
+                fp16_kv(proto)
         bar.set_postfix_str("writing weights")
         save_shared(protos, graphs, out)
         bar.update()
@@ -119,18 +123,15 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
                                                                    "score_window": score_window, "opset": opset,
                                                                    "attention": attention,
                                                                    "score_heads": score_heads,
-                                                                   "decode_groups": decode_groups},
-        score_heads=score_heads, decode_groups=bounds,
+                                                                   "decode_groups": decode_groups,
+                                                                   "kv_dtype": kv_dtype},
+        score_heads=score_heads, kv_dtype=kv_dtype, decode_groups=bounds,
         generation_defaults=generation_defaults(getattr(hf_model, "generation_config", None)),
         **_save_tokenizer(tokenizer, config, out))
     # HF generate stops at generation_config's EOS ids too (Llama 3: <|eot_id|> besides <|end_of_text|>)
     manifest.eos_token_ids = sorted({*manifest.eos_token_ids,
                                      *generation_eos_ids(getattr(hf_model, "generation_config", None))})
     manifest.save(out)
-    if kv_dtype != dtype:
-        from .kv_dtype import set_kv_dtype
-
-        manifest = set_kv_dtype(out, kv_dtype)
     bar.update()
     bar.close()
     return manifest

@@ -19,6 +19,9 @@ import mmap
 import numpy as np
 
 MAPPED_BYTES = 1 << 20  # buffers at least this large are memory maps (below: numpy's allocator)
+#: the dtypes engines bind, each with the name of its torch counterpart
+TORCH_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", np.dtype(np.int64): "int64",
+               np.dtype(np.int32): "int32", np.dtype(np.bool_): "bool"}
 
 
 def _mapped(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -85,9 +88,7 @@ class TorchArrays:
         import torch
 
         self.torch, self.device = torch, torch.device(device)
-        self._dtypes = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
-                        np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32,
-                        np.dtype(np.bool_): torch.bool}
+        self._dtypes = {dtype: getattr(torch, name) for dtype, name in TORCH_NAMES.items()}
 
     def dtype(self, dtype):
         """The torch dtype of a numpy dtype (a torch dtype is returned as is)."""

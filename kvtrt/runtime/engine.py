@@ -18,11 +18,10 @@ import numpy as np
 
 from ..contract import LOOKAHEAD, GraphVariant, group_graphs, group_names, input_names, output_names
 from ..manifest import ExportMismatchError, Manifest
-from .arrays import for_provider
+from .arrays import TORCH_NAMES, for_provider
 
 # torch dtypes (by name: torch is not imported here) of tensors bound on a GPU
-NP_DTYPES = {"torch.float32": np.float32, "torch.float16": np.float16, "torch.int64": np.int64,
-             "torch.int32": np.int32, "torch.bool": np.bool_}
+NP_DTYPES = {f"torch.{name}": dtype.type for dtype, name in TORCH_NAMES.items()}
 DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16)}  # the KV (and query) dtype of an export
 # CPU sessions share one prepacked copy of the weights (see `ort_shared`); False: one Python
 # InferenceSession per graph, each prepacking its own copy (the behaviour before; for comparisons).
