@@ -418,3 +418,22 @@ def test_admission_counts_buffers_a_longer_row_left_behind(tiny_llama):
     assert max(held) <= cap
     assert llm.stats().kv_bytes_used == 0
     llm.close()
+
+
+def test_a_request_is_sized_alone_whatever_buffers_are_left_behind(tiny_llama):
+    """`request_bytes` (and the refusal at `submit`) count a request alone, not inside the running
+    batch's buffers: a row of 460 slots that has left must not make a smaller request look too big."""
+    _, _, directory = tiny_llama
+    probe = kvtrt.load(directory)
+    llm = kvtrt.load(directory, kv_memory=full_cache_bytes(probe, 2000))
+    llm.manifest.eos_token_ids = []
+    with llm.scheduler._lock:  # a long row (460 slots) and a short one that outlives it
+        long = llm.submit([9] * 400, max_new_tokens=60)
+        short = llm.submit([9] * 10, max_new_tokens=480)
+    long.result()
+    with llm.scheduler._lock:
+        assert not short.done and llm.scheduler.dense.capacity > 400  # the long row's buffers remain
+        assert llm.request_bytes([9] * 100, 300) == probe.request_bytes([9] * 100, 300)
+    short.cancel()
+    llm.close()
+    probe.close()

@@ -78,14 +78,15 @@ class DenseBatch:
             rest = min(rest, row.seq.keep + COMPACTION_SLACK - row.length)
         return max(1, rest)
 
-    def bound(self, rows: list[tuple[int, int]]) -> int:
+    def bound(self, rows: list[tuple[int, int]], current: bool = True) -> int:
         """Bytes this batch may hold for rows of (slots, steps to come) until they end: full-cache
         rows of (span, steps), whose sum never grows as they decode; compacting rows of (budget +
         slack, steps), a length they never pass (each reallocation sizes the buffers to the largest
         length + `_steps`). A row joining without a reallocation fills the buffers as they are, whose
-        length may still be that of a longer row that has left: that length counts too."""
-        capacity = max(self.capacity, *(e + (0 if self.scored else r) for e, r in rows))
-        return max(self.touched, len(rows)) * capacity * self.slot_bytes
+        length may still be that of a longer row that has left: that length counts too (`current`;
+        without it, the bound of these rows alone in a new batch)."""
+        capacity = max(self.capacity if current else 0, *(e + (0 if self.scored else r) for e, r in rows))
+        return max(self.touched if current else 0, len(rows)) * capacity * self.slot_bytes
 
     # -- membership ------------------------------------------------------------------------
     def join(self, seq, store: KVStore) -> None:

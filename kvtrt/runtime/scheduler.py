@@ -196,7 +196,7 @@ class Scheduler:
             if group is g:
                 rows.append((extent, rest))
             if rows:
-                total += g.bound(rows)
+                total += g.bound(rows, current=not alone)
         if group is self.retrieval:
             total += self._retrieval_bytes(seq)
         if not alone:
