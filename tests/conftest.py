@@ -79,3 +79,13 @@ def haystack_text(min_chars: int = 40000) -> str:
 
     rng = random.Random(0)
     return " ".join(rng.choice(words) for _ in range(min_chars // 6))
+
+
+@pytest.fixture(scope="module", params=["numpy", "torch"])
+def backend(request):
+    """The array backend FreeKV/Quest retrieval runs on (``kvtrt.runtime.kv.backend``): numpy, the CPU
+    default, or torch on the CPU (the GPU code path). Module-scoped: a backend holds no state, and
+    hypothesis tests may use it."""
+    from kvtrt.runtime.kv.backend import NumpyBackend, TorchBackend
+
+    return NumpyBackend() if request.param == "numpy" else TorchBackend("cpu")

@@ -1,5 +1,9 @@
 """Decode groups (`kvtrt export --decode-groups`): the in-place decode graph cut into layer ranges
-with lookahead queries, and FreeKV/Quest choosing each range's pages with the step's own query."""
+with lookahead queries, and FreeKV/Quest choosing each range's pages with the step's own query.
+
+Through the runtime the managers use the engine's arrays (numpy on the CPU); the manager-level test
+runs on both retrieval backends (the `backend` fixture: numpy and torch). Retrieval outputs are
+compared as torch tensors through `T` (zero-copy)."""
 
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from kvtrt.runtime.kv.options import KVSpecError
 from tiny import tiny_model, tiny_tokenizer
 
 SPEC = "page=8,sink=4,window=8,pool_dtype=fp32"
+#: a retrieval output (numpy or torch) as a torch tensor for comparison: zero-copy, or the tensor itself
+T = torch.as_tensor
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +140,8 @@ def test_every_layer_attends_pages_chosen_with_its_own_query(grouped, monkeypatc
         view = self.view()
         assert self._fresh, "the grouped path must switch the manager to fresh queries"
         for layer in range(self.n_layers):
-            fresh = self.fresh_selection(layer, query[layer], view)
-            held = view.slot_pages[layer]
+            fresh = T(self.fresh_selection(layer, query[layer], view))
+            held = T(view.slot_pages[layer])
             assert torch.equal(held.sort(-1).values, fresh.sort(-1).values), (len(checked), layer)
         checked.append(1)
         return finish(self, query, new_keys, new_values)
@@ -188,15 +194,15 @@ def test_grouped_rows_decode_concurrently_as_alone(grouped):
     llm.close()
 
 
-def test_fresh_refresh_reselects_exactly_the_heads_that_moved():
-    """Manager level (pure torch): with `use_fresh_queries`, each `refresh` gives a head a fresh top-k
+def test_fresh_refresh_reselects_exactly_the_heads_that_moved(backend):
+    """Manager level (each backend): with `use_fresh_queries`, each `refresh` gives a head a fresh top-k
     with the query it is given when the group-mean cosine to the query its pages were chosen with
     is below tau (or a page left the window since the last step), and leaves the other heads' pages
     as they were; both branches are exercised."""
     from test_freekv import Seq, make
 
     seq = Seq(L=3, total=400, drift=0.25)
-    r = make("freekv:budget=64,page=8,sink=4,window=8,tau=0.9,min_context=0", seq, threaded=False)
+    r = make("freekv:budget=64,page=8,sink=4,window=8,tau=0.9,min_context=0", seq, backend, threaded=False)
     r.use_fresh_queries()
     n0 = 200
     keys, values = seq.kv(0, n0)
@@ -207,18 +213,18 @@ def test_fresh_refresh_reselects_exactly_the_heads_that_moved():
         q_all = torch.stack(seq.q(t))                                         # [L,B,H,D]
         for layers in (range(0, 1), range(1, 3)):
             q = q_all[layers.start:layers.stop]
-            basis = r._basis[0][layers.start:layers.stop].clone()
-            before = view.slot_pages[layers.start:layers.stop].clone()
+            basis = T(r._basis[0][layers.start:layers.stop]).clone()
+            before = T(view.slot_pages[layers.start:layers.stop]).clone()
             stale = r._stale
-            r.refresh(layers, q)
+            assert r.refresh(layers, backend.asarray(q)) is view
             cos = torch.nn.functional.cosine_similarity(q, basis, dim=-1)      # [Lg,B,H]
             drifted = cos.reshape(*cos.shape[:-1], seq.Hkv, -1).mean(-1) < 0.9 if not stale else \
                 torch.ones(len(layers), seq.B, seq.Hkv, dtype=torch.bool)
             for i, layer in enumerate(layers):
-                fresh = r.fresh_selection(layer, q[i], view)
+                fresh = T(r.fresh_selection(layer, q[i], view))
                 for b in range(seq.B):
                     for h in range(seq.Hkv):
-                        held = view.slot_pages[layer, b, h].sort().values
+                        held = T(view.slot_pages[layer, b, h]).sort().values
                         if drifted[i, b, h]:
                             moved += 1
                             assert torch.equal(held, fresh[b, h].sort().values), (t, layer, h)

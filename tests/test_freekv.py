@@ -1,4 +1,7 @@
-"""FreeKV / Quest retrieval manager (kvtrt.runtime.kv.pages + kvtrt.runtime.kv.freekv), pure torch."""
+"""FreeKV / Quest retrieval manager (kvtrt.runtime.kv.pages + kvtrt.runtime.kv.freekv) on both array
+backends (kvtrt.runtime.kv.backend): numpy, the CPU default, and torch (the GPU code path, run on the
+CPU). The ``backend`` fixture (conftest.py) runs each pool / selection / manager test on both; inputs
+and ground truth are torch, outputs are compared as torch tensors through ``T`` (zero-copy)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,10 @@ from kvtrt.runtime.kv.pages import PagePool, group_scores, page_scores, select_p
 from kvtrt.runtime.kv.spec import KVSpecError, parse_kv_spec, parse_stage
 
 torch.set_num_threads(1)
+
+#: an output of either backend as a torch tensor for comparison: zero-copy for a numpy array, the
+#: tensor itself for a torch one
+T = torch.as_tensor
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -52,6 +59,7 @@ class Seq:
 
 def attend(q, k, v, mask):
     """Masked GQA attention ``q`` [B,H,D] over ``k``/``v`` [B,Hkv,P,D] -> [B,H,D] (float64)."""
+    q, k, v, mask = T(q), T(k), T(v), T(mask)
     b, h, d = q.shape
     g = h // k.shape[1]
     kk = k.double().repeat_interleave(g, dim=1)
@@ -62,28 +70,31 @@ def attend(q, k, v, mask):
 
 
 def token_ids(view, layer, b, h):
-    live = view.mask[b].bool()
-    return view.values[layer][b, h, live, 0].round().long()
+    live = T(view.mask[b]).bool()
+    return T(view.values[layer])[b, h, live, 0].round().long()
 
 
 def check_view(r: FreeKVRetrieval, view, seq: Seq, lengths, offsets=None):
     """Every live slot holds the right token once; sink + recent window present; pages whole."""
     lay = r.layout
     S, W, page = lay.sink, lay.window, lay.page
+    # the view is the manager's backend's arrays (numpy or torch): both code paths really run
+    assert all(r.xp.is_array(t) for t in (view.keys[0], view.values[0], view.mask, view.slot_pages))
     for b in range(seq.B):
         n = lengths[b]
         off = 0 if offsets is None else offsets[b]
-        live = view.mask[b].bool()
+        live = T(view.mask[b]).bool()
         for layer in range(seq.L):
-            smap = view.slot_pages[layer][b]
+            keys, values = T(view.keys[layer]), T(view.values[layer])
+            smap = T(view.slot_pages[layer][b])
             page_live = live[S : lay.ring_start].view(lay.k_pages, page)
             for h in range(seq.Hkv):
-                ids = view.values[layer][b, h, live, 0].round().long()
+                ids = values[b, h, live, 0].round().long()
                 assert ids.unique().numel() == ids.numel(), "a token is attended twice"
                 assert int(ids.min()) >= off and int(ids.max()) < off + n
                 # contents match the ground truth
-                torch.testing.assert_close(view.keys[layer][b, h, live], seq.keys[layer][b, h, ids])
-                torch.testing.assert_close(view.values[layer][b, h, live], seq.values[layer][b, h, ids])
+                torch.testing.assert_close(keys[b, h, live], seq.keys[layer][b, h, ids])
+                torch.testing.assert_close(values[b, h, live], seq.values[layer][b, h, ids])
                 got = set((ids - off).tolist())
                 assert set(range(min(S, n))) <= got, "sink missing"
                 assert set(range(max(S, n - W), n)) <= got, "recent window missing"
@@ -93,7 +104,7 @@ def check_view(r: FreeKVRetrieval, view, seq: Seq, lengths, offsets=None):
                     if p >= 0:
                         sl = slice(S + j * page, S + (j + 1) * page)
                         want = torch.arange(S + p * page, S + (p + 1) * page) + off
-                        assert torch.equal(view.values[layer][b, h, sl, 0].round().long(), want)
+                        assert torch.equal(values[b, h, sl, 0].round().long(), want)
 
 
 def decode(r, seq: Seq, n0, steps, on_step=None, prefetch=True):
@@ -134,32 +145,39 @@ def retrieval(spec):
     return parse_kv_spec(spec).retrieval
 
 
-def make(spec, seq: Seq, **kw):
-    return retrieval(spec).create(n_layers=seq.L, n_kv_heads=seq.Hkv, n_heads=seq.H, head_dim=seq.D, batch=seq.B,
-                                  **kw)
+def make(spec, seq: Seq, backend, **kw):
+    """The manager of ``spec`` for ``seq`` on ``backend`` (``None``: the one ``device`` picks)."""
+    r = retrieval(spec).create(n_layers=seq.L, n_kv_heads=seq.Hkv, n_heads=seq.H, head_dim=seq.D, batch=seq.B,
+                               backend=backend, **kw)
+    assert backend is None or (r.xp is backend and r.pool.xp is backend)
+    return r
 
 
 # ----------------------------------------------------------------------------- pages
 
 
-def test_page_scores_match_bruteforce():
+def test_page_scores_match_bruteforce(backend):
     g = torch.Generator().manual_seed(1)
     B, Hkv, G, D, P = 2, 3, 2, 8, 5
     q = torch.randn(B, Hkv * G, D, generator=g)
     a, c = torch.randn(B, Hkv, P, D, generator=g), torch.randn(B, Hkv, P, D, generator=g)
     kmin, kmax = torch.minimum(a, c), torch.maximum(a, c)
-    got = page_scores(q, kmin, kmax)
+    xp = backend
+    got = page_scores(xp.asarray(q), xp.asarray(kmin), xp.asarray(kmax))
+    assert xp.is_array(got)
     ref = torch.zeros(B, Hkv * G, P)
     for b in range(B):
         for h in range(Hkv * G):
             for p in range(P):
                 kh = h // G
                 ref[b, h, p] = torch.maximum(q[b, h] * kmax[b, kh, p], q[b, h] * kmin[b, kh, p]).sum()
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(T(got), ref, rtol=1e-5, atol=1e-5)
 
     valid = torch.tensor([[True] * P, [True, True, True, False, False]])
-    sm = group_scores(got, Hkv, "softmax", valid, scale=0.5)
-    mean = group_scores(got, Hkv, "mean", valid)
+    sm = group_scores(got, Hkv, "softmax", xp.asarray(valid), scale=0.5)
+    mean = group_scores(got, Hkv, "mean", xp.asarray(valid))
+    assert xp.is_array(sm) and xp.is_array(mean)
+    sm, mean = T(sm), T(mean)
     for b in range(B):
         nv = int(valid[b].sum())
         for kh in range(Hkv):
@@ -169,10 +187,10 @@ def test_page_scores_match_bruteforce():
             assert torch.isneginf(sm[b, kh, nv:]).all() and torch.isneginf(mean[b, kh, nv:]).all()
 
 
-def test_pool_summaries_and_layout():
+def test_pool_summaries_and_layout(backend):
     g = torch.Generator().manual_seed(2)
     L, Hkv, D, page = 2, 2, 4, 4
-    pool = PagePool(n_layers=L, batch=2, n_kv_heads=Hkv, head_dim=D, page=page, capacity=1)
+    pool = PagePool(n_layers=L, batch=2, n_kv_heads=Hkv, head_dim=D, page=page, capacity=1, backend=backend)
     ks = [torch.randn(Hkv, 5 * page, D, generator=g) for _ in range(L)]
     vs = [torch.randn(Hkv, 5 * page, D, generator=g) for _ in range(L)]
     assert list(pool.append(1, [k[:, :2 * page] for k in ks], [v[:, :2 * page] for v in vs])) == [0, 1]
@@ -181,21 +199,23 @@ def test_pool_summaries_and_layout():
     for layer in range(L):
         for p in range(5):
             kp, vp = pool.page_kv(layer, 1, p)
+            assert backend.is_array(kp) and backend.is_array(vp)
+            kp, vp = T(kp), T(vp)
             torch.testing.assert_close(kp, ks[layer][:, p * page:(p + 1) * page])
             torch.testing.assert_close(vp, vs[layer][:, p * page:(p + 1) * page])
-            torch.testing.assert_close(pool.kmin[layer][1, :, p], kp.amin(1))
-            torch.testing.assert_close(pool.kmax[layer][1, :, p], kp.amax(1))
-            assert pool.data[layer][1, p].is_contiguous()  # one head's page K,V: [Hkv, 2, page, D]
+            torch.testing.assert_close(T(pool.kmin[layer][1, :, p]), kp.amin(1))
+            torch.testing.assert_close(T(pool.kmax[layer][1, :, p]), kp.amax(1))
+            assert T(pool.data[layer][1, p]).is_contiguous()  # one head's page K,V: [Hkv, 2, page, D]
     with pytest.raises(ValueError, match="whole number"):
         pool.append(0, [k[:, :3] for k in ks], [v[:, :3] for v in vs])
 
 
-def test_pool_growth_moves_written_pages_and_summaries_ahead_of_n_pages():
+def test_pool_growth_moves_written_pages_and_summaries_ahead_of_n_pages(backend):
     """Growing the pool copies what was written (pages appended, and summaries a prefill stored
     before `start` appends the pages), and only that: memory past it is left untouched."""
     g = torch.Generator().manual_seed(5)
     L, Hkv, D, page = 2, 2, 4, 4
-    pool = PagePool(n_layers=L, batch=1, n_kv_heads=Hkv, head_dim=D, page=page, capacity=2)
+    pool = PagePool(n_layers=L, batch=1, n_kv_heads=Hkv, head_dim=D, page=page, capacity=2, backend=backend)
     ks = [torch.randn(Hkv, 2 * page, D, generator=g) for _ in range(L)]
     for layer in range(L):
         pool.summarize_pages(layer, 0, 0, ks[layer])  # as `absorb` during a prefill: n_pages stays 0
@@ -204,19 +224,20 @@ def test_pool_growth_moves_written_pages_and_summaries_ahead_of_n_pages():
     assert pool.capacity >= 64 and pool.n_pages.tolist() == [0]
     for layer in range(L):
         pages = ks[layer].reshape(Hkv, 2, page, D)
-        torch.testing.assert_close(pool.kmin[layer, 0, :, :2], pages.amin(2))
-        torch.testing.assert_close(pool.kmax[layer, 0, :, :2], pages.amax(2))
+        torch.testing.assert_close(T(pool.kmin[layer, 0, :, :2]), pages.amin(2))
+        torch.testing.assert_close(T(pool.kmax[layer, 0, :, :2]), pages.amax(2))
 
 @pytest.mark.parametrize("combine", ["softmax", "mean"])
-def test_topk_per_kv_head(combine):
+def test_topk_per_kv_head(combine, backend):
     g = torch.Generator().manual_seed(3)
     B, Hkv, G, D, P, k = 3, 2, 3, 8, 9, 4
     q = torch.randn(B, Hkv * G, D, generator=g)
     a, c = torch.randn(B, Hkv, P, D, generator=g), torch.randn(B, Hkv, P, D, generator=g)
     kmin, kmax = torch.minimum(a, c), torch.maximum(a, c)
     n_pages = torch.tensor([9, 2, 0])
-    sel = select_pages(q, kmin, kmax, n_pages, k, combine)
-    assert sel.shape == (B, Hkv, k)
+    xp = backend
+    sel = select_pages(xp.asarray(q), xp.asarray(kmin), xp.asarray(kmax), xp.asarray(n_pages), k, combine)
+    assert xp.is_array(sel) and tuple(sel.shape) == (B, Hkv, k)
     for b in range(B):
         n = int(n_pages[b])
         for kh in range(Hkv):
@@ -232,7 +253,7 @@ def test_topk_per_kv_head(combine):
             want += [-1] * (k - len(want))
             assert sel[b, kh].tolist() == want
     # -inf scores are never selected
-    s = torch.tensor([[[1.0, float("-inf"), 0.5]]])
+    s = xp.asarray(torch.tensor([[[1.0, float("-inf"), 0.5]]]))
     assert topk_pages(s, 4).tolist() == [[[0, 2, -1, -1]]]
 
 
@@ -296,14 +317,14 @@ def test_compaction_stage_rejected():
 SMALL = "page=8,sink=4,window=8"
 
 
-def test_full_budget_view_holds_every_token_and_matches_full_attention():
+def test_full_budget_view_holds_every_token_and_matches_full_attention(backend):
     seq = Seq(L=2, B=2, Hkv=2, G=2, D=16, total=200, seed=4)
     # prompts of different lengths via left padding; budget >= every context reached
     n0, steps = [90, 61], 40
     pad = n0[0] - n0[1]
     mask = torch.ones(2, n0[0], dtype=torch.bool)
     mask[1, :pad] = False
-    r = make(f"freekv:budget=200,{SMALL},tau=0.9", seq)
+    r = make(f"freekv:budget=200,{SMALL},tau=0.9", seq, backend)
     # batch row 1 holds the same tokens shifted by `pad` (token ids in value[...,0] stay absolute)
     k, v = seq.kv(0, n0[0])
     r.start(k, v, seq.q(n0[0] - 1), mask=mask)
@@ -334,9 +355,9 @@ def test_full_budget_view_holds_every_token_and_matches_full_attention():
 
 
 @pytest.mark.parametrize("combine", ["softmax", "mean"])
-def test_tau_one_view_equals_fresh_selection(combine):
+def test_tau_one_view_equals_fresh_selection(combine, backend):
     seq = Seq(L=2, B=2, Hkv=2, G=3, D=16, total=260, seed=5)
-    r = make(f"freekv:budget=60,{SMALL},tau=1,combine={combine}", seq)
+    r = make(f"freekv:budget=60,{SMALL},tau=1,combine={combine}", seq, backend)
     assert r.layout.k_pages == 6
 
     def on_step(view, n, q):
@@ -365,9 +386,9 @@ def test_tau_one_view_equals_fresh_selection(combine):
 
 
 @pytest.mark.parametrize("tau, rate", [(0.0, 0.0), (1.0, 1.0)])
-def test_correction_rate_extremes(tau, rate):
+def test_correction_rate_extremes(tau, rate, backend):
     seq = Seq(total=200, seed=6, drift=0.01)
-    r = make(f"freekv:budget=44,{SMALL},tau={tau}", seq)
+    r = make(f"freekv:budget=44,{SMALL},tau={tau}", seq, backend)
     decode(r, seq, 100, 20)
     st = r.stats()
     assert st.heads_checked == 20 * seq.L * seq.B * seq.Hkv
@@ -375,22 +396,22 @@ def test_correction_rate_extremes(tau, rate):
     r.close()
 
 
-def test_intermediate_tau_corrects_only_drifted_heads():
+def test_intermediate_tau_corrects_only_drifted_heads(backend):
     seq = Seq(total=200, seed=7, drift=0.02)  # slow random walk: cos(q_t, q_{t-1}) close to 1
-    r = make(f"freekv:budget=44,{SMALL},tau=0.5", seq)
+    r = make(f"freekv:budget=44,{SMALL},tau=0.5", seq, backend)
     decode(r, seq, 100, 10)
     assert r.stats().correction_rate == 0.0
     seq2 = Seq(total=200, seed=7)  # independent queries each step: cos ~ 0 < 0.5
-    r2 = make(f"freekv:budget=44,{SMALL},tau=0.5", seq2)
+    r2 = make(f"freekv:budget=44,{SMALL},tau=0.5", seq2, backend)
     decode(r2, seq2, 100, 10, on_step=lambda view, n, q: check_view(r2, view, seq2, [n]))
     assert r2.stats().correction_rate > 0.7
     r.close()
     r2.close()
 
 
-def test_double_buffer_never_serves_half_written_view():
+def test_double_buffer_never_serves_half_written_view(backend):
     seq = Seq(L=3, total=200, seed=8)
-    r = make(f"freekv:budget=44,{SMALL},tau=0.9", seq)
+    r = make(f"freekv:budget=44,{SMALL},tau=0.9", seq, backend)
     gate, entered = threading.Event(), threading.Event()
     calls = []
 
@@ -407,7 +428,7 @@ def test_double_buffer_never_serves_half_written_view():
     n = 100
     for step in range(6):
         served = r.view()
-        snap = ([t.clone() for t in served.keys], [t.clone() for t in served.values], served.mask.clone())
+        snap = ([T(t).clone() for t in served.keys], [T(t).clone() for t in served.values], T(served.mask).clone())
         gate.clear()
         entered.clear()
         r.prefetch()
@@ -415,7 +436,7 @@ def test_double_buffer_never_serves_half_written_view():
         assert r.view() is served
         assert r.prefetching and not r.wait_prefetch(timeout=0)
         for t, s in zip(served.keys + served.values + [served.mask], snap[0] + snap[1] + [snap[2]]):
-            assert torch.equal(t, s)  # the served buffer is untouched while the other is written
+            assert torch.equal(T(t), s)  # the served buffer is untouched while the other is written
         check_view(r, served, seq, [n])
         q = seq.q(n)
         nk, nv = seq.kv(n, n + 1)
@@ -429,9 +450,9 @@ def test_double_buffer_never_serves_half_written_view():
     r.close()
 
 
-def test_incremental_recall_copies_exactly_the_missing_pages():
+def test_incremental_recall_copies_exactly_the_missing_pages(backend):
     seq = Seq(L=2, B=2, Hkv=2, G=2, D=8, total=300, seed=9)
-    r = make(f"freekv:budget=52,{SMALL},tau=1", seq)  # k = 5
+    r = make(f"freekv:budget=52,{SMALL},tau=1", seq, backend)  # k = 5
     k, v = seq.kv(0, 200)
     r.start(k, v, seq.q(199))
     copies = []
@@ -453,11 +474,11 @@ def test_incremental_recall_copies_exactly_the_missing_pages():
     total_copied = 0
     for step in range(12):
         other = r.views[1 - r.view().index]
-        before = [m.clone() for m in other.slot_pages]
+        before = [T(m).clone() for m in other.slot_pages]
         copies.clear()
         r.prefetch()
         assert r.wait_prefetch()  # let the worker finish so its copies can be counted on their own
-        mid = [m.clone() for m in other.slot_pages]
+        mid = [T(m).clone() for m in other.slot_pages]
         assert sum(copies) == misses(before, mid)  # speculative recall: exactly the missing pages
         if step == 0:
             assert sum(copies) == seq.L * seq.B * seq.Hkv * r.layout.k_pages  # first fill of the second buffer
@@ -474,33 +495,34 @@ def test_incremental_recall_copies_exactly_the_missing_pages():
     r.close()
 
 
-def test_recall_counts_copies_directly():
+def test_recall_counts_copies_directly(backend):
     seq = Seq(L=1, B=1, Hkv=2, G=1, D=4, total=200, seed=10)
-    r = make(f"freekv:budget=60,{SMALL},tau=0", seq)  # k = 6
+    r = make(f"freekv:budget=60,{SMALL},tau=0", seq, backend)  # k = 6
     k, v = seq.kv(0, 150)
     r.start(k, v, seq.q(149))
     copies = []
     r.copy_hook = lambda n: copies.append(n)
     buf = r.views[1]
     buf.n_pages = r.pool.n_pages.tolist()
-    buf.slot_pages[0].copy_(torch.tensor([[[3, -1, 7, 1, -1, 9], [0, 1, 2, 3, 4, 5]]]))
+    T(buf.slot_pages[0]).copy_(torch.tensor([[[3, -1, 7, 1, -1, 9], [0, 1, 2, 3, 4, 5]]]))  # in place
     sel = torch.tensor([[[7, 3, 10, 11, 12, -1], [5, 4, 3, 2, 1, 0]]])
-    r.recall(buf, sel[None])
+    r.recall(buf, backend.asarray(sel[None]))
     assert copies == [3]  # head 0 lacks 10, 11, 12; head 1 holds all its pages
-    m = buf.slot_pages[0][0]
+    m = T(buf.slot_pages[0][0])
     assert m[0, 0] == 3 and m[0, 2] == 7  # kept in place
     assert sorted(m[0].tolist()) == [-1, 3, 7, 10, 11, 12] and m[0, 1] >= 10 and m[0, 4] >= 10
     assert m[1].tolist() == [0, 1, 2, 3, 4, 5]
     for j, p in enumerate(m[0].tolist()):
         if p >= 10:  # the copied pages hold their data (3 and 7 were only claimed in the map)
-            torch.testing.assert_close(buf.keys[0][0, 0, 4 + 8 * j: 4 + 8 * (j + 1)], r.pool.page_kv(0, 0, p)[0][0])
+            torch.testing.assert_close(T(buf.keys[0][0, 0, 4 + 8 * j: 4 + 8 * (j + 1)]),
+                                       T(r.pool.page_kv(0, 0, p)[0][0]))
     st = r.stats()
     assert (st.pages_selected, st.pages_hit, st.pages_recalled) == (11, 8, 3)
 
 
-def test_stationary_query_stops_recalling():
+def test_stationary_query_stops_recalling(backend):
     seq = Seq(L=2, total=260, seed=11, drift=0.0)  # the same query every step
-    r = make(f"freekv:budget=52,{SMALL},tau=0.9", seq)
+    r = make(f"freekv:budget=52,{SMALL},tau=0.9", seq, backend)
     copies = []
     n = decode(r, seq, 200, 3)
     r.copy_hook = lambda n_pages: copies.append(n_pages)
@@ -519,11 +541,11 @@ def test_stationary_query_stops_recalling():
     r.close()
 
 
-def test_views_are_stable_buffers_and_threaded_matches_inline():
+def test_views_are_stable_buffers_and_threaded_matches_inline(backend):
     seq = Seq(L=2, B=2, total=220, seed=12, drift=0.3)
-    a = make(f"freekv:budget=44,{SMALL},tau=0.8", seq)
-    b = make(f"freekv:budget=44,{SMALL},tau=0.8", seq, threaded=False)
-    ptrs = [(t.data_ptr() for t in v.keys + v.values + [v.mask]) for v in a.views]
+    a = make(f"freekv:budget=44,{SMALL},tau=0.8", seq, backend)
+    b = make(f"freekv:budget=44,{SMALL},tau=0.8", seq, backend, threaded=False)
+    ptrs = [(T(t).data_ptr() for t in v.keys + v.values + [v.mask]) for v in a.views]
     ptrs = [tuple(p) for p in ptrs]
     ka, va = seq.kv(0, 120)
     a.start(ka, va, seq.q(119))
@@ -532,20 +554,20 @@ def test_views_are_stable_buffers_and_threaded_matches_inline():
         va_, vb_ = a.view(), b.view()
         assert va_.index == vb_.index
         for x, y in zip(va_.keys + va_.values + [va_.mask], vb_.keys + vb_.values + [vb_.mask]):
-            assert torch.equal(x, y)
-    assert [tuple(t.data_ptr() for t in v.keys + v.values + [v.mask]) for v in a.views] == ptrs
+            assert torch.equal(T(x), T(y))
+    assert [tuple(T(t).data_ptr() for t in v.keys + v.values + [v.mask]) for v in a.views] == ptrs
     assert a.stats().heads_corrected == b.stats().heads_corrected
     a.close()
     b.close()
 
 
-def test_staging_slot_leaves_the_view_unchanged():
+def test_staging_slot_leaves_the_view_unchanged(backend):
     """With a staging slot (the in-place decode graph writes each step's K/V there), every view
     holds exactly what a view without one holds, plus one always-live slot at the end that the
     retrieval never writes; page copies land in the same slots."""
     seq = Seq(L=2, B=2, total=220, seed=13, drift=0.3)
-    plain = make(f"freekv:budget=44,{SMALL},tau=0.8", seq)
-    staged = make(f"freekv:budget=44,{SMALL},tau=0.8", seq, staging_slot=True)
+    plain = make(f"freekv:budget=44,{SMALL},tau=0.8", seq, backend)
+    staged = make(f"freekv:budget=44,{SMALL},tau=0.8", seq, backend, staging_slot=True)
     ka, va = seq.kv(0, 120)
     plain.start(ka, va, seq.q(119))
     staged.start(ka, va, seq.q(119))
@@ -556,13 +578,13 @@ def test_staging_slot_leaves_the_view_unchanged():
         a, b = plain.view(), staged.view()
         assert b.keys[0].shape[2] == a.keys[0].shape[2] + 1 == staged.slots + 1
         for x, y in zip(a.keys + a.values, b.keys + b.values):
-            assert torch.equal(x, y[:, :, :-1]) and bool((y[:, :, -1] == 7.0).all())
-        assert torch.equal(a.mask, b.mask[:, :-1]) and bool(b.mask[:, -1].all())
+            assert torch.equal(T(x), T(y[:, :, :-1])) and bool((T(y[:, :, -1]) == 7.0).all())
+        assert torch.equal(T(a.mask), T(b.mask[:, :-1])) and bool(T(b.mask[:, -1]).all())
     plain.close()
     staged.close()
 
 
-def test_needle_page_is_retrieved():
+def test_needle_page_is_retrieved(backend):
     """A page whose keys align with the query is selected and attention over the view is close to full."""
     seq = Seq(L=1, B=1, Hkv=1, G=2, D=16, total=400, seed=13)
     direction = torch.randn(16, generator=torch.Generator().manual_seed(0))
@@ -570,14 +592,14 @@ def test_needle_page_is_retrieved():
     seq.keys[0][0, 0, needle] = direction * 3 + 0.1 * torch.randn(8, 16)
     for t in range(400):
         seq.queries[0][t, 0] = direction * 2 + 0.3 * torch.randn(2, 16)
-    r = make(f"freekv:budget=44,{SMALL},tau=0.9", seq)  # 4 pages out of ~36
+    r = make(f"freekv:budget=44,{SMALL},tau=0.9", seq, backend)  # 4 pages out of ~36
     seen = []
 
     def on_step(view, n, q):
         seen.append(10 in view.slot_pages[0][0, 0].tolist())
         full = attend(q[0], seq.keys[0][:, :, :n], seq.values[0][:, :, :n], torch.ones(1, n, dtype=torch.bool))
         got = attend(q[0], view.keys[0], view.values[0], view.mask)
-        stream_mask = view.mask.clone()
+        stream_mask = T(view.mask).clone()
         stream_mask[:, 4 : r.layout.ring_start] = False  # sink + window only
         base = attend(q[0], view.keys[0], view.values[0], stream_mask)
         assert (got - full).abs().mean() < 0.5 * (base - full).abs().mean()
@@ -587,9 +609,9 @@ def test_needle_page_is_retrieved():
     r.close()
 
 
-def test_quest_mode_select_current_query():
+def test_quest_mode_select_current_query(backend):
     seq = Seq(L=2, B=2, total=260, seed=14)
-    r = make(f"quest:budget=52,{SMALL}", seq)
+    r = make(f"quest:budget=52,{SMALL}", seq, backend)
     k, v = seq.kv(0, 150)
     r.start(k, v, seq.q(149))
     n = 150
@@ -613,9 +635,9 @@ def test_quest_mode_select_current_query():
     r.close()
 
 
-def test_short_prompt_inside_sink_and_errors():
+def test_short_prompt_inside_sink_and_errors(backend):
     seq = Seq(L=1, total=120, seed=15)
-    r = make(f"freekv:budget=44,{SMALL}", seq)
+    r = make(f"freekv:budget=44,{SMALL}", seq, backend)
     with pytest.raises(RuntimeError, match="start"):
         r.prefetch()
     n = decode(r, seq, 2, 60, on_step=lambda view, n, q: check_view(r, view, seq, [n]))
@@ -629,9 +651,9 @@ def test_short_prompt_inside_sink_and_errors():
     r.close()
 
 
-def test_stats_keys():
+def test_stats_keys(backend):
     seq = Seq(total=150, seed=16)
-    r = make(f"freekv:budget=44,{SMALL}", seq)
+    r = make(f"freekv:budget=44,{SMALL}", seq, backend)
     decode(r, seq, 100, 5)
     st = r.stats()
     for key in ("correction_rate", "page_hit_rate", "recalled_bytes_per_step", "wait_s", "wait_s_per_step",
@@ -641,11 +663,11 @@ def test_stats_keys():
     r.close()
 
 
-def test_pool_sized_once_for_prompt_plus_reserved_tokens():
+def test_pool_sized_once_for_prompt_plus_reserved_tokens(backend):
     """``start(reserve_tokens=n)`` sizes the pool exactly (no doubling overshoot) and decoding
     those ``n`` tokens never reallocates it; stored and view bytes add up to ``nbytes``."""
     seq = Seq(total=400, seed=17)
-    r = make(f"freekv:budget=44,{SMALL}", seq)
+    r = make(f"freekv:budget=44,{SMALL}", seq, backend)
     k, v = seq.kv(0, 300)
     r.start(k, v, seq.q(299), reserve_tokens=60)
     sink, window, page = r.layout.sink, r.layout.window, r.layout.page
@@ -667,10 +689,11 @@ def test_pool_sized_once_for_prompt_plus_reserved_tokens():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-def test_cuda_path_matches_cpu():
+def test_cuda_path_matches_cpu(backend):
+    """The CUDA code path (torch on the GPU) builds exactly the views of each CPU backend."""
     seq = Seq(L=2, B=2, total=220, seed=17, drift=0.3)
-    cpu = make(f"freekv:budget=44,{SMALL},tau=0.8", seq)
-    gpu = make(f"freekv:budget=44,{SMALL},tau=0.8", seq, device="cuda")
+    cpu = make(f"freekv:budget=44,{SMALL},tau=0.8", seq, backend)
+    gpu = make(f"freekv:budget=44,{SMALL},tau=0.8", seq, None, device="cuda")
     k, v = seq.kv(0, 120)
     cpu.start(k, v, seq.q(119))
     gpu.start([t.cuda() for t in k], [t.cuda() for t in v], [t.cuda() for t in seq.q(119)])
@@ -683,7 +706,8 @@ def test_cuda_path_matches_cpu():
         gpu.finish_step([t.cuda() for t in seq.q(n)], [t.cuda() for t in nk], [t.cuda() for t in nv])
         n += 1
         for x, y in zip(cpu.view().keys + [cpu.view().mask], gpu.view().keys + [gpu.view().mask]):
-            assert torch.equal(x, y.cpu())
+            assert gpu.xp.is_cuda and y.is_cuda
+            assert torch.equal(T(x), y.cpu())
     cpu.close()
     gpu.close()
 
@@ -707,10 +731,11 @@ from hypothesis import strategies as st  # noqa: E402
     combine=st.sampled_from(["softmax", "mean"]),
     seed=st.integers(0, 2**16),
 )
-def test_property_views_consistent(page, sink, window, extra_pages, n0, steps, tau, batch, combine, seed):
+def test_property_views_consistent(page, sink, window, extra_pages, n0, steps, tau, batch, combine, seed, backend):
     seq = Seq(L=2, B=batch, Hkv=2, G=2, D=8, total=n0 + steps + 1, seed=seed, drift=0.5)
     budget = sink + window + page + extra_pages * page
-    r = make(f"freekv:budget={budget},page={page},sink={sink},window={window},tau={tau},combine={combine}", seq)
+    r = make(f"freekv:budget={budget},page={page},sink={sink},window={window},tau={tau},combine={combine}", seq,
+             backend)
     full = budget >= n0 + steps
 
     def on_step(view, n, q):
@@ -725,12 +750,12 @@ def test_property_views_consistent(page, sink, window, extra_pages, n0, steps, t
 
     n = decode(r, seq, n0, steps, on_step=on_step)
     check_view(r, r.view(), seq, [n] * batch)
-    live = r.view().mask.sum(-1)
+    live = T(r.view().mask).sum(-1)
     assert (live <= budget + page).all()  # the ring holds up to window + page tokens
     r.close()
 
 
-def test_start_release_hands_each_layer_over_and_changes_nothing():
+def test_start_release_hands_each_layer_over_and_changes_nothing(backend):
     """`start(release=True)` empties the caller's per-layer lists (the prompt's KV is never held
     twice) and builds exactly the views and pool that `release=False` builds, also with a mask."""
     seq = Seq(L=3, B=2, total=180, seed=21)
@@ -738,8 +763,8 @@ def test_start_release_hands_each_layer_over_and_changes_nothing():
     mask = torch.ones(2, 150, dtype=torch.long)
     mask[1, :7] = 0  # left padding of the shorter sequence
     mask[0, 40] = 0  # a dead slot inside
-    kept = make(f"freekv:budget=44,{SMALL},tau=0.8", seq, threaded=False)
-    handed = make(f"freekv:budget=44,{SMALL},tau=0.8", seq, threaded=False)
+    kept = make(f"freekv:budget=44,{SMALL},tau=0.8", seq, backend, threaded=False)
+    handed = make(f"freekv:budget=44,{SMALL},tau=0.8", seq, backend, threaded=False)
     kept.start(list(k), list(v), seq.q(149), mask=mask)
     keys, values = list(k), list(v)
     handed.start(keys, values, seq.q(149), mask=mask, release=True)
@@ -748,24 +773,24 @@ def test_start_release_hands_each_layer_over_and_changes_nothing():
     assert kept.lengths == handed.lengths == [149, 143]
     a, b = kept.view(), handed.view()
     for name in ("all_keys", "all_values", "mask", "slot_pages"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
-    assert torch.equal(kept.pool.n_pages, handed.pool.n_pages)
+        assert torch.equal(T(getattr(a, name)), T(getattr(b, name))), name
+    assert torch.equal(T(kept.pool.n_pages), T(handed.pool.n_pages))
     for s, n in enumerate(kept.pool.n_pages.tolist()):  # written pages only (the rest is never read)
-        assert torch.equal(kept.pool.data[:, s, :n], handed.pool.data[:, s, :n])
-        assert torch.equal(kept.pool.kmin[:, s, :, :n], handed.pool.kmin[:, s, :, :n])
-        assert torch.equal(kept.pool.kmax[:, s, :, :n], handed.pool.kmax[:, s, :, :n])
+        assert torch.equal(T(kept.pool.data[:, s, :n]), T(handed.pool.data[:, s, :n]))
+        assert torch.equal(T(kept.pool.kmin[:, s, :, :n]), T(handed.pool.kmin[:, s, :, :n]))
+        assert torch.equal(T(kept.pool.kmax[:, s, :, :n]), T(handed.pool.kmax[:, s, :, :n]))
 
 
 @pytest.mark.parametrize("pool_dtype", ["fp32", "int8"])
-def test_pool_built_during_prefill_equals_pool_built_after(pool_dtype):
+def test_pool_built_during_prefill_equals_pool_built_after(pool_dtype, backend):
     """`begin` + `absorb` after each prefill chunk (summaries of the completed pages, built as the
     chunks are written) then `start` gives exactly the pool, views and decode of `start` alone; the
     stats say how many pages were summarized during the prefill."""
     seq = Seq(L=3, B=1, total=260, seed=5)
     n = 203
     spec = f"freekv:budget=44,{SMALL},tau=0.8,pool_dtype={pool_dtype}"
-    after = make(spec, seq, threaded=False)
-    during = make(spec, seq, threaded=False)
+    after = make(spec, seq, backend, threaded=False)
+    during = make(spec, seq, backend, threaded=False)
     k, v = seq.kv(0, n)
     after.start(list(k), list(v), seq.q(n - 1), mask=torch.ones(1, n, dtype=torch.long), reserve_tokens=40)
     during.begin(n, reserve_tokens=40)
@@ -775,7 +800,7 @@ def test_pool_built_during_prefill_equals_pool_built_after(pool_dtype):
     # before start() the summaries exist, the page data does not (one copy, made by start)
     for layer in range(seq.L):
         keys = k[layer][0, :, 4:4 + 8 * done[-1]].reshape(seq.Hkv, done[-1], 8, seq.D)
-        torch.testing.assert_close(during.pool.kmin[layer, 0, :, :done[-1]], keys.amin(-2), rtol=0, atol=0)
+        torch.testing.assert_close(T(during.pool.kmin[layer, 0, :, :done[-1]]), keys.amin(-2), rtol=0, atol=0)
     during.start(list(k), list(v), seq.q(n - 1), mask=torch.ones(1, n, dtype=torch.long), reserve_tokens=40)
     assert during.stats().pages_summarized_in_prefill == done[-1]
     assert after.stats().pages_summarized_in_prefill == 0
@@ -787,18 +812,18 @@ def test_pool_built_during_prefill_equals_pool_built_after(pool_dtype):
             continue
         cut = (slice(None), 0, slice(None), slice(0, pages)) if name.startswith("k") else (slice(None), 0,
                                                                                            slice(0, pages))
-        assert torch.equal(a[cut], b[cut]), name
+        assert torch.equal(T(a[cut]), T(b[cut])), name
     for name in ("all_keys", "all_values", "mask", "slot_pages"):
-        assert torch.equal(getattr(after.view(), name), getattr(during.view(), name)), name
+        assert torch.equal(T(getattr(after.view(), name)), T(getattr(during.view(), name))), name
     decode(after, seq, n, 30)
     decode(during, seq, n, 30)
     for name in ("all_keys", "all_values", "mask", "slot_pages"):
-        assert torch.equal(getattr(after.view(), name), getattr(during.view(), name)), name
+        assert torch.equal(T(getattr(after.view(), name)), T(getattr(during.view(), name))), name
 
 
-def test_absorb_needs_begin_and_prompt_mismatch_ignores_summaries():
+def test_absorb_needs_begin_and_prompt_mismatch_ignores_summaries(backend):
     seq = Seq(L=2, B=1, total=120, seed=6)
-    r = make(f"freekv:budget=44,{SMALL}", seq, threaded=False)
+    r = make(f"freekv:budget=44,{SMALL}", seq, backend, threaded=False)
     with pytest.raises(RuntimeError, match="begin"):
         r.absorb(seq.keys, 50)
     r.begin(100)
@@ -806,14 +831,14 @@ def test_absorb_needs_begin_and_prompt_mismatch_ignores_summaries():
     k, v = seq.kv(0, 110)  # not the announced prompt: the summaries are rebuilt from the data
     r.start(list(k), list(v), seq.q(109))
     assert r.stats().pages_summarized_in_prefill == 0
-    ref = make(f"freekv:budget=44,{SMALL}", seq, threaded=False)
+    ref = make(f"freekv:budget=44,{SMALL}", seq, backend, threaded=False)
     ref.start(list(k), list(v), seq.q(109))
     p = int(ref.pool.n_pages[0])
-    assert torch.equal(r.pool.kmin[:, 0, :, :p], ref.pool.kmin[:, 0, :, :p])
+    assert torch.equal(T(r.pool.kmin[:, 0, :, :p]), T(ref.pool.kmin[:, 0, :, :p]))
 
 
 @pytest.mark.parametrize("combine,drift", [("softmax", "mean"), ("mean", "mean"), ("softmax", "min")])
-def test_corrected_heads_select_what_a_fresh_selection_picks(combine, drift):
+def test_corrected_heads_select_what_a_fresh_selection_picks(combine, drift, backend):
     """At an intermediate tau, after each step: every head whose query heads' cosines to the
     speculative query (their mean, or with drift=min the least) fall below tau holds exactly a fresh
     top-k with the current query; every other head holds the speculative selection (made with the
@@ -828,13 +853,13 @@ def test_corrected_heads_select_what_a_fresh_selection_picks(combine, drift):
         base = torch.randn(1, seq.B, seq.H, seq.D, generator=g)
         seq.queries[layer] = base + noise * torch.randn(260, seq.B, seq.H, seq.D, generator=g)
     tau = 0.9
-    r = make(f"freekv:budget=60,{SMALL},tau={tau},combine={combine},drift={drift}", seq, threaded=False)
+    r = make(f"freekv:budget=60,{SMALL},tau={tau},combine={combine},drift={drift}", seq, backend, threaded=False)
     n = 120
     k, v = seq.kv(0, n)
     r.start(k, v, seq.q(n - 1))
     corrected = kept = 0
     for _ in range(25):
-        speculative = torch.stack(r._latest_query.unbind(0))  # what prefetch() selects with
+        speculative = T(r._latest_query).clone()  # what prefetch() selects with
         r.prefetch()
         target = r._views[1 - r._current]
         q = seq.q(n)
@@ -861,13 +886,13 @@ def test_corrected_heads_select_what_a_fresh_selection_picks(combine, drift):
 
 
 @pytest.mark.parametrize("threaded", [False, True])
-def test_prefetch_reuses_the_corrections_selection_when_the_pool_is_unchanged(threaded):
+def test_prefetch_reuses_the_corrections_selection_when_the_pool_is_unchanged(threaded, backend):
     """The next prefetch selects with the query the last correction selected with; when the pool
     snapshot is the same it takes that selection instead of computing it again. Views and stats are
     exactly those of a manager that always selects (pages spill every 8 steps here, so both paths run)."""
     seq = Seq(L=2, B=2, Hkv=2, G=3, D=16, total=300, seed=12)  # independent queries: most heads drift
-    reusing = make(f"freekv:budget=60,{SMALL},tau=0.9", seq, threaded=threaded)
-    always = make(f"freekv:budget=60,{SMALL},tau=0.9", seq, threaded=threaded)
+    reusing = make(f"freekv:budget=60,{SMALL},tau=0.9", seq, backend, threaded=threaded)
+    always = make(f"freekv:budget=60,{SMALL},tau=0.9", seq, backend, threaded=threaded)
     always._take_selection = lambda: None
     n = 120
     for r in (reusing, always):
@@ -876,10 +901,41 @@ def test_prefetch_reuses_the_corrections_selection_when_the_pool_is_unchanged(th
     for n in lockstep([reusing, always], seq, n, 40):
         a, b = reusing.view(), always.view()
         for name in ("all_keys", "all_values", "mask", "slot_pages"):
-            assert torch.equal(getattr(a, name), getattr(b, name)), name
+            assert torch.equal(T(getattr(a, name)), T(getattr(b, name))), name
         check_view(reusing, a, seq, [n] * seq.B)
     got, ref = reusing.stats(), always.stats()
     assert 0 < got.selections_reused < 40 and ref.selections_reused == 0  # not after a spill
     assert (got.pages_recalled, got.heads_corrected) == (ref.pages_recalled, ref.heads_corrected)
     reusing.close()
     always.close()
+
+
+@pytest.mark.parametrize("spec", [f"freekv:budget=60,{SMALL},tau=0.9", f"freekv:budget=60,{SMALL},tau=0.9,pool_dtype=int8",
+                                  f"freekv:budget=60,{SMALL},combine=mean,drift=min,pool_dtype=fp16",
+                                  f"quest:budget=60,{SMALL}"])
+def test_numpy_and_torch_backends_decode_identically(spec):
+    """The CPU backend (numpy) and the GPU code path (torch, run on the CPU) are one algorithm: step by
+    step the same pages in the same slots, the same view contents and mask, the same counters."""
+    from kvtrt.runtime.kv.backend import NumpyBackend, TorchBackend
+
+    seq = Seq(L=2, B=2, Hkv=2, G=3, D=16, total=330, seed=11, drift=0.3)
+    r_np = retrieval(spec).create(seq.L, seq.Hkv, seq.H, seq.D, seq.B, backend=NumpyBackend())
+    r_t = retrieval(spec).create(seq.L, seq.Hkv, seq.H, seq.D, seq.B, backend=TorchBackend("cpu"))
+    k, v = seq.kv(0, 150)
+    for r in (r_np, r_t):
+        r.start([x.clone() for x in k], [x.clone() for x in v], seq.q(149))
+    # exact, but int8 pages: lo + q * step rounds once in torch's fused addcmul, twice in numpy (1 ulp)
+    tolerance = dict(rtol=1e-6, atol=1e-6) if "int8" in spec else dict(rtol=0, atol=0)
+    recalled = 0
+    for n in lockstep([r_np, r_t], seq, 150, 150):
+        a, b = r_np.view(), r_t.view()
+        assert T(a.slot_pages).tolist() == b.slot_pages.tolist(), n
+        assert T(a.mask).tolist() == b.mask.tolist(), n
+        torch.testing.assert_close(T(a.all_kv), b.all_kv, **tolerance)
+        recalled = r_t.stats().pages_recalled
+    stats_np, stats_t = r_np.stats().as_dict(), r_t.stats().as_dict()
+    timings = [key for key in stats_np if key.endswith("_s") or "_s_" in key]  # wall clock
+    assert {k: v for k, v in stats_np.items() if k not in timings} == {k: v for k, v in stats_t.items() if k not in timings}
+    assert recalled > 0 and stats_t["steps"] == 150  # pages moved: the comparison covered recalls
+    for r in (r_np, r_t):
+        r.close()

@@ -1,5 +1,7 @@
 """FreeKV/Quest page pool precision (``pool_dtype=fp32|fp16|int8``) and the pool as the only full
-copy of the KV (``dense_store_bytes_after_start``)."""
+copy of the KV (``dense_store_bytes_after_start``). Pool and manager tests run on both array backends
+(the ``backend`` fixture: numpy, the CPU default, and torch, the GPU code path run on the CPU);
+outputs are compared as torch tensors through ``T`` (zero-copy)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import kvtrt
 from kvtrt.runtime.kv.pages import INT8_SCHEMES, PagePool
 from kvtrt.runtime.kv.spec import KVSpecError, parse_kv_spec, parse_stage
 
-from test_freekv import SMALL, Seq, attend, lockstep, make
+from test_freekv import SMALL, Seq, T, attend, lockstep, make
 
 torch.set_num_threads(1)
 
@@ -63,7 +65,7 @@ def test_bad_pool_dtype_names_the_option(spec, message):
 def test_int8_pool_refused_on_a_device_without_host_dequantization():
     seq = Seq()
     with pytest.raises(KVSpecError, match="pool_dtype=int8 .* use pool_dtype=fp16"):
-        make(f"freekv:budget=44,{SMALL},pool_dtype=int8", seq, device="cuda")
+        make(f"freekv:budget=44,{SMALL},pool_dtype=int8", seq, None, device="cuda")
 
 
 # ----------------------------------------------------------------------------- pool
@@ -72,11 +74,12 @@ def test_int8_pool_refused_on_a_device_without_host_dequantization():
 @pytest.mark.parametrize("pool_dtype, scheme", [("fp32", None), ("fp16", None),
                                                 ("int8", ("channel", "channel")), ("int8", ("page", "page")),
                                                 ("int8", ("channel", "token")), ("int8", ("page", "token"))])
-def test_recalled_pages_within_tolerance(pool_dtype, scheme):
+def test_recalled_pages_within_tolerance(pool_dtype, scheme, backend):
     L, B, Hkv, D, page, n_pages = 2, 2, 2, 16, 8, 7
     kw = {} if scheme is None else {"int8_scheme": scheme}
-    exact = PagePool(L, B, Hkv, D, page, capacity=2)
-    pool = PagePool(L, B, Hkv, D, page, capacity=2, pool_dtype=pool_dtype, **kw)  # grows while appending
+    exact = PagePool(L, B, Hkv, D, page, capacity=2, backend=backend)
+    # grows while appending
+    pool = PagePool(L, B, Hkv, D, page, capacity=2, pool_dtype=pool_dtype, backend=backend, **kw)
     for b in range(B):
         k, v = kv_with_outliers(L, Hkv, n_pages * page, D, seed=b)
         for p in (exact, pool):
@@ -84,12 +87,15 @@ def test_recalled_pages_within_tolerance(pool_dtype, scheme):
             p.append(b, k[:, :, 3 * page:], v[:, :, 3 * page:])
     # selection summaries are the fp32 ones, from the unrounded keys
     written = (slice(None),) * 3 + (slice(0, n_pages),)  # pages past n_pages are never written (nor read)
-    assert torch.equal(pool.kmin[written], exact.kmin[written]) and torch.equal(pool.kmax[written], exact.kmax[written])
+    assert torch.equal(T(pool.kmin[written]), T(exact.kmin[written]))
+    assert torch.equal(T(pool.kmax[written]), T(exact.kmax[written]))
     worst = 0.0
     for layer in range(L):
         for b in range(B):
             for pid in range(n_pages):
                 for got, want in zip(pool.page_kv(layer, b, pid), exact.page_kv(layer, b, pid)):
+                    assert backend.is_array(got) and backend.is_array(want)
+                    got, want = T(got), T(want)
                     assert got.dtype == torch.float32
                     err = (got - want).abs().amax(dim=(-2, -1))  # per KV head
                     if pool_dtype == "fp32":
@@ -105,16 +111,17 @@ def test_recalled_pages_within_tolerance(pool_dtype, scheme):
         assert worst > 0  # it is quantized
 
 
-def test_int8_per_channel_beats_one_scale_per_page():
+def test_int8_per_channel_beats_one_scale_per_page(backend):
     """The default int8 granules (keys and values per channel within a page) on keys with outlier
     channels: well below the per-page scheme's error."""
     L, Hkv, D, page, n = 2, 2, 32, 32, 8
     k, v = kv_with_outliers(L, Hkv, n * page, D, seed=3)
     errs = {}
     for scheme in (("page", "page"), ("channel", "channel")):
-        pool = PagePool(L, 1, Hkv, D, page, capacity=n, pool_dtype="int8", int8_scheme=scheme)
+        pool = PagePool(L, 1, Hkv, D, page, capacity=n, pool_dtype="int8", int8_scheme=scheme, backend=backend)
         pool.append(0, k, v)
-        rows = torch.stack([torch.stack(pool.page_kv(layer, 0, p)) for layer in range(L) for p in range(n)])
+        rows = torch.stack([torch.stack([T(x) for x in pool.page_kv(layer, 0, p)]) for layer in range(L)
+                            for p in range(n)])
         ref = torch.stack([torch.stack([k[layer, :, p * page:(p + 1) * page], v[layer, :, p * page:(p + 1) * page]])
                            for layer in range(L) for p in range(n)])
         errs[scheme] = ((rows - ref) ** 2).mean(dim=(0, 2, 3, 4)).sqrt()  # RMS error of K, of V
@@ -124,14 +131,14 @@ def test_int8_per_channel_beats_one_scale_per_page():
 
 
 @pytest.mark.parametrize("pool_dtype", ["fp16", "int8"])
-def test_quantized_pool_views_match_fp32_selection_and_tokens(pool_dtype):
+def test_quantized_pool_views_match_fp32_selection_and_tokens(pool_dtype, backend):
     """In lockstep with an fp32 manager: the same pages selected (fp32 summaries), the same masks,
     sink/recent tokens exact, page slots within the stated tolerance of the fp32 pages."""
     seq = Seq(L=2, B=2, total=260, seed=11, drift=0.3)
     for v in seq.values:  # no token ids in channel 0: plain random values (ids would dominate the range)
         v[..., 0] = torch.randn(v.shape[:-1], generator=torch.Generator().manual_seed(1))
-    ref = make(f"freekv:budget=44,{SMALL},tau=0.8", seq, threaded=False)
-    low = make(f"freekv:budget=44,{SMALL},tau=0.8,pool_dtype={pool_dtype}", seq, threaded=False)
+    ref = make(f"freekv:budget=44,{SMALL},tau=0.8", seq, backend, threaded=False)
+    low = make(f"freekv:budget=44,{SMALL},tau=0.8,pool_dtype={pool_dtype}", seq, backend, threaded=False)
     n = 150
     for r in (ref, low):
         k, v = seq.kv(0, n)
@@ -140,8 +147,8 @@ def test_quantized_pool_views_match_fp32_selection_and_tokens(pool_dtype):
     pages = slice(lay.sink, lay.ring_start)
     for n in [n, *lockstep([ref, low], seq, n, 40)]:
         a, b = ref.view(), low.view()
-        assert torch.equal(a.slot_pages, b.slot_pages) and torch.equal(a.mask, b.mask)
-        for x, y in ((a.all_keys, b.all_keys), (a.all_values, b.all_values)):
+        assert torch.equal(T(a.slot_pages), T(b.slot_pages)) and torch.equal(T(a.mask), T(b.mask))
+        for x, y in ((T(a.all_keys), T(b.all_keys)), (T(a.all_values), T(b.all_values))):
             assert torch.equal(x[..., : lay.sink, :], y[..., : lay.sink, :])
             assert torch.equal(x[..., lay.ring_start:, :], y[..., lay.ring_start:, :])
             err = (x[..., pages, :] - y[..., pages, :]).abs().max()
@@ -160,11 +167,11 @@ def test_quantized_pool_views_match_fp32_selection_and_tokens(pool_dtype):
     low.close()
 
 
-def test_pool_bytes_halved_and_quartered():
+def test_pool_bytes_halved_and_quartered(backend):
     seq = Seq(L=2, B=1, Hkv=2, G=2, D=64, total=400, seed=2)
     sizes = {}
     for pool_dtype in ("fp32", "fp16", "int8"):
-        r = make(f"freekv:budget=200,page=32,sink=4,window=64,pool_dtype={pool_dtype}", seq)
+        r = make(f"freekv:budget=200,page=32,sink=4,window=64,pool_dtype={pool_dtype}", seq, backend)
         k, v = seq.kv(0, 300)
         r.start(list(k), list(v), seq.q(299), reserve_tokens=60)
         st = r.stats()
@@ -187,28 +194,40 @@ def test_pool_bytes_halved_and_quartered():
 # ----------------------------------------------------------------------------- the only full copy
 
 
-def test_dense_store_freed_once_the_pool_exists():
+@pytest.mark.parametrize("inputs", ["native", "torch"])
+def test_dense_store_freed_once_the_pool_exists(inputs, backend):
     """Handed over (`release=True`) and held nowhere else, the prompt's dense KV is gone when `start`
-    returns (stats say 0 bytes); kept by the caller, the stats count it."""
+    returns (stats say 0 bytes); kept by the caller, the stats count it. The KV comes as the backend's
+    own arrays (`native`: what the runtime hands over) or as torch CPU tensors (which the numpy
+    backend accepts too, converted without a copy)."""
+    if inputs == "torch" and backend.name == "torch":
+        pytest.skip("the torch backend's own arrays are torch tensors: the `native` case")
+
+    def own(t):  # a copy with its own buffer, referenced by the caller's list only
+        return backend.clone(backend.asarray(t)) if inputs == "native" else t.clone()
+
+    def nbytes(t):
+        return backend.nbytes(t) if inputs == "native" else t.numel() * t.element_size()
+
     seq = Seq(L=3, B=1, total=200, seed=3)
-    handed = make(f"freekv:budget=44,{SMALL}", seq)
-    keys = [t.clone() for t in seq.keys]  # own storages, referenced by these lists only
-    values = [t.clone() for t in seq.values]
-    dense = sum(t.numel() * t.element_size() for t in keys + values)
+    handed = make(f"freekv:budget=44,{SMALL}", seq, backend)
+    keys = [own(t) for t in seq.keys]  # own storages, referenced by these lists only
+    values = [own(t) for t in seq.values]
+    dense = sum(nbytes(t) for t in keys + values)
     handed.start(keys, values, seq.q(199), release=True)
     st = handed.stats()
     assert st.dense_store_bytes_after_start == 0 and st.dense_store_bytes == 0
     assert 0 < st.stored_bytes - st.pool_bytes < dense  # the master copy of sink/recent tokens is small
 
-    kept = make(f"freekv:budget=44,{SMALL}", seq)
-    keys = [t.clone() for t in seq.keys]
-    values = [t.clone() for t in seq.values]
+    kept = make(f"freekv:budget=44,{SMALL}", seq, backend)
+    keys = [own(t) for t in seq.keys]
+    values = [own(t) for t in seq.values]
     kept.start(keys, values, seq.q(199))  # release=False: the caller keeps them
     assert kept.stats().dense_store_bytes_after_start == dense
     survivor = keys[1]
     del keys, values
     gc.collect()
-    assert kept.stats().dense_store_bytes == survivor.numel() * survivor.element_size()
+    assert kept.stats().dense_store_bytes == nbytes(survivor)
     del survivor
     assert kept.stats().dense_store_bytes == 0
     handed.close()

@@ -1,5 +1,6 @@
 """A runtime-only install: `import kvtrt` and running an export import none of the exporter's stack,
-and a runtime serving only dense (full-cache) requests does not import torch either.
+and a runtime serving dense (full-cache) and retrieval (FreeKV, Quest) requests does not import torch
+either.
 
 Each check runs in a fresh interpreter (this test process has transformers loaded already).
 """
@@ -35,6 +36,10 @@ texts = [llm.generate("Hello", max_new_tokens=4).text,
          llm.generate([{"role": "user", "content": "Hi 😀"}], max_new_tokens=3).text]
 report.update(after_generate=loaded(), kvtrt_after_generate=ours(), texts=texts)
 report["torch_after_dense"] = "torch" in sys.modules  # the full cache's path is numpy only
+for spec in ("freekv:budget=32,page=4,sink=4,window=8,min_context=0", "quest:budget=32,page=4,sink=4,window=8,min_context=0"):
+    result = llm.generate("Hello world " * 20, max_new_tokens=3, kv=spec)  # computes in numpy on the CPU
+    report.setdefault("retrieval_engaged", []).append(result.stats.kv.get("retrieval_engaged"))
+report["torch_after_retrieval"] = "torch" in sys.modules
 if sys.argv[3] == "inspect":  # a compaction request brings torch (its policies compute in torch)
     llm.generate("Hello world " * 20, max_new_tokens=2, kv="snapkv:budget=0.5")
     report["torch_after_compaction"] = "torch" in sys.modules
@@ -62,6 +67,8 @@ def test_runtime_imports_none_of_the_export_stack(tiny_llama):
         assert not [m for m in report[key] if m.startswith(EXPORT_PACKAGES)], report[key]
     assert all(isinstance(t, str) for t in report["texts"])
     assert report["torch_after_dense"] is False  # ~190 MiB and ~1.3 s a dense-only runtime never pays
+    assert report["retrieval_engaged"] == [1, 1]
+    assert report["torch_after_retrieval"] is False  # nor one serving FreeKV / Quest on the CPU
     assert report["torch_after_compaction"] is True
 
 

@@ -67,8 +67,9 @@ class Driver:
         """One decode step; returns (next token, view slot_pages attended [L,1,Hkv,k], query [L,1,H,D])."""
         view = self.r.view()
         logits = self.row.step()
-        attended = view.slot_pages.clone()  # what the step attended (the next prefetch writes it later)
-        query = torch.stack([q.detach().clone() for q in self.row.bound[view.index][2]])
+        # what the step attended (the next prefetch writes it later), as torch tensors for the analysis
+        attended = torch.as_tensor(view.slot_pages).clone()
+        query = torch.stack([torch.as_tensor(q).clone() for q in self.row.bound[view.index][2]])
         seq = self.row.seq
         seq.pending, seq.position = int(logits.argmax()), seq.position + 1
         return seq.pending, attended, query
@@ -120,7 +121,7 @@ def main() -> None:
             for step in range(args.new - 1):
                 token, attended, q = d.step()
                 out.append(token)
-                fresh = d.r.pool.select(None, q, lay.k_pages, d.r.combine)  # [L, 1, Hkv, k]
+                fresh = torch.as_tensor(d.r.pool.select(None, q, lay.k_pages, d.r.combine))  # [L, 1, Hkv, k]
                 has = lambda sel: torch.isin(sel, needle_pages).any(-1).float().mean().item()  # noqa: E731
                 if step in answer:
                     cover_view.append(has(attended))

@@ -26,7 +26,9 @@ def measure_kvtrt(directory: str, ids: list[int], new_tokens: int, kv: str, thre
 
     llm = load(directory, kv=kv, threads=threads, prefill_chunk=prefill_chunk, prefix_cache=0)
     warm_kv = llm.kv
-    if warm_kv.retrieval is not None:  # engage retrieval on the short warm-up prompt too: the same graphs
+    if warm_kv.retrieval is not None and warm_kv.retrieval.engages(len(ids)):
+        # engage retrieval on the short warm-up prompt too, as it will on the measured one: the same
+        # graphs warm (only then: its views would otherwise count in the peak RSS of a dense run)
         warm_kv = replace(warm_kv, retrieval=replace(warm_kv.retrieval, min_context=0))
     llm.generate(ids[:16], max_new_tokens=4, temperature=0.0, ignore_eos=True, kv=warm_kv)
     s = llm.generate(ids, max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True).stats

@@ -1,9 +1,8 @@
 """FreeKV / Quest sequences at decode: each attends through its own view buffers, one call per step.
 
-The retrieval managers (`kv/freekv.py`) compute in torch, so everything bound here is a torch tensor
-(`arrays.TorchArrays` on the engine's device); torch is imported when the first such sequence comes,
-never by a runtime that serves only dense caches. A joining sequence's prompt KV (engine arrays) is
-handed over as torch tensors without a copy on the CPU.
+The retrieval managers (`kv/freekv.py`) compute in the engine's own arrays: numpy on the CPU (torch
+is never imported for them), torch tensors on a GPU. A joining sequence's prompt KV (engine arrays)
+is handed over without a copy.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import time
 import numpy as np
 
 from ..contract import GraphVariant, group_graphs
-from .arrays import TorchArrays
 from .buffers import bind_decode, graph_outputs, per_layer
 from .engine import DTYPES
 from .kv.store import KVStore
@@ -25,7 +23,6 @@ class RetrievalGroup:
     def __init__(self, engine):
         self.engine = engine
         self.members: dict[int, _RetrievalRow] = {}
-        self._arrays = None
 
     @property
     def rows(self) -> list:
@@ -36,28 +33,25 @@ class RetrievalGroup:
         return sum(r.manager.nbytes for r in self.members.values())
 
     @property
-    def arrays(self) -> TorchArrays:
-        """torch tensors on the engine's device (the managers compute in torch; imported on first use)."""
-        if self._arrays is None:
-            self._arrays = TorchArrays(self.engine.device)
-        return self._arrays
+    def arrays(self):
+        """The engine's arrays (numpy on the CPU, torch tensors on a GPU), which the managers use too."""
+        return self.engine.arrays
 
     def join(self, seq, store: KVStore, query: list, manager=None) -> None:
         """`manager`: the one `create_manager` made before the prefill (its summaries built), or a new one.
-        `store`'s arrays (and `query`, [1,H,D] per layer) are handed to the manager as torch tensors."""
+        `store`'s arrays (and `query`, [1,H,D] per layer) are handed over to the manager."""
         self.members[id(seq)] = _RetrievalRow(self, seq, store, query, manager)
 
     def create_manager(self, seq, max_context: int):
         """The retrieval manager of one sequence whose cache holds `max_context` tokens."""
-        m, a = self.engine.manifest, self.arrays
-        return seq.retrieval.create(m.n_layers, m.n_kv_heads, m.n_heads, m.head_dim, 1, a.dtype(self.engine.dtype),
-                                    device=self.engine.device, mask_dtype=a.dtype(np.int64), max_context=max_context,
+        m = self.engine.manifest
+        return seq.retrieval.create(m.n_layers, m.n_kv_heads, m.n_heads, m.head_dim, 1, self.engine.dtype,
+                                    device=self.engine.device, mask_dtype=np.int64, max_context=max_context,
                                     staging_slot=GraphVariant.DECODE_SHARED in m.graphs)
 
     def absorber(self, manager):
         """`PrefillJob`'s `on_chunk` for `manager`: the chunk's keys (engine arrays) summarized into pages."""
-        to_torch = self.engine.arrays.to_torch
-        return lambda keys, length: manager.absorb([to_torch(k) for k in keys], length)
+        return manager.absorb
 
     def leave(self, seq) -> None:
         row = self.members.pop(id(seq))
@@ -72,7 +66,7 @@ class _RetrievalRow:
 
     def __init__(self, group: RetrievalGroup, seq, store: KVStore, query: list, manager=None):
         engine, a = group.engine, group.arrays
-        m, to_torch = engine.manifest, engine.arrays.to_torch
+        m = engine.manifest
         self.engine, self.arrays, self.seq = engine, a, seq
         self.shared = GraphVariant.DECODE_SHARED in m.graphs  # each view gets a staging slot the graph writes to
         self.variant = GraphVariant.DECODE_SHARED if self.shared else GraphVariant.DECODE
@@ -82,10 +76,9 @@ class _RetrievalRow:
         self.grouped = self.shared and seq.retrieval.fresh(m)
         if self.grouped:
             r.use_fresh_queries()
-        keys, values = [to_torch(k) for k in store.keys], [to_torch(v) for v in store.values]
+        keys, values = list(store.keys), list(store.values)
         store.keys, store.values = [], []  # the manager holds them now (and frees them: `release`)
-        r.start(keys, values, [to_torch(q) for q in query], mask=to_torch(store.mask),
-                reserve_tokens=seq.remaining + 1, release=True)
+        r.start(keys, values, list(query), mask=store.mask, reserve_tokens=seq.remaining + 1, release=True)
         del keys, values
         seq.stats.prefill_s += time.perf_counter() - t0  # building the pool is part of the prompt's cost
         self.manager = r
@@ -141,10 +134,10 @@ class _RetrievalRow:
         return [(calls, {"logits": self.logits}, self.query, *staging)]
 
     def step(self):
-        """One decode step; the logits `[V]` (a torch tensor)."""
+        """One decode step; the logits `[V]` (an engine array)."""
         r = self.manager
-        self.ids.fill_(self.seq.pending)
-        self.positions.fill_(self.seq.position)
+        self.ids[...] = self.seq.pending
+        self.positions[...] = self.seq.position
         if self.grouped:  # each layer range's pages chosen with its lookahead query, right before it attends
             calls, _, query, new_k, new_v = self.bound[0]
             for key, binding, layers in calls:

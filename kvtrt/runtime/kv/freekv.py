@@ -1,6 +1,8 @@
 """FreeKV / Quest retrieval between decode steps: the recall and correction manager.
 
 Design, usage, the view layout and the speculative recall with correction: ``docs/freekv.md``.
+Arrays are numpy on the CPU (torch is never imported there) and torch tensors on a CUDA device
+(``backend.py``); inputs on the CPU may be either.
 """
 
 from __future__ import annotations
@@ -12,18 +14,14 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 from typing import TYPE_CHECKING, NamedTuple
 
-from ..lazy_torch import torch
-
 from ..memory import return_freed_memory
+from .backend import backend_for
 from .options import KVSpecError
-from .pages import PagePool, select_pages
+from .pages import PagePool, Tensor, select_pages
 from .stats import RetrievalStats
 from .views import KVView
 
 if TYPE_CHECKING:
-    from torch import Tensor
-    from torch.multiprocessing.reductions import StorageWeakRef
-
     from .retrieval import RetrievalConfig
 
 
@@ -45,10 +43,12 @@ class FreeKVRetrieval:
     """Retrieval state of one batch of sequences: host page pool, sink + ring master copy, two views
     that alternate between steps, and the worker that prepares the next one.
 
-    Built by ``RetrievalConfig.create``. ``mask_dtype``: the graph's ``past_mask`` dtype;
-    ``max_context`` resolves a fractional budget; ``threaded=False`` prepares the next view inline
-    in ``prefetch()`` (same results, no overlap); ``staging_slot`` adds the in-place graph's
-    ``write_slot`` after each view.
+    Built by ``RetrievalConfig.create``. ``device``: "cpu" (numpy arrays) or a CUDA device (torch
+    tensors); ``backend`` overrides the choice (``backend.TorchBackend("cpu")`` runs the GPU code path
+    on the CPU); ``dtype``/``mask_dtype``: the KV's and the graph's ``past_mask`` dtypes (numpy or
+    torch dtypes, or names); ``max_context`` resolves a fractional budget; ``threaded=False``
+    prepares the next view inline in ``prefetch()`` (same results, no overlap); ``staging_slot`` adds
+    the in-place graph's ``write_slot`` after each view.
     """
 
     def __init__(
@@ -59,42 +59,44 @@ class FreeKVRetrieval:
         n_heads: int,
         head_dim: int,
         batch: int = 1,
-        dtype: torch.dtype | None = None,
+        dtype=None,
         *,
-        device: torch.device | str = "cpu",
-        mask_dtype: torch.dtype | None = None,
+        device="cpu",
+        mask_dtype=None,
         max_context: int | None = None,
         threaded: bool = True,
         staging_slot: bool = False,
+        backend=None,
     ) -> None:
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
         self.config, self.mode = config, config.mode
         self.n_layers, self.n_kv_heads, self.n_heads, self.head_dim = n_layers, n_kv_heads, n_heads, head_dim
-        dtype = torch.float32 if dtype is None else dtype
-        mask_dtype = torch.bool if mask_dtype is None else mask_dtype
-        self.batch, self.dtype, self.device = batch, dtype, torch.device(device)
+        self.xp = xp = backend if backend is not None else backend_for(device)
+        dtype = xp.dtype("float32" if dtype is None else dtype)
+        mask_dtype = xp.dtype("bool" if mask_dtype is None else mask_dtype)
+        self.batch, self.dtype, self.device = batch, dtype, xp.device
         self.layout = lay = config.layout(max_context, staging_slot)
         self.budget = config.budget_tokens(max_context)
         self.tau, self.combine, self.drift = config.tau, config.combine, config.drift
         self.pool_dtype = config.pool_dtype
-        if self.pool_dtype == "int8" and self.device.type != "cpu":
+        if self.pool_dtype == "int8" and xp.is_cuda:
             raise KVSpecError(f"{config.mode}: pool_dtype=int8 dequantizes recalled pages on the host, not on "
-                             f"{self.device.type}; use pool_dtype=fp16 (or fp32) with device={self.device}")
+                             f"{self.device}; use pool_dtype=fp16 (or fp32) with device={self.device}")
         self._copier = None
-        if self.device.type == "cuda":
+        if xp.is_cuda:
             from .cuda_copy import CudaPageCopier
 
             self._copier = CudaPageCopier(self.device, lay.page, head_dim, dtype)
         self.pool = PagePool(n_layers, batch, n_kv_heads, head_dim, lay.page, dtype, capacity=max(8, lay.k_pages),
                              summary_device=self.device, pin_memory=self._copier is not None,
-                             pool_dtype=self.pool_dtype)
+                             pool_dtype=self.pool_dtype, backend=xp)
         master = (n_layers, batch, n_kv_heads, lay.master_slots, head_dim)
         # the sink and the ring; each (layer, sequence) is zeroed by `_load` as `start` fills it, so its memory
         # is first touched while the prompt's dense KV is being released, not beside the whole of it
-        self.master_keys = torch.empty(master, dtype=dtype, device=self.device)
-        self.master_values = torch.empty(master, dtype=dtype, device=self.device)
-        self._views = tuple(KVView(i, lay, n_layers, batch, n_kv_heads, head_dim, dtype, self.device, mask_dtype)
+        self.master_keys = xp.empty(master, dtype)
+        self.master_values = xp.empty(master, dtype)
+        self._views = tuple(KVView(i, lay, n_layers, batch, n_kv_heads, head_dim, dtype, xp, mask_dtype)
                             for i in range(2))
         self._current = 0
         self._lengths = [0] * batch
@@ -116,8 +118,8 @@ class FreeKVRetrieval:
         #: layers per page-copy op (default: all layers in one op)
         self.copy_chunk = n_layers
         self._counters = RetrievalStats()
-        #: the storages of the dense KV handed to ``start`` (weak: to report whether they outlive it)
-        self._dense: list[tuple[StorageWeakRef, int]] = []
+        #: the buffers of the dense KV handed to ``start`` (weak: to report whether they outlive it)
+        self._dense: list[tuple[Callable[[], object], int]] = []
         self._dense_after_start = 0
         self._prompt: int | None = None  # the prompt length given to ``begin`` (batch 1)
         self._summarized = 0  # pool pages of that prompt whose summaries ``absorb`` already stored
@@ -163,29 +165,27 @@ class FreeKVRetrieval:
         self._check_started()
         if not self._fresh:
             raise RuntimeError("refresh() needs use_fresh_queries() before start()")
-        view = self.view()
-        query = query.to(self.device)
+        xp, view = self.xp, self.view()
+        query = xp.asarray(query)
         basis = self._basis[view.index][layers.start:layers.stop]                  # [Lg, B, H, D]
         if self.mode == "quest" or self._stale:
-            drifted = torch.ones(len(layers), self.batch, self.n_kv_heads, dtype=torch.bool, device=query.device)
+            drifted = xp.full((len(layers), self.batch, self.n_kv_heads), True, "bool")
         else:
             drifted = self._needs_correction(query, basis)                          # [Lg, B, Hkv]
-        self._counters.heads_checked += drifted.numel()
+        self._counters.heads_checked += xp.size(drifted)
         corrected = int(drifted.sum())
         self._counters.heads_corrected += corrected
         if corrected:
             start = time.perf_counter()
-            # inference mode: only temporaries are made here (the view and basis are written in place);
-            # it skips autograd's bookkeeping on the ~25 small ops of a range's selection
-            with self._on_copy_stream(wait=True), torch.inference_mode():
-                n_pages = torch.tensor(view.n_pages, dtype=torch.long)
+            # (torch: inference mode; only temporaries are made here, the view and basis are written in place)
+            with self._on_copy_stream(wait=True), xp.inference():
                 fresh = select_pages(query, self.pool.kmin[layers.start:layers.stop],
-                                     self.pool.kmax[layers.start:layers.stop], n_pages, self.layout.k_pages,
+                                     self.pool.kmax[layers.start:layers.stop], view.n_pages, self.layout.k_pages,
                                      self.combine)
                 current = view.slot_pages[layers.start:layers.stop]
-                self.recall(view, torch.where(drifted[..., None], fresh, current), layers=layers)
+                self.recall(view, xp.where(drifted[..., None], fresh, current), layers=layers)
                 group = self.n_heads // self.n_kv_heads
-                basis.copy_(torch.where(drifted.repeat_interleave(group, dim=-1)[..., None], query, basis))
+                basis[...] = xp.where(xp.repeat(drifted, group, -1)[..., None], query, basis)
             self._sync_device()
             self._counters.correction_s += time.perf_counter() - start
         return view
@@ -246,17 +246,23 @@ class FreeKVRetrieval:
         self._basis = [None, None]
         lay, n_tokens = self.layout, keys[0].shape[2]
         self.pool.reserve(self._pool_pages(n_tokens, reserve_tokens), exact=True)
-        live = [_live_tokens(None if mask is None else mask[b], keys[0].device) for b in range(self.batch)]
-        counts = [n_tokens if idx is None else (idx if isinstance(idx, int) else int(idx.numel())) for idx in live]
+        xp = self.xp
+        if release:  # converted in the caller's lists, which stay the only references (emptied below)
+            keys[:], values[:] = [xp.asarray(k) for k in keys], [xp.asarray(v) for v in values]
+        else:
+            keys, values = [xp.asarray(k) for k in keys], [xp.asarray(v) for v in values]
+        mask = None if mask is None else xp.asarray(mask)
+        live = [_live_tokens(xp, None if mask is None else mask[b]) for b in range(self.batch)]
+        counts = [n_tokens if idx is None else (idx if isinstance(idx, int) else len(idx)) for idx in live]
         live = [None if isinstance(idx, int) else idx for idx in live]  # a prefix: no gather
         pages = [lay.pages_at_start(n) for n in counts]
         # summaries ``absorb`` built during the prefill, if this is the prompt ``begin`` announced
         summarized = self._summarized if (self._prompt == counts[0] and live[0] is None) else 0
         self._prompt, self._summarized = None, 0
         self._counters.pages_summarized_in_prefill = summarized
-        ring = [lay.master_slot(torch.arange(lay.first_unpaged(p), max(lay.first_unpaged(p), n))).to(self.device)
+        ring = [lay.master_slot(xp.arange(lay.first_unpaged(p), max(lay.first_unpaged(p), n)))
                 for p, n in zip(pages, counts)]
-        self._dense = _weak_storages([*keys, *values])
+        self._dense = xp.weak_buffers([*keys, *values])
         for layer in range(self.n_layers):
             for b in range(self.batch):
                 self._load(layer, b, keys[layer][b], values[layer][b], live[b], counts[b], pages[b], ring[b],
@@ -269,7 +275,7 @@ class FreeKVRetrieval:
         for b in range(self.batch):
             self.pool.n_pages[b] = pages[b]
             self._lengths[b] = counts[b]
-        self._latest_query = _stacked(query).to(self.device).clone()
+        self._latest_query = self._stacked(query, copy=True)
         self._current = 0
         self._prepare(self._views[0], self._latest_query, count=False, wait=True)
         self._sync_device()
@@ -293,10 +299,10 @@ class FreeKVRetrieval:
             self._copier.follow_caller()
         if self._threaded:
             if self._executor is None:
-                # the worker keeps the caller's torch thread count (the scheduler thread's own)
+                # (torch: the worker keeps the caller's thread count, the scheduler thread's own)
+                initializer, initargs = self.xp.thread_setup()
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtrt-freekv",
-                                                    initializer=torch.set_num_threads,
-                                                    initargs=(torch.get_num_threads(),))
+                                                    initializer=initializer, initargs=initargs)
             self._pending = self._executor.submit(self._prepare, target, self._speculative_query,
                                                   selected=self._take_selection())
             return
@@ -330,7 +336,7 @@ class FreeKVRetrieval:
         lists, or tensors with the layers stacked in front). Returns the view for the next step.
         """
         self._check_started()
-        query = _stacked(query).to(self.device).clone()
+        query = self._stacked(query, copy=True)
         if self._fresh:  # one view: the token goes into it, pages are chosen by the next step's refreshes
             view = self.view()
             self._append_token(new_keys, new_values, view)
@@ -369,7 +375,7 @@ class FreeKVRetrieval:
         self._check_started()
         if self._pending is not None:
             raise RuntimeError("select() while a prefetch is in flight; call it before prefetch()")
-        query = _stacked(query).to(self.device).clone()
+        query = self._stacked(query, copy=True)
         self._prepare(self.view(), query, wait=True)
         self._sync_device()
         self._latest_query = query
@@ -378,7 +384,7 @@ class FreeKVRetrieval:
     def fresh_selection(self, layer: int, query: Tensor, view: KVView | None = None) -> Tensor:
         """What a fresh top-k selection with ``query`` ``[B, H, D]`` picks for ``layer`` ``[B, Hkv, k]``
         against ``view``'s pool snapshot (default: the current view)."""
-        n_pages = torch.tensor((view or self.view()).n_pages, dtype=torch.long)
+        n_pages = (view or self.view()).n_pages
         return self.pool.select(layer, query, self.layout.k_pages, self.combine, n_pages=n_pages)
 
     def recall(self, view: KVView, pages: Tensor, count: bool = True, layers: range | None = None) -> None:
@@ -388,21 +394,22 @@ class FreeKVRetrieval:
         Pages already resident stay in their slot; missing pages go to the free slots in ascending
         slot order; only those are copied (``copy_chunk`` layers per copy op).
         """
+        xp = self.xp
         slot_pages = view.slot_pages if layers is None else view.slot_pages[layers.start:layers.stop]
-        plan = _placement(slot_pages, pages.to(view.slot_pages.device))
+        plan = _placement(xp, slot_pages, xp.asarray(pages))
         if layers is not None and layers.start:
             plan = plan._replace(layers=plan.layers + layers.start)
         if count:
             self._counters.pages_selected += plan.selected
             self._counters.pages_hit += plan.hits
-            self._counters.pages_recalled += int(plan.pages.numel())
+            self._counters.pages_recalled += len(plan.pages)
         bounds = [0, len(plan.layers)]
         if self.copy_chunk < self.n_layers:
-            edges = torch.arange(0, self.n_layers + self.copy_chunk, self.copy_chunk, device=plan.layers.device)
-            bounds = torch.searchsorted(plan.layers, edges).tolist()
+            edges = xp.arange(0, self.n_layers + self.copy_chunk)[::self.copy_chunk]
+            bounds = xp.searchsorted(plan.layers, edges).tolist()
         for a, z in zip(bounds[:-1], bounds[1:]):
             self._copy_pages(view, plan.layers[a:z], plan.seqs[a:z], plan.heads[a:z], plan.slots[a:z], plan.pages[a:z])
-        slot_pages.copy_(plan.slot_pages)
+        slot_pages[...] = plan.slot_pages
 
     @property
     def nbytes(self) -> int:
@@ -413,19 +420,18 @@ class FreeKVRetrieval:
     def stored_nbytes(self) -> int:
         """Bytes of the stored KV: host pool (with its summaries and int8 scales) and the sink/recent
         master copy (the pool is the only full copy of the KV)."""
-        return self.pool.nbytes + sum(t.numel() * t.element_size() for t in (self.master_keys, self.master_values))
+        return self.pool.nbytes + sum(self.xp.nbytes(t) for t in (self.master_keys, self.master_values))
 
     @property
     def pool_nbytes(self) -> int:
         """Bytes of the page store alone (``pool_dtype``; with its int8 scales, without the summaries)."""
-        return sum(t.numel() * t.element_size() for t in (self.pool.data, self.pool.kq, self.pool.vq)
-                   if t is not None)
+        return sum(self.xp.nbytes(t) for t in (self.pool.data, self.pool.kq, self.pool.vq) if t is not None)
 
     @property
     def dense_store_nbytes(self) -> int:
         """Bytes of the dense KV given to ``start`` that are still alive (anywhere: the caller's store,
         a view of it, a list that was not handed over). 0 once the pool is the only full copy."""
-        return sum(nbytes for ref, nbytes in self._dense if not ref.expired())
+        return sum(nbytes for ref, nbytes in self._dense if ref() is not None)
 
     @property
     def _served(self) -> tuple[KVView, ...]:
@@ -492,19 +498,20 @@ class FreeKVRetrieval:
         whole pages outside sink and window into the pool (the first ``summarized`` pages' summaries
         are there already), the sink and the rest into the master copy."""
         lay = self.layout
+        xp = self.xp
         if live is not None:  # one layer's gathered copy
-            keys, values = keys.index_select(1, live), values.index_select(1, live)
+            keys, values = xp.take(keys, live, 1), xp.take(values, live, 1)
         sink, first = min(lay.sink, n), lay.first_unpaged(n_pages)
-        self.master_keys[layer, b].zero_()
-        self.master_values[layer, b].zero_()
+        self.master_keys[layer, b] = 0
+        self.master_values[layer, b] = 0
         if n_pages:
-            self.pool.write(layer, b, 0, keys[:, lay.sink:first].cpu(), values[:, lay.sink:first].cpu(),
+            self.pool.write(layer, b, 0, xp.to_host(keys[:, lay.sink:first]), xp.to_host(values[:, lay.sink:first]),
                             summarized=summarized)
         self.master_keys[layer, b, :, :sink] = keys[:, :sink]
         self.master_values[layer, b, :, :sink] = values[:, :sink]
         if n > first:
-            self.master_keys[layer, b][:, ring_slots] = keys[:, first:n].to(self.device, self.dtype)
-            self.master_values[layer, b][:, ring_slots] = values[:, first:n].to(self.device, self.dtype)
+            self.master_keys[layer, b][:, ring_slots] = xp.to_device(keys[:, first:n], self.dtype)
+            self.master_values[layer, b][:, ring_slots] = xp.to_device(values[:, first:n], self.dtype)
 
     def _on_copy_stream(self, wait: bool = False):
         return contextlib.nullcontext() if self._copier is None else self._copier.on_stream(wait)
@@ -515,8 +522,7 @@ class FreeKVRetrieval:
 
     def _select(self, query: Tensor, view: KVView) -> Tensor:
         """Top-k pages ``[L, B, Hkv, k]`` for ``query`` ``[L, B, H, D]`` within ``view``'s pool snapshot."""
-        n_pages = torch.tensor(view.n_pages, dtype=torch.long)
-        return self.pool.select(None, query, self.layout.k_pages, self.combine, n_pages=n_pages)
+        return self.pool.select(None, query, self.layout.k_pages, self.combine, n_pages=view.n_pages)
 
     def _take_selection(self) -> tuple[Tensor, list[int]] | None:
         selected, self._selected = self._selected, None
@@ -538,27 +544,27 @@ class FreeKVRetrieval:
                 self._counters.selections_reused += int(reuse)
                 self.recall(view, selected[0] if reuse else self._select(query, view), count=count)
                 if self._fresh:
-                    self._basis[view.index] = query.clone()
+                    self._basis[view.index] = self.xp.clone(query)
             view.update_mask(self._lengths, non_blocking=self._copier is not None)
 
     def _correct(self, view: KVView, query: Tensor) -> None:
         """Re-select with ``query`` the heads whose query drifted from the speculative one; recall."""
         drifted = self._needs_correction(query, self._speculative_query)  # [L, B, Hkv]
-        self._counters.heads_checked += drifted.numel()
+        self._counters.heads_checked += self.xp.size(drifted)
         corrected = int(drifted.sum())
         self._counters.heads_corrected += corrected
         if corrected:
             with self._on_copy_stream(wait=True):
                 fresh = self._select(query, view)
                 self._selected = (fresh, list(view.n_pages))
-                self.recall(view, torch.where(drifted[..., None], fresh, view.slot_pages))
+                self.recall(view, self.xp.where(drifted[..., None], fresh, view.slot_pages))
             self._sync_device()
         # the view's mask is current: the worker set it, _append_token marked the new token's slot,
         # and a correction only swaps pages within the live page slots
 
     def _copy_pages(self, view: KVView, layers: Tensor, seqs: Tensor, heads: Tensor, slots: Tensor,
                     pages: Tensor) -> None:
-        count = int(pages.numel())
+        count = len(pages)
         if count and self._copier is None:
             view.put_pages(self.pool, layers, seqs, heads, slots, pages)
         elif count:
@@ -569,8 +575,9 @@ class FreeKVRetrieval:
     def _append_token(self, new_keys: Sequence[Tensor] | Tensor, new_values: Sequence[Tensor] | Tensor,
                       view: KVView | None) -> None:
         """Write the step's token into the master copy (and ``view``); spill a full ring page to the pool."""
-        keys = _stacked(new_keys)[:, :, :, -1].to(self.device, self.dtype)  # [L, B, Hkv, D]
-        values = _stacked(new_values)[:, :, :, -1].to(self.device, self.dtype)
+        xp = self.xp
+        keys = xp.to_device(self._stacked(new_keys)[:, :, :, -1], self.dtype)  # [L, B, Hkv, D]
+        values = xp.to_device(self._stacked(new_values)[:, :, :, -1], self.dtype)
         lay = self.layout
         for b in range(self.batch):
             token = self._lengths[b]
@@ -582,67 +589,57 @@ class FreeKVRetrieval:
             self._lengths[b] = token + 1
             first = lay.first_unpaged(int(self.pool.n_pages[b]))
             if self._lengths[b] - first >= lay.ring_size:  # ring full: its oldest page leaves the window
-                slots = lay.master_slot(torch.arange(first, first + lay.page)).to(self.device)
-                self.pool.append(b, self.master_keys[:, b][:, :, slots].cpu(),
-                                 self.master_values[:, b][:, :, slots].cpu())
+                slots = lay.master_slot(xp.arange(first, first + lay.page))
+                self.pool.append(b, xp.to_host(self.master_keys[:, b][:, :, slots]),
+                                 xp.to_host(self.master_values[:, b][:, :, slots]))
 
     def _needs_correction(self, query: Tensor, speculative: Tensor) -> Tensor:
         """``[L, B, Hkv]`` bool: KV heads whose query heads' cos(q_t, q_{t-1}), combined by ``drift``
         (group mean, or the least of them), is below ``tau``."""
-        shape = (query.shape[0], self.batch, self.n_kv_heads)
-        if self.tau >= 1.0:
-            return torch.ones(shape, dtype=torch.bool, device=query.device)
-        if self.tau <= 0.0:
-            return torch.zeros(shape, dtype=torch.bool, device=query.device)
-        cos = torch.nn.functional.cosine_similarity(query.float(), speculative.float(), dim=-1, eps=1e-8)
+        xp, shape = self.xp, (query.shape[0], self.batch, self.n_kv_heads)
+        if self.tau >= 1.0 or self.tau <= 0.0:
+            return xp.full(shape, self.tau >= 1.0, "bool")
+        cos = xp.cosine(query, speculative, eps=1e-8)                            # [L, B, H]
         cos = cos.reshape(*cos.shape[:-1], self.n_kv_heads, -1)                 # [L, B, Hkv, g]
-        return (cos.mean(dim=-1) if self.drift == "mean" else cos.amin(dim=-1)) < self.tau
+        return (cos.mean(-1) if self.drift == "mean" else xp.amin(cos, -1)) < self.tau
+
+    def _stacked(self, per_layer: Sequence[Tensor] | Tensor, copy: bool = False) -> Tensor:
+        """One ``[L, ...]`` array here from per-layer arrays (one already stacked is used as is, or
+        copied with ``copy``)."""
+        xp = self.xp
+        if isinstance(per_layer, (list, tuple)):
+            return xp.stack([xp.asarray(t) for t in per_layer])
+        stacked = xp.asarray(per_layer.detach() if hasattr(per_layer, "detach") else per_layer)
+        return xp.clone(stacked) if copy else stacked
 
 
-def _placement(slot_pages: Tensor, selected: Tensor) -> _Placement:
+def _placement(xp, slot_pages: Tensor, selected: Tensor) -> _Placement:
     """Where the pages of ``selected`` ``[L, B, Hkv, k]`` that ``slot_pages`` lacks go: the free page
     slots (those holding no selected page) in ascending order."""
     valid = selected >= 0
     present = (selected[..., :, None] == slot_pages[..., None, :]).any(-1) & valid  # over selected entries
     missing = valid & ~present
     keep = (slot_pages[..., :, None] == selected[..., None, :]).any(-1) & (slot_pages >= 0)  # over slots
-    first = torch.arange(slot_pages.shape[-1], device=slot_pages.device) < missing.sum(-1, keepdim=True)
-    missing_first = torch.argsort((~missing).to(torch.int8), dim=-1, stable=True)
-    free_first = torch.argsort(keep.to(torch.int8), dim=-1, stable=True)
-    pages = torch.gather(selected, -1, missing_first)[first]
+    first = xp.arange(slot_pages.shape[-1]) < missing.sum(-1)[..., None]
+    missing_first = xp.argsort_stable(xp.astype(~missing, "uint8"), -1)
+    free_first = xp.argsort_stable(xp.astype(keep, "uint8"), -1)
+    pages = xp.take_along(selected, missing_first, -1)[first]
     slots = free_first[first]
-    layers, seqs, heads = torch.nonzero(first, as_tuple=True)[:3]  # row-major: sorted by layer
-    new_map = torch.where(keep, slot_pages, torch.full_like(slot_pages, -1))
+    layers, seqs, heads = xp.nonzero(first)[:3]  # row-major: sorted by layer
+    new_map = xp.where(keep, slot_pages, -1)
     new_map[layers, seqs, heads, slots] = pages
     return _Placement(layers, seqs, heads, slots, pages, new_map, int(valid.sum()), int(present.sum()))
 
 
 
 
-def _live_tokens(mask: Tensor | None, device: torch.device) -> Tensor | int | None:
+def _live_tokens(xp, mask: Tensor | None) -> Tensor | int | None:
     """The live token indices of one row's ``mask`` ``[N]``: ``None`` (no mask: all N), their count
     when they are a prefix ``[0, count)`` (nothing to gather), else the indices."""
     if mask is None:
         return None
-    idx = torch.nonzero(mask.to(torch.bool), as_tuple=True)[0]
-    count = int(idx.numel())
+    idx = xp.nonzero(xp.astype(mask, "bool"))[0]
+    count = len(idx)
     if count == 0 or int(idx[-1]) == count - 1:
         return count
-    return idx.to(device)
-
-
-def _weak_storages(tensors: Sequence[Tensor | None]) -> list[tuple[StorageWeakRef, int]]:
-    """A weak reference and the size of each distinct storage under ``tensors``."""
-    from torch.multiprocessing.reductions import StorageWeakRef
-
-    seen: dict[int, tuple[StorageWeakRef, int]] = {}
-    for t in tensors:
-        if t is not None:
-            storage = t.untyped_storage()
-            seen.setdefault(storage.data_ptr(), (StorageWeakRef(storage), storage.nbytes()))
-    return list(seen.values())
-
-
-def _stacked(per_layer: Sequence[Tensor] | Tensor) -> Tensor:
-    """One ``[L, ...]`` tensor from per-layer tensors (a tensor already stacked is used as is)."""
-    return per_layer.detach() if isinstance(per_layer, torch.Tensor) else torch.stack([t.detach() for t in per_layer])
+    return idx

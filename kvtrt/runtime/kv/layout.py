@@ -17,12 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from typing import TYPE_CHECKING
+from typing import Any
 
-from ..lazy_torch import torch
-
-if TYPE_CHECKING:
-    from torch import Tensor
+Tensor = Any  # a numpy array or a torch tensor of token indices
 
 
 @dataclass(frozen=True)
@@ -72,4 +69,5 @@ class ViewLayout:
     def _place(self, tokens: Tensor | int, ring_start: int) -> Tensor | int:
         if isinstance(tokens, int):
             return tokens if tokens < self.sink else ring_start + (tokens - self.sink) % self.ring_size
-        return torch.where(tokens < self.sink, tokens, ring_start + (tokens - self.sink) % self.ring_size)
+        ring = ring_start + (tokens - self.sink) % self.ring_size  # (numpy or torch: no backend needed)
+        return ring + (tokens < self.sink) * (tokens - ring)

@@ -1,11 +1,14 @@
 """Host page pool for KV retrieval (FreeKV / Quest): fixed-size pages, key summaries, page scores.
 
+Arrays are numpy on the CPU and torch tensors on a GPU (``backend.py``): the functions below take
+either and answer in the same kind.
+
 A sequence's *middle* tokens (after the attention sink, before the recent window) live here in
 fixed pages of ``page`` tokens (default 32). Per layer the pool is one tensor
 
     data[layer]  [B, capacity, Hkv, 2, page, D]     (one KV head's page: its K then its V, contiguous)
 
-(all layers are one ``[L, B, capacity, Hkv, 2, page, D]`` tensor)
+(all layers are one ``[L, B, capacity, Hkv, 2, page, D]`` array)
 
 so recalling "page p of KV head h" is a single contiguous ``2*page*D`` block (FreeKV's
 head-major host layout: no fragmented transfers). Each page carries a summary of its keys,
@@ -28,8 +31,8 @@ query heads of a KV group are combined into one score per (KV head, page):
   head's ``s_i / sqrt(D)`` (the attention logit scale), then mean over the group's heads;
 * ``combine="mean"``: plain mean of ``s_i`` over the group's heads.
 
-Then the top-k pages per (sequence, KV head) are taken with ``torch.topk`` (no Python loop
-over pages). Pages that do not exist for a sequence score ``-inf`` and come back as ``-1``.
+Then the top-k pages per (sequence, KV head) are taken in one top-k op (no Python loop over
+pages). Pages that do not exist for a sequence score ``-inf`` and come back as ``-1``.
 
 Storage precision (``pool_dtype``): ``fp32`` (this class's default; a ``freekv:`` spec's is ``fp16``) keeps pages in the KV's own dtype, exact;
 ``fp16`` in half precision; ``int8`` as 8-bit codes ``q`` with an affine map ``x = lo + q * step``
@@ -44,13 +47,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
-from typing import TYPE_CHECKING
+from .backend import backend_for, backend_of
 
-from ..lazy_torch import torch
-
-if TYPE_CHECKING:
-    from torch import Tensor
+Tensor = Any  # a numpy array (CPU) or a torch tensor (GPU), see ``backend.py``
 
 COMBINES = ("softmax", "mean")
 POOL_DTYPES = ("fp32", "fp16", "int8")
@@ -63,7 +64,8 @@ INT8_DEFAULT = ("channel", "channel")
 
 def summarize(keys: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel (min, max) over the token axis ``-2`` of ``keys`` ``[..., page, D]`` -> ``[..., D]``."""
-    return keys.amin(dim=-2), keys.amax(dim=-2)
+    xp = backend_of(keys)
+    return xp.amin(keys, -2), xp.amax(keys, -2)
 
 
 def page_scores(query: Tensor, kmin: Tensor, kmax: Tensor) -> Tensor:
@@ -73,13 +75,14 @@ def page_scores(query: Tensor, kmin: Tensor, kmax: Tensor) -> Tensor:
     ``kmin``/``kmax`` ``[..., B, Hkv, P, D]`` (the same leading dims, e.g. layers, or none).
     Computed in float32 as two batched matmuls.
     """
+    xp = backend_of(kmin)
     *lead, h, d = query.shape
     hkv = kmin.shape[-3]
     if h % hkv:
         raise ValueError(f"{h} query heads are not a multiple of {hkv} KV heads")
-    q = query.float().reshape(*lead, hkv, h // hkv, d)
-    scores = q.clamp(min=0) @ kmax.float().transpose(-1, -2)
-    scores = scores + q.clamp(max=0) @ kmin.float().transpose(-1, -2)
+    q = xp.astype(query, xp.float32).reshape(*lead, hkv, h // hkv, d)
+    scores = xp.clamp(q, lo=0) @ xp.swapaxes(xp.astype(kmax, xp.float32), -1, -2)
+    scores = scores + xp.clamp(q, hi=0) @ xp.swapaxes(xp.astype(kmin, xp.float32), -1, -2)
     return scores.reshape(*lead, h, scores.shape[-1])
 
 
@@ -99,19 +102,20 @@ def group_scores(
     """
     if combine not in COMBINES:
         raise ValueError(f"combine={combine!r}; use one of {', '.join(COMBINES)}")
+    xp = backend_of(scores)
     *lead, h, p = scores.shape
     g = scores.reshape(*lead, n_kv_heads, h // n_kv_heads, p)
-    invalid = None if valid is None else ~valid.to(torch.bool)[:, None, None, :]  # [B, 1, 1, P]
+    invalid = None if valid is None else ~xp.astype(valid, xp.bool)[:, None, None, :]  # [B, 1, 1, P]
     if combine == "softmax":
         logits = g * (1.0 if scale is None else scale)
         if invalid is not None:
-            logits = logits.masked_fill(invalid, float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with no page at all -> 0
-        out = probs.mean(dim=-2)
+            logits = xp.where(invalid, float("-inf"), logits)
+        probs = xp.nan_to_num(xp.softmax(logits, -1))  # rows with no page at all -> 0
+        out = probs.mean(-2)
     else:
-        out = g.mean(dim=-2)
+        out = g.mean(-2)
     if invalid is not None:
-        out = out.masked_fill(invalid[:, :, 0, :], float("-inf"))
+        out = xp.where(invalid[:, :, 0, :], float("-inf"), out)
     return out
 
 
@@ -120,13 +124,14 @@ def topk_pages(scores: Tensor, k: int) -> Tensor:
 
     Missing entries (fewer than ``k`` pages, or pages scored ``-inf``) are ``-1``, at the end.
     """
+    xp = backend_of(scores)
     p = scores.shape[-1]
-    out = torch.full((*scores.shape[:-1], k), -1, dtype=torch.long, device=scores.device)
+    out = xp.full((*scores.shape[:-1], k), -1, xp.int64)
     kk = min(k, p)
     if kk == 0:
         return out
-    values, idx = torch.topk(scores, kk, dim=-1, largest=True, sorted=True)
-    out[..., :kk] = torch.where(torch.isneginf(values), torch.full_like(idx, -1), idx)
+    values, idx = xp.topk(scores, kk)
+    out[..., :kk] = xp.where(xp.isneginf(values), -1, idx)
     return out
 
 
@@ -144,15 +149,16 @@ def select_pages(
     says how many exist per sequence (pages ``>= n_pages[b]`` are never selected). Missing
     entries are ``-1``. Leading dims (e.g. layers) are selected independently in one call.
     """
+    xp = backend_of(kmin)
     *lead, bsz, _, d = query.shape
     hkv = kmin.shape[-3]
-    n_pages = n_pages.to(kmin.device)
-    p = int(n_pages.max()) if n_pages.numel() else 0
+    n_pages = xp.asarray(n_pages)
+    p = int(n_pages.max()) if xp.size(n_pages) else 0
     if p == 0 or k == 0:
-        return torch.full((*lead, bsz, hkv, k), -1, dtype=torch.long, device=kmin.device)
+        return xp.full((*lead, bsz, hkv, k), -1, xp.int64)
     kmin, kmax = kmin[..., :p, :], kmax[..., :p, :]
-    valid = torch.arange(p, device=kmin.device)[None, :] < n_pages[:, None]
-    scores = page_scores(query.to(kmin.device), kmin, kmax)
+    valid = xp.arange(p)[None, :] < n_pages[:, None]
+    scores = page_scores(xp.asarray(query), kmin, kmax)
     combined = group_scores(scores, hkv, combine, valid, scale=1.0 / math.sqrt(d))
     return topk_pages(combined, k)
 
@@ -160,11 +166,13 @@ def select_pages(
 class PagePool:
     """Append-only host store of full pages for ``batch`` sequences and ``n_layers`` layers.
 
-    ``data`` ``[L, B, cap, Hkv, 2, page, D]`` (``dtype``, on CPU, pinned if ``pin_memory``; ``data[l]``
-    is layer ``l``); ``kmin``/``kmax`` ``[L, B, Hkv, cap, D]`` float32 on ``summary_device``
-    (page-minor, so scoring is a plain batched matmul);
-    ``n_pages`` ``[B]`` int64 (CPU). All layers live in one tensor so selection and recall run as
-    a few batched ops per step instead of a few per layer.
+    ``data`` ``[L, B, cap, Hkv, 2, page, D]`` (``dtype``, on the host, pinned if ``pin_memory``;
+    ``data[l]`` is layer ``l``); ``kmin``/``kmax`` ``[L, B, Hkv, cap, D]`` float32 on ``summary_device``
+    (page-minor, so scoring is a plain batched matmul); ``n_pages`` ``[B]`` int64 (host). All layers
+    live in one array so selection and recall run as a few batched ops per step instead of a few
+    per layer. ``summary_device`` "cpu" (numpy arrays throughout) or a CUDA device (torch tensors:
+    the page store then stays in host torch memory, summaries on the device). ``dtype``: what pages
+    are written from and read back as (a numpy or torch dtype, or its name; default float32).
     """
 
     def __init__(
@@ -174,13 +182,14 @@ class PagePool:
         n_kv_heads: int,
         head_dim: int,
         page: int = 32,
-        dtype: torch.dtype | None = None,
+        dtype=None,
         *,
         capacity: int = 8,
-        summary_device: torch.device | str = "cpu",
+        summary_device="cpu",
         pin_memory: bool = False,
         pool_dtype: str = "fp32",
         int8_scheme: tuple[str, str] = INT8_DEFAULT,
+        backend=None,
     ) -> None:
         if page < 1:
             raise ValueError(f"page={page} must be at least 1")
@@ -188,18 +197,19 @@ class PagePool:
             raise ValueError(f"pool_dtype={pool_dtype!r}; use one of {', '.join(POOL_DTYPES)}")
         if int8_scheme[0] not in ("page", "channel") or int8_scheme[1] not in INT8_SCHEMES:
             raise ValueError(f"int8_scheme={int8_scheme!r}: keys page|channel, values page|channel|token")
-        self.n_layers, self.batch, self.n_kv_heads, self.head_dim = n_layers, batch, n_kv_heads, head_dim
-        #: ``dtype``: what pages are written from and read back as (the view's); ``storage``: what they are kept in
-        dtype = torch.float32 if dtype is None else dtype  # (torch is imported here, not at import)
-        self.page, self.dtype, self.pool_dtype = page, dtype, pool_dtype
-        self.storage = {"fp32": dtype, "fp16": torch.float16, "int8": torch.uint8}[pool_dtype]
-        self.int8_scheme = int8_scheme if pool_dtype == "int8" else None
-        self.summary_device = torch.device(summary_device)
-        if pool_dtype == "int8" and self.summary_device.type != "cpu":
+        #: the summaries' (and selection's) arrays; ``host`` the page store's (the same on the CPU)
+        self.xp = xp = backend if backend is not None else backend_for(summary_device)
+        self.host = xp if not xp.is_cuda else type(xp)("cpu")
+        if pool_dtype == "int8" and xp.is_cuda:
             raise ValueError("pool_dtype=int8 dequantizes pages on the host with their CPU summaries; "
                              "use pool_dtype=fp16 or fp32 on a CUDA device")
+        self.n_layers, self.batch, self.n_kv_heads, self.head_dim = n_layers, batch, n_kv_heads, head_dim
+        #: ``dtype``: what pages are written from and read back as (the view's); ``storage``: what they are kept in
+        self.page, self.dtype, self.pool_dtype = page, xp.dtype("float32" if dtype is None else dtype), pool_dtype
+        self.storage = {"fp32": self.dtype, "fp16": xp.dtype("float16"), "int8": xp.dtype("uint8")}[pool_dtype]
+        self.int8_scheme = int8_scheme if pool_dtype == "int8" else None
         self.pin_memory = pin_memory
-        self.n_pages = torch.zeros(batch, dtype=torch.long)
+        self.n_pages = self.host.zeros((batch,), "int64")
         self._cap = 0
         self._touched = 0  # pages below this id may hold data or summaries (the rest was never written)
         self.data = self.kmin = self.kmax = None
@@ -220,14 +230,13 @@ class PagePool:
         nbytes = 2 * self.page * self.head_dim * self.storage.itemsize
         for q in (self.kq, self.vq):
             if q is not None:
-                nbytes += q[0, 0, 0, 0].numel() * q.element_size()
+                nbytes += self.host.nbytes(q[0, 0, 0, 0])
         return nbytes
 
     @property
     def nbytes(self) -> int:
         """Bytes held: page store (with its int8 scales) and summaries, at the allocated capacity."""
-        return sum(t.numel() * t.element_size() for t in (self.data, self.kmin, self.kmax, self.kq, self.vq)
-                   if t is not None)
+        return sum(self.xp.nbytes(t) for t in (self.data, self.kmin, self.kmax, self.kq, self.vq) if t is not None)
 
     def _granule(self, scheme: str) -> tuple[int, int]:
         """Broadcast shape ``(a, c)`` of one ``lo``/``step`` over a ``[page, D]`` block."""
@@ -235,16 +244,17 @@ class PagePool:
 
     def _alloc(self, cap: int) -> None:
         L, b, h, d, pg = self.n_layers, self.batch, self.n_kv_heads, self.head_dim, self.page
+        xp, host = self.xp, self.host
         # only written pages are ever read (`select_pages` masks pages >= n_pages before its softmax), so
         # neither the page store nor the summaries need a zero fill: their memory is touched as pages arrive
-        data = torch.empty((L, b, cap, h, 2, pg, d), dtype=self.storage, pin_memory=self.pin_memory)
-        kmin = torch.empty((L, b, h, cap, d), dtype=torch.float32, device=self.summary_device)
-        kmax = torch.empty((L, b, h, cap, d), dtype=torch.float32, device=self.summary_device)
+        data = host.empty((L, b, cap, h, 2, pg, d), self.storage, pin_memory=self.pin_memory)
+        kmin = xp.empty((L, b, h, cap, d), "float32")
+        kmax = xp.empty((L, b, h, cap, d), "float32")
         kq = vq = None
         if self.int8_scheme is not None:
             if self.int8_scheme[0] != "channel":  # keys per channel: lo/hi are the summaries
-                kq = torch.empty((L, b, cap, h, 2, *self._granule(self.int8_scheme[0])), dtype=torch.float32)
-            vq = torch.empty((L, b, cap, h, 2, *self._granule(self.int8_scheme[1])), dtype=torch.float32)
+                kq = host.empty((L, b, cap, h, 2, *self._granule(self.int8_scheme[0])), "float32")
+            vq = host.empty((L, b, cap, h, 2, *self._granule(self.int8_scheme[1])), "float32")
         live = self._touched  # only the pages written so far (data or summaries) move over
         if live:
             data[:, :, :live] = self.data[:, :, :live]
@@ -268,14 +278,14 @@ class PagePool:
     def reset(self) -> None:
         """Forget every page (storage is kept; so are summaries stored ahead of ``n_pages``, which a
         prefill's ``summarize_pages`` writes before ``start`` resets and appends)."""
-        self.n_pages.zero_()
+        self.n_pages[...] = 0
 
     # ------------------------------------------------------------------ writing
     def append(self, b: int, keys: Sequence[Tensor] | Tensor, values: Sequence[Tensor] | Tensor) -> range:
         """Append whole pages to sequence ``b``.
 
         ``keys``/``values``: per layer ``[Hkv, n*page, D]`` (a list, or one ``[L, Hkv, n*page, D]``
-        tensor). Returns the new page ids.
+        array). Returns the new page ids.
         """
         keys, values = list(keys), list(values)  # per layer; written one layer at a time (no stacked copy)
         n_tok = keys[0].shape[-2]
@@ -297,38 +307,41 @@ class PagePool:
         their data with ``summarized`` set). Room must be reserved."""
         h, d, pg = self.n_kv_heads, self.head_dim, self.page
         n_new = keys.shape[-2] // pg
-        k = keys.reshape(h, n_new, pg, d)  # [Hkv, n, page, D]
-        lo, hi = summarize(k.to(self.summary_device, torch.float32))  # [Hkv, n, D]
+        k = self.xp.asarray(keys).reshape(h, n_new, pg, d)  # [Hkv, n, page, D]
+        lo, hi = summarize(self.xp.to_device(k, "float32"))  # [Hkv, n, D]
         self.kmin[layer, b, :, first_page : first_page + n_new] = lo
         self.kmax[layer, b, :, first_page : first_page + n_new] = hi
         self._touched = max(self._touched, first_page + n_new)
 
     def write(self, layer: int, b: int, first_page: int, keys: Tensor, values: Tensor, summarized: int = 0) -> None:
-        """Store one layer's whole pages ``keys``/``values`` ``[Hkv, n*page, D]`` of sequence ``b`` at
-        page ids ``first_page..``, with their summaries (the first ``summarized`` of them already
-        stored by ``summarize_pages``). Room must be reserved; ``n_pages`` is the caller's to advance
-        once every layer is written (``append`` does both)."""
+        """Store one layer's whole pages ``keys``/``values`` ``[Hkv, n*page, D]`` (host arrays) of
+        sequence ``b`` at page ids ``first_page..``, with their summaries (the first ``summarized`` of
+        them already stored by ``summarize_pages``). Room must be reserved; ``n_pages`` is the
+        caller's to advance once every layer is written (``append`` does both)."""
+        host = self.host
         h, d, pg = self.n_kv_heads, self.head_dim, self.page
+        keys, values = host.asarray(keys), host.asarray(values)
         n_new = keys.shape[-2] // pg
         p0 = first_page
-        k = keys.reshape(h, n_new, pg, d).transpose(0, 1)  # [n, Hkv, page, D]
-        v = values.reshape(h, n_new, pg, d).transpose(0, 1)
+        k = host.swapaxes(keys.reshape(h, n_new, pg, d), 0, 1)  # [n, Hkv, page, D]
+        v = host.swapaxes(values.reshape(h, n_new, pg, d), 0, 1)
         dst = self.data[layer, b, p0 : p0 + n_new]  # [n, Hkv, 2, page, D]
         done = min(summarized, n_new)
         if done < n_new:
             self.summarize_pages(layer, b, p0 + done, keys[:, done * pg : n_new * pg])
-        lo = self.kmin[layer, b, :, p0 : p0 + n_new].transpose(0, 1)  # [n, Hkv, D], from the unrounded keys
-        hi = self.kmax[layer, b, :, p0 : p0 + n_new].transpose(0, 1)
-        if self.int8_scheme is None:
-            dst[:, :, 0].copy_(k)  # fp32: exact; fp16: rounded to nearest
-            dst[:, :, 1].copy_(v)
+        if self.int8_scheme is None:  # fp32: exact; fp16: rounded to nearest
+            dst[:, :, 0] = host.swapaxes(host.cast(keys, self.storage).reshape(h, n_new, pg, d), 0, 1)
+            dst[:, :, 1] = host.swapaxes(host.cast(values, self.storage).reshape(h, n_new, pg, d), 0, 1)
             return
+        # from the unrounded keys (int8 pools are host-only: the summaries are host arrays)
+        lo = host.swapaxes(self.kmin[layer, b, :, p0 : p0 + n_new], 0, 1)  # [n, Hkv, D]
+        hi = host.swapaxes(self.kmax[layer, b, :, p0 : p0 + n_new], 0, 1)
         kscheme, vscheme = self.int8_scheme
         if kscheme == "channel":
-            dst[:, :, 0].copy_(_quantize(k, lo[:, :, None], hi[:, :, None]))
+            dst[:, :, 0] = _quantize(host, k, lo[:, :, None], hi[:, :, None])
         else:
-            self.kq[layer, b, p0 : p0 + n_new] = _quantize_into(dst[:, :, 0], k, INT8_SCHEMES[kscheme])
-        self.vq[layer, b, p0 : p0 + n_new] = _quantize_into(dst[:, :, 1], v, INT8_SCHEMES[vscheme])
+            self.kq[layer, b, p0 : p0 + n_new] = _quantize_into(host, dst[:, :, 0], k, INT8_SCHEMES[kscheme])
+        self.vq[layer, b, p0 : p0 + n_new] = _quantize_into(host, dst[:, :, 1], v, INT8_SCHEMES[vscheme])
 
     # ------------------------------------------------------------------ reading
     def page_rows(self, layers: Tensor, seqs: Tensor, heads: Tensor, pages: Tensor) -> Tensor:
@@ -338,31 +351,33 @@ class PagePool:
 
     def read(self, layers: Tensor, seqs: Tensor, heads: Tensor, pages: Tensor) -> Tensor:
         """The pages of (layer, sequence, KV head, page id) as ``[n, 2, page*D]`` rows in ``dtype``
-        (K then V; dequantized from fp16/int8; with fp32 storage exactly the stored rows)."""
+        (K then V; dequantized from fp16/int8; with fp32 storage exactly the stored rows). Host
+        index arrays in, a host array out."""
+        host = self.host
         block = self.page * self.head_dim
         rows = self.page_rows(layers, seqs, heads, pages)
-        data = self.data.view(-1, 2, block).index_select(0, rows)
         if self.int8_scheme is None:
-            return data if data.dtype == self.dtype else data.to(self.dtype)
+            return host.take_rows(host.reshape_view(self.data, (-1, 2, block)), rows, self.dtype)
+        data = host.take(host.reshape_view(self.data, (-1, 2, block)), rows, 0)
         n, pg, d = len(rows), self.page, self.head_dim
-        data = data.view(n, 2, pg, d)
-        out = torch.empty((n, 2, pg, d), dtype=torch.float32)
+        data = data.reshape(n, 2, pg, d)
+        out = host.empty((n, 2, pg, d), "float32")
         if self.kq is None:  # keys per channel: lo/hi are the summaries
             lo = self.kmin[layers, seqs, heads, pages][:, None]  # [n, 1, D]
             step = (self.kmax[layers, seqs, heads, pages][:, None] - lo) / 255
-            torch.addcmul(lo, data[:, 0], step, out=out[:, 0])
+            host.addcmul(lo, data[:, 0], step, out=out[:, 0])
         else:
-            kq = self.kq.view(-1, *self.kq.shape[4:]).index_select(0, rows)
-            torch.addcmul(kq[:, 0], data[:, 0], kq[:, 1], out=out[:, 0])
-        vq = self.vq.view(-1, *self.vq.shape[4:]).index_select(0, rows)
-        torch.addcmul(vq[:, 0], data[:, 1], vq[:, 1], out=out[:, 1])
-        return out.view(n, 2, block).to(self.dtype)
+            kq = host.take(self.kq.reshape(-1, *self.kq.shape[4:]), rows, 0)
+            host.addcmul(kq[:, 0], data[:, 0], kq[:, 1], out=out[:, 0])
+        vq = host.take(self.vq.reshape(-1, *self.vq.shape[4:]), rows, 0)
+        host.addcmul(vq[:, 0], data[:, 1], vq[:, 1], out=out[:, 1])
+        return host.astype(out.reshape(n, 2, block), self.dtype)
 
     def page_kv(self, layer: int, b: int, page_id: int) -> tuple[Tensor, Tensor]:
         """Keys and values ``[Hkv, page, D]`` of one page, as recalled (dequantized into ``dtype``)."""
-        h = torch.arange(self.n_kv_heads)
-        one = torch.full_like(h, 1)
-        rows = self.read(one * layer, one * b, h, one * page_id).view(self.n_kv_heads, 2, self.page, self.head_dim)
+        h = self.host.arange(self.n_kv_heads)
+        one = h * 0 + 1
+        rows = self.read(one * layer, one * b, h, one * page_id).reshape(self.n_kv_heads, 2, self.page, self.head_dim)
         return rows[:, 0], rows[:, 1]
 
     def select(
@@ -374,22 +389,23 @@ class PagePool:
         once, ``query`` ``[L, B, H, D]`` -> ``[L, B, Hkv, k]``.
         """
         n = self.n_pages if n_pages is None else n_pages
+        query = self.xp.asarray(query)
         if layer is None:
             return select_pages(query, self.kmin, self.kmax, n, k, combine)
         return select_pages(query, self.kmin[layer], self.kmax[layer], n, k, combine)
 
 
-def _quantize(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+def _quantize(xp, x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """uint8 codes of ``x`` on the grid ``lo + q * (hi - lo) / 255`` (round to nearest)."""
     step = (hi - lo) / 255
-    step = torch.where(step > 0, step, torch.ones_like(step))  # a constant granule: q = 0 gives lo exactly
-    return ((x.float() - lo) / step).round_().clamp_(0, 255).to(torch.uint8)
+    step = xp.where(step > 0, step, step * 0 + 1)  # a constant granule: q = 0 gives lo exactly
+    return xp.astype(xp.clamp(xp.rint((xp.astype(x, "float32") - lo) / step), 0, 255), "uint8")
 
 
-def _quantize_into(dst: Tensor, x: Tensor, dims: tuple[int, ...]) -> Tensor:
+def _quantize_into(xp, dst: Tensor, x: Tensor, dims: tuple[int, ...]) -> Tensor:
     """Write the uint8 codes of ``x`` ``[n, Hkv, page, D]`` into ``dst`` with one ``lo``/``hi`` per
     granule (reduced over ``dims``); returns ``[n, Hkv, 2, a, c]``: ``lo`` then ``step``."""
-    x = x.float()
-    lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
-    dst.copy_(_quantize(x, lo, hi))
-    return torch.stack((lo, (hi - lo) / 255), dim=2)
+    x = xp.astype(x, "float32")
+    lo, hi = xp.amin(x, dims, keepdims=True), xp.amax(x, dims, keepdims=True)
+    dst[...] = _quantize(xp, x, lo, hi)
+    return xp.stack((lo, (hi - lo) / 255), axis=2)

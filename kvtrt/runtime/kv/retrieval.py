@@ -118,7 +118,7 @@ class RetrievalConfig(SpecStage):
 
     def create(self, *shape, **options) -> FreeKVRetrieval:
         """The retrieval manager of one batch of sequences: ``create(n_layers, n_kv_heads, n_heads,
-        head_dim, batch=1, dtype=torch.float32, *, device="cpu", mask_dtype=torch.bool,
+        head_dim, batch=1, dtype="float32", *, device="cpu", mask_dtype="bool",
         max_context=None, threaded=True, staging_slot=False)`` (see ``FreeKVRetrieval``); the pool
         stores pages in ``pool_dtype``."""
         return FreeKVRetrieval(self, *shape, **options)
