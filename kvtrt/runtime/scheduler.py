@@ -236,7 +236,7 @@ class Scheduler:
 
     # -- the loop ----------------------------------------------------------------------------
     def _scope_torch_threads(self) -> bool:
-        """Once torch is imported (by the first compaction or retrieval request), this thread's torch
+        """Once torch is imported (by the first compaction request), this thread's torch
         thread count is `torch_threads` (True when that is done; a dense-only runtime never imports it)."""
         if self.torch_threads is None:
             return True
