@@ -255,6 +255,9 @@ def test_topk_per_kv_head(combine, backend):
     # -inf scores are never selected
     s = xp.asarray(torch.tensor([[[1.0, float("-inf"), 0.5]]]))
     assert topk_pages(s, 4).tolist() == [[[0, 2, -1, -1]]]
+    # ties (e.g. softmax probabilities underflowing to 0) go to the lowest page id, on both backends
+    s = xp.asarray(torch.tensor([[[0.5, 0, 0, 0, 0, 0, 0, 0, 0.2, 0, 0, 0]]]))
+    assert topk_pages(s, 4).tolist() == [[[0, 8, 1, 2]]]
 
 
 # ----------------------------------------------------------------------------- spec

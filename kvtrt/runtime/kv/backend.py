@@ -18,6 +18,9 @@ import numpy as np
 
 from ..arrays import NumpyArrays
 
+#: values from which a float16 cast goes through ONNX Runtime (below, a call costs more than numpy's cast)
+ORT_CAST_MIN = 1 << 14
+
 
 class NumpyBackend:
     """numpy arrays on the host. Large buffers are anonymous maps (``arrays.NumpyArrays``): their
@@ -70,7 +73,13 @@ class NumpyBackend:
 
     def reshape_view(self, x, shape) -> np.ndarray:
         """``x`` reshaped without a copy (an error if that would need one)."""
-        return np.reshape(x, shape, copy=False)
+        view = x.view()
+        view.shape = shape  # (numpy < 2.1 has no reshape(copy=False); this raises the same way)
+        return view
+
+    def scratch(self, shape, dtype) -> np.ndarray:
+        """A short-lived buffer, uninitialized (no memory map: it is made and dropped per call)."""
+        return np.empty(tuple(shape), dtype=self.dtype(dtype))
 
     # ------------------------------------------------------------------ maths
     def amin(self, x, axis, keepdims: bool = False):
@@ -104,14 +113,10 @@ class NumpyBackend:
         return np.rint(x)
 
     def topk(self, x, k: int):
-        """The ``k`` largest values along the last axis and their indices, largest first."""
-        if k < x.shape[-1]:
-            part = np.argpartition(-x, k - 1, axis=-1)[..., :k]
-        else:
-            part = np.broadcast_to(np.arange(x.shape[-1]), x.shape).copy()
-        values = np.take_along_axis(x, part, -1)
-        order = np.argsort(-values, axis=-1, kind="stable")
-        return np.take_along_axis(values, order, -1), np.take_along_axis(part, order, -1)
+        """The ``k`` largest values along the last axis and their indices, largest first, ties to
+        the lowest index (as ``TorchBackend.topk``)."""
+        index = np.argsort(-x, axis=-1, kind="stable")[..., :k]
+        return np.take_along_axis(x, index, -1), index
 
     def argsort_stable(self, x, axis: int = -1):
         return np.argsort(x, axis=axis, kind="stable")
@@ -125,7 +130,7 @@ class NumpyBackend:
     def cast(self, x, dtype):
         """``x`` in ``dtype``; float32 to float16 by ONNX Runtime (``host_gather.py``), bit for bit."""
         dtype = self.dtype(dtype)
-        if x.dtype == np.float32 and dtype == np.float16:
+        if x.dtype == np.float32 and dtype == np.float16 and x.size >= ORT_CAST_MIN:
             from .host_gather import narrowed
 
             return narrowed(x)
@@ -135,7 +140,7 @@ class NumpyBackend:
         """``x[rows]`` (along axis 0) in ``dtype``; float16 rows widened to float32 by ONNX Runtime
         (``host_gather.py``: numpy's float16 cast is ~25x slower)."""
         dtype = self.dtype(dtype)
-        if x.dtype == np.float16 and dtype == np.float32:
+        if x.dtype == np.float16 and dtype == np.float32 and len(rows) * x[0].size >= ORT_CAST_MIN:
             from .host_gather import gather_widened
 
             return gather_widened(x, rows)
@@ -151,10 +156,12 @@ class NumpyBackend:
         return np.repeat(x, count, axis=axis)
 
     def cosine(self, a, b, eps: float = 1e-8):
-        """Cosine similarity along the last axis (torch's: each norm clamped to ``eps``)."""
+        """Cosine similarity along the last axis as torch computes it: each vector divided by its
+        norm (clamped to ``eps``), then their dot product."""
         a, b = a.astype(np.float32, copy=False), b.astype(np.float32, copy=False)
-        norms = np.maximum(np.linalg.norm(a, axis=-1), eps) * np.maximum(np.linalg.norm(b, axis=-1), eps)
-        return (a * b).sum(axis=-1) / norms
+        a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), eps)
+        b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), eps)
+        return (a * b).sum(axis=-1)
 
     def addcmul(self, lo, q, step, out) -> None:
         """``out = lo + q * step`` (``q`` uint8 codes)."""
@@ -197,8 +204,13 @@ class NumpyBackend:
                 seen.update({key: value for key, value in TorchBackend.storage_refs([owner]).items()
                              if key not in seen})
             elif id(owner) not in seen:
+                try:
+                    ref = weakref.ref(owner)
+                except TypeError:  # bytes and the like: follow the outermost array that views them
+                    owner = _owner(x, arrays_only=True)
+                    ref = weakref.ref(owner)
                 size = owner.nbytes if isinstance(owner, np.ndarray) else memoryview(owner).nbytes
-                seen[id(owner)] = (weakref.ref(owner), size)
+                seen[id(owner)] = (ref, size)
         return list(seen.values())
 
 
@@ -214,12 +226,12 @@ def _reduce(ufunc, x: np.ndarray, axis, keepdims: bool):
     return out
 
 
-def _owner(x: np.ndarray):
+def _owner(x: np.ndarray, arrays_only: bool = False):
     """What owns an array's bytes: the innermost base (a memory map, bytes, a torch tensor, or an
-    array)."""
+    array); with ``arrays_only``, the innermost array."""
     while True:
         base = x.base
-        if base is None:
+        if base is None or (arrays_only and not isinstance(base, np.ndarray)):
             return x
         if isinstance(base, memoryview):
             return base.obj
@@ -283,6 +295,9 @@ class TorchBackend:
     def reshape_view(self, x, shape):
         return x.view(shape)
 
+    def scratch(self, shape, dtype):
+        return self.empty(shape, dtype)
+
     def amin(self, x, axis, keepdims: bool = False):
         return x.amin(dim=axis, keepdim=keepdims)
 
@@ -296,10 +311,7 @@ class TorchBackend:
         return x.clamp(min=lo, max=hi)
 
     def where(self, cond, a, b):
-        t = self.torch
-        a = a if isinstance(a, t.Tensor) else t.tensor(a, dtype=b.dtype, device=b.device)
-        b = b if isinstance(b, t.Tensor) else t.tensor(b, dtype=a.dtype, device=a.device)
-        return t.where(cond, a, b)
+        return self.torch.where(cond, a, b)  # (a Python scalar stays a scalar: no host-to-device copy)
 
     def softmax(self, x, axis: int = -1):
         return self.torch.softmax(x, dim=axis)
@@ -314,7 +326,10 @@ class TorchBackend:
         return x.round()
 
     def topk(self, x, k: int):
-        return self.torch.topk(x, k, dim=-1, largest=True, sorted=True)
+        """The ``k`` largest along the last dim, largest first, ties to the lowest index (a stable
+        sort: ``torch.topk``'s tie order is unspecified)."""
+        values, index = self.torch.sort(x, dim=-1, descending=True, stable=True)
+        return values[..., :k], index[..., :k]
 
     def argsort_stable(self, x, axis: int = -1):
         return self.torch.argsort(x, dim=axis, stable=True)

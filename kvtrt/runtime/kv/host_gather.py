@@ -38,10 +38,7 @@ def gather_widened(data: np.ndarray, rows: np.ndarray) -> np.ndarray:
 def narrowed(x: np.ndarray) -> np.ndarray:
     """``x`` (float32) as a new C-contiguous float16 array, exactly ``x.astype(np.float16)``
     (round to nearest even; what a pool's pages are stored as)."""
-    x = np.asarray(x, dtype=np.float32)
-    if not x.flags.c_contiguous and x.ndim > 1 and len(x) and all(part.flags.c_contiguous for part in x):
-        return np.stack([narrowed(part) for part in x])  # e.g. some tokens of every head: head by head
-    x = np.ascontiguousarray(x)  # (otherwise a copy: small, e.g. one page leaving the window)
+    x = np.ascontiguousarray(x, dtype=np.float32)  # (callers pass one head's tokens: contiguous, no copy)
     out = np.empty(x.shape, np.float16)
     if x.size:
         session = _session("narrow")

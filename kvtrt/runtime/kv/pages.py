@@ -329,9 +329,10 @@ class PagePool:
         done = min(summarized, n_new)
         if done < n_new:
             self.summarize_pages(layer, b, p0 + done, keys[:, done * pg : n_new * pg])
-        if self.int8_scheme is None:  # fp32: exact; fp16: rounded to nearest
-            dst[:, :, 0] = host.swapaxes(host.cast(keys, self.storage).reshape(h, n_new, pg, d), 0, 1)
-            dst[:, :, 1] = host.swapaxes(host.cast(values, self.storage).reshape(h, n_new, pg, d), 0, 1)
+        if self.int8_scheme is None:  # fp32: exact; fp16: rounded to nearest (head by head: one head's copy)
+            for head in range(h):
+                dst[:, head, 0] = host.cast(keys[head], self.storage).reshape(n_new, pg, d)
+                dst[:, head, 1] = host.cast(values[head], self.storage).reshape(n_new, pg, d)
             return
         # from the unrounded keys (int8 pools are host-only: the summaries are host arrays)
         lo = host.swapaxes(self.kmin[layer, b, :, p0 : p0 + n_new], 0, 1)  # [n, Hkv, D]
@@ -361,7 +362,7 @@ class PagePool:
         data = host.take(host.reshape_view(self.data, (-1, 2, block)), rows, 0)
         n, pg, d = len(rows), self.page, self.head_dim
         data = data.reshape(n, 2, pg, d)
-        out = host.empty((n, 2, pg, d), "float32")
+        out = host.scratch((n, 2, pg, d), "float32")
         if self.kq is None:  # keys per channel: lo/hi are the summaries
             lo = self.kmin[layers, seqs, heads, pages][:, None]  # [n, 1, D]
             step = (self.kmax[layers, seqs, heads, pages][:, None] - lo) / 255
