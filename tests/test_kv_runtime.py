@@ -112,19 +112,25 @@ def test_small_retrieval_budget_attends_fewer_tokens_and_reports_stats(tiny_llam
 
 
 def test_retrieval_pool_summaries_built_during_prefill(tiny_llama):
-    """The scheduler announces a FreeKV prompt before its prefill and the manager summarizes each
-    chunk's completed pages as it is written: the stats count them (every prompt page), and the
-    tokens equal those of a decode whose pool was built after the prefill (the evaluation path)."""
+    """With `summarize_in_prefill` (the GPU default) the scheduler announces a FreeKV prompt before
+    its prefill and the manager summarizes each chunk's completed pages as it is written: the stats
+    count them (every prompt page). On the CPU (the default there) they are built at the hand-over.
+    Either way the tokens equal those of a decode whose pool was built after the prefill (the
+    evaluation path)."""
     _, _, directory = tiny_llama
     spec = "freekv:budget=64,page=8,window=16,tau=0.5,min_context=0"
     llm = kvtrt.load(directory, kv=spec, prefill_chunk=16)
     ids = llm.encode(PROMPT * 2)
+    assert llm.scheduler.retrieval.summarize_in_prefill is False  # a CPU engine
+    at_start = llm.generate(ids, max_new_tokens=25, ignore_eos=True)
+    assert at_start.stats.kv["pages_summarized_in_prefill"] == 0
+    llm.scheduler.retrieval.summarize_in_prefill = True
     during = llm.generate(ids, max_new_tokens=25, ignore_eos=True)
     pages = (len(ids) - 4 - 16) // 8  # whole pages outside sink and window
     assert during.stats.kv["pages_summarized_in_prefill"] == pages > 0
     after = decode(llm, ids, 25, start=prefill(llm, ids))
     assert after.stats.kv["pages_summarized_in_prefill"] == 0
-    assert during.token_ids == after.tokens
+    assert during.token_ids == after.tokens == at_start.token_ids
     assert llm.stats().kv_bytes_used == 0
 
 

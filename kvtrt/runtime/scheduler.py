@@ -316,10 +316,10 @@ class Scheduler:
         self.counters.prompt_tokens_total += len(seq.ids)
         on_chunk = None
         if seq.policy is None and self._placement(seq)[1] is self.retrieval:
-            # FreeKV / Quest: the pool's page summaries are built as the prefill writes each chunk
             seq.manager = self.retrieval.create_manager(seq, len(seq.ids))
-            seq.manager.begin(len(seq.ids), reserve_tokens=seq.max_new_tokens + 1)
-            on_chunk = self.retrieval.absorber(seq.manager)
+            if self.retrieval.summarize_in_prefill:  # the pool's page summaries as the prefill writes each chunk
+                seq.manager.begin(len(seq.ids), reserve_tokens=seq.max_new_tokens + 1)
+                on_chunk = self.retrieval.absorber(seq.manager)
         seq.job = PrefillJob(self.engine, seq.ids, self.llm.prefill_chunk, track_scores=track, start=start, store=store,
                              on_chunk=on_chunk)
         if seq.progress and len(seq.job.chunks) > 1:
