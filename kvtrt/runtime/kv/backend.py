@@ -402,15 +402,21 @@ class TorchBackend:
         return seen
 
 
+_NUMPY = NumpyBackend()  # backends hold no state: one per device, made once (selection calls
+_TORCH: dict[str, TorchBackend] = {}  # `backend_of` a few times per decode step)
+
+
 def backend_for(device="cpu"):
     """numpy on the CPU, torch on any other device (``device``: a name or a torch device)."""
-    if str(device) == "cpu":
-        return NumpyBackend()
-    return TorchBackend(device)
+    return _NUMPY if str(device) == "cpu" else _torch_backend(device)
 
 
 def backend_of(x):
     """The backend of an array: numpy for a numpy array, torch (on its device) for a tensor."""
-    if isinstance(x, np.ndarray):
-        return NumpyBackend()
-    return TorchBackend(x.device)
+    return _NUMPY if isinstance(x, np.ndarray) else _torch_backend(x.device)
+
+
+def _torch_backend(device) -> TorchBackend:
+    if str(device) not in _TORCH:
+        _TORCH[str(device)] = TorchBackend(device)
+    return _TORCH[str(device)]

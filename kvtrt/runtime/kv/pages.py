@@ -323,8 +323,6 @@ class PagePool:
         keys, values = host.asarray(keys), host.asarray(values)
         n_new = keys.shape[-2] // pg
         p0 = first_page
-        k = host.swapaxes(keys.reshape(h, n_new, pg, d), 0, 1)  # [n, Hkv, page, D]
-        v = host.swapaxes(values.reshape(h, n_new, pg, d), 0, 1)
         dst = self.data[layer, b, p0 : p0 + n_new]  # [n, Hkv, 2, page, D]
         done = min(summarized, n_new)
         if done < n_new:
@@ -334,6 +332,8 @@ class PagePool:
                 dst[:, head, 0] = host.cast(keys[head], self.storage).reshape(n_new, pg, d)
                 dst[:, head, 1] = host.cast(values[head], self.storage).reshape(n_new, pg, d)
             return
+        k = host.swapaxes(keys.reshape(h, n_new, pg, d), 0, 1)  # [n, Hkv, page, D]
+        v = host.swapaxes(values.reshape(h, n_new, pg, d), 0, 1)
         # from the unrounded keys (int8 pools are host-only: the summaries are host arrays)
         lo = host.swapaxes(self.kmin[layer, b, :, p0 : p0 + n_new], 0, 1)  # [n, Hkv, D]
         hi = host.swapaxes(self.kmax[layer, b, :, p0 : p0 + n_new], 0, 1)
