@@ -388,6 +388,33 @@ def test_a_request_whose_prefill_cannot_start_fails_alone(tiny_llama, monkeypatc
     llm.close()
 
 
+
+def test_a_fault_of_the_loop_itself_fails_the_requests_in_flight(tiny_llama, monkeypatch):
+    """An error outside any one request's work (here: publishing the gauges) stops the loop; every
+    request in flight (decoding, prefilling, waiting) fails with it at once instead of waiting forever,
+    their KV is freed, and the next request starts a new loop."""
+    from kvtrt.runtime.scheduler import Scheduler
+
+    llm = kvtrt.load(tiny_llama[2], kv_memory=full_cache_bytes(kvtrt.load(tiny_llama[2]), 900))
+    prompts = prompts_of(3, seed=8)
+    expected = llm.generate(prompts[0], max_new_tokens=5).token_ids
+    real, calls = Scheduler._publish, []
+
+    def publish(self):
+        calls.append(1)
+        if len(calls) == 3:  # the third iteration: the first request decodes, the others queue behind it
+            raise RuntimeError("gauges broke")
+        return real(self)
+
+    monkeypatch.setattr(Scheduler, "_publish", publish)
+    requests = [llm.submit(p, max_new_tokens=200, min_new_tokens=200) for p in prompts]
+    for request in requests:
+        with pytest.raises(RuntimeError, match="internal error of kvtrt's scheduler.*gauges broke"):
+            request.result(timeout=60)
+    assert llm.stats().running == 0 and llm.stats().kv_bytes_used == 0
+    assert llm.generate(prompts[0], max_new_tokens=5).token_ids == expected
+    llm.close()
+
 def test_admission_counts_buffers_a_longer_row_left_behind(tiny_llama):
     """A batch keeps its buffers' length when its longest row leaves; rows joining later fill them.
     Admission must count those slots, not only what the rows now need: the KV held (sampled after

@@ -1,10 +1,9 @@
 """The arrays an engine binds: numpy on the CPU, torch tensors on a GPU.
 
 The dense KV path (store, decode batch, prefill, output buffers, sampling) is written once against
-the few operations below, so a CPU runtime that serves the full cache never imports torch (torch's
-import alone is ~190 MiB of resident memory and ~1.3 s). The KV policies (compaction) and the
-retrieval managers (FreeKV, Quest) compute in torch and import it when a request first needs them;
-`to_torch` / `from_torch` cross that boundary without copies on the CPU.
+the few operations below, so a CPU runtime never imports torch (torch's import alone is ~190 MiB of
+resident memory and ~1.3 s): the compaction policies compute in numpy on the host (`kv/policies.py`)
+and the retrieval managers (FreeKV, Quest) on the backend of the engine's device (`kv/backend.py`).
 
 Large CPU buffers are anonymous memory maps: pages become resident when written (rows never touched
 cost nothing), read as zeros before that, and go back to the OS the moment the last view of the
@@ -72,20 +71,16 @@ class NumpyArrays:
         """Indices of the non-zero entries of a 1-D array."""
         return np.flatnonzero(x)
 
-    def to_torch(self, x):
-        import torch
-
-        return torch.from_numpy(x)
-
-    def from_torch(self, t) -> np.ndarray:
-        return t.numpy()
-
 
 class TorchArrays:
     """torch tensors on `device` (GPU engines; on "cpu" the tests use it to run the GPU code path)."""
 
     def __init__(self, device: str = "cpu"):
-        import torch
+        try:
+            import torch
+        except ImportError:
+            raise RuntimeError(f"a GPU engine keeps its KV cache in torch tensors on {device}, and torch is not "
+                               f"installed; install it with `pip install 'kvtrt[gpu]'` (or 'kvtrt[trt]')") from None
 
         self.torch, self.device = torch, torch.device(device)
         self._dtypes = {dtype: getattr(torch, name) for dtype, name in TORCH_NAMES.items()}
@@ -119,12 +114,6 @@ class TorchArrays:
 
     def nonzero(self, x):
         return self.torch.nonzero(x, as_tuple=True)[0]
-
-    def to_torch(self, x):
-        return x
-
-    def from_torch(self, t):
-        return t
 
 
 def for_provider(provider: str, device_id: int = 0):

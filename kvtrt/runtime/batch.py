@@ -176,7 +176,7 @@ class DenseBatch:
         keep, n, m, a = row.seq.keep, row.length, self.m, self.arrays
         for layer in range(m.n_layers):
             scores = self.scores[layer][i][:, :n].reshape(m.n_kv_heads, -1, n)  # [Hkv,R/Hkv,N]
-            chosen = a.from_torch(row.seq.policy.select(scores, keep))  # [Hkv,keep] (a torch policy)
+            chosen = a.asarray(row.seq.policy.select(scores, keep))  # [Hkv,keep] (picked in numpy on the host)
             for t in (self.keys[layer], self.values[layer]):
                 kept = a.take_along(t[i], chosen[..., None], 1)  # [Hkv,keep,D]
                 t[i, :, :n] = 0

@@ -15,6 +15,7 @@ prefills only what is new.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import sys
 import threading
 import time
@@ -236,16 +237,48 @@ class Scheduler:
 
     # -- the loop ----------------------------------------------------------------------------
     def _scope_torch_threads(self) -> bool:
-        """Once torch is imported (by the first compaction request), this thread's torch
-        thread count is `torch_threads` (True when that is done; a dense-only runtime never imports it)."""
+        """Once torch is imported (a GPU engine, or the caller's own use), this thread's torch thread
+        count is `torch_threads` (True when that is done; a CPU runtime never imports torch)."""
         if self.torch_threads is None:
             return True
-        if "torch" not in sys.modules:
+        if sys.modules.get("torch") is None:  # not imported (or blocked: None)
             return False
         sys.modules["torch"].set_num_threads(self.torch_threads)
         return True
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except Exception as error:  # a fault of the loop itself: what is in flight fails, it never hangs
+            traceback.print_exc()
+            self._fail_in_flight(error)
+            with self._lock:  # requests submitted meanwhile get a new loop (this thread still counted as alive)
+                self._thread = None
+                if self.waiting and not self._stopping:
+                    self._ensure_thread()
+
+    def _fail_in_flight(self, error: Exception) -> None:
+        """Fail every request this loop holds (waiting, prefilling, decoding) with `error` and free its KV."""
+        with self._lock:
+            seqs = list(self.waiting) + list(self.prefilling)
+            self.waiting.clear()
+            self.prefilling.clear()
+        for group in self.groups:
+            for row in list(group.rows):
+                seqs.append(row.seq)
+                with contextlib.suppress(Exception):
+                    group.leave(row.seq)
+        for seq in seqs:
+            seq.job = None
+            with contextlib.suppress(Exception):
+                self._release_manager(seq)
+            if not seq.request.done:
+                seq.request._fail(RuntimeError(f"the request was stopped by an internal error of kvtrt's "
+                                               f"scheduler: {error!r}"))
+        with contextlib.suppress(Exception):
+            self._publish()
+
+    def _serve(self) -> None:
         torch_scoped = False
         while True:
             with self._lock:
@@ -389,8 +422,8 @@ class Scheduler:
         a = store.arrays
         live = a.nonzero(store.mask[0])
         count = min(seq.keep, len(live))
-        # the policy computes in torch (it takes the store's arrays as they are); its picks come back as arrays
-        slots = [live[a.from_torch(seq.policy.select(store.grouped_scores(layer)[..., live], count))][None]
+        # the policy computes in numpy on the host (a GPU store's scores are copied there); picks come back here
+        slots = [live[a.asarray(seq.policy.select(store.grouped_scores(layer)[..., live], count))][None]
                  for layer in range(self.m.n_layers)]
         store.compact(slots, [count], 0)
         seq.stats.compactions += 1

@@ -5,11 +5,17 @@ turns scores into kept slot indices. A spec's compaction stage is the policy its
 
     policy = parse_kv_spec("kvcrush:budget=0.25,base=snapkv").compaction
     keep = policy.budget_tokens(context)          # tokens to keep, per KV head
-    kept = policy.select(scores, keep)            # LongTensor [Hkv, keep]
+    kept = policy.select(scores, keep)            # int64 array [Hkv, keep]
 
 ``scores`` is ``[Hkv, N]`` float: the attention mass each stored slot received, per KV head, or
 ``[Hkv, g, N]``: per query head, grouped by KV head (exports with ``score_heads`` "query"); policies
 rank the group mean, KVCrush's ``signature=query`` reads the heads.
+
+Policies compute in numpy on the host: a numpy array is read as is, a torch tensor (a GPU store's
+scores, tests) is copied to the host first (``[Hkv, N]`` per layer, once per compaction). So a CPU
+process that compacts never imports torch. Sums and pooling run in the order torch's kernels did
+(slot by slot), so the picks are those of the earlier torch implementation, ties included
+(``tests/test_policies.py`` checks the float steps against torch's kernels bit for bit).
 Slots are in position order, so the *sink* is the first ``sink`` slots and the *window* the last
 ``window`` slots; both are always kept and count inside the budget. Everything is deterministic:
 ties are broken by slot index and KVCrush's random anchor comes from its ``seed``.
@@ -25,12 +31,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar
 
-from ..lazy_torch import F, torch
+import numpy as np
 
 from .options import KVSpecError, SpecStage, option, read_value, resolve_budget
 
 if TYPE_CHECKING:
-    from torch import Tensor
+    from numpy import ndarray as Array
 
 ANCHORS = ("random", "zeros", "ones", "mean", "alternating")
 GRANULARITIES = ("token", "page")
@@ -64,35 +70,37 @@ class Policy(SpecStage, ABC):
         return tokens
 
     @abstractmethod
-    def token_scores(self, scores: Tensor) -> Tensor:
+    def token_scores(self, scores: Array) -> Array:
         """``[Hkv, N]`` importance of each slot (higher = keep) from attention mass ``scores``."""
 
-    def select(self, scores: Tensor, keep: int) -> Tensor:
-        """Kept slots, ``LongTensor [Hkv, keep]``, rows ascending: sink + window + top ``token_scores``.
+    def select(self, scores: Array, keep: int) -> Array:
+        """Kept slots, int64 ``[Hkv, keep]``, rows ascending: sink + window + top ``token_scores``.
 
         All ``N`` slots when ``N <= keep``. Ties in ``token_scores`` go to the older slot. With
         ``block > 1`` (H2O, SnapKV) whole blocks come first: the slots ``[b*block, (b+1)*block)``
         outside sink and window, ranked by their mean ``token_scores``, taken whole until the last
         one, which gives its best slots (a fact spread over a few tokens stays together).
-        ``scores`` may also be a numpy array (the CPU runtime's store): it is read without a copy.
+        ``scores``: numpy (read without a copy) or a torch tensor (copied to the host).
         """
-        scores = group_mass(torch.as_tensor(scores))
+        scores = group_mass(host_scores(scores))
         heads, n = _shape(scores)
         if n <= keep:
-            return _all_slots(heads, n, scores.device)
+            return _all_slots(heads, n)
         self._check_keep(keep, f"select(keep={keep})")
         middle = self.token_scores(scores)[:, self.sink : n - self.window]
-        best = torch.sort(middle, dim=1, descending=True, stable=True).indices
+        best = argsort_descending(middle)
         block = getattr(self, "block", 1)
         if block > 1:  # by block mean first, then (stable) by the slot's own score
-            of = torch.arange(self.sink, n - self.window, device=scores.device) // block - self.sink // block
-            mean = torch.zeros(heads, int(of[-1]) + 1, device=scores.device).index_add_(1, of, middle)
-            mean /= torch.bincount(of)
-            best = best.gather(1, torch.sort(mean[:, of].gather(1, best), dim=1, descending=True, stable=True).indices)
+            of = np.arange(self.sink, n - self.window) // block - self.sink // block
+            mean = np.zeros((heads, int(of[-1]) + 1), dtype=middle.dtype)
+            np.add.at(mean, (slice(None), of), middle)  # slot by slot, as torch's index_add_
+            mean /= np.bincount(of).astype(mean.dtype)
+            best = np.take_along_axis(best, argsort_descending(np.take_along_axis(mean[:, of], best, 1)), 1)
         best = best[:, : keep - self.sink - self.window] + self.sink
-        slots = torch.arange(n, device=scores.device)
-        fixed = torch.cat([slots[: self.sink], slots[n - self.window :]]).expand(heads, -1)
-        return torch.cat([fixed, best], dim=1).sort(dim=1).values
+        slots = np.arange(n)
+        fixed = np.broadcast_to(np.concatenate([slots[: self.sink], slots[n - self.window :]]),
+                                (heads, self.sink + self.window))
+        return np.sort(np.concatenate([fixed, best], axis=1), axis=1)
 
     def _check_keep(self, keep: int, what: str) -> None:
         floor = self.sink + self.window
@@ -123,9 +131,9 @@ class StreamingPolicy(Policy):
         if self.budget is None and self.sink + self.window == 0:
             raise KVSpecError(f"streaming with sink=0,window=0 keeps nothing in {where!r}; set window=N")
 
-    def token_scores(self, scores: Tensor) -> Tensor:
+    def token_scores(self, scores: Array) -> Array:
         """Recency: the slot index, so the newest slots win."""
-        return torch.arange(scores.shape[-1], device=scores.device).to(scores.dtype).expand_as(scores)
+        return np.broadcast_to(np.arange(scores.shape[-1], dtype=scores.dtype), scores.shape)
 
 
 @dataclass(frozen=True)
@@ -138,7 +146,7 @@ class H2OPolicy(Policy):
     window: int = option(32, "whole")
     block: int = option(1, "whole", minimum=1)
 
-    def token_scores(self, scores: Tensor) -> Tensor:
+    def token_scores(self, scores: Array) -> Array:
         """The raw attention mass."""
         return scores
 
@@ -167,14 +175,12 @@ class SnapKVPolicy(Policy):
             raise KVSpecError(f"kernel={self.kernel} in {where!r} must be odd so pooling keeps the length; "
                               f"e.g. kernel=5")
 
-    def token_scores(self, scores: Tensor) -> Tensor:
+    def token_scores(self, scores: Array) -> Array:
         """Pooled mass for the slots before the window; the window's own slots are unchanged."""
         prefix = max(scores.shape[-1] - self.window, 0)
         if prefix == 0:
             return scores
-        pool = F.avg_pool1d if self.pool == "avg" else F.max_pool1d
-        pooled = pool(scores[:, None, :prefix], self.kernel, stride=1, padding=self.kernel // 2)[:, 0]
-        return torch.cat([pooled, scores[:, prefix:]], dim=1)
+        return np.concatenate([pool1d(scores[:, :prefix], self.kernel, self.pool), scores[:, prefix:]], axis=1)
 
 
 @dataclass(frozen=True)
@@ -267,7 +273,7 @@ class KVCrushPolicy(Policy):
         """The base policy's window."""
         return self.base.window
 
-    def token_scores(self, scores: Tensor) -> Tensor:
+    def token_scores(self, scores: Array) -> Array:
         """The base policy's scores."""
         return self.base.token_scores(scores)
 
@@ -282,126 +288,164 @@ class KVCrushPolicy(Policy):
         reps -= reps % self._unit
         return keep - reps, reps
 
-    def select(self, scores: Tensor, keep: int) -> Tensor:
-        """Base share plus per-head representatives, ``LongTensor [Hkv, keep]`` rows ascending."""
-        scores = torch.as_tensor(scores)
-        if self.signature == "query" and scores.dim() != 3:
+    def select(self, scores: Array, keep: int) -> Array:
+        """Base share plus per-head representatives, int64 ``[Hkv, keep]`` rows ascending."""
+        scores = host_scores(scores)
+        if self.signature == "query" and scores.ndim != 3:
             raise ValueError("kvcrush signature=query needs per-query-head scores [Hkv, g, N] (an export with "
                              "score_heads 'query')")
         mass = group_mass(scores)
         heads, n = _shape(mass)
         if n <= keep:
-            return _all_slots(heads, n, scores.device)
+            return _all_slots(heads, n)
         self._check_keep(keep, f"select(keep={keep})")
         base_keep, reps = self.split(keep)
         kept = self.base.select(mass, base_keep)
         if reps == 0:
             return kept
-        return torch.cat([kept, self._representatives(mass, scores, kept, reps)], dim=1).sort(dim=1).values
+        return np.sort(np.concatenate([kept, self._representatives(mass, scores, kept, reps)], axis=1), axis=1)
 
     @property
     def _unit(self) -> int:
         return self.page if self.granularity == "page" else 1
 
-    def _representatives(self, scores: Tensor, head_scores: Tensor, kept: Tensor, reps: int) -> Tensor:
+    def _representatives(self, scores: Array, head_scores: Array, kept: Array, reps: int) -> Array:
         """``[Hkv, reps]`` slots outside ``kept`` chosen by Hamming-distance buckets; ``scores`` is the
         ``[Hkv, N]`` mass per KV head, ``head_scores`` what ``select`` was given."""
         heads, n = scores.shape
-        device = scores.device
-        slots = torch.arange(n, device=device)
+        slots = np.arange(n)
         middle = (slots >= self.sink) & (slots < n - self.window)
-        evicted = middle & ~torch.zeros(heads, n, dtype=torch.bool, device=device).scatter_(1, kept, True)
+        base_kept = np.zeros((heads, n), dtype=bool)
+        np.put_along_axis(base_kept, kept, True, 1)
+        evicted = middle & ~base_kept
         unit_of = slots // self._unit
         n_units = int(unit_of[-1]) + 1
 
         # Per-head evicted-token count and mean mass of each unit (over its slots outside sink/window).
-        unit_evicted = torch.zeros(heads, n_units, device=device).index_add_(1, unit_of, evicted.float()) > 0
-        mass = torch.zeros(heads, n_units, device=device).index_add_(1, unit_of, torch.where(middle, scores, 0.0))
-        size = torch.zeros(n_units, device=device).index_add_(0, unit_of, middle.float()).clamp_min(1)
-        candidates = unit_evicted.any(dim=0).nonzero().squeeze(1)
+        unit_evicted = unit_sums(evicted.astype(np.int64), unit_of, n_units) > 0
+        mass = unit_sums(np.where(middle, scores, 0), unit_of, n_units)
+        size = np.maximum(unit_sums(middle.astype(scores.dtype), unit_of, n_units), 1)
+        candidates = np.flatnonzero(unit_evicted.any(axis=0))
         m, buckets = len(candidates), reps // self._unit
 
         if self.signature == "block":
-            bits = block_signatures(torch.where(middle, scores.sum(dim=0), float("-inf")), middle.sum(), self.page)
+            bits = block_signatures(np.where(middle, scores.sum(axis=0), -np.inf), middle.sum(), self.page)
             bits = bits[:, candidates]
         elif self.signature == "query":
-            per_query = head_scores.flatten(0, 1)  # [H, N]
-            mass_q = torch.zeros(per_query.shape[0], n_units, device=device).index_add_(
-                1, unit_of, torch.where(middle, per_query, 0.0))
+            per_query = head_scores.reshape(-1, n)  # [H, N]
+            mass_q = unit_sums(np.where(middle, per_query, 0), unit_of, n_units)
             bits = signatures(mass_q[:, candidates] / size[candidates])
         else:
             bits = signatures(mass[:, candidates] / size[candidates])
         order = candidates[hamming_order(bits, anchor_bits(self.anchor, bits, self.seed))]
-        position = torch.arange(m, device=device)
-        bucket = ((position + 1) * buckets - 1) // m  # bucket i spans [floor(i*m/R), floor((i+1)*m/R))
+        position = np.arange(m)
+        bucket = ((position + 1) * buckets - 1) // max(m, 1)  # bucket i spans [floor(i*m/R), floor((i+1)*m/R))
         if self.pick == "best":  # inside each bucket, the base's best unit first
-            base = torch.where(middle, self.base.token_scores(scores), 0.0).sum(dim=0)
-            value = torch.zeros(n_units, device=device).index_add_(0, unit_of, base)[order] / size[order]
-            within = torch.sort(value, descending=True, stable=True).indices
-            order = order[within[torch.sort(bucket[within], stable=True).indices]]
+            base = np.where(middle, self.base.token_scores(scores), 0).sum(axis=0)
+            value = unit_sums(base, unit_of, n_units)[order] / size[order]
+            within = argsort_descending(value)
+            order = order[within[np.argsort(bucket[within], kind="stable")]]
 
         # Rank of each unit among the units still free for this head inside its bucket.
-        free = unit_evicted[:, order].long()
-        seen = torch.cat([free.new_zeros(heads, 1), free.cumsum(dim=1)], dim=1)
-        rank = seen[:, 1:] - seen[:, bucket_starts(m, buckets, device)[bucket]] - 1
+        free = unit_evicted[:, order].astype(np.int64)
+        seen = np.concatenate([np.zeros((heads, 1), dtype=np.int64), free.cumsum(axis=1)], axis=1)
+        rank = seen[:, 1:] - seen[:, bucket_starts(m, buckets)[bucket]] - 1
 
         # Token priority: (rank in bucket, bucket, slot); tokens the base keeps are never taken.
-        at = torch.full((n_units,), m, device=device)
+        at = np.full(n_units, m)
         at[order] = position
-        pos = at[unit_of].clamp_max(m - 1).expand(heads, -1)
-        key = (rank.gather(1, pos) * buckets + bucket[pos]) * n + slots
-        key = torch.where(evicted, key, torch.iinfo(torch.long).max)
-        return key.topk(reps, dim=1, largest=False).indices
+        pos = np.broadcast_to(np.minimum(at[unit_of], m - 1), (heads, n))
+        key = (np.take_along_axis(rank, pos, 1) * buckets + bucket[pos]) * n + slots
+        key = np.where(evicted, key, np.iinfo(np.int64).max)
+        return np.argsort(key, axis=1, kind="stable")[:, :reps]
 
 
-def signatures(unit_scores: Tensor) -> Tensor:
+def signatures(unit_scores: Array) -> Array:
     """``[Hkv, M]`` bool: True where a head ranks the unit in its top ``floor(M/2)`` (ties: older)."""
     heads, m = unit_scores.shape
-    top = torch.sort(unit_scores, dim=1, descending=True, stable=True).indices[:, : m // 2]
-    return torch.zeros(heads, m, dtype=torch.bool, device=unit_scores.device).scatter_(1, top, True)
+    bits = np.zeros((heads, m), dtype=bool)
+    np.put_along_axis(bits, argsort_descending(unit_scores)[:, : m // 2], True, 1)
+    return bits
 
 
-def block_signatures(token_scores: Tensor, count: int | Tensor, page: int) -> Tensor:
+def block_signatures(token_scores: Array, count: int | Array, page: int) -> Array:
     """``[page, ceil(N/page)]`` bool: bit ``j`` of page ``p`` is True where slot ``p*page + j`` is among
     the top ``floor(count/2)`` of ``token_scores [N]`` (ties: older); slots that do not take part
     carry ``-inf`` and ``count`` is how many do. Positions past the last slot are False."""
     n = token_scores.shape[0]
-    top = torch.sort(token_scores, descending=True, stable=True).indices[: int(count) // 2]
-    marked = torch.zeros(-(-n // page) * page, dtype=torch.bool, device=token_scores.device)
-    marked[top] = True
-    return marked.view(-1, page).T
+    marked = np.zeros(-(-n // page) * page, dtype=bool)
+    marked[argsort_descending(token_scores)[: int(count) // 2]] = True
+    return marked.reshape(-1, page).T
 
 
-def anchor_bits(mode: str, bits: Tensor, seed: int = 0) -> Tensor:
+def anchor_bits(mode: str, bits: Array, seed: int = 0) -> Array:
     """``[K]`` bool anchor for signatures ``bits [K, M]`` (K bits per unit: KV heads or page positions).
 
-    ``mean`` is the per-head majority bit (ties to 0). With top-half signatures every head has
-    ``floor(M/2)`` ones, so ``mean`` equals ``zeros``; it is kept for parity with KVCrush's modes.
+    ``random`` draws from MT19937 seeded with ``seed`` (numpy's ``RandomState``: the same bits as
+    ``torch.randint(0, 2, (K,), generator=torch.Generator().manual_seed(seed))``, which earlier
+    versions used). ``mean`` is the per-head majority bit (ties to 0). With top-half signatures every
+    head has ``floor(M/2)`` ones, so ``mean`` equals ``zeros``; it is kept for parity with KVCrush's modes.
     """
     heads = bits.shape[0]  # signature length
     if mode == "random":
-        generator = torch.Generator().manual_seed(seed)
-        return torch.randint(0, 2, (heads,), generator=generator).bool().to(bits.device)
+        return np.random.RandomState(seed).randint(0, 2, heads).astype(bool)
     if mode == "zeros":
-        return torch.zeros(heads, dtype=torch.bool, device=bits.device)
+        return np.zeros(heads, dtype=bool)
     if mode == "ones":
-        return torch.ones(heads, dtype=torch.bool, device=bits.device)
+        return np.ones(heads, dtype=bool)
     if mode == "mean":
-        return bits.float().mean(dim=1) > 0.5
+        return bits.mean(axis=1) > 0.5
     if mode == "alternating":
-        return torch.arange(heads, device=bits.device) % 2 == 1
+        return np.arange(heads) % 2 == 1
     raise KVSpecError(f"unknown anchor {mode!r}; use one of {', '.join(ANCHORS)}")
 
 
-def hamming_order(bits: Tensor, anchor: Tensor) -> Tensor:
+def hamming_order(bits: Array, anchor: Array) -> Array:
     """Unit positions sorted by Hamming distance of ``bits[:, j]`` to ``anchor`` (stable)."""
-    distance = (bits != anchor[:, None]).sum(dim=0)
-    return torch.sort(distance, stable=True).indices
+    distance = (bits != anchor[:, None]).sum(axis=0)
+    return np.argsort(distance, kind="stable")
 
 
-def bucket_starts(m: int, buckets: int, device: torch.device | None = None) -> Tensor:
+def bucket_starts(m: int, buckets: int) -> Array:
     """First position of each of ``buckets`` equal buckets over ``m`` sorted entries."""
-    return torch.arange(buckets, device=device) * m // buckets
+    return np.arange(buckets) * m // buckets
+
+
+def argsort_descending(x: Array) -> Array:
+    """Indices sorting ``x`` largest first along the last axis, ties to the lower index."""
+    return np.argsort(-x, axis=-1, kind="stable")
+
+
+def pool1d(x: Array, kernel: int, how: str) -> Array:
+    """``[Hkv, N]`` pooled over ``kernel`` neighbours (stride 1, padding ``kernel // 2``, so the length
+    is kept): ``avg`` counts the zero padding (torch's ``avg_pool1d`` default), ``max`` ignores it.
+    The window is summed left to right, as torch's kernel does, so the values are its values."""
+    pad, n = kernel // 2, x.shape[-1]
+    padded = np.pad(x, ((0, 0), (pad, pad)), constant_values=0 if how == "avg" else -np.inf)
+    out = padded[:, :n].copy()
+    combine = np.add if how == "avg" else np.maximum
+    for k in range(1, kernel):
+        combine(out, padded[:, k : k + n], out=out)
+    if how == "avg":
+        out /= np.asarray(kernel, dtype=out.dtype)
+    return out
+
+
+def unit_sums(x: Array, unit_of: Array, n_units: int) -> Array:
+    """``x [..., N]`` summed into ``n_units`` units along the last axis, slot by slot (the order of
+    torch's ``index_add_``, so float sums round the same way)."""
+    out = np.zeros((*x.shape[:-1], n_units), dtype=x.dtype)
+    np.add.at(out, (..., unit_of), x)
+    return out
+
+
+def host_scores(scores) -> Array:
+    """``scores`` as a numpy array: itself, or a torch tensor copied to the host."""
+    if isinstance(scores, np.ndarray):
+        return scores
+    if hasattr(scores, "detach"):
+        return scores.detach().cpu().numpy()
+    return np.asarray(scores)
 
 
 BASES: dict[str, type[Policy]] = {"snapkv": SnapKVPolicy, "h2o": H2OPolicy, "streaming": StreamingPolicy}
@@ -409,17 +453,17 @@ POLICIES: dict[str, type[Policy]] = {"streaming": StreamingPolicy, "h2o": H2OPol
                                      "kvcrush": KVCrushPolicy}
 
 
-def group_mass(scores: Tensor) -> Tensor:
+def group_mass(scores: Array) -> Array:
     """``[Hkv, N]`` mass per KV head: ``scores`` itself, or the mean of ``[Hkv, g, N]`` over each
     group's query heads."""
-    return scores.mean(dim=1) if scores.dim() == 3 else scores
+    return scores.mean(axis=1) if scores.ndim == 3 else scores
 
 
-def _shape(scores: Tensor) -> tuple[int, int]:
-    if scores.dim() != 2:
+def _shape(scores: Array) -> tuple[int, int]:
+    if scores.ndim != 2:
         raise ValueError(f"scores must be [Hkv, N], got shape {tuple(scores.shape)}")
     return scores.shape[0], scores.shape[1]
 
 
-def _all_slots(heads: int, n: int, device: torch.device) -> Tensor:
-    return torch.arange(n, device=device).repeat(heads, 1)
+def _all_slots(heads: int, n: int) -> Array:
+    return np.tile(np.arange(n), (heads, 1))
