@@ -150,10 +150,12 @@ def test_bench_writes_rows_and_plot(tiny_llama, text_file, tmp_path):
     _, _, directory = tiny_llama
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     assert main(["bench", str(directory), "--context", "64,200", "--new-tokens", "8", "--kv", "full",
-                 "--kv", "freekv:budget=100,page=8,window=16", "--text", str(text_file), "--repeat", "1",
-                 "--json", str(out_json), "--plot", str(out_png)]) == 0
+                 "--kv", "freekv:budget=100,page=8,window=16", "--kv", "snapkv:budget=0.2,window=4",
+                 "--text", str(text_file), "--repeat", "1", "--json", str(out_json), "--plot", str(out_png)]) == 0
     rows = json.loads(out_json.read_text())
-    assert len(rows) == 4
+    assert len(rows) == 6  # a fractional budget measures too (its 16-token warm-up keeps everything)
+    kv = {(r["context"], r["kv"]): r["kv_mib"] for r in rows}
+    assert kv[200, "snapkv:budget=0.2,window=4"] < kv[200, "full"] / 2
     for row in rows:
         assert {"context", "engine", "prefill_s", "ttft_s", "decode_tok_s", "peak_rss_mib", "kv_mib"} <= set(row)
         assert row["decode_tok_s"] > 0 and row["peak_rss_mib"] > 0
