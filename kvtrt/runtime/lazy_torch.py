@@ -1,8 +1,7 @@
-"""torch for the KV manager's policies and retrieval, imported when first used.
+"""torch for the GPU-only modules (`kv/cuda_copy.py`), imported when first used.
 
-`import kvtrt`, `kvtrt.load` and a dense (full-cache) request never touch torch; the first
-compaction or retrieval request does (~190 MiB and ~1.3 s, once per process). Modules write
-`from ..lazy_torch import torch` and use `torch.x` as usual.
+On the CPU nothing imports torch (~190 MiB and ~1.3 s per process): the dense path, retrieval and the
+compaction policies are numpy. Modules write `from ..lazy_torch import torch` and use `torch.x` as usual.
 """
 
 from __future__ import annotations

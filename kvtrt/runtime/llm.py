@@ -259,9 +259,10 @@ def load(directory: str | os.PathLike, provider: str = "cpu", kv: str | KVSpec =
     provider: "cpu", "cuda" or "tensorrt" (ONNX Runtime execution provider); kv: the default KV spec
     (see the README; `submit(kv=...)` overrides it per request); threads: engine intra-op threads
     (default all cores); prefill_chunk: prompt tokens per prefill call (and per scheduler iteration
-    while other requests decode); torch_threads: torch threads of the KV manager's own threads (the
-    scheduler's and FreeKV's worker: its ops are small, and more threads beside the engine's
-    oversubscribe the cores; None: torch's default); the process's torch setting is left alone.
+    while other requests decode); torch_threads: torch threads of the KV manager's own threads on a
+    GPU engine (the scheduler's and FreeKV's worker: its ops are small, and more threads beside the
+    engine's oversubscribe the cores; None: torch's default; a CPU runtime does not use torch); the
+    process's torch setting is left alone.
     kv_memory: cap on the KV bytes of all requests together ("2GiB"; None: no cap), requests wait in FIFO order until theirs fits; max_queue: waiting requests before
     `submit` raises `QueueFullError` (None: unbounded); max_batch: sequences per decode call;
     prefix_cache: bytes of finished conversations kept so a next turn prefills only what is new
