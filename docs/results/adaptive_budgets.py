@@ -52,14 +52,14 @@ def layer_budgets(keep: int, layers: int, pyramid: bool, floor: int, beta: int =
 
 def kept_mask(policy: SnapKVPolicy, scores: torch.Tensor, keep: int, adaptive: bool, alpha: float = 0.2) -> torch.Tensor:
     """[Hkv, N] bool: the slots each KV head keeps, `keep` per head on average."""
-    mass = group_mass(scores)                                   # [Hkv,N]
+    mass = group_mass(scores.numpy())                           # [Hkv,N] (the policies compute in numpy)
     heads, n = mass.shape
     keep = max(min(keep, n), policy.sink + policy.window)
-    rank = policy.token_scores(mass).clone()
+    rank = torch.from_numpy(policy.token_scores(mass).copy())
     rank[:, : policy.sink] = float("inf")
     rank[:, n - policy.window:] = float("inf")
     if not adaptive:
-        chosen = policy.select(scores, keep)                    # [Hkv,keep]
+        chosen = torch.from_numpy(policy.select(scores, keep))  # [Hkv,keep]
         return torch.zeros(heads, n, dtype=torch.bool).scatter_(1, chosen, True)
     mask = torch.zeros(heads, n, dtype=torch.bool)
     floor = policy.sink + policy.window + int(alpha * (keep - policy.sink - policy.window))
