@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from ..arrays import host
 from .options import KVSpecError, SpecStage, option, read_value, resolve_budget
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ class Policy(SpecStage, ABC):
         one, which gives its best slots (a fact spread over a few tokens stays together).
         ``scores``: numpy (read without a copy) or a torch tensor (copied to the host).
         """
-        scores = group_mass(host_scores(scores))
+        scores = group_mass(host(scores))
         heads, n = _shape(scores)
         if n <= keep:
             return _all_slots(heads, n)
@@ -290,7 +291,7 @@ class KVCrushPolicy(Policy):
 
     def select(self, scores: Array, keep: int) -> Array:
         """Base share plus per-head representatives, int64 ``[Hkv, keep]`` rows ascending."""
-        scores = host_scores(scores)
+        scores = host(scores)
         if self.signature == "query" and scores.ndim != 3:
             raise ValueError("kvcrush signature=query needs per-query-head scores [Hkv, g, N] (an export with "
                              "score_heads 'query')")
@@ -437,15 +438,6 @@ def unit_sums(x: Array, unit_of: Array, n_units: int) -> Array:
     out = np.zeros((*x.shape[:-1], n_units), dtype=x.dtype)
     np.add.at(out, (..., unit_of), x)
     return out
-
-
-def host_scores(scores) -> Array:
-    """``scores`` as a numpy array: itself, or a torch tensor copied to the host."""
-    if isinstance(scores, np.ndarray):
-        return scores
-    if hasattr(scores, "detach"):
-        return scores.detach().cpu().numpy()
-    return np.asarray(scores)
 
 
 BASES: dict[str, type[Policy]] = {"snapkv": SnapKVPolicy, "h2o": H2OPolicy, "streaming": StreamingPolicy}
