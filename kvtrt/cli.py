@@ -20,7 +20,9 @@ from .eval.peers import EVAL_PEERS, OPENVINO_NO_PPL, PEER_PRECISIONS, PEERS
 
 KV_HELP = ("KV spec: what is stored and attended. 'full' (default); compaction 'streaming:sink=4,window=N', "
            "'h2o:budget=B,block=1', 'snapkv:budget=B,window=32,kernel=15,pool=avg|max,block=1' (block=N: whole N-token blocks by their mean score), 'kvcrush:budget=B,base=snapkv|h2o|streaming,"
-           "ratio=0.25,anchor=random|zeros|ones|mean|alternating,granularity=token|page,signature=kv|query|block,pick=best|first'; retrieval "
+           "ratio=0.25,anchor=random|zeros|ones|mean|alternating,granularity=token|page,signature=kv|query|block,pick=best|first' "
+           "(every compaction also takes slack=64: tokens a sequence may grow past its budget while decoding before it "
+           "is compacted back to it); retrieval "
            "'freekv:budget=B,page=32,sink=S,window=W,tau=0.9,drift=mean|min,min_context=N,select=auto|fresh|speculative' or "
            "'quest:budget=B' (retrieval "
            "runs for caches longer than min_context, default 2B; shorter ones decode densely); join one of each "

@@ -161,20 +161,23 @@ def test_decode_compaction_keeps_memory_bounded(tiny_llama):
     assert result.stats.kv_full_bytes > 3 * result.stats.kv_bytes
 
 
-def test_streaming_decode_equals_a_sliding_window_reference(tiny_llama):
+@pytest.mark.parametrize("slack", [None, 20])
+def test_streaming_decode_equals_a_sliding_window_reference(tiny_llama, slack):
     """StreamingLLM through several decode-time compactions: every step's logits equal HF run with
-    a mask that shows each generated token exactly what the runtime had stored when it ran."""
+    a mask that shows each generated token exactly what the runtime had stored when it ran. With
+    `slack=20` the sequence is compacted back to its budget every 20 tokens instead of 64."""
     model, _, directory = tiny_llama
-    llm = kvtrt.load(directory, kv="streaming:sink=4,window=28")
+    llm = kvtrt.load(directory, kv="streaming:sink=4,window=28" + (f",slack={slack}" if slack else ""))
+    slack = slack or 64
     ids = llm.encode(PROMPT)[:40]
     out = decode(llm, ids, 100, keep_logits=True)
     seq = ids + out.tokens
-    assert out.stats.compactions >= 2
+    assert out.stats.compactions == (2 if slack == 64 else 5)  # after prefill, then at every budget + slack
     n = len(seq) - 1
     visible = torch.ones(n, n).tril().bool()
     for t in range(1, n - len(ids) + 1):  # decode step t runs the query token at row len(ids) + t - 1
         row = len(ids) + t - 1
-        recent = _stored_after(len(ids), t, budget=32, slack=64) - 4
+        recent = _stored_after(len(ids), t, budget=32, slack=slack) - 4
         visible[row] = False
         visible[row, :4] = True
         visible[row, row - recent:row + 1] = True

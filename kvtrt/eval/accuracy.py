@@ -223,8 +223,11 @@ class Evaluator:
 
     def _kvpress_sample(self, task: str, prompt: list[int], payload, full: SpecRun, runs: list[SpecRun],
                         totals: dict[str, Totals], names: dict[str, str]) -> None:
-        """One sample through kvpress: every run with a counterpart press (same kept-token count)."""
+        """One sample through kvpress: every run with a counterpart press (same kept-token count).
+        kvpress compresses the prompt once; a kvtrt run whose `slack` is below the scored tokens
+        is compacted again while it decodes, which its peer label says."""
         presses = {}
+        scored = len(payload) if task == "ppl" else payload["new"]
         for run in runs:
             policy = run.spec.compaction
             if policy is None or run.spec.retrieval is not None:
@@ -232,7 +235,9 @@ class Evaluator:
             press = kvpress_press(policy, min(policy.budget_tokens(len(prompt)), len(prompt)), len(prompt))
             if press is not None:
                 presses[run.label] = press
-                names[run.label] = press_label(press)
+                names[run.label] = press_label(press) + ("" if policy.slack >= scored else
+                                                         f" [kvtrt re-compacts every {policy.slack} of the {scored} "
+                                                         f"tokens, kvpress never: slack={scored} compares alike]")
         if task == "ppl":
             out = self.kvpress.run(prompt, presses, targets=payload)
             for label, nll in [(full.label, out["full"]), *((k, out[k]) for k in presses)]:

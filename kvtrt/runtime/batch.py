@@ -25,10 +25,10 @@ import numpy as np
 from ..contract import GraphVariant
 from .arrays import host
 from .buffers import bind_decode, graph_outputs
+from .kv.policies import COMPACTION_SLACK
 from .kv.store import KVStore
 from .memory import return_freed_memory
 
-COMPACTION_SLACK = 64  # tokens a compacted row may grow past its budget before it is compacted again
 GROW_STEPS = 256  # most room a reallocation adds to a full-cache row (it ends sooner or grows again)
 
 
@@ -75,7 +75,7 @@ class DenseBatch:
         row's only until it is compacted again (at budget + slack)."""
         rest = min(row.seq.remaining, self.room)
         if self.scored and row.seq.policy is not None:
-            rest = min(rest, row.seq.keep + COMPACTION_SLACK - row.length)
+            rest = min(rest, row.seq.keep + row.seq.policy.slack - row.length)
         return max(1, rest)
 
     def bound(self, rows: list[tuple[int, int]], current: bool = True) -> int:
@@ -169,7 +169,7 @@ class DenseBatch:
     def compact_due(self) -> None:
         """Compact every row that outgrew its budget by the slack (scored batches)."""
         for i, row in enumerate(self.rows):
-            if row.seq.policy is not None and row.length >= row.seq.keep + COMPACTION_SLACK:
+            if row.seq.policy is not None and row.length >= row.seq.keep + row.seq.policy.slack:
                 self._compact_row(i, row)
 
     def _compact_row(self, i: int, row: Row) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .arrays import host
-from .batch import COMPACTION_SLACK, DenseBatch
+from .batch import DenseBatch
 from .retrieval_batch import RetrievalGroup
 from .kv.spec import KVSpec
 from .kv.store import KVStore
@@ -212,7 +212,7 @@ class Scheduler:
         if seq.retrieval is not None and seq.retrieval.engages(stored):
             return stored, self.retrieval
         if seq.policy is not None:
-            return seq.keep + COMPACTION_SLACK, self.scored
+            return seq.keep + seq.policy.slack, self.scored
         return n, self.dense
 
     def _retrieval_bytes(self, seq: Sequence) -> int:

@@ -44,6 +44,9 @@ GRANULARITIES = ("token", "page")
 SIGNATURES = ("kv", "query", "block")
 PICKS = ("first", "best")
 POOLS = ("avg", "max")
+#: Default ``slack=``: tokens a compacted sequence may grow past its budget while decoding before it is
+#: compacted back to the budget (compaction then runs once every ``slack`` tokens).
+COMPACTION_SLACK = 64
 
 
 class Policy(SpecStage, ABC):
@@ -124,6 +127,7 @@ class StreamingPolicy(Policy):
     sink: int = option(4, "whole")
     window: int = option(0, "whole")
     budget: float | int | None = option(None, "budget")
+    slack: int = option(COMPACTION_SLACK, "whole", minimum=1)
 
     def check_options(self, where: str) -> None:
         if self.budget is None and not self.given("window"):
@@ -145,6 +149,7 @@ class H2OPolicy(Policy):
     budget: float | int | None = option(None, "budget", required=True)
     sink: int = option(4, "whole")
     window: int = option(32, "whole")
+    slack: int = option(COMPACTION_SLACK, "whole", minimum=1)
     block: int = option(1, "whole", minimum=1)
 
     def token_scores(self, scores: Array) -> Array:
@@ -167,6 +172,7 @@ class SnapKVPolicy(Policy):
     budget: float | int | None = option(None, "budget", required=True)
     sink: int = option(4, "whole")
     window: int = option(32, "whole")
+    slack: int = option(COMPACTION_SLACK, "whole", minimum=1)
     kernel: int = option(15, "whole", minimum=1)  # 5 (kvpress's) drops digits of a pass key: docs/results/kvcrush_tuning.md
     pool: str = option("avg", "choice", choices=POOLS)
     block: int = option(1, "whole", minimum=1)
@@ -227,6 +233,7 @@ class KVCrushPolicy(Policy):
     seed: int = option(0, "whole")
     signature: str = option("kv", "choice", choices=SIGNATURES)
     pick: str = option("best", "choice", choices=PICKS)
+    slack: int = option(COMPACTION_SLACK, "whole", minimum=1)
 
     @classmethod
     def base_class(cls, params: dict[str, str], where: str) -> type[Policy]:
