@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, NamedTuple
 from ..memory import return_freed_memory
 from .backend import backend_for
 from .options import KVSpecError
-from .pages import PagePool, Tensor, select_pages
+from .page_select import CRITICAL_PATH_THREADS
+from .pages import PagePool, Tensor
 from .stats import RetrievalStats
 from .views import KVView
 
@@ -179,9 +180,8 @@ class FreeKVRetrieval:
             start = time.perf_counter()
             # (torch: inference mode; only temporaries are made here, the view and basis are written in place)
             with self._on_copy_stream(wait=True), xp.inference():
-                fresh = select_pages(query, self.pool.kmin[layers.start:layers.stop],
-                                     self.pool.kmax[layers.start:layers.stop], view.n_pages, self.layout.k_pages,
-                                     self.combine)
+                fresh = self.pool.select(slice(layers.start, layers.stop), query, self.layout.k_pages, self.combine,
+                                         n_pages=view.n_pages, threads=CRITICAL_PATH_THREADS)
                 current = view.slot_pages[layers.start:layers.stop]
                 self.recall(view, xp.where(drifted[..., None], fresh, current), layers=layers)
                 group = self.n_heads // self.n_kv_heads
@@ -304,7 +304,7 @@ class FreeKVRetrieval:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtrt-freekv",
                                                     initializer=initializer, initargs=initargs)
             self._pending = self._executor.submit(self._prepare, target, self._speculative_query,
-                                                  selected=self._take_selection())
+                                                  selected=self._take_selection(), threads=1)
             return
         self._pending = Future()
         try:
@@ -520,16 +520,17 @@ class FreeKVRetrieval:
         if self._copier is not None:
             self._copier.synchronize()
 
-    def _select(self, query: Tensor, view: KVView) -> Tensor:
-        """Top-k pages ``[L, B, Hkv, k]`` for ``query`` ``[L, B, H, D]`` within ``view``'s pool snapshot."""
-        return self.pool.select(None, query, self.layout.k_pages, self.combine, n_pages=view.n_pages)
+    def _select(self, query: Tensor, view: KVView, threads: int = CRITICAL_PATH_THREADS) -> Tensor:
+        """Top-k pages ``[L, B, Hkv, k]`` for ``query`` ``[L, B, H, D]`` within ``view``'s pool snapshot
+        (``threads``: 1 in the worker, beside the decode graph)."""
+        return self.pool.select(None, query, self.layout.k_pages, self.combine, n_pages=view.n_pages, threads=threads)
 
     def _take_selection(self) -> tuple[Tensor, list[int]] | None:
         selected, self._selected = self._selected, None
         return selected
 
     def _prepare(self, view: KVView, query: Tensor | None, count: bool = True, wait: bool = False,
-                 selected: tuple[Tensor, list[int]] | None = None) -> None:
+                 selected: tuple[Tensor, list[int]] | None = None, threads: int = CRITICAL_PATH_THREADS) -> None:
         """Bring ``view`` up to date: pool snapshot, missing tokens, top-k pages for ``query`` (None:
         the page slots are left to ``refresh``), mask.
 
@@ -542,7 +543,7 @@ class FreeKVRetrieval:
             if query is not None:
                 reuse = selected is not None and selected[1] == view.n_pages
                 self._counters.selections_reused += int(reuse)
-                self.recall(view, selected[0] if reuse else self._select(query, view), count=count)
+                self.recall(view, selected[0] if reuse else self._select(query, view, threads), count=count)
                 if self._fresh:
                     self._basis[view.index] = self.xp.clone(query)
             view.update_mask(self._lengths, non_blocking=self._copier is not None)

@@ -5,7 +5,7 @@ view's float32; storing a prompt's pages narrows its float32 KV. numpy's float16
 code (~0.55 G values/s here: 5 ms for one step's ~700 pages, more than the step's whole selection,
 and ~0.3 s to store a 7680-token prompt), while ONNX Runtime's Cast is vectorized (F16C): two tiny
 graphs, ``Cast(Gather(data, rows))`` and ``Cast(x)``, do it at ~25x the speed, bit for bit. They are
-written here as protobuf bytes (the runtime does not depend on the ``onnx`` package);
+written as protobuf bytes (``runtime/onnx_bytes.py``: the runtime does not depend on the ``onnx`` package);
 ``tests/test_host_gather.py`` checks them with ``onnx.checker`` and against numpy.
 """
 
@@ -14,6 +14,8 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+
+from ..onnx_bytes import FLOAT, FLOAT16, INT64, graph, model, node, value
 
 _LOCK = threading.Lock()
 
@@ -65,64 +67,16 @@ def _session(name: str = "gather"):
         return _SESSIONS[name]
 
 
-# ---------------------------------------------------------------------------- the graph, as protobuf
-FLOAT, FLOAT16, INT64 = 1, 10, 7  # onnx.TensorProto element types
-ATTRIBUTE_INT = 2  # onnx.AttributeProto.INT
-
-
+# ---------------------------------------------------------------------------- the graphs, as protobuf
 def model_bytes() -> bytes:
     """ModelProto: ``out = Cast(Gather(data, rows, axis=0), to=float)``, opset 17, IR version 8;
     ``data`` ``[R, C]`` float16, ``rows`` ``[n]`` int64, ``out`` ``[n, C]`` float32."""
-    gather = _message(1, [_text(1, "data"), _text(1, "rows"), _text(2, "gathered"), _text(4, "Gather"),
-                           _message(5, [_text(1, "axis"), _varint(3, 0), _varint(20, ATTRIBUTE_INT)])])
-    cast = _message(1, [_text(1, "gathered"), _text(2, "out"), _text(4, "Cast"),
-                        _message(5, [_text(1, "to"), _varint(3, FLOAT), _varint(20, ATTRIBUTE_INT)])])
-    graph = _message(7, [gather, cast, _text(2, "gather_widened"),
-                         _value(11, "data", FLOAT16, ["R", "C"]), _value(11, "rows", INT64, ["n"]),
-                         _value(12, "out", FLOAT, ["n", "C"])])
-    opset = _message(8, [_text(1, ""), _varint(2, 17)])
-    return _varint(1, 8) + opset + graph
+    nodes = [node("Gather", ["data", "rows"], ["gathered"], axis=0), node("Cast", ["gathered"], ["out"], to=FLOAT)]
+    return model(graph("gather_widened", nodes, [value("data", FLOAT16, ["R", "C"]), value("rows", INT64, ["n"])],
+                       [value("out", FLOAT, ["n", "C"])]), {"": 17})
 
 
 def narrow_model_bytes() -> bytes:
     """ModelProto: ``y = Cast(x, to=float16)``, ``x`` ``[N]`` float32, ``y`` ``[N]`` float16."""
-    cast = _message(1, [_text(1, "x"), _text(2, "y"), _text(4, "Cast"),
-                        _message(5, [_text(1, "to"), _varint(3, FLOAT16), _varint(20, ATTRIBUTE_INT)])])
-    graph = _message(7, [cast, _text(2, "narrowed"), _value(11, "x", FLOAT, ["N"]), _value(12, "y", FLOAT16, ["N"])])
-    return _varint(1, 8) + _message(8, [_text(1, ""), _varint(2, 17)]) + graph
-
-
-def _value(field: int, name: str, elem_type: int, dims: list[str]) -> bytes:
-    """ValueInfoProto: a tensor of ``elem_type`` with named (symbolic) dims."""
-    shape = _message(2, [_message(1, [_text(2, dim)]) for dim in dims])
-    tensor = _message(1, [_varint(1, elem_type), shape])
-    return _message(field, [_text(1, name), _message(2, [tensor])])
-
-
-def _key(field: int, wire: int) -> bytes:
-    return _encode(field << 3 | wire)
-
-
-def _encode(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _varint(field: int, value: int) -> bytes:
-    return _key(field, 0) + _encode(value)
-
-
-def _bytes(field: int, payload: bytes) -> bytes:
-    return _key(field, 2) + _encode(len(payload)) + payload
-
-
-def _text(field: int, text: str) -> bytes:
-    return _bytes(field, text.encode())
-
-
-def _message(field: int, parts: list[bytes]) -> bytes:
-    return _bytes(field, b"".join(parts))
+    return model(graph("narrowed", [node("Cast", ["x"], ["y"], to=FLOAT16)], [value("x", FLOAT, ["N"])],
+                       [value("y", FLOAT16, ["N"])]), {"": 17})

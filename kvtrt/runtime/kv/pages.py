@@ -49,7 +49,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from .backend import backend_for, backend_of
+from .page_select import select_pages_host
 
 Tensor = Any  # a numpy array (CPU) or a torch tensor (GPU), see ``backend.py``
 
@@ -382,18 +385,21 @@ class PagePool:
         return rows[:, 0], rows[:, 1]
 
     def select(
-        self, layer: int | None, query: Tensor, k: int, combine: str = "softmax", n_pages: Tensor | None = None
+        self, layer: int | slice | None, query: Tensor, k: int, combine: str = "softmax",
+        n_pages: Tensor | None = None, threads: int = 1,
     ) -> Tensor:
         """Top-``k`` page ids (``-1`` padded) among the first ``n_pages[b]`` pages.
 
-        ``layer`` an int: ``query`` ``[B, H, D]`` -> ``[B, Hkv, k]``; ``layer=None``: every layer at
-        once, ``query`` ``[L, B, H, D]`` -> ``[L, B, Hkv, k]``.
+        ``layer`` an int: ``query`` ``[B, H, D]`` -> ``[B, Hkv, k]``; a slice of layers or ``None`` (every
+        layer) at once: ``query`` ``[L, B, H, D]`` -> ``[L, B, Hkv, k]``. Summaries on the host are scored by
+        one ONNX Runtime graph call with ``threads`` threads (``page_select``), on a GPU by torch.
         """
         n = self.n_pages if n_pages is None else n_pages
         query = self.xp.asarray(query)
-        if layer is None:
-            return select_pages(query, self.kmin, self.kmax, n, k, combine)
-        return select_pages(query, self.kmin[layer], self.kmax[layer], n, k, combine)
+        kmin, kmax = (self.kmin, self.kmax) if layer is None else (self.kmin[layer], self.kmax[layer])
+        if isinstance(kmin, np.ndarray):
+            return select_pages_host(query, kmin, kmax, n, k, combine, threads)
+        return select_pages(query, kmin, kmax, n, k, combine)
 
 
 def _quantize(xp, x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
