@@ -79,7 +79,8 @@ class _RetrievalRow:
         r = manager if manager is not None else group.create_manager(seq, store.length)
         # the spec's `select` (default: fresh when the export has decode groups, `kvtrt export --decode-groups`)
         self.grouped = self.shared and seq.retrieval.fresh(m)
-        if self.grouped:
+        self.lagged = not self.grouped and seq.retrieval.select == "previous"  # one view, re-selected after a step
+        if self.grouped or self.lagged:
             r.use_fresh_queries()
         keys, values = list(store.keys), list(store.values)
         store.keys, store.values = [], []  # the manager holds them now (and frees them: `release`)
@@ -152,6 +153,11 @@ class _RetrievalRow:
             r.finish_step(query, new_k, new_v)
             return self.logits[0, 0]
         binding, outputs, new_q, new_k, new_v = self.bound[r.view().index]
+        if self.lagged:  # the step's queries choose the next step's pages, once it has run
+            self.engine.run(self.variant, binding)
+            r.finish_step(new_q, new_k, new_v)
+            r.refresh(range(self.engine.manifest.n_layers), new_q)
+            return outputs["logits"][0, 0]
         if r.mode == "quest":  # select with the current query: probe, re-select, run again
             self.engine.run(self.variant, binding)
             r.select(new_q)

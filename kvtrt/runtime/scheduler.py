@@ -216,11 +216,13 @@ class Scheduler:
         return n, self.dense
 
     def _retrieval_bytes(self, seq: Sequence) -> int:
-        """FreeKV / Quest: the page pool for the whole sequence, its summaries and two views."""
+        """FreeKV / Quest: the page pool for the whole sequence, its summaries and its views (two, or one
+        with ``select=fresh|previous``)."""
         cfg, bpt = seq.retrieval, self.m.kv_bytes_per_token
         stored = min(seq.keep, len(seq.ids)) if seq.policy is not None else len(seq.ids)
         tokens = stored + seq.max_new_tokens + cfg.page
-        return (tokens + tokens // cfg.page + 2 * (cfg.slots(stored) + 1)) * bpt
+        views = 1 if cfg.one_view(self.m) else 2
+        return (tokens + tokens // cfg.page + views * (cfg.slots(stored) + 1)) * bpt
 
     def _admissible(self, seq: Sequence) -> bool:
         if self.kv_memory is None:

@@ -14,9 +14,11 @@ from .pages import COMBINES, POOL_DTYPES
 
 RETRIEVAL_MODES = ("freekv", "quest")
 #: with which query a step's pages are chosen: ``fresh`` (each layer range's own, before it attends;
-#: needs an export with decode groups), ``speculative`` (the previous step's: one decode graph; quest
-#: runs the step twice), ``auto`` (fresh when the export has decode groups)
-SELECT_MODES = ("auto", "fresh", "speculative")
+#: needs an export with decode groups), ``speculative`` (the one before the previous step's, in a
+#: worker beside the decode graph, corrected with the previous step's: two views; quest runs the step
+#: twice), ``previous`` (the previous step's, after it ends, for the heads whose query moved: one view,
+#: nothing beside the decode graph), ``auto`` (fresh when the export has decode groups, else speculative)
+SELECT_MODES = ("auto", "fresh", "speculative", "previous")
 DRIFTS = ("mean", "min")  # how a KV group's query-head cosines combine in the correction test
 
 
@@ -69,6 +71,10 @@ class RetrievalConfig(SpecStage):
     def fresh(self, manifest) -> bool:
         """Whether a step's pages are chosen with its own queries on this export (``select``)."""
         return self.select == "fresh" or (self.select == "auto" and bool(manifest.decode_groups))
+
+    def one_view(self, manifest) -> bool:
+        """Whether one view serves every step (``fresh`` or ``previous``) instead of two."""
+        return self.fresh(manifest) or self.select == "previous"
 
     @property
     def min_budget(self) -> int:

@@ -1,0 +1,98 @@
+"""`select=previous` (FreeKV / Quest on one view, no worker): after a step, the heads whose query moved
+from the one their pages were chosen with re-select with that step's query; the next step attends
+those pages."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import numpy as np
+import pytest
+
+import kvtrt
+from kvtrt.runtime.kv.freekv import FreeKVRetrieval
+from kvtrt.runtime.kv.spec import parse_kv_spec
+
+SPEC = "page=8,sink=4,window=8,pool_dtype=fp32,min_context=0"
+
+
+def _prompt(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(5, 261) for _ in range(n)]
+
+
+@pytest.mark.parametrize("mode", ["quest", "freekv:tau=1"])
+def test_each_step_attends_pages_chosen_with_the_previous_steps_query(tiny_llama, monkeypatch, mode):
+    """Every head re-selects (quest, tau=1): at each step the view holds exactly a fresh top-k with
+    the query of the step before (the first step: the prompt's last query); one view serves every step
+    and no worker runs."""
+    name, _, extra = mode.partition(":")
+    spec = f"{name}:budget=48,{SPEC},select=previous" + (f",{extra}" if extra else "")
+    checked, previous = [], []
+    finish = FreeKVRetrieval.finish_step
+
+    def checking_finish(self, query, new_keys, new_values):
+        view = self.view()
+        assert view is self.views[0] and not self.prefetching
+        chosen_with = previous[-1] if previous else self._basis[0]
+        for layer in range(self.n_layers):
+            fresh = np.sort(self.fresh_selection(layer, np.asarray(chosen_with[layer]), view), -1)
+            assert np.array_equal(np.sort(view.slot_pages[layer], -1), fresh), (len(checked), layer)
+        checked.append(1)
+        previous.append(np.stack([np.array(q) for q in query]))
+        return finish(self, query, new_keys, new_values)
+
+    monkeypatch.setattr(FreeKVRetrieval, "finish_step", checking_finish)
+    _, _, directory = tiny_llama
+    llm = kvtrt.load(directory, torch_threads=1)
+    llm.manifest.eos_token_ids = []
+    result = llm.generate(_prompt(200), max_new_tokens=12, kv=spec)
+    assert result.stats.kv["retrieval_engaged"] == 1 and len(checked) == 11
+    stats = result.stats.kv
+    assert stats["heads_checked"] == stats["heads_corrected"] > 0
+    monkeypatch.undo()
+    speculative = llm.generate(_prompt(200), max_new_tokens=12, kv=spec.replace("previous", "speculative"))
+    assert 2 * stats["view_bytes"] == speculative.stats.kv["view_bytes"]  # one view against two
+    llm.close()
+
+
+@pytest.mark.parametrize("spec", [f"quest:budget=600,{SPEC},select=previous",
+                                  f"freekv:budget=600,{SPEC},tau=0.9,select=previous"])
+def test_covering_budget_matches_the_full_cache(tiny_llama, spec):
+    """A budget that holds every token attends to all of them: the full cache's tokens."""
+    _, _, directory = tiny_llama
+    llm = kvtrt.load(directory, torch_threads=1)
+    llm.manifest.eos_token_ids = []
+    prompt = _prompt(220, seed=1)
+    full = llm.generate(prompt, max_new_tokens=24, kv="full").token_ids
+    got = llm.generate(prompt, max_new_tokens=24, kv=spec)
+    assert got.stats.kv["retrieval_engaged"] == 1 and got.token_ids == full
+    llm.close()
+
+
+def test_previous_rows_decode_concurrently_as_alone_and_are_admitted_with_one_view(tiny_llama):
+    """Rows with select=previous beside speculative ones: four threads get what each request gets
+    alone; admission counts one view for them, two for speculative rows."""
+    _, _, directory = tiny_llama
+    llm = kvtrt.load(directory, torch_threads=1)
+    llm.manifest.eos_token_ids = []
+    specs = [f"freekv:budget=48,{SPEC},tau=0.9,select=previous", f"freekv:budget=48,{SPEC},tau=0.9",
+             f"quest:budget=48,{SPEC},select=previous", f"freekv:budget=48,{SPEC},tau=0.8,select=previous"]
+    prompts = [_prompt(120 + 40 * i, seed=10 + i) for i in range(4)]
+    alone = [llm.generate(p, max_new_tokens=10 + 3 * i, kv=s).token_ids for i, (p, s) in enumerate(zip(prompts, specs))]
+    out = [None] * 4
+
+    def work(i):
+        out[i] = llm.submit(prompts[i], max_new_tokens=10 + 3 * i, kv=specs[i]).result().token_ids
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out == alone
+    one, two = (llm.request_bytes(prompts[0], max_new_tokens=10, kv=s) for s in specs[:2])
+    view = parse_kv_spec(specs[0]).retrieval.slots(len(prompts[0])) + 1  # slots, and the staging slot
+    assert two - one == view * llm.manifest.kv_bytes_per_token
+    llm.close()
