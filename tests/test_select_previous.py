@@ -96,3 +96,40 @@ def test_previous_rows_decode_concurrently_as_alone_and_are_admitted_with_one_vi
     view = parse_kv_spec(specs[0]).retrieval.slots(len(prompts[0])) + 1  # slots, and the staging slot
     assert two - one == view * llm.manifest.kv_bytes_per_token
     llm.close()
+
+
+def test_rerun_attends_pages_chosen_with_the_steps_own_query(tiny_llama, monkeypatch):
+    """rerun=1 with tau=1 (every step whose query moved at all runs again): the run whose output is
+    kept attended pages freshly chosen with the query its first run computed, as Quest's second pass;
+    the first layer's query does not depend on the pages, so its pages are the rerun's own query's."""
+    spec = f"freekv:budget=48,{SPEC},tau=1,select=previous,rerun=1"
+    probes, checked = [], []
+    moved, finish = FreeKVRetrieval.moved, FreeKVRetrieval.finish_step
+
+    def recording_moved(self, query, threshold):
+        probes.append(np.stack([np.array(q) for q in query]))
+        return moved(self, query, threshold)
+
+    def checking_finish(self, query, new_keys, new_values):
+        view = self.view()
+        for layer in range(self.n_layers):
+            fresh = np.sort(self.fresh_selection(layer, probes[-1][layer], view), -1)
+            assert np.array_equal(np.sort(view.slot_pages[layer], -1), fresh), (len(checked), layer)
+        own = np.sort(self.fresh_selection(0, np.asarray(query[0]), view), -1)
+        assert np.array_equal(np.sort(view.slot_pages[0], -1), own)
+        checked.append(1)
+        return finish(self, query, new_keys, new_values)
+
+    monkeypatch.setattr(FreeKVRetrieval, "moved", recording_moved)
+    monkeypatch.setattr(FreeKVRetrieval, "finish_step", checking_finish)
+    _, _, directory = tiny_llama
+    llm = kvtrt.load(directory, torch_threads=1)
+    llm.manifest.eos_token_ids = []
+    got = llm.generate(_prompt(200, seed=2), max_new_tokens=12, kv=spec)
+    assert len(checked) == len(probes) == 11 and got.stats.kv["reruns"] == 11
+    monkeypatch.undo()
+    never = llm.generate(_prompt(200, seed=2), max_new_tokens=12, kv=spec.replace("rerun=1", "rerun=0"))
+    assert never.stats.kv["reruns"] == 0
+    covering = llm.generate(_prompt(220, seed=1), max_new_tokens=24, kv=spec.replace("budget=48", "budget=600"))
+    assert covering.token_ids == llm.generate(_prompt(220, seed=1), max_new_tokens=24, kv="full").token_ids
+    llm.close()

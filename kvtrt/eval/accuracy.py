@@ -104,7 +104,7 @@ class Totals:
 
     def add_stats(self, stats: RequestStats) -> None:
         self.kv_bytes = max(self.kv_bytes, stats.kv_bytes)
-        for key in ("correction_rate", "page_hit_rate", "recalled_bytes_per_step"):
+        for key in ("correction_rate", "rerun_rate", "page_hit_rate", "recalled_bytes_per_step"):
             if key in stats.kv:
                 self.kv_stats.setdefault(key, []).append(stats.kv[key])
 
@@ -370,6 +370,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         ratio = r["value"] / r["full_value"] if r["full_value"] else float("nan")
         corr = f"{r['correction_rate']:.3f}" if "correction_rate" in r else ""
+        if r.get("rerun_rate"):
+            corr += f" (steps run twice: {r['rerun_rate']:.3f})"
         line = (f"| {r['task']} | {r['kv']} | {r['budget'] if r['budget'] is not None else ''} | {r['metric']} | "
                 f"{r['value']:.4f} | {r['full_value']:.4f} | {ratio:.4f} | {r['kv_mib']:.1f} | {corr} |")
         for name in others:

@@ -154,9 +154,15 @@ class _RetrievalRow:
             return self.logits[0, 0]
         binding, outputs, new_q, new_k, new_v = self.bound[r.view().index]
         if self.lagged:  # the step's queries choose the next step's pages, once it has run
+            every = range(self.engine.manifest.n_layers)
             self.engine.run(self.variant, binding)
+            rerun = self.seq.retrieval.rerun
+            if rerun and r.moved(new_q, rerun):  # it attended pages chosen for another query: again, on its own
+                r.refresh(every, new_q)
+                self.engine.run(self.variant, binding)
+                r.count_rerun()
             r.finish_step(new_q, new_k, new_v)
-            r.refresh(range(self.engine.manifest.n_layers), new_q)
+            r.refresh(every, new_q)
             return outputs["logits"][0, 0]
         if r.mode == "quest":  # select with the current query: probe, re-select, run again
             self.engine.run(self.variant, binding)

@@ -190,6 +190,19 @@ class FreeKVRetrieval:
             self._counters.correction_s += time.perf_counter() - start
         return view
 
+    def moved(self, query: Tensor, threshold: float) -> bool:
+        """Whether some KV head's query ``query`` ``[L, B, H, D]`` (the step just run) is further from the
+        query its view pages were chosen with than ``threshold`` (group-mean cosine below it, as
+        ``refresh`` measures drift): the step attended pages chosen for another query
+        (``use_fresh_queries`` managers)."""
+        xp = self.xp
+        cos = xp.cosine(xp.asarray(query), self._basis[self.view().index], eps=1e-8)  # [L, B, H]
+        return bool((cos.reshape(*cos.shape[:-1], self.n_kv_heads, -1).mean(-1) < threshold).any())
+
+    def count_rerun(self) -> None:
+        """A step was run again after a ``refresh`` with its own query (``stats().reruns``)."""
+        self._counters.reruns += 1
+
     def begin(self, n_tokens: int, reserve_tokens: int = 0) -> None:
         """Expect a prompt of ``n_tokens`` (batch 1) whose prefill ``absorb`` follows chunk by chunk,
         so each page's summary is built once its chunk is written, not after the prompt; ``start``

@@ -37,7 +37,10 @@ class RetrievalConfig(SpecStage):
     pages are recalled (summaries, views and the sink/recent master copy stay full precision);
     ``select``: which query chooses a step's pages (``SELECT_MODES``, ``docs/freekv.md``);
     ``drift``: a KV head is corrected when the ``mean`` (FreeKV's group mean) or the ``min`` (any one
-    query head) of its query heads' cosines falls below ``tau``.
+    query head) of its query heads' cosines falls below ``tau``; ``rerun`` (``select=previous`` only):
+    when a step's query moved so far from the one that chose the pages it attended that some KV head's
+    cosine is below ``rerun``, those heads re-select with it and the step runs again on the new pages
+    (Quest's second pass, only for the steps that turn to other tokens; 0: never).
     """
 
     mode: str = "freekv"
@@ -52,6 +55,8 @@ class RetrievalConfig(SpecStage):
     min_context: int | None = option(None, "whole", example=0)
     pool_dtype: str = option("fp16", "choice", choices=POOL_DTYPES)
     select: str = option("auto", "choice", choices=SELECT_MODES)
+    rerun: float = option(0.0, "fraction", stages=("freekv",),
+                          hint="rerun=0 never runs a step again, e.g. rerun=0.5 (with select=previous)")
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -67,6 +72,9 @@ class RetrievalConfig(SpecStage):
     def check(self, where: str) -> None:
         if isinstance(self.budget, int):
             self.budget_tokens()  # budget < sink + window + page -> KVSpecError now
+        if self.rerun and self.select != "previous":
+            raise KVSpecError(f"rerun={self.rerun} in {where!r} runs a step again on one view; add select=previous "
+                              f"or drop rerun=")
 
     def fresh(self, manifest) -> bool:
         """Whether a step's pages are chosen with its own queries on this export (``select``)."""

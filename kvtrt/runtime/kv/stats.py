@@ -16,6 +16,7 @@ class RetrievalStats:
     pages_hit: int = 0  # selected pages the view already held
     pages_recalled: int = 0
     selections_reused: int = 0  # prefetches that took the last correction's selection (same query and pool)
+    reruns: int = 0  # steps run again on pages chosen with their own query (select=previous, rerun=)
     tokens_copied: int = 0  # sink/recent tokens copied into views
     wait_s: float = 0.0  # finish_step waiting for the worker
     correction_s: float = 0.0
@@ -39,6 +40,11 @@ class RetrievalStats:
         return self.heads_corrected / self.heads_checked if self.heads_checked else 0.0
 
     @property
+    def rerun_rate(self) -> float:
+        """Steps run a second time over steps (``select=previous,rerun=``)."""
+        return self.reruns / self.steps if self.steps else 0.0
+
+    @property
     def page_hit_rate(self) -> float:
         return self.pages_hit / self.pages_selected if self.pages_selected else 1.0
 
@@ -60,9 +66,9 @@ class RetrievalStats:
 
 
 _REPORT_ORDER = (
-    "steps", "heads_checked", "heads_corrected", "pages_selected", "pages_hit", "pages_recalled", "selections_reused",
+    "steps", "heads_checked", "heads_corrected", "pages_selected", "pages_hit", "pages_recalled", "selections_reused", "reruns",
     "tokens_copied", "wait_s", "correction_s", "sync_prepare_s", "start_s", "pages_summarized_in_prefill",
-    "correction_rate", "page_hit_rate", "recalled_bytes", "recalled_bytes_per_step", "pages_recalled_per_step",
+    "correction_rate", "rerun_rate", "page_hit_rate", "recalled_bytes", "recalled_bytes_per_step", "pages_recalled_per_step",
     "wait_s_per_step", "pool_pages", "budget", "k_pages", "slots", "stored_bytes", "view_bytes", "pool_bytes",
     "pool_dtype", "dense_store_bytes_after_start", "dense_store_bytes",
 )
