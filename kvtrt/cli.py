@@ -23,7 +23,7 @@ KV_HELP = ("KV spec: what is stored and attended. 'full' (default); compaction '
            "ratio=0.25,anchor=random|zeros|ones|mean|alternating,granularity=token|page,signature=kv|query|block,pick=best|first' "
            "(every compaction also takes slack=64: tokens a sequence may grow past its budget while decoding before it "
            "is compacted back to it); retrieval "
-           "'freekv:budget=B,page=32,sink=S,window=W,tau=0.9,drift=mean|min,min_context=N,select=auto|fresh|speculative|previous' or "
+           "'freekv:budget=B,page=32,sink=S,window=W,tau=0.9,drift=mean|min,min_context=N,select=auto|fresh|speculative|previous,rerun=0' (rerun=R with select=previous: a step whose query moved below cosine R from its pages' runs again on pages chosen with it) or "
            "'quest:budget=B' (retrieval "
            "runs for caches longer than min_context, default 2B; shorter ones decode densely); join one of each "
            "with '+'. "

@@ -77,7 +77,7 @@ def test_previous_rows_decode_concurrently_as_alone_and_are_admitted_with_one_vi
     _, _, directory = tiny_llama
     llm = kvtrt.load(directory, torch_threads=1)
     llm.manifest.eos_token_ids = []
-    specs = [f"freekv:budget=48,{SPEC},tau=0.9,select=previous", f"freekv:budget=48,{SPEC},tau=0.9",
+    specs = [f"freekv:budget=48,{SPEC},tau=0.9,select=previous", f"freekv:budget=48,{SPEC},tau=0.9,select=speculative",
              f"quest:budget=48,{SPEC},select=previous", f"freekv:budget=48,{SPEC},tau=0.8,select=previous"]
     prompts = [_prompt(120 + 40 * i, seed=10 + i) for i in range(4)]
     alone = [llm.generate(p, max_new_tokens=10 + 3 * i, kv=s).token_ids for i, (p, s) in enumerate(zip(prompts, specs))]
@@ -133,3 +133,19 @@ def test_rerun_attends_pages_chosen_with_the_steps_own_query(tiny_llama, monkeyp
     covering = llm.generate(_prompt(220, seed=1), max_new_tokens=24, kv=spec.replace("budget=48", "budget=600"))
     assert covering.token_ids == llm.generate(_prompt(220, seed=1), max_new_tokens=24, kv="full").token_ids
     llm.close()
+
+
+def test_auto_takes_previous_for_freekv_on_a_cpu_engine_only():
+    """select=auto: fresh on an export with decode groups; else FreeKV on a CPU engine runs `previous`
+    (one view), on a GPU `speculative`; Quest keeps its two passes everywhere but on decode groups."""
+    class Export:
+        decode_groups: list = []
+
+    grouped = type("Grouped", (), {"decode_groups": [[0, 1]]})()
+    freekv, quest = (parse_kv_spec(f"{m}:budget=48,{SPEC}").retrieval for m in ("freekv", "quest"))
+    assert [freekv.path(Export(), host) for host in (True, False)] == ["previous", "speculative"]
+    assert [quest.path(Export(), host) for host in (True, False)] == ["speculative", "speculative"]
+    assert freekv.path(grouped, False) == quest.path(grouped, True) == "fresh"
+    assert [freekv.views(Export(), host) for host in (True, False)] == [1, 2]
+    explicit = parse_kv_spec(f"freekv:budget=48,{SPEC},select=speculative").retrieval
+    assert explicit.path(Export(), True) == "speculative"

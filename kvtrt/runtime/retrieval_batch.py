@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from ..contract import GraphVariant, group_graphs
+from .arrays import on_host
 from .buffers import bind_decode, graph_outputs, per_layer
 from .engine import DTYPES
 from .kv.store import KVStore
@@ -78,8 +79,9 @@ class _RetrievalRow:
         t0 = time.perf_counter()
         r = manager if manager is not None else group.create_manager(seq, store.length)
         # the spec's `select` (default: fresh when the export has decode groups, `kvtrt export --decode-groups`)
-        self.grouped = self.shared and seq.retrieval.fresh(m)
-        self.lagged = not self.grouped and seq.retrieval.select == "previous"  # one view, re-selected after a step
+        path = seq.retrieval.path(m, host=on_host(a))
+        self.grouped = self.shared and path == "fresh"
+        self.lagged = path == "previous"  # one view, re-selected after each step
         if self.grouped or self.lagged:
             r.use_fresh_queries()
         keys, values = list(store.keys), list(store.values)

@@ -17,7 +17,8 @@ RETRIEVAL_MODES = ("freekv", "quest")
 #: needs an export with decode groups), ``speculative`` (the one before the previous step's, in a
 #: worker beside the decode graph, corrected with the previous step's: two views; quest runs the step
 #: twice), ``previous`` (the previous step's, after it ends, for the heads whose query moved: one view,
-#: nothing beside the decode graph), ``auto`` (fresh when the export has decode groups, else speculative)
+#: nothing beside the decode graph), ``auto`` (fresh when the export has decode groups, else previous
+#: on a CPU engine and speculative on a GPU; see ``RetrievalConfig.path``)
 SELECT_MODES = ("auto", "fresh", "speculative", "previous")
 DRIFTS = ("mean", "min")  # how a KV group's query-head cosines combine in the correction test
 
@@ -76,13 +77,22 @@ class RetrievalConfig(SpecStage):
             raise KVSpecError(f"rerun={self.rerun} in {where!r} runs a step again on one view; add select=previous "
                               f"or drop rerun=")
 
-    def fresh(self, manifest) -> bool:
-        """Whether a step's pages are chosen with its own queries on this export (``select``)."""
-        return self.select == "fresh" or (self.select == "auto" and bool(manifest.decode_groups))
+    def path(self, manifest, host: bool) -> str:
+        """How pages are chosen on this export and engine: ``fresh``, ``speculative`` or ``previous``
+        (``select``). ``auto``: fresh when the export has decode groups; otherwise FreeKV takes
+        ``previous`` on a CPU engine (``host``: its cores already run the decode graph, so a worker
+        beside it only slows it; ``docs/results/select_previous.md``) and ``speculative`` on a GPU
+        (the recall overlaps the engine); Quest keeps its two passes (``speculative``)."""
+        if self.select != "auto":
+            return self.select
+        if manifest.decode_groups:
+            return "fresh"
+        return "previous" if host and self.mode == "freekv" else "speculative"
 
-    def one_view(self, manifest) -> bool:
-        """Whether one view serves every step (``fresh`` or ``previous``) instead of two."""
-        return self.fresh(manifest) or self.select == "previous"
+    def views(self, manifest, host: bool) -> int:
+        """View buffers a sequence holds: one with ``fresh`` or ``previous``, two (double buffer) with
+        ``speculative``."""
+        return 2 if self.path(manifest, host) == "speculative" else 1
 
     @property
     def min_budget(self) -> int:
