@@ -1,3 +1,10 @@
+"""Prototype (not in the runtime): `rerun` with a page criterion instead of the cosine one.
+
+A step runs again when some KV head's `m` best pages for the step's own query are not all in the view
+(`m` = round(10 * rerun): rerun=0.1 -> the best page, 0.2 -> the best two, 0.4 -> the best four),
+patched over `FreeKVRetrieval.moved`; passkeys at 4096 tokens, 30 cases, as `kvtrt eval --task needle`.
+Output: `select_previous_rerun_pages_needle4096.json`. Usage: python select_previous_rerun_pages.py
+"""
 import json, numpy as np, kvtrt
 from kvtrt.eval.accuracy import Evaluator, expand_specs, table
 from kvtrt.runtime.kv.freekv import FreeKVRetrieval
