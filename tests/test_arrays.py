@@ -16,8 +16,10 @@ import torch
 import kvtrt
 from kvtrt.runtime.arrays import MAPPED_BYTES, NumpyArrays, TorchArrays, host
 
+# (select= pinned: `auto` resolves to `previous` on numpy arrays and `speculative` on torch ones)
 SPECS = ["full", "kvcrush:budget=0.25,base=snapkv,window=4", "h2o:budget=48,window=4",
-         "freekv:budget=48,page=8,sink=4,window=8,min_context=64"]
+         "freekv:budget=48,page=8,sink=4,window=8,min_context=64,select=speculative",
+         "freekv:budget=48,page=8,sink=4,window=8,min_context=64,select=previous"]
 
 
 def test_the_two_array_types_agree_on_every_operation():
