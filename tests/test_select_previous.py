@@ -5,7 +5,7 @@ those pages."""
 from __future__ import annotations
 
 import random
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -81,17 +81,9 @@ def test_previous_rows_decode_concurrently_as_alone_and_are_admitted_with_one_vi
              f"quest:budget=48,{SPEC},select=previous", f"freekv:budget=48,{SPEC},tau=0.8,select=previous"]
     prompts = [_prompt(120 + 40 * i, seed=10 + i) for i in range(4)]
     alone = [llm.generate(p, max_new_tokens=10 + 3 * i, kv=s).token_ids for i, (p, s) in enumerate(zip(prompts, specs))]
-    out = [None] * 4
-
-    def work(i):
-        out[i] = llm.submit(prompts[i], max_new_tokens=10 + 3 * i, kv=specs[i]).result().token_ids
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert out == alone
+    with ThreadPoolExecutor(4) as pool:  # submitted from four threads, decoded in one running batch
+        requests = list(pool.map(lambda i: llm.submit(prompts[i], max_new_tokens=10 + 3 * i, kv=specs[i]), range(4)))
+    assert [r.result().token_ids for r in requests] == alone
     one, two = (llm.request_bytes(prompts[0], max_new_tokens=10, kv=s) for s in specs[:2])
     view = parse_kv_spec(specs[0]).retrieval.slots(len(prompts[0])) + 1  # slots, and the staging slot
     assert two - one == view * llm.manifest.kv_bytes_per_token
