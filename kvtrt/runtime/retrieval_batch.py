@@ -78,7 +78,7 @@ class _RetrievalRow:
         self.variant = GraphVariant.DECODE_SHARED if self.shared else GraphVariant.DECODE
         t0 = time.perf_counter()
         r = manager if manager is not None else group.create_manager(seq, store.length)
-        # the spec's `select` (default: fresh when the export has decode groups, `kvtrt export --decode-groups`)
+        # the spec's `select` (`RetrievalConfig.path`: fresh with decode groups, else previous on a CPU engine)
         path = seq.retrieval.path(m, host=on_host(a))
         self.grouped = self.shared and path == "fresh"
         self.lagged = path == "previous"  # one view, re-selected after each step
