@@ -72,11 +72,6 @@ class NumpyArrays:
         return np.flatnonzero(x)
 
 
-def on_host(arrays) -> bool:
-    """Whether an engine's arrays are numpy arrays on the host (a CPU engine)."""
-    return isinstance(arrays, NumpyArrays)
-
-
 class TorchArrays:
     """torch tensors on `device` (GPU engines; on "cpu" the tests use it to run the GPU code path)."""
 

@@ -12,7 +12,6 @@ import time
 import numpy as np
 
 from ..contract import GraphVariant, group_graphs
-from .arrays import on_host
 from .buffers import bind_decode, graph_outputs, per_layer
 from .engine import DTYPES
 from .kv.store import KVStore
@@ -79,7 +78,7 @@ class _RetrievalRow:
         t0 = time.perf_counter()
         r = manager if manager is not None else group.create_manager(seq, store.length)
         # the spec's `select` (`RetrievalConfig.path`: fresh with decode groups, else previous on a CPU engine)
-        path = seq.retrieval.path(m, host=on_host(a))
+        path = seq.retrieval.path(m, cpu=engine.device == "cpu")
         self.grouped = self.shared and path == "fresh"
         self.lagged = path == "previous"  # one view, re-selected after each step
         if self.grouped or self.lagged:

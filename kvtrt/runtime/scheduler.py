@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .arrays import host, on_host
+from .arrays import host
 from .batch import DenseBatch
 from .retrieval_batch import RetrievalGroup
 from .kv.spec import KVSpec
@@ -221,7 +221,7 @@ class Scheduler:
         cfg, bpt = seq.retrieval, self.m.kv_bytes_per_token
         stored = min(seq.keep, len(seq.ids)) if seq.policy is not None else len(seq.ids)
         tokens = stored + seq.max_new_tokens + cfg.page
-        views = cfg.views(self.m, host=on_host(self.engine.arrays))
+        views = cfg.views(self.m, cpu=self.engine.device == "cpu")
         return (tokens + tokens // cfg.page + views * (cfg.slots(stored) + 1)) * bpt
 
     def _admissible(self, seq: Sequence) -> bool:

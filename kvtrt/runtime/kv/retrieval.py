@@ -77,22 +77,22 @@ class RetrievalConfig(SpecStage):
             raise KVSpecError(f"rerun={self.rerun} in {where!r} runs a step again on one view; add select=previous "
                               f"or drop rerun=")
 
-    def path(self, manifest, host: bool) -> str:
+    def path(self, manifest, cpu: bool) -> str:
         """How pages are chosen on this export and engine: ``fresh``, ``speculative`` or ``previous``
         (``select``). ``auto``: fresh when the export has decode groups; otherwise FreeKV takes
-        ``previous`` on a CPU engine (``host``: its cores already run the decode graph, so a worker
+        ``previous`` on a CPU engine (``cpu``: its cores already run the decode graph, so a worker
         beside it only slows it; ``docs/results/select_previous.md``) and ``speculative`` on a GPU
         (the recall overlaps the engine); Quest keeps its two passes (``speculative``)."""
         if self.select != "auto":
             return self.select
         if manifest.decode_groups:
             return "fresh"
-        return "previous" if host and self.mode == "freekv" else "speculative"
+        return "previous" if cpu and self.mode == "freekv" else "speculative"
 
-    def views(self, manifest, host: bool) -> int:
+    def views(self, manifest, cpu: bool) -> int:
         """View buffers a sequence holds: one with ``fresh`` or ``previous``, two (double buffer) with
         ``speculative``."""
-        return 2 if self.path(manifest, host) == "speculative" else 1
+        return 2 if self.path(manifest, cpu) == "speculative" else 1
 
     @property
     def min_budget(self) -> int:
