@@ -16,7 +16,7 @@ import torch
 import kvtrt
 from kvtrt.runtime.arrays import MAPPED_BYTES, NumpyArrays, TorchArrays, host
 
-# (select= pinned: `auto` resolves to `previous` on numpy arrays and `speculative` on torch ones)
+# (select= pinned: both retrieval paths through both array types; `auto` follows the engine's device)
 SPECS = ["full", "kvcrush:budget=0.25,base=snapkv,window=4", "h2o:budget=48,window=4",
          "freekv:budget=48,page=8,sink=4,window=8,min_context=64,select=speculative",
          "freekv:budget=48,page=8,sink=4,window=8,min_context=64,select=previous"]
