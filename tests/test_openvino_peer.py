@@ -96,6 +96,81 @@ def test_a_missing_openvino_genai_fails_at_once_with_the_install_command(tmp_pat
     assert calls == []
 
 
+# -- the conversion (converters faked: no optimum-cli or OpenVINO needed) ---------------------------------
+def _fake_converters(monkeypatch, fail_tokenizer: bool, seen: dict):
+    """subprocess.run as optimum-cli (writes the IR and, like it, its own tokenizer files) and as the
+    tokenizer converter (records the tokenizer.json it was given; fails when `fail_tokenizer`)."""
+    import subprocess
+
+    import kvtrt.eval.peers as peers
+
+    def run(cmd, check=True, **kwargs):
+        out = Path(cmd[-1])
+        if "export" in cmd:  # optimum-cli export openvino ... OUT
+            for name in ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml"):
+                (out / name).write_text("optimum's")
+            return subprocess.CompletedProcess(cmd, 0)
+        seen["tokenizer"] = json.loads((Path(cmd[-4]) / "tokenizer.json").read_text(encoding="utf-8"))
+        if fail_tokenizer:
+            raise subprocess.CalledProcessError(1, cmd)
+        for name in ("openvino_tokenizer.xml", "openvino_detokenizer.xml"):
+            (out / name).write_text("converted")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(peers.subprocess, "run", run)
+    monkeypatch.setattr(peers, "optimum_cli", lambda: "optimum-cli")
+    monkeypatch.setattr(peers, "save_plain_hf", lambda model, tokenizer, folder: None)
+
+
+def test_a_failed_openvino_conversion_leaves_nothing_that_looks_converted(tiny_llama, tmp_path, monkeypatch):
+    """optimum-cli writes its own tokenizer files before kvtrt converts the tokenizer; when that step fails,
+    the folder must not pass for a finished conversion (the next run would use optimum's unusable
+    tokenizer). The conversion is built aside and moved into place only when complete."""
+    from kvtrt.eval.peers import build_openvino
+
+    _, _, directory = tiny_llama
+    out = tmp_path / "ov"
+    _fake_converters(monkeypatch, fail_tokenizer=True, seen={})
+    with pytest.raises(Exception):
+        build_openvino(directory, out, hf=(None, None))
+    assert not out.exists()
+    _fake_converters(monkeypatch, fail_tokenizer=False, seen={})
+    assert build_openvino(directory, out, hf=(None, None)) == out
+    assert (out / "openvino_tokenizer.xml").read_text() == "converted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ov"]  # nothing partial left beside it
+
+
+def test_the_tokenizer_converter_gets_the_byte_level_decoder(tiny_llama, tmp_path, monkeypatch):
+    """transformers' GGUF conversion writes a decoder that mixes sentencepiece steps with ByteLevel, on
+    which openvino-tokenizers' converter fails; it is given the ByteLevel step alone, and the rest of the
+    export's tokenizer.json unchanged."""
+    from kvtrt.eval.peers import build_openvino, converter_decoder
+    from kvtrt.manifest import Manifest
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    mixed = {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"},
+                                              {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                                              byte_level]}
+    assert converter_decoder(mixed) == byte_level
+    sentencepiece = {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]}
+    assert converter_decoder(sentencepiece) == sentencepiece and converter_decoder(None) is None
+
+    _, _, directory = tiny_llama
+    export = tmp_path / "export"
+    import shutil
+    shutil.copytree(directory, export)
+    tokenizer_file = export / Manifest.load(export).tokenizer_file
+    spec = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+    spec["decoder"] = mixed
+    tokenizer_file.write_text(json.dumps(spec), encoding="utf-8")
+    seen = {}
+    _fake_converters(monkeypatch, fail_tokenizer=False, seen=seen)
+    build_openvino(str(export), tmp_path / "ov", hf=(None, None))
+    assert seen["tokenizer"]["decoder"] == byte_level
+    assert {k: v for k, v in seen["tokenizer"].items() if k != "decoder"} == \
+        {k: v for k, v in spec.items() if k != "decoder"}
+
+
 def test_help_explains_the_openvino_peer():
     parsers = command_parsers()
     text = " ".join(parsers["eval"].format_help().split())

@@ -119,10 +119,11 @@ def optimum_cli() -> str:
     if not found:
         raise RuntimeError(
             "the OpenVINO peer converts the model once with optimum-intel's `optimum-cli`, which is not installed; "
-            "`pip install optimum-intel` (it pins its own transformers and torch: a separate virtualenv works, e.g. "
-            "`python -m venv --system-site-packages ~/.cache/kvtrt/peers/optimum-venv && "
-            "~/.cache/kvtrt/peers/optimum-venv/bin/pip install optimum-intel`), then set "
-            f"{OPTIMUM_CLI_ENV}=~/.cache/kvtrt/peers/optimum-venv/bin/optimum-cli")
+            "`pip install optimum-intel` (it pins its own transformers: a virtualenv of its own works, e.g. "
+            "`python -m venv ~/.cache/kvtrt/optimum && ~/.cache/kvtrt/optimum/bin/pip install torch==2.13.0 "
+            "optimum-intel openvino==<this environment's openvino version>`, then "
+            "`~/.cache/kvtrt/optimum/bin/pip uninstall -y torchvision`; README, \"OpenVINO GenAI side by side\"), "
+            f"then set {OPTIMUM_CLI_ENV}=~/.cache/kvtrt/optimum/bin/optimum-cli")
     return found
 
 
@@ -130,7 +131,10 @@ def build_openvino(directory: str, out: Path, hf=None) -> Path:
     """Convert (once, cached in `out`) the export's source model to OpenVINO IR with fp32 weights
     (`optimum-cli export openvino --task text-generation-with-past --weight-format fp32`), plus an
     OpenVINO tokenizer/detokenizer made from the export's own tokenizer.json (the peer is fed the
-    same token ids; its pipeline still loads a tokenizer). `hf`: an in-memory (model, tokenizer)."""
+    same token ids; its pipeline still loads a tokenizer). `hf`: an in-memory (model, tokenizer).
+
+    Built in `out`.partial and renamed to `out` when complete, so a failed conversion never leaves a
+    folder that looks converted (optimum-cli writes its own, unusable, tokenizer files first)."""
     out = Path(out)
     if (out / "openvino_model.xml").is_file() and (out / "openvino_tokenizer.xml").is_file():
         return out
@@ -140,28 +144,47 @@ def build_openvino(directory: str, out: Path, hf=None) -> Path:
     from ..models.loading import load_hf
 
     manifest = Manifest.load(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir, tok_dir = Path(tmp) / "hf", Path(tmp) / "tok"
         hf_dir.mkdir()
         tok_dir.mkdir()
         save_plain_hf(*(hf or load_hf(manifest.source)), hf_dir)
         cmd = [optimum_cli(), "export", "openvino", "--model", str(hf_dir), "--task", "text-generation-with-past",
-               "--weight-format", "fp32", str(out)]
+               "--weight-format", "fp32", str(partial)]
         print("building OpenVINO peer:", " ".join(cmd), file=sys.stderr)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         # the tokenizer: the export's tokenizer.json behind a plain PreTrainedTokenizerFast config
         # (converting the GGUF-derived HF tokenizer crashed convert_tokenizer)
-        shutil.copy(Path(directory) / manifest.tokenizer_file, tok_dir / "tokenizer.json")
+        spec = json.loads((Path(directory) / manifest.tokenizer_file).read_text(encoding="utf-8"))
+        spec["decoder"] = converter_decoder(spec.get("decoder"))
+        (tok_dir / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": manifest.bos_token,
                   "eos_token": manifest.eos_token, "pad_token": manifest.eos_token,
                   "model_max_length": manifest.max_positions}
         (tok_dir / "tokenizer_config.json").write_text(json.dumps(config))
         convert = ("from openvino_tokenizers.cli_tools.convert_tokenizer import convert_hf_tokenizer; "
                    "convert_hf_tokenizer()")
-        cmd = [sys.executable, "-c", convert, str(tok_dir), "--with-detokenizer", "-o", str(out)]
+        cmd = [sys.executable, "-c", convert, str(tok_dir), "--with-detokenizer", "-o", str(partial)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
     return out
+
+
+def converter_decoder(decoder: dict | None) -> dict | None:
+    """The tokenizer.json decoder to give openvino-tokenizers' converter: a byte-level vocabulary's own
+    `ByteLevel` step when `decoder` is a Sequence that holds one (transformers' GGUF conversion adds
+    sentencepiece steps, ByteFallback / Fuse / Replace, beside it, and the converter fails on the mix:
+    "Check 'i < m_inputs.size()' failed" in FuseStep), else `decoder` unchanged. Only the peer's
+    detokenizer reads it; the peer is fed token ids."""
+    if decoder and decoder.get("type") == "Sequence":
+        byte_level = [d for d in decoder.get("decoders", []) if d.get("type") == "ByteLevel"]
+        if byte_level:
+            return byte_level[0]
+    return decoder
 
 
 @dataclass(frozen=True)
