@@ -19,6 +19,13 @@ outputs  logits [B,1,V] (last new token), then
          in-place graphs: present_key.{l} / present_value.{l} [B,Hkv,C,D] (the past buffers, the
          new slots written), query.{l}, and for prefill_shared score.{l} [B,H,write_slot+S]
 
+decode_heads (every export): decode over one pool of slots per layer shared by the KV heads, so heads
+may keep different numbers of tokens without padding (AdaKV, `adakv:`). Inputs input_ids, position_ids,
+past_owner [B,L,P] int64 (the KV head whose token a slot holds, per layer; -1 = dead), past_key.{l} /
+past_value.{l} [B,1,P,D]; outputs logits, key.{l} / value.{l} [B,Hkv,1,D] (the new token, which the
+runtime files into one slot per KV head), query.{l}, and score.{l} [B,H|Hkv,P+1] (each query head's
+attention over the pool slots, its own KV head's only, then over its new token).
+
 decode groups (optional, `kvtrt export --decode-groups N`): decode_shared cut into N layer ranges
 [a, b), one graph each (`decode_group.{g}`), so retrieval can choose a range's pages with the step's
 own query before the range attends. Group g takes input_ids [B,1] (g = 0) or hidden [B,1,E] (the
@@ -43,6 +50,7 @@ class GraphVariant(StrEnum):
     DECODE = "decode"                  # S = 1; the full contract
     PREFILL_SHARED = "prefill_shared"  # writes the chunk's K/V into the bound store in place
     DECODE_SHARED = "decode_shared"    # writes the step's K/V into the bound store in place
+    DECODE_HEADS = "decode_heads"      # S = 1 over one slot pool per layer shared by the KV heads
 
     @property
     def is_prefill(self) -> bool:
@@ -68,7 +76,7 @@ class GraphVariant(StrEnum):
 
 
 #: the graphs every export has, and the ones a fused-attention (`gqa`) export adds
-CONTRACT_VARIANTS = (GraphVariant.PREFILL, GraphVariant.DECODE)
+CONTRACT_VARIANTS = (GraphVariant.PREFILL, GraphVariant.DECODE, GraphVariant.DECODE_HEADS)
 IN_PLACE_VARIANTS = (GraphVariant.PREFILL_SHARED, GraphVariant.DECODE_SHARED)
 
 #: attention of an export (`export_options["attention"]`): standard ONNX ops, or ORT's fused ops
@@ -148,7 +156,7 @@ def past_names(n_layers: int, prefix: str = "past") -> list[str]:
 def input_names(n_layers: int, variant: str = GraphVariant.PREFILL) -> list[str]:
     """Graph input names of `variant` (a GraphVariant or its string)."""
     variant = GraphVariant(variant)
-    names = ["input_ids", "position_ids", "past_mask"]
+    names = ["input_ids", "position_ids", "past_owner" if variant is GraphVariant.DECODE_HEADS else "past_mask"]
     if variant.is_prefill:
         names.append("score_queries")
     if variant.in_place:

@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .contract import group_graphs
+from .contract import GraphVariant, group_graphs
 
 #: bump when the graph contract (`kvtrt.contract`) changes; an export with another format is refused
-FORMAT = 6
+FORMAT = 7
 MANIFEST_NAME = "manifest.json"
 
 
@@ -77,9 +77,10 @@ class Manifest:
     @property
     def variant_graphs(self) -> dict[str, str]:
         """`graphs` without the decode groups (ORT-only slices of decode_shared, checked against it by
-        the tests): what validation and TensorRT builds cover."""
-        groups = {key for key, _, _ in group_graphs(self.decode_groups)}
-        return {k: v for k, v in self.graphs.items() if k not in groups}
+        the tests) and decode_heads (ORT-only, checked against decode by the tests): what validation and
+        TensorRT builds cover."""
+        ort_only = {key for key, _, _ in group_graphs(self.decode_groups)} | {GraphVariant.DECODE_HEADS.value}
+        return {k: v for k, v in self.graphs.items() if k not in ort_only}
 
     @property
     def group_ranges(self) -> list[range]:

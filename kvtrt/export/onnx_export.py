@@ -141,18 +141,19 @@ def _trace(module, arch, variant: GraphVariant, path: Path, opset: int, dtype: t
     L, Hkv, D = arch.n_layers, arch.n_kv_heads, arch.head_dim
     decode = variant.is_decode
     B, S, P = 2, (1 if decode else 3), 5
+    heads = variant is GraphVariant.DECODE_HEADS  # one slot pool per layer: past_owner [B,L,P], K/V [B,1,P,D]
     args = [torch.zeros(B, S, dtype=torch.long), torch.arange(P, P + S).repeat(B, 1),
-            torch.ones(B, P, dtype=torch.long)]
+            torch.arange(L * P).reshape(1, L, P).repeat(B, 1, 1) % Hkv if heads else torch.ones(B, P, dtype=torch.long)]
     if variant.is_prefill:
         args.append(torch.tensor([1, 2]))  # score_queries
     if variant.in_place:  # write_slot: the chunk fills the buffer (decode: one slot per row)
         args.append(torch.full((B,), P - S) if decode else torch.tensor(P - S))
-    args += [torch.zeros(B, Hkv, P, D, dtype=dtype) for _ in range(2 * L)]
+    args += [torch.zeros(B, 1 if heads else Hkv, P, D, dtype=dtype) for _ in range(2 * L)]
     ins, outs = input_names(L, variant), output_names(L, variant)
     past = "capacity" if variant.in_place else "past"
     dyn = {"input_ids": {0: "batch"} if decode else {0: "batch", 1: "new"},
            "position_ids": {0: "batch"} if decode else {0: "batch", 1: "new"},
-           "past_mask": {0: "batch", 1: past}, "logits": {0: "batch"}}
+           ins[2]: {0: "batch", 2: past} if heads else {0: "batch", 1: past}, "logits": {0: "batch"}}
     if not decode:
         dyn["score_queries"] = {0: "score_queries"}
     elif variant.in_place:

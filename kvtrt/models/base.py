@@ -31,7 +31,8 @@ from ..contract import ATTENTION, SCORE_HEADS, GraphVariant
 from ..plugins.attention_inputs import AttentionLengths, CausalRows, ChunkBias, LeadingSlots
 from ..plugins.common import fp32, tile_group
 from ..plugins.ort_attention import (Dims, PrefillMasks, SharedCacheAttention, fused_grouped_attention,
-                                     gemv_attention, grouped_attention, row_scores)
+                                     gemv_attention, grouped_attention, pooled_attention,
+                                     row_scores)
 from ..plugins.ort_norm import SkipSimplifiedLayerNormalization, add_rms_norm, rms_norm
 
 
@@ -148,6 +149,8 @@ class DecoderGraph(nn.Module):
             return self.forward_in_place(input_ids, position_ids, past_mask, score_queries, write_slot, past)
         if variant.is_prefill:
             return self.forward_prefill(input_ids, position_ids, past_mask, rest[0], rest[1:])
+        if variant is GraphVariant.DECODE_HEADS:  # past_mask is past_owner [B,L,P] here
+            return self.forward_decode_heads(input_ids, position_ids, past_mask, rest)
         return self.forward_decode(input_ids, position_ids, past_mask, rest)
 
     def forward_prefill(self, input_ids, position_ids, past_mask, score_queries, past):
@@ -195,6 +198,29 @@ class DecoderGraph(nn.Module):
             qk = self.rotate(qk.reshape(-1, d.heads + d.kv_heads, d.head_dim), cos.squeeze(1), sin.squeeze(1))
             q, k = qk.split([d.heads, d.kv_heads], dim=1)                      # [B,H,D], [B,Hkv,D]
             attn, k, v, score = gemv_attention(q, k, v, past[2 * layer], past[2 * layer + 1], past_bias, n_past, d)
+            kv += [k, v]                                                      # [B,Hkv,1,D]
+            queries.append(q)
+            scores.append(score)                                              # [B,H,P+1]
+            h = self.residual_mlp(h, attn, layer)
+        return (self.logits(self.norm(h[:, -1:, :], "norm.weight")), *kv, *queries, *scores)
+
+    def forward_decode_heads(self, input_ids, position_ids, past_owner, past):
+        """One new token over one slot pool per layer shared by the KV heads (`decode_heads`): past K/V
+        [B,1,P,D], past_owner [B,L,P] (the KV head of each slot, -1 dead). Each query head attends its
+        own KV head's slots and its new token. Outputs as `forward_decode`, score [B,H|Hkv,P+1]."""
+        h = self.embed(input_ids, -1, 1)                                      # [B,1,E]
+        cos, sin = self.rope(position_ids, h.dtype)                           # [B,1,1,D]
+        zero, neg_inf = torch.tensor(0.0, dtype=h.dtype), torch.tensor(float("-inf"), dtype=h.dtype)
+        d = self.dims(-1, 1)
+        head_of = torch.arange(d.heads).div(d.group, rounding_mode="floor").reshape(1, d.heads, 1)  # [1,H,1]
+        kv, queries, scores = [], [], []
+        for layer in range(self.arch.n_layers):
+            qk, v = self.qkv(h, layer)
+            qk = self.rotate(qk.reshape(-1, d.heads + d.kv_heads, d.head_dim), cos.squeeze(1), sin.squeeze(1))
+            q, k = qk.split([d.heads, d.kv_heads], dim=1)                      # [B,H,D], [B,Hkv,D]
+            own = past_owner[:, layer].unsqueeze(1) == head_of                 # [B,H,P]
+            attn, k, v, score = pooled_attention(q, k, v, past[2 * layer], past[2 * layer + 1],
+                                                 torch.where(own, zero, neg_inf), d)
             kv += [k, v]                                                      # [B,Hkv,1,D]
             queries.append(q)
             scores.append(score)                                              # [B,H,P+1]

@@ -103,6 +103,27 @@ def gemv_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tens
     return attn.reshape(-1, 1, d.heads * D), k, v, attention_mass(probs.unsqueeze(3), d.query_scores)
 
 
+def pooled_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, bias: Tensor,
+                     d: Dims) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Decode attention (S = 1) over one slot pool shared by the KV heads (`decode_heads`): every query
+    head scores all P slots with one GEMM, `bias` [B,H,P] (0 on the slots of the head's own KV head,
+    -inf elsewhere) keeps its own, and its new token is its KV head's. q [B,H,D], k [B,Hkv,D],
+    v [B,1,Hkv*D], past [B,1,P,D]. Returns attn [B,1,H*D], k and v [B,Hkv,1,D] and the score
+    [B,H|Hkv,P+1] (see `attention_mass`)."""
+    Hkv, g, D = d.kv_heads, d.group, d.head_dim
+    query = q.reshape(-1, Hkv, g, D)
+    k = k.unsqueeze(2)  # [B,Hkv,1,D]
+    v = v.reshape(-1, Hkv, 1, D)
+    s_past = torch.matmul(q, past_k.squeeze(1).transpose(1, 2)) + bias     # [B,H,P]
+    s_new = torch.matmul(query, k.transpose(2, 3)).reshape(-1, d.heads, 1)  # [B,H,1]: head h's own new token
+    probs = torch.softmax(torch.cat((s_past, s_new), dim=-1), dim=-1)        # [B,H,P+1]
+    n_past = past_k.shape[2]
+    attn = torch.matmul(probs[..., :n_past], past_v.squeeze(1)).reshape(-1, Hkv, g, D)  # [B,Hkv,g,D]
+    attn = attn + probs[..., n_past:].reshape(-1, Hkv, g, 1) * v
+    mass = probs.reshape(-1, Hkv, g, 1, probs.shape[-1])
+    return attn.reshape(-1, 1, d.heads * D), k, v, attention_mass(mass, d.query_scores)
+
+
 def row_scores(q_rows: Tensor, keys: Tensor, bias: Tensor, query_scores: bool = True) -> Tensor:
     """`score` beside a fused attention op: the attention mass per key [B,H|Hkv,T] (see
     `attention_mass`) of the chosen query rows q_rows [B,n,H,D] over keys [B,Hkv,T,D] with bias

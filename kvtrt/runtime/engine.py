@@ -178,7 +178,8 @@ class OrtEngine:
         if variant == LOOKAHEAD:
             return
         past = session.get_inputs()[next(i for i, name in enumerate(got_in) if name.startswith("past_key."))]
-        if past.shape[1] != m.n_kv_heads or past.shape[3] != m.head_dim:
+        kv_heads = 1 if variant == GraphVariant.DECODE_HEADS else m.n_kv_heads  # decode_heads: one pool per layer
+        if past.shape[1] != kv_heads or past.shape[3] != m.head_dim:
             raise ExportMismatchError(
                 f"{variant} graph in {self.directory} has past_key shape {past.shape}, manifest says "
                 f"{m.n_kv_heads} KV heads x {m.head_dim}: re-export the model with `kvtrt export`")

@@ -30,10 +30,10 @@ __all__ = ["LLM", "load", "GenerationResult", "RequestStats", "SchedulerStats", 
 DEFAULTS = dict(max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, min_new_tokens=0)
 
 
-def check_kv_spec(kv: KVSpec, manifest) -> None:
+def check_kv_spec(kv: KVSpec, manifest, graphs=None) -> None:
     """Refuse what the export's score outputs were not made for: another SnapKV observation window,
-    or query-head signatures from per-KV-head scores (the spec's own options were checked when it
-    was parsed)."""
+    or query-head signatures from per-KV-head scores; or a graph the engine lacks (`graphs`: the ones
+    it can run, default the export's). The spec's own options were checked when it was parsed."""
     policy = kv.compaction
     if getattr(policy, "signature", None) == "query" and manifest.score_heads != "query":
         raise KVSpecError(f"kvcrush signature=query needs per-query-head scores, but this export's score outputs "
@@ -45,6 +45,10 @@ def check_kv_spec(kv: KVSpec, manifest) -> None:
         raise KVSpecError(f"{retrieval.mode} select=fresh chooses each layer range's pages with the step's own "
                           f"query, which needs an export with decode groups; re-export with `kvtrt export "
                           f"{manifest.source} -o DIR --decode-groups {manifest.n_layers}` or use select=speculative")
+    if policy is not None and policy.per_head_counts and GraphVariant.DECODE_HEADS not in (graphs or manifest.graphs):
+        raise KVSpecError(f"{policy.name} keeps a different number of tokens per KV head, which decodes with the "
+                          f"decode_heads graph; this export has none (it was made for TensorRT, which does not build "
+                          f"that graph, or before it existed): use an ONNX Runtime export, or snapkv/kvcrush")
     base = getattr(policy, "base", policy)
     if isinstance(base, SnapKVPolicy) and policy.given("window") \
             and base.window != manifest.score_window:
@@ -56,10 +60,12 @@ def check_kv_spec(kv: KVSpec, manifest) -> None:
 def decode_graphs(kv: KVSpec, manifest) -> list[str]:
     """The graphs a runtime with this KV spec loads up front: prefill and its decode variant. The
     full cache and retrieval views decode in place (`decode_shared`) when the export has that
-    graph; compaction needs the decode graph's scores. (A compacted cache too short to engage
+    graph; compaction needs the decode graph's scores, per-head budgets (adakv) `decode_heads`. (A compacted cache too short to engage
     retrieval decodes with `decode`, loaded on first use.)"""
     shared = (kv.is_full or kv.retrieval is not None) and GraphVariant.DECODE_SHARED in manifest.graphs
     prefill = GraphVariant.PREFILL_SHARED if GraphVariant.PREFILL_SHARED in manifest.graphs else GraphVariant.PREFILL
+    if kv.compaction is not None and kv.compaction.per_head_counts:  # per-head budgets: one slot pool per layer
+        return [prefill, GraphVariant.DECODE_HEADS]
     return [prefill, GraphVariant.DECODE_SHARED if shared else GraphVariant.DECODE]
 
 
@@ -118,7 +124,7 @@ class LLM:
     def _check(self, kv: KVSpec) -> None:
         """Check a spec against the export once (its own options were checked when it was parsed)."""
         if kv not in self._checked:
-            check_kv_spec(kv, self.manifest)
+            check_kv_spec(kv, self.manifest, getattr(self.engine, "engines", None))  # TensorRT: the engines built
             self._checked.add(kv)
 
     # -- prompts ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import numpy as np
 
 from .arrays import host
 from .batch import DenseBatch
+from .head_pool_batch import HeadPoolBatch
 from .retrieval_batch import RetrievalGroup
 from .kv.spec import KVSpec
 from .kv.store import KVStore
@@ -115,8 +116,10 @@ class Scheduler:
         self.prefilling: deque[Sequence] = deque()
         self.dense = DenseBatch(self.engine, scored=False, max_rows=max_batch)
         self.scored = DenseBatch(self.engine, scored=True, max_rows=max_batch)
+        self.head_pool = HeadPoolBatch(self.engine, max_rows=max_batch)  # per-head budgets (adakv)
         self.retrieval = RetrievalGroup(self.engine)
-        self.groups = (self.dense, self.scored, self.retrieval)
+        self.dense_groups = (self.dense, self.scored, self.head_pool)
+        self.groups = (*self.dense_groups, self.retrieval)
         self.prefixes: OrderedDict[int, tuple[list[int], KVStore, KVSpec]] = OrderedDict()
         self.counters = SchedulerStats(kv_bytes_cap=kv_memory)
         self._lock = threading.Condition()
@@ -179,7 +182,7 @@ class Scheduler:
     def used_bytes(self) -> int:
         """KV bytes that live requests hold now (the prefix cache apart)."""
         prefill = sum(s.job.store.nbytes for s in self.prefilling if s.job is not None)
-        return self.dense.nbytes + self.scored.nbytes + self.retrieval.nbytes + prefill
+        return sum(g.nbytes for g in self.groups) + prefill
 
     def worst_case_bytes(self, seq: Sequence, alone: bool = False) -> int:
         """KV bytes the whole runtime may hold once `seq` is admitted (with `alone`, as if it were the
@@ -189,7 +192,7 @@ class Scheduler:
         prefill = n * (bpt + (4 * self.m.score_rows * self.m.n_layers if seq.policy is not None else 0))
         extent, group = self._placement(seq)
         total = prefill
-        for g in (self.dense, self.scored):
+        for g in self.dense_groups:
             rows = []
             if not alone:
                 rows = [(self._placement(r.seq)[0] if g.scored else r.length, r.seq.remaining) for r in g.rows]
@@ -212,7 +215,7 @@ class Scheduler:
         if seq.retrieval is not None and seq.retrieval.engages(stored):
             return stored, self.retrieval
         if seq.policy is not None:
-            return seq.keep + seq.policy.slack, self.scored
+            return seq.keep + seq.policy.slack, self.head_pool if seq.policy.per_head_counts else self.scored
         return n, self.dense
 
     def _retrieval_bytes(self, seq: Sequence) -> int:
@@ -401,8 +404,8 @@ class Scheduler:
         """The prompt is in `store`: compact it, choose the first token, join a decode group."""
         if seq.bar is not None:
             seq.bar.close()
-        if seq.policy is not None and store.length > seq.keep:
-            self._compact_store(seq, store)
+        if seq.policy is not None and store.length > seq.keep and not seq.policy.per_head_counts:
+            self._compact_store(seq, store)  # (per-head budgets are allocated as the row joins its group)
         seq.stats.prefill_s = time.perf_counter() - seq.admitted
         if self._choose(seq, logits[0]):
             self._end(seq, seq.finish_reason, store=store if seq.retrieval is None and seq.cache else None)
@@ -414,7 +417,7 @@ class Scheduler:
         else:
             if seq.retrieval is not None:  # short cache: dense decode, said in the stats
                 seq.stats.kv = {"retrieval_engaged": 0, "retrieval_min_context": seq.retrieval.threshold(store.length)}
-            group = self.scored if seq.policy is not None else self.dense
+            group = self.dense if seq.policy is None else self.head_pool if seq.policy.per_head_counts else self.scored
             group.join(seq, store)
         seq.group = group
         seq.joined = time.perf_counter()
@@ -540,7 +543,7 @@ class Scheduler:
     # -- multi-turn reuse --------------------------------------------------------------------
     def _cacheable(self, seq: Sequence) -> bool:
         """Dense rows leave their KV for a next turn (a FreeKV pool is not kept)."""
-        return self.use_prefix_cache and seq.cache and isinstance(seq.group, DenseBatch)
+        return self.use_prefix_cache and seq.cache and seq.group in (self.dense, self.scored)
 
     def _extract(self, group: DenseBatch, seq: Sequence) -> KVStore:
         """A single-sequence copy of `seq`'s row (its live span)."""

@@ -55,6 +55,9 @@ class Policy(SpecStage, ABC):
     sink: int
     window: int
     budget: float | int | None
+    #: whether KV heads keep different numbers of tokens (``allocate``; rows decode from one slot pool per
+    #: layer, ``head_pool_batch``), rather than ``keep`` each (``select``)
+    per_head_counts: ClassVar[bool] = False
 
     def check(self, where: str) -> None:
         """The policy's own rules, then a token budget against sink + window (a fraction waits for
@@ -190,8 +193,59 @@ class SnapKVPolicy(Policy):
         return np.concatenate([pool1d(scores[:, :prefix], self.kernel, self.pool), scores[:, prefix:]], axis=1)
 
 
+class BasedPolicy(Policy):
+    """A policy built on a base policy (``base=``): the spec's other options (sink, window, kernel,
+    pool) are the base's, and the base's ``token_scores`` rank the slots."""
+
+    base: Policy
+
+    @classmethod
+    def base_class(cls, params: dict[str, str], where: str) -> type[Policy]:
+        """The base policy class a spec's ``base=`` names."""
+        how = cls.option_fields(cls.name)["base"][1]
+        return BASES[read_value("base", params.get("base", "snapkv"), how, "snapkv", where)]
+
+    @classmethod
+    def option_names(cls, name: str, params: dict[str, str], where: str) -> tuple[str, ...]:
+        """The policy's own options, then its base's (sink, window, ...)."""
+        own = tuple(cls.option_fields(name))
+        base = cls.base_class(params, where)
+        return own + tuple(k for k in base.option_names(base.name, params, where) if k not in own)
+
+    @classmethod
+    def read(cls, name: str, params: dict[str, str], where: str, **fixed) -> BasedPolicy:
+        """The policy's own options; the base is read from the others and the shared budget."""
+        own = cls.option_fields(name)
+        policy = super().read(name, {k: v for k, v in params.items() if k in own and k != "base"}, where, **fixed)
+        base = cls.base_class(params, where)
+        base_policy = base.read(base.name, {k: v for k, v in params.items() if k not in own or k == "budget"}, where)
+        return replace(policy, base=base_policy, written=tuple(params))
+
+    def check_options(self, where: str) -> None:
+        self.base.check_options(where)
+
+    def option_items(self) -> list[tuple[str, object, object]]:
+        own = super().option_items()
+        keys = {key for key, _, _ in own}
+        return own + [item for item in self.base.option_items() if item[0] not in keys]
+
+    @property
+    def sink(self) -> int:  # type: ignore[override]
+        """The base policy's sink."""
+        return self.base.sink
+
+    @property
+    def window(self) -> int:  # type: ignore[override]
+        """The base policy's window."""
+        return self.base.window
+
+    def token_scores(self, scores: Array) -> Array:
+        """The base policy's scores."""
+        return self.base.token_scores(scores)
+
+
 @dataclass(frozen=True)
-class KVCrushPolicy(Policy):
+class KVCrushPolicy(BasedPolicy):
     """KVCrush: a base policy keeps most of the budget, representatives of the evicted rest fill it.
 
     With ``keep`` tokens per head (see ``split``), the base keeps ``keep - reps`` (sink and window
@@ -235,28 +289,6 @@ class KVCrushPolicy(Policy):
     pick: str = option("best", "choice", choices=PICKS)
     slack: int = option(COMPACTION_SLACK, "whole", minimum=1)
 
-    @classmethod
-    def base_class(cls, params: dict[str, str], where: str) -> type[Policy]:
-        """The base policy class a spec's ``base=`` names."""
-        how = cls.option_fields(cls.name)["base"][1]
-        return BASES[read_value("base", params.get("base", "snapkv"), how, "snapkv", where)]
-
-    @classmethod
-    def option_names(cls, name: str, params: dict[str, str], where: str) -> tuple[str, ...]:
-        """KVCrush's own options, then its base's (sink, window, ...)."""
-        own = tuple(cls.option_fields(name))
-        base = cls.base_class(params, where)
-        return own + tuple(k for k in base.option_names(base.name, params, where) if k not in own)
-
-    @classmethod
-    def read(cls, name: str, params: dict[str, str], where: str, **fixed) -> KVCrushPolicy:
-        """KVCrush's own options; the base is read from the others and the shared budget."""
-        own = cls.option_fields(name)
-        policy = super().read(name, {k: v for k, v in params.items() if k in own and k != "base"}, where, **fixed)
-        base = cls.base_class(params, where)
-        base_policy = base.read(base.name, {k: v for k, v in params.items() if k not in own or k == "budget"}, where)
-        return replace(policy, base=base_policy, written=tuple(params))
-
     def check_options(self, where: str) -> None:
         if self.given("page") and self.granularity != "page":
             raise KVSpecError(f"page= in {where!r} only applies with granularity=page; add granularity=page or "
@@ -264,26 +296,7 @@ class KVCrushPolicy(Policy):
         if self.signature == "block" and self.granularity != "page":
             raise KVSpecError(f"signature=block in {where!r} compares the token patterns of pages; add "
                               f"granularity=page (and page=N, default 32)")
-        self.base.check_options(where)
-
-    def option_items(self) -> list[tuple[str, object, object]]:
-        own = super().option_items()
-        keys = {key for key, _, _ in own}
-        return own + [item for item in self.base.option_items() if item[0] not in keys]
-
-    @property
-    def sink(self) -> int:  # type: ignore[override]
-        """The base policy's sink."""
-        return self.base.sink
-
-    @property
-    def window(self) -> int:  # type: ignore[override]
-        """The base policy's window."""
-        return self.base.window
-
-    def token_scores(self, scores: Array) -> Array:
-        """The base policy's scores."""
-        return self.base.token_scores(scores)
+        super().check_options(where)
 
     def split(self, keep: int) -> tuple[int, int]:
         """``(base tokens, representative tokens)`` for ``keep`` tokens per head.
@@ -368,6 +381,62 @@ class KVCrushPolicy(Policy):
         return np.argsort(key, axis=1, kind="stable")[:, :reps]
 
 
+@dataclass(frozen=True)
+class AdaKVPolicy(BasedPolicy):
+    """AdaKV: one budget per layer shared by its KV heads, spent where the base's scores are highest.
+
+    A layer keeps ``Hkv * keep`` tokens in all, as the base would with ``keep`` per head, but a head
+    whose attention is spread out keeps more and a focused head fewer (Feng et al., "Ada-KV", 2024;
+    kvpress's ``AdaKVPress``). Each head first keeps its sink and window and, as AdaKV's safeguard,
+    the best ``floor`` share of the rest of its uniform budget; the remaining tokens go to the highest
+    base scores (``token_scores`` per head; attention mass sums to one per query, so heads compare)
+    across the layer's heads, ties to the lower head, then the older slot. Rows with different
+    numbers of tokens per head decode from one slot pool per layer (the ``decode_heads`` graph), so the
+    bytes are exactly the budget's.
+    """
+
+    name: ClassVar[str] = "adakv"
+    per_head_counts: ClassVar[bool] = True
+    budget: float | int | None = option(None, "budget", required=True)
+    base: Policy = option(SnapKVPolicy(), "choice", choices=("snapkv", "h2o"))
+    floor: float = option(0.2, "fraction")
+    slack: int = option(COMPACTION_SLACK, "whole", minimum=1)
+
+    def select(self, scores: Array, keep: int) -> Array:
+        raise TypeError("adakv keeps a different number of tokens per KV head: use allocate(), not select()")
+
+    def allocate(self, scores: list[Array], keep: int) -> list[Array]:
+        """Kept slots of each KV head of one layer, int64 ascending, ``Hkv * keep`` in all (every slot
+        when the heads hold no more). ``scores[h]``: ``[N_h]`` or ``[g, N_h]`` (per query head; the
+        group mean is ranked) mass of head ``h``'s own slots, in position order."""
+        mass = [host(s).mean(axis=0) if host(s).ndim == 2 else host(s) for s in scores]
+        lengths = [len(m) for m in mass]
+        total = len(mass) * keep
+        if sum(lengths) <= total:
+            return [np.arange(n) for n in lengths]
+        self._check_keep(keep, f"allocate(keep={keep})")
+        fixed = self.sink + self.window
+        floor = fixed + int(self.floor * (keep - fixed))
+        kept, extra_scores, extra_slots = [], [], []
+        for m in mass:
+            n = len(m)
+            if n <= floor:
+                kept.append(np.arange(n))
+                extra_scores.append(np.zeros(0, m.dtype))
+                extra_slots.append(np.zeros(0, np.int64))
+                continue
+            ranked = self.base.token_scores(m[None])[0]
+            order = argsort_descending(ranked[self.sink : n - self.window]) + self.sink
+            kept.append(np.concatenate([np.arange(self.sink), np.arange(n - self.window, n), order[: floor - fixed]]))
+            extra_slots.append(order[floor - fixed :])
+            extra_scores.append(ranked[extra_slots[-1]])
+        room = total - sum(len(k) for k in kept)
+        head_of = np.repeat(np.arange(len(mass)), [len(e) for e in extra_slots])
+        best = argsort_descending(np.concatenate(extra_scores))[:room]  # stable: lower head, then its own order
+        slots = np.concatenate(extra_slots)
+        return [np.sort(np.concatenate([k, slots[best[head_of[best] == h]]])) for h, k in enumerate(kept)]
+
+
 def signatures(unit_scores: Array) -> Array:
     """``[Hkv, M]`` bool: True where a head ranks the unit in its top ``floor(M/2)`` (ties: older)."""
     heads, m = unit_scores.shape
@@ -449,7 +518,7 @@ def unit_sums(x: Array, unit_of: Array, n_units: int) -> Array:
 
 BASES: dict[str, type[Policy]] = {"snapkv": SnapKVPolicy, "h2o": H2OPolicy, "streaming": StreamingPolicy}
 POLICIES: dict[str, type[Policy]] = {"streaming": StreamingPolicy, "h2o": H2OPolicy, "snapkv": SnapKVPolicy,
-                                     "kvcrush": KVCrushPolicy}
+                                     "kvcrush": KVCrushPolicy, "adakv": AdaKVPolicy}
 
 
 def group_mass(scores: Array) -> Array:

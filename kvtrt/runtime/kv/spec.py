@@ -1,7 +1,7 @@
 """KV specs: what the KV manager stores (compaction) and what it attends (retrieval).
 
 Grammar: ``STAGE[+STAGE]`` where ``STAGE = NAME[:KEY=VALUE[,KEY=VALUE...]]``.
-At most one compaction stage (``full``, ``streaming``, ``h2o``, ``snapkv``, ``kvcrush``) and
+At most one compaction stage (``full``, ``streaming``, ``h2o``, ``snapkv``, ``kvcrush``, ``adakv``) and
 at most one retrieval stage (``freekv``, ``quest``), e.g.
 ``kvcrush:budget=0.5,base=snapkv+freekv:budget=1024``.
 
@@ -128,4 +128,9 @@ def parse_kv_spec(spec: str | KVSpec | None) -> KVSpec:
     if kinds.count("retrieval") > 1:
         raise KVSpecError(f"two retrieval stages in {spec!r}; use one of {', '.join(RETRIEVAL_NAMES)}")
     typed = {kind: parse_stage(stage) for kind, stage in zip(kinds, stages)}
-    return KVSpec(typed.get("compaction"), typed.get("retrieval"))
+    compaction, retrieval = typed.get("compaction"), typed.get("retrieval")
+    if compaction is not None and compaction.per_head_counts and retrieval is not None:
+        raise KVSpecError(f"{compaction.name} keeps a different number of tokens per KV head, which {retrieval.name}'s "
+                          f"pages cannot hold, in {spec!r}; combine {retrieval.name} with snapkv, h2o or kvcrush, or "
+                          f"use {compaction.name} alone")
+    return KVSpec(compaction, retrieval)
