@@ -20,7 +20,9 @@ from .eval.peers import EVAL_PEERS, OPENVINO_NO_PPL, PEER_PRECISIONS, PEERS
 
 KV_HELP = ("KV spec: what is stored and attended. 'full' (default); compaction 'streaming:sink=4,window=N', "
            "'h2o:budget=B,block=1', 'snapkv:budget=B,window=32,kernel=15,pool=avg|max,block=1' (block=N: whole N-token blocks by their mean score), 'kvcrush:budget=B,base=snapkv|h2o|streaming,"
-           "ratio=0.25,anchor=random|zeros|ones|mean|alternating,granularity=token|page,signature=kv|query|block,pick=best|first' "
+           "ratio=0.25,anchor=random|zeros|ones|mean|alternating,granularity=token|page,signature=kv|query|block,pick=best|first', "
+           "'adakv:budget=B,base=snapkv|h2o,floor=0.2' (AdaKV: a layer's KV heads share Hkv x B tokens, each head at "
+           "least sink + window + floor of the rest of B; not with retrieval) "
            "(every compaction also takes slack=64: tokens a sequence may grow past its budget while decoding before it "
            "is compacted back to it); retrieval "
            "'freekv:budget=B,page=32,sink=S,window=W,tau=0.9,drift=mean|min,min_context=N,select=auto|fresh|speculative|previous,rerun=0' (rerun=R with select=previous: a step whose query moved below cosine R from its pages' runs again on pages chosen with it) or "

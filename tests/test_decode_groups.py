@@ -57,7 +57,7 @@ def test_manifest_lists_groups_apart_from_the_variants(grouped):
     m = Manifest.load(grouped["qwen2"])
     assert m.decode_groups == [0, 1, 3, 4] and m.group_ranges == [range(0, 1), range(1, 3), range(3, 4)]
     assert set(m.variant_graphs) == {"prefill", "decode", "prefill_shared", "decode_shared"}
-    assert set(m.graphs) - set(m.variant_graphs) == {LOOKAHEAD, *(group_key(g) for g in range(3))}
+    assert set(m.graphs) - set(m.variant_graphs) == {"decode_heads", LOOKAHEAD, *(group_key(g) for g in range(3))}
 
 
 def test_export_refuses_groups_without_fused_attention(tmp_path):

@@ -120,6 +120,14 @@ def test_h2o_maps_to_observed_attention_and_kvcrush_to_nothing(tiny):
         assert kvpress_press(parse_kv_spec(spec).compaction, 64, len(ids)) is None
 
 
+def test_adakv_maps_to_adakv_press_over_its_base(tiny):
+    _, _, ids, _ = tiny
+    press = kvpress_press(parse_kv_spec("adakv:budget=64,kernel=5,floor=0.3").compaction, 64, len(ids))
+    assert isinstance(press, kvpress.AdaKVPress) and press.alpha_safeguard == 0.3
+    assert isinstance(press.press, kvpress.SnapKVPress) and press.press.kernel_size == 5
+    assert press.press.compression_ratio == kvpress_ratio(64, len(ids))
+
+
 @pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
 def test_kvpress_ratio_keeps_kvtrts_token_count(fraction):
     from kvpress.utils import compute_n_kept

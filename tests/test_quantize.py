@@ -228,9 +228,13 @@ def test_smollm2_int4_perplexity_within_5_percent_and_coherent(smollm2, tmp_path
     # " Paris.\n\nThe" agrees; the next token is a near-tie in fp32 (HF: " answer" -3.21 vs " United"
     # -3.43 log-prob) that the int4 model flips
     assert "Paris" in france[1].text and france[1].token_ids[:5] == france[0].token_ids[:5]
-    # ", the city of" agrees; the name after it is a near-tie ("Nova"/"New" Haven) that int8
-    # activation rounding (accuracy_level 4) can flip, so the story is checked for prose instead
-    assert story[1].token_ids[:4] == story[0].token_ids[:4]
+    # ", the city of": fp32's tokens, fed to the int4 model, are its own choice or a near-tie of it. Not
+    # token equality: on a host whose int8 kernels use AMX, the int4 model's log-probs of " the" and "
+    # there" after "," differ by ~0.05 nats and its choice between them moves from call to call
+    forced = decode(int4, story[0].prompt_ids, 4, teacher=story[0].token_ids[:4], keep_logits=True)
+    for logits, token in zip(forced.logits, story[0].token_ids[:4]):
+        logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+        assert logp.max() - logp[token] < 0.25, (token, int(logits.argmax()))
     words = story[1].text.split()
     assert len(words) >= 20 and len(set(words)) >= 0.6 * len(words)  # prose, not a loop
     assert sum(c.isalpha() or c.isspace() for c in story[1].text) >= 0.85 * len(story[1].text)

@@ -85,7 +85,7 @@ def weighty_tiny(tmp_path_factory):
 
 def test_tiny_runtime_holds_weights_once(weighty_tiny):
     m = check_one_copy(weighty_tiny)
-    assert set(m["graphs"]) == {"prefill", "decode", "prefill_shared", "decode_shared"}
+    assert set(m["graphs"]) == {"prefill", "decode", "decode_heads", "prefill_shared", "decode_shared"}
     # the probe discriminates: one session per graph (the old way) holds a copy per graph and
     # breaks the bound (measured 259 MiB against 92, both after malloc_trim)
     old = rss_after_load(weighty_tiny, share=False)
@@ -98,4 +98,4 @@ def test_tiny_runtime_holds_weights_once(weighty_tiny):
 def test_smollm2_runtime_holds_weights_once(smollm2):
     _, _, directory = smollm2
     m = check_one_copy(Path(directory))
-    assert set(m["graphs"]) == {"prefill", "decode", "prefill_shared", "decode_shared"}
+    assert set(m["graphs"]) == {"prefill", "decode", "decode_heads", "prefill_shared", "decode_shared"}

@@ -349,14 +349,19 @@ def kvpress_press(policy, keep: int, context: int):
     - h2o -> ObservedAttentionPress (kvpress's H2O: mean attention each key gets from every prompt query;
       needs eager attention);
     - streaming -> StreamingLLMPress(n_sink=sink);
-    - kvcrush -> KVCrushPress if the installed kvpress has one (0.5.5 has not).
+    - kvcrush -> KVCrushPress if the installed kvpress has one (0.5.5 has not);
+    - adakv -> AdaKVPress(its base's press, alpha_safeguard=floor) (kvpress's safeguard is a share of the
+      whole uniform budget, kvtrt's `floor` a share of it beyond sink and window).
 
     kvpress selects tokens, so a `block=N` (N > 1) selection has no counterpart.
     """
     import kvpress
 
-    from ..runtime.kv.policies import H2OPolicy, KVCrushPolicy, SnapKVPolicy, StreamingPolicy
+    from ..runtime.kv.policies import AdaKVPolicy, H2OPolicy, KVCrushPolicy, SnapKVPolicy, StreamingPolicy
 
+    if type(policy) is AdaKVPolicy:
+        base = kvpress_press(policy.base, keep, context)
+        return None if base is None else kvpress.AdaKVPress(press=base, alpha_safeguard=policy.floor)
     ratio = kvpress_ratio(keep, context)
     if getattr(policy, "block", 1) != 1:
         return None

@@ -408,7 +408,8 @@ class Scheduler:
             self._compact_store(seq, store)  # (per-head budgets are allocated as the row joins its group)
         seq.stats.prefill_s = time.perf_counter() - seq.admitted
         if self._choose(seq, logits[0]):
-            self._end(seq, seq.finish_reason, store=store if seq.retrieval is None and seq.cache else None)
+            pooled = seq.policy is not None and seq.policy.per_head_counts  # (its store is not compacted yet)
+            self._end(seq, seq.finish_reason, store=store if seq.retrieval is None and seq.cache and not pooled else None)
             return
         if seq.retrieval is not None and seq.retrieval.engages(store.length):
             group = self.retrieval
