@@ -136,27 +136,23 @@ def test_prompt_compaction_equals_hf_with_the_allocated_tokens_masked(tiny_llama
     assert got.stats.compactions == 1
     assert len({len(k) for layer in kept for k in layer}) > 1  # the heads did keep different numbers
 
-    from transformers import DynamicCache
-
     c = model.config
     group = c.num_attention_heads // c.num_key_value_heads
     n, steps = len(prompt), len(targets) - 1
-    cache, previous, hooks = DynamicCache(), model.config._attn_implementation, []
+    total = n + steps
+    hooks, previous = [], model.config._attn_implementation
+    for layer, module in enumerate(model.model.layers):  # one forward over prompt + continuation, no cache
+        visible = torch.zeros(c.num_key_value_heads, n, dtype=torch.bool)
+        for head, slots in enumerate(kept[layer]):
+            visible[head, torch.as_tensor(slots)] = True
+        bias = torch.full((total, total), float("-inf")).triu(1).expand(1, c.num_attention_heads, -1, -1).clone()
+        bias[0, :, n:, :n].masked_fill_(~visible.repeat_interleave(group, 0)[:, None, :], float("-inf"))
+        hooks.append(module.self_attn.register_forward_pre_hook(
+            lambda mod, args, kwargs, bias=bias: (args, {**kwargs, "attention_mask": bias}), with_kwargs=True))
+    model.set_attn_implementation("eager")
     try:
         with torch.inference_mode():
-            model(input_ids=torch.tensor([prompt]), past_key_values=cache)
-            for layer, module in enumerate(model.model.layers):
-                visible = torch.zeros(c.num_key_value_heads, n, dtype=torch.bool)
-                for head, slots in enumerate(kept[layer]):
-                    visible[head, torch.as_tensor(slots)] = True
-                bias = torch.zeros(1, c.num_attention_heads, steps, n + steps)
-                bias[..., n:] = torch.full((steps, steps), float("-inf")).triu(1)
-                bias[0, :, :, :n].masked_fill_(~visible.repeat_interleave(group, 0)[:, None, :], float("-inf"))
-                hooks.append(module.self_attn.register_forward_pre_hook(
-                    lambda mod, args, kwargs, bias=bias: (args, {**kwargs, "attention_mask": bias}), with_kwargs=True))
-            model.set_attn_implementation("eager")
-            want = model(input_ids=torch.tensor([targets[:-1]]), position_ids=torch.arange(n, n + steps)[None],
-                         past_key_values=cache).logits[0]
+            want = model(input_ids=torch.tensor([prompt + targets[:-1]]), use_cache=False).logits[0, n:]
     finally:
         model.set_attn_implementation(previous)
         for h in hooks:
