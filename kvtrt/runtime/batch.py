@@ -120,13 +120,19 @@ class DenseBatch:
             for tensors in self._tensors():
                 for t in tensors:
                     t[r] = t[last]
-            self.mask[r] = self.mask[last]
+            for marks, _ in self._row_marks():
+                marks[r] = marks[last]
             self.rows[r] = self.rows[last]
-        self.mask[last] = 0
+        for marks, dead in self._row_marks():
+            marks[last] = dead
         self.rows.pop()
         self._binding = None
         if not self.rows:
             self._release()
+
+    def _row_marks(self) -> list[tuple[object, int]]:
+        """Per-row arrays beside the K/V (moved with a row) and the value that marks a slot dead."""
+        return [(self.mask, 0)]
 
     def _release(self) -> None:
         self.keys, self.values, self.scores = [], [], None
@@ -192,16 +198,7 @@ class DenseBatch:
     def step(self) -> list[tuple[object, object]]:
         """One graph call over all rows: writes each row's pending token's KV at its slot.
         Returns (sequence, logits [V], a numpy view valid until the next step) per row."""
-        if self.scored:
-            self.compact_due()
-        if any(r.length >= self.capacity for r in self.rows):
-            self._reallocate()
-        batch = len(self.rows)
-        if self._binding is None:
-            self._bind(batch)
-        a = self.arrays
-        self.ids[:] = a.asarray([[r.seq.pending] for r in self.rows])
-        self.positions[:] = a.asarray([[r.seq.position] for r in self.rows])
+        batch, a = self._begin_step(), self.arrays
         slots = self.slot
         slots[:] = a.asarray([r.length for r in self.rows])
         rows = a.arange(batch)
@@ -218,6 +215,23 @@ class DenseBatch:
                     score = out[f"score.{layer}"]  # [rows,R,C+1]: past slots, then the new token
                     self.scores[layer][:batch] += score[:, :, :-1]  # dead slots get no mass
                     self.scores[layer][rows, :, slots] = score[:, :, -1]
+        return self._end_step()
+
+    def _begin_step(self) -> int:
+        """Compact the rows that are due, make room, bind, and write the step's ids and positions; the rows."""
+        if self.scored:
+            self.compact_due()
+        if any(r.length >= self.capacity for r in self.rows):
+            self._reallocate()
+        batch = len(self.rows)
+        if self._binding is None:
+            self._bind(batch)
+        self.ids[:] = self.arrays.asarray([[r.seq.pending] for r in self.rows])
+        self.positions[:] = self.arrays.asarray([[r.seq.position] for r in self.rows])
+        return batch
+
+    def _end_step(self) -> list[tuple[object, object]]:
+        """Every row one token longer; (sequence, logits [V]) per row."""
         for row in self.rows:
             row.length += 1
             row.seq.held = max(row.seq.held, row.length)

@@ -81,13 +81,8 @@ class HeadPoolBatch(DenseBatch):
         self.touched = max(self.touched, len(self.rows))
         self._binding = None
 
-    def leave(self, seq) -> None:
-        r = next(i for i, row in enumerate(self.rows) if row.seq is seq)
-        last = len(self.rows) - 1
-        if r != last:
-            self.owner[r] = self.owner[last]
-        self.owner[last] = -1
-        super().leave(seq)
+    def _row_marks(self) -> list[tuple[object, int]]:
+        return [*super()._row_marks(), (self.owner, -1)]
 
     def _release(self) -> None:
         super()._release()
@@ -142,15 +137,8 @@ class HeadPoolBatch(DenseBatch):
     def step(self) -> list[tuple[object, object]]:
         """One `decode_heads` call over all rows; each row's new K/V go to its next Hkv slots (one per
         KV head), their scores beside them. Returns (sequence, logits [V]) per row."""
-        self.compact_due()
-        if any(r.length >= self.capacity for r in self.rows):
-            self._reallocate()
-        batch = len(self.rows)
-        if self._binding is None:
-            self._bind(batch)
+        batch = self._begin_step()
         a, m, g = self.arrays, self.m, self.m.score_rows // self.heads
-        self.ids[:] = a.asarray([[r.seq.pending] for r in self.rows])
-        self.positions[:] = a.asarray([[r.seq.position] for r in self.rows])
         self.engine.run(self.variant, self._binding)
         out = self._outputs
         first = np.asarray([self.heads * r.length for r in self.rows])  # [B] each row's first new slot
@@ -167,11 +155,7 @@ class HeadPoolBatch(DenseBatch):
             self.scores[layer][:batch] += score[:, :, :-1]  # other heads' and dead slots get no mass
             for b in range(batch):  # score row r's new token is its KV head's new slot
                 self.scores[layer][b, score_rows, int(first[b]) + score_rows // g] = score[b, :, -1]
-        for row in self.rows:
-            row.length += 1
-            row.seq.held = max(row.seq.held, row.length)
-        logits = host(out["logits"][:, 0])
-        return [(row.seq, logits[i]) for i, row in enumerate(self.rows)]
+        return self._end_step()
 
     def _bind(self, batch: int) -> None:
         a = self.arrays
