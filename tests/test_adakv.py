@@ -203,3 +203,16 @@ def test_kv_bytes_are_the_budgets(tiny_llama):
     # beside the K/V: per pool slot an int64 owner and its score rows, where a SnapKV row has score rows per slot
     extra = m.n_kv_heads * m.n_layers * (8 + 4 * m.score_rows) - 4 * m.score_rows * m.n_layers
     assert ada - snap == (32 + 8) * extra
+
+
+def test_an_engine_without_decode_heads_refuses_adakv_at_once(tiny_llama):
+    """TensorRT builds no `decode_heads` engine: a spec that needs it is refused when checked, naming why."""
+    from kvtrt.runtime.llm import check_kv_spec
+
+    _, _, directory = tiny_llama
+    m = Manifest.load(directory)
+    check_kv_spec(parse_kv_spec("adakv:budget=64"), m)  # the ONNX Runtime export has it
+    built = {name: None for name in m.variant_graphs}   # what `kvtrt build-engine` builds
+    with pytest.raises(KVSpecError, match="decode_heads graph"):
+        check_kv_spec(parse_kv_spec("adakv:budget=64"), m, built)
+    check_kv_spec(parse_kv_spec("snapkv:budget=64"), m, built)
