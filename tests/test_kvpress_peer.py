@@ -128,6 +128,26 @@ def test_adakv_maps_to_adakv_press_over_its_base(tiny):
     assert press.press.compression_ratio == kvpress_ratio(64, len(ids))
 
 
+def test_head_masking_presses_keep_their_masks_per_press(tiny):
+    """AdaKVPress keeps the whole cache and leaves the keys to mask on the attention modules, where kvpress's
+    attention patch reads them while decoding. Run beside other presses in one prefill (as `kvtrt eval
+    --peer kvpress` runs a text's presses), each continuation must get its own press's masks: the full cache
+    none, AdaKV its own (once the last press's masks leaked into every label, AdaKV's included)."""
+    _, peer, ids, _ = tiny
+    prompt, targets = ids[:200], ids[200:203]  # (kvpress fakes a key no query attends: few queries here)
+    ada = kvpress.AdaKVPress(press=kvpress.SnapKVPress(compression_ratio=kvpress_ratio(50, 200), window_size=16,
+                                                       kernel_size=5))
+    snap = kvpress.SnapKVPress(compression_ratio=kvpress_ratio(100, 200), window_size=16, kernel_size=5)
+    together = peer.run(prompt, {"ada": ada, "snap": snap}, targets=targets)
+    full = peer.run(prompt, {}, targets=targets)["full"]
+    alone = {label: peer.run(prompt, {label: press}, targets=targets)[label] for label, press in
+             (("ada", ada), ("snap", snap))}
+    assert together["full"] == pytest.approx(full, rel=1e-9)
+    assert together["ada"] == pytest.approx(alone["ada"], rel=1e-9)
+    assert together["snap"] == pytest.approx(alone["snap"], rel=1e-9)
+    assert abs(together["ada"] - full) > 1e-3  # its masks did apply
+
+
 @pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
 def test_kvpress_ratio_keeps_kvtrts_token_count(fraction):
     from kvpress.utils import compute_n_kept

@@ -9,6 +9,7 @@ extra (`pip install 'kvtrt[bench]'`), kvpress is installed on its own (`KVPRESS_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -432,6 +433,7 @@ class KVPressPeer:
         shims = {label: SimpleNamespace(layers=[SimpleNamespace(keys=None, values=None) for _ in range(n_layers)])
                  for label in presses}
         full = [None] * n_layers
+        masks = {label: [None] * n_layers for label in presses}
 
         def hook(module, args, kwargs, output):
             # transformers 5.x passes the cache as `cache` and no `cache_position`; kvpress 0.5.5's
@@ -445,6 +447,10 @@ class KVPressPeer:
                 layer.keys, layer.values = keys, values
                 press.forward_hook(module, args, {**kwargs, "past_key_values": shims[label],
                                                   "cache_position": torch.arange(q_len)}, output)
+                # head-masking presses (AdaKV) keep the full cache and leave the keys to mask on the module,
+                # where kvpress's attention patch reads them while decoding: kept per press, set per continuation
+                masks[label][module.layer_idx] = getattr(module, "masked_key_indices", None)
+                module.masked_key_indices = None
             return output
 
         eager = any(_needs_attentions(p) for p in presses.values())
@@ -467,7 +473,15 @@ class KVPressPeer:
                 model.set_attn_implementation(previous)
         kept = {"full": full}
         kept.update({label: [(layer.keys, layer.values) for layer in shim.layers] for label, shim in shims.items()})
+        self._masks = {"full": [None] * n_layers, **masks}
         return out.logits[0, -1], kept
+
+    def _mask_keys(self, label: str | None) -> None:
+        """Set on every attention module the keys press `label` masks (None: none), as kvpress's pipeline
+        leaves them after its own prefill."""
+        inner = self.model.model.language_model if hasattr(self.model.model, "language_model") else self.model.model
+        for i, layer in enumerate(inner.layers):
+            layer.self_attn.masked_key_indices = None if label is None else self._masks[label][i]
 
     @staticmethod
     def _cache(layers):
@@ -487,9 +501,11 @@ class KVPressPeer:
         last, kept = self._prefill(prompt, presses)
         n = len(prompt)
         results = {}
-        with torch.inference_mode():
+        with torch.inference_mode(), contextlib.ExitStack() as unmask:
+            unmask.callback(self._mask_keys, None)
             for label, layers in kept.items():
                 cache = self._cache(layers)
+                self._mask_keys(label)
                 if targets is not None:
                     logits = [last[None]]
                     if len(targets) > 1:
