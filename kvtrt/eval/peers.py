@@ -426,8 +426,7 @@ class KVPressPeer:
 
         from kvpress.utils import extract_keys_and_values
 
-        model = self.model
-        inner = model.model.language_model if hasattr(model.model, "language_model") else model.model
+        model, inner = self.model, self._decoder
         n_layers = len(inner.layers)
         # one stand-in cache per press: press.forward_hook reads layers[l].keys/.values and writes its result there
         shims = {label: SimpleNamespace(layers=[SimpleNamespace(keys=None, values=None) for _ in range(n_layers)])
@@ -476,11 +475,15 @@ class KVPressPeer:
         self._masks = {"full": [None] * n_layers, **masks}
         return out.logits[0, -1], kept
 
+    @property
+    def _decoder(self):
+        """The model's decoder stack (a multimodal model's language model)."""
+        return self.model.model.language_model if hasattr(self.model.model, "language_model") else self.model.model
+
     def _mask_keys(self, label: str | None) -> None:
         """Set on every attention module the keys press `label` masks (None: none), as kvpress's pipeline
         leaves them after its own prefill."""
-        inner = self.model.model.language_model if hasattr(self.model.model, "language_model") else self.model.model
-        for i, layer in enumerate(inner.layers):
+        for i, layer in enumerate(self._decoder.layers):
             layer.self_attn.masked_key_indices = None if label is None else self._masks[label][i]
 
     @staticmethod

@@ -86,6 +86,11 @@ class DecoderGraph(nn.Module):
     def w(self, name: str) -> Tensor:
         return getattr(self, name.replace(".", "_"))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype, which the activations share."""
+        return self.w("lm_head.weight_t").dtype
+
     def has(self, name: str) -> bool:
         return hasattr(self, name.replace(".", "_"))
 
@@ -186,44 +191,42 @@ class DecoderGraph(nn.Module):
 
     def forward_decode(self, input_ids, position_ids, past_mask, past):
         """One new token: logits, key/value [B,Hkv,1,D], query, score [B,H|Hkv,P+1]."""
-        h = self.embed(input_ids, -1, 1)                                      # [B,1,E]
-        cos, sin = self.rope(position_ids, h.dtype)                           # [B,1,1,D]
-        zero, neg_inf = torch.tensor(0.0, dtype=h.dtype), torch.tensor(float("-inf"), dtype=h.dtype)
+        zero, neg_inf = torch.tensor(0.0, dtype=self.dtype), torch.tensor(float("-inf"), dtype=self.dtype)
         past_bias = torch.where(past_mask.unsqueeze(1).unsqueeze(1) != 0, zero, neg_inf)  # [B,1,1,P]
         n_past = past_mask.shape[1]  # read once: a per-layer shape lookup costs ORT three nodes a layer
         d = self.dims(-1, 1)
-        kv, queries, scores = [], [], []
-        for layer in range(self.arch.n_layers):
-            qk, v = self.qkv(h, layer)
-            qk = self.rotate(qk.reshape(-1, d.heads + d.kv_heads, d.head_dim), cos.squeeze(1), sin.squeeze(1))
-            q, k = qk.split([d.heads, d.kv_heads], dim=1)                      # [B,H,D], [B,Hkv,D]
-            attn, k, v, score = gemv_attention(q, k, v, past[2 * layer], past[2 * layer + 1], past_bias, n_past, d)
-            kv += [k, v]                                                      # [B,Hkv,1,D]
-            queries.append(q)
-            scores.append(score)                                              # [B,H,P+1]
-            h = self.residual_mlp(h, attn, layer)
-        return (self.logits(self.norm(h[:, -1:, :], "norm.weight")), *kv, *queries, *scores)
+        return self.decode_layers(input_ids, position_ids, lambda layer, q, k, v: gemv_attention(
+            q, k, v, past[2 * layer], past[2 * layer + 1], past_bias, n_past, d))
 
     def forward_decode_heads(self, input_ids, position_ids, past_owner, past):
         """One new token over one slot pool per layer shared by the KV heads (`decode_heads`): past K/V
         [B,1,P,D], past_owner [B,L,P] (the KV head of each slot, -1 dead). Each query head attends its
         own KV head's slots and its new token. Outputs as `forward_decode`, score [B,H|Hkv,P+1]."""
-        h = self.embed(input_ids, -1, 1)                                      # [B,1,E]
-        cos, sin = self.rope(position_ids, h.dtype)                           # [B,1,1,D]
-        zero, neg_inf = torch.tensor(0.0, dtype=h.dtype), torch.tensor(float("-inf"), dtype=h.dtype)
+        zero, neg_inf = torch.tensor(0.0, dtype=self.dtype), torch.tensor(float("-inf"), dtype=self.dtype)
         d = self.dims(-1, 1)
         head_of = torch.arange(d.heads).div(d.group, rounding_mode="floor").reshape(1, d.heads, 1)  # [1,H,1]
+
+        def attend(layer, q, k, v):
+            own = past_owner[:, layer].unsqueeze(1) == head_of                 # [B,H,P]
+            return pooled_attention(q, k, v, past[2 * layer], past[2 * layer + 1], torch.where(own, zero, neg_inf), d)
+
+        return self.decode_layers(input_ids, position_ids, attend)
+
+    def decode_layers(self, input_ids, position_ids, attend):
+        """The decode forward around `attend(layer, q [B,H,D], k [B,Hkv,D], v) -> (attn, k, v, score)`:
+        logits, key/value, query and score of every layer."""
+        h = self.embed(input_ids, -1, 1)                                      # [B,1,E]
+        cos, sin = self.rope(position_ids, h.dtype)                           # [B,1,1,D]
+        d = self.dims(-1, 1)
         kv, queries, scores = [], [], []
         for layer in range(self.arch.n_layers):
             qk, v = self.qkv(h, layer)
             qk = self.rotate(qk.reshape(-1, d.heads + d.kv_heads, d.head_dim), cos.squeeze(1), sin.squeeze(1))
             q, k = qk.split([d.heads, d.kv_heads], dim=1)                      # [B,H,D], [B,Hkv,D]
-            own = past_owner[:, layer].unsqueeze(1) == head_of                 # [B,H,P]
-            attn, k, v, score = pooled_attention(q, k, v, past[2 * layer], past[2 * layer + 1],
-                                                 torch.where(own, zero, neg_inf), d)
+            attn, k, v, score = attend(layer, q, k, v)
             kv += [k, v]                                                      # [B,Hkv,1,D]
             queries.append(q)
-            scores.append(score)                                              # [B,H,P+1]
+            scores.append(score)                                              # [B,H|Hkv,P+1]
             h = self.residual_mlp(h, attn, layer)
         return (self.logits(self.norm(h[:, -1:, :], "norm.weight")), *kv, *queries, *scores)
 

@@ -64,13 +64,12 @@ class HeadPoolBatch(DenseBatch):
             self.values[layer][r, 0, :count] = store.values[layer][0][heads_a, tokens]
             self.keys[layer][r, 0, count:] = 0  # the graph reads every slot: dead ones must be finite
             self.values[layer][r, 0, count:] = 0
-            rows = store.scores[layer][0]  # [R, N]: mass per score row, the row's KV head = row // (R/Hkv)
-            per_head = rows.shape[0] // self.heads
+            grouped = store.grouped_scores(layer)  # [Hkv, R/Hkv, C]: each KV head's score rows
+            per_head = grouped.shape[1]
             self.scores[layer][r] = 0
             for h in range(self.heads):
                 mine = a.asarray(np.flatnonzero(heads == h))
-                self.scores[layer][r][h * per_head:(h + 1) * per_head, mine] = \
-                    rows[h * per_head:(h + 1) * per_head][:, tokens[mine]]
+                self.scores[layer][r][h * per_head:(h + 1) * per_head, mine] = grouped[h][:, tokens[mine]]
             self.owner[r, layer] = -1
             self.owner[r, layer, :count] = heads_a
             store.keys[layer] = a.empty((0,), store.keys[layer].dtype)  # the store's buffers go as they are copied
@@ -82,7 +81,7 @@ class HeadPoolBatch(DenseBatch):
         self._binding = None
 
     def _row_marks(self) -> list[tuple[object, int]]:
-        return [*super()._row_marks(), (self.owner, -1)]
+        return [(self.owner, -1)]  # (the pool has no past_mask: the owners mark live slots)
 
     def _release(self) -> None:
         super()._release()
@@ -105,7 +104,6 @@ class HeadPoolBatch(DenseBatch):
                     d[i, :, :used] = s[i, :, :used]
             owner[i, :, :used] = self.owner[i, :, :used]
         self.keys, self.values, self.scores, self.owner = keys, values, scores, owner
-        self.mask = a.zeros((self.max_rows, capacity), np.int64)  # unused by decode_heads; kept for the base class
         self.capacity = capacity
         self.touched = len(self.rows)
         self.reallocations += 1
@@ -117,11 +115,9 @@ class HeadPoolBatch(DenseBatch):
         keep, used, m, a = row.seq.keep, self.heads * row.length, self.m, self.arrays
         for layer in range(m.n_layers):
             owner = host(self.owner[i, layer, :used])
-            scores = host(self.scores[layer][i, :, :used])  # [R, used]
-            per_head = scores.shape[0] // self.heads
+            grouped = host(self.scores[layer][i, :, :used]).reshape(self.heads, -1, used)  # [Hkv, R/Hkv, used]
             mine = [np.flatnonzero(owner == h) for h in range(self.heads)]
-            kept = row.seq.policy.allocate([scores[h * per_head:(h + 1) * per_head][:, s] for h, s in enumerate(mine)],
-                                           keep)
+            kept = row.seq.policy.allocate([grouped[h][:, s] for h, s in enumerate(mine)], keep)
             slots = a.asarray(np.sort(np.concatenate([s[k] for s, k in zip(mine, kept)])))
             count = len(slots)  # == Hkv * keep
             for t in (self.keys[layer], self.values[layer], self.scores[layer]):
@@ -146,15 +142,17 @@ class HeadPoolBatch(DenseBatch):
         heads = np.tile(np.arange(self.heads), batch)
         slots = a.asarray(np.repeat(first, self.heads) + heads)          # [B*Hkv] head h's new slot
         heads = a.asarray(heads)
-        score_rows = a.asarray(np.arange(m.score_rows))
+        score_rows = np.arange(m.score_rows)
+        new_rows = a.asarray(np.repeat(np.arange(batch), m.score_rows))           # [B*R]
+        new_slots = a.asarray((first[:, None] + score_rows // g).reshape(-1))    # [B*R] score row r: its head's slot
+        score_rows = a.asarray(np.tile(score_rows, batch))
         for layer in range(m.n_layers):
             self.keys[layer][rows, 0, slots] = out[f"key.{layer}"][rows, heads, 0]
             self.values[layer][rows, 0, slots] = out[f"value.{layer}"][rows, heads, 0]
             self.owner[rows, layer, slots] = heads
             score = out[f"score.{layer}"]  # [B,R,P+1]: pool slots, then each row's own new token
             self.scores[layer][:batch] += score[:, :, :-1]  # other heads' and dead slots get no mass
-            for b in range(batch):  # score row r's new token is its KV head's new slot
-                self.scores[layer][b, score_rows, int(first[b]) + score_rows // g] = score[b, :, -1]
+            self.scores[layer][new_rows, score_rows, new_slots] = score[:, :, -1].reshape(-1)
         return self._end_step()
 
     def _bind(self, batch: int) -> None:
