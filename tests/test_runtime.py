@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 from collections import Counter
@@ -198,3 +199,19 @@ def test_unsupported_architecture_and_paths(tmp_path):
         export_model(str(tmp_path / "missing-model"), tmp_path / "out", progress=False)
     with pytest.raises(ValueError, match="dtype"):
         export_model("smollm2-135m", tmp_path / "out", dtype="int3", progress=False)
+
+
+def test_export_refuses_a_transformers_that_misreads_gguf(monkeypatch, tmp_path):
+    """transformers before 5.18 reads SmolLM2's GGUF with <|im_start|> as EOS (an export that never stops):
+    the export names the installed version and the upgrade, before it loads anything."""
+    import transformers
+
+    from kvtrt.export import export_model
+    from kvtrt.models.loading import require_transformers
+
+    for old in ("5.2.0", "5.17.0", "4.57.6"):
+        monkeypatch.setattr(transformers, "__version__", old)
+        with pytest.raises(RuntimeError, match=rf"transformers>=5\.23, this environment has {re.escape(old)}.*pip install"):
+            export_model(str(tmp_path / "model.gguf"), tmp_path / "out", progress=False)
+    for ok in ("5.23.0", "5.24.0.dev0", "6.0.0"):
+        require_transformers(ok)

