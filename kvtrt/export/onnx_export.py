@@ -11,6 +11,7 @@ from pathlib import Path
 
 import onnx
 import torch
+import transformers
 from onnx import TensorProto, external_data_helper
 from tqdm.auto import tqdm
 
@@ -124,7 +125,9 @@ def export_model(model=DEFAULT_MODEL, out_dir: str | os.PathLike = "kvtrt-export
                                                                    "attention": attention,
                                                                    "score_heads": score_heads,
                                                                    "decode_groups": decode_groups,
-                                                                   "kv_dtype": kv_dtype},
+                                                                   "kv_dtype": kv_dtype,
+                                                                   # what converted the weights and tokenizer
+                                                                   "transformers": transformers.__version__},
         score_heads=score_heads, kv_dtype=kv_dtype, decode_groups=bounds,
         generation_defaults=generation_defaults(getattr(hf_model, "generation_config", None)),
         **_save_tokenizer(tokenizer, config, out))
