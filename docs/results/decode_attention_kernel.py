@@ -32,8 +32,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="rows (default 8)")
     p.add_argument("--past", type=int, default=3072, help="live tokens per row (default 3072)")
     p.add_argument("--calls", type=int, default=10, help="timed calls of all layers (default 10)")
+    p.add_argument("--kernel", choices=("plain", "avx512"), default="plain",
+                   help="the plain C loops (default) or the AVX-512 one (g = 3; needs a CPU with avx512f)")
     args = p.parse_args()
     lib, floats = build(), ctypes.POINTER(ctypes.c_float)
+    if args.kernel == "avx512" and "avx512f" not in Path("/proc/cpuinfo").read_text():
+        raise SystemExit("--kernel avx512 needs a CPU with avx512f; this one has none (use --kernel plain)")
+    attend = lib.attend_avx512 if args.kernel == "avx512" else lib.attend
     rng = np.random.default_rng(0)
     shape = (args.batch, KV_HEADS, args.past, HEAD_DIM)
     keys = [rng.standard_normal(shape, dtype=np.float32) for _ in range(LAYERS)]
@@ -44,7 +49,7 @@ def main() -> None:
 
     def run(threads: int) -> None:
         for k, v in zip(keys, values):
-            lib.attend(query.ctypes.data_as(floats), k.ctypes.data_as(floats), v.ctypes.data_as(floats),
+            attend(query.ctypes.data_as(floats), k.ctypes.data_as(floats), v.ctypes.data_as(floats),
                        lengths.ctypes.data_as(ctypes.POINTER(ctypes.c_long)), out.ctypes.data_as(floats),
                        args.batch, KV_HEADS, GROUP, ctypes.c_long(args.past), threads)
 
