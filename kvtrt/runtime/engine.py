@@ -20,6 +20,12 @@ from ..contract import LOOKAHEAD, GraphVariant, group_graphs, group_names, input
 from ..manifest import ExportMismatchError, Manifest
 from .arrays import TORCH_NAMES, for_provider
 
+
+def _with_decode_attention(model: bytes) -> bytes:
+    from .cpu_kernels import with_decode_attention
+
+    return with_decode_attention(model)
+
 # torch dtypes (by name: torch is not imported here) of tensors bound on a GPU
 NP_DTYPES = {f"torch.{name}": dtype.type for dtype, name in TORCH_NAMES.items()}
 DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16)}  # the KV (and query) dtype of an export
@@ -70,10 +76,14 @@ class OrtEngine:
     """ONNX Runtime sessions for an export folder, run through IO binding."""
 
     def __init__(self, directory: str | os.PathLike, manifest: Manifest | None = None, provider: str = "cpu",
-                 threads: int | None = None, device_id: int = 0, variants: Iterable[str] | None = None):
+                 threads: int | None = None, device_id: int = 0, variants: Iterable[str] | None = None,
+                 decode_kernel: bool | None = None):
         """`variants`: the graphs to load now (default: all); any other graph of the export loads on
         first use. On CPU all sessions share one mapping of the weights file and one prepacked copy
-        of the weights (`ort_shared`), so a further graph costs only its own activations."""
+        of the weights (`ort_shared`), so a further graph costs only its own activations.
+        `decode_kernel`: run the in-place decode graph's attention with kvtrt's own CPU kernel
+        (`cpu_kernels`; default: on the CPU with fp32 KV unless `KVTRT_DECODE_KERNEL=0`); False keeps
+        ONNX Runtime's GroupQueryAttention. `self.decode_attention` says which one runs."""
         import onnxruntime as ort
 
         self.directory = Path(directory)
@@ -122,6 +132,8 @@ class OrtEngine:
                 self._shared = ort_shared.SharedWeights(self.directory, self.manifest.weights_file,
                                                         options.intra_op_num_threads, config,
                                                         unpack_tied=UNPACK_TIED)
+        self._decode_ops = self._decode_kernel(decode_kernel)
+        self.decode_attention = "kvtrt" if self._decode_ops is not None else "onnxruntime"
         self._lock = threading.Lock()
         self._run_options = {}
         self.sessions = {}
@@ -146,14 +158,42 @@ class OrtEngine:
             if variant not in sessions:
                 options, wanted, provider_options = self._session_args
                 path = self.directory / self.manifest.graphs[variant]
+                kernel = self._decode_ops if variant == GraphVariant.DECODE_SHARED else None
                 if self._shared is not None:
-                    session = self._shared.session(path, unpack_tied=False if packed else None)
+                    session = self._shared.session(path, unpack_tied=False if packed else None,
+                                                   rewrite=kernel and _with_decode_attention, custom_ops=kernel)
+                elif kernel is not None:
+                    options.register_custom_ops_library(str(kernel))
+                    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                     str(path.parent))
+                    session = ort.InferenceSession(_with_decode_attention(path.read_bytes()), options,
+                                                   providers=wanted, provider_options=provider_options)
                 else:
                     session = ort.InferenceSession(str(path), options, providers=wanted,
                                                    provider_options=provider_options)
                 self._check(variant, session)
                 sessions[variant] = session
             return sessions[variant]
+
+    def _decode_kernel(self, wanted: bool | None) -> Path | None:
+        """The `cpu_kernels` library to run decode_shared's attention with, or None (GroupQueryAttention)."""
+        from . import cpu_kernels
+
+        if GraphVariant.DECODE_SHARED not in self.manifest.graphs or self.provider != "cpu":
+            if wanted:
+                raise ValueError("decode_kernel=True needs the CPU provider and an export with the in-place "
+                                 "decode graph (`kvtrt export --attention gqa`, the fp32 default)")
+            return None
+        if wanted is False or (wanted is None and not cpu_kernels.enabled()) or self.manifest.kv_dtype != "fp32":
+            if wanted and self.manifest.kv_dtype != "fp32":
+                raise ValueError("decode_kernel=True needs fp32 KV; this export stores fp16")
+            return None
+        library = cpu_kernels.library()
+        if library is None:
+            if wanted:
+                raise RuntimeError(f"kvtrt's decode attention kernel cannot be built: {cpu_kernels.unavailable()}")
+            cpu_kernels.warn_unavailable()
+        return library
 
     def _unpacks_tied(self) -> bool:
         return self._shared is not None and bool(self._shared.unpacked)

@@ -33,6 +33,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -82,6 +83,7 @@ _FUNCS = {
                                                                      C.c_void_p, C.c_void_p]),
     "CreateSessionFromArrayWithPrepackedWeightsContainer": (169, C.c_void_p, [C.c_void_p, C.c_char_p, C.c_size_t,
                                                                               C.c_void_p, C.c_void_p, C.c_void_p]),
+    "RegisterCustomOpsLibrary_V2": (228, C.c_void_p, [C.c_void_p, C.c_char_p]),
 }
 _API_VERSION = 20  # any version the installed library serves; the entries above are all older
 _ONNX_TYPES = {1: "float", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "double"}
@@ -499,20 +501,30 @@ class SharedWeights:
             raise
         return options
 
-    def session(self, graph: str | os.PathLike, unpack_tied: bool | None = None) -> Session:
+    def session(self, graph: str | os.PathLike, unpack_tied: bool | None = None,
+                rewrite: Callable[[bytes], bytes] | None = None, custom_ops: Path | None = None) -> Session:
         """A session of `graph`; `unpack_tied` overrides the instance's choice for this session (a
-        session that prepacks the tied weight adds that packed copy to the container)."""
+        session that prepacks the tied weight adds that packed copy to the container); `rewrite`
+        edits the model bytes before the session is made (e.g. `cpu_kernels.with_decode_attention`),
+        `custom_ops` a library of the ops it then needs."""
         a = self._api
         graph = Path(graph)
         options = self._options(graph)
+        if custom_ops is not None:
+            try:
+                a.check(a.RegisterCustomOpsLibrary_V2(options, str(custom_ops).encode()))
+            except BaseException:
+                a.ReleaseSessionOptions(options)
+                raise
         unpack = self.unpack_tied if unpack_tied is None else unpack_tied
         tied = [t for t in tied_matmul_weights(graph)
                 if (self.directory / t.location).resolve() == self.weights_path.resolve()] if unpack else []
         model = None
-        if tied:
+        if tied or rewrite is not None:
             # declared graph inputs, these initializers are not prepacked; the model comes from bytes, so
             # tell ORT where its external data lives (every external initializer is added above anyway)
-            model = with_graph_inputs(graph.read_bytes(), tied)
+            model = with_graph_inputs(graph.read_bytes(), tied) if tied else graph.read_bytes()
+            model = rewrite(model) if rewrite is not None else model
             try:
                 a.check(a.AddSessionConfigEntry(options, b"session.model_external_initializers_file_folder_path",
                                                 str(graph.parent).encode()))

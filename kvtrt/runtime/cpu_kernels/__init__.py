@@ -1,0 +1,152 @@
+"""kvtrt's own ONNX Runtime CPU kernels, built from C on first use.
+
+`decode_attention.c` is `kvtrt::DecodeAttention`: one decode step's attention over the in-place KV
+buffer, which reads each KV head's cache once for its whole query group (ORT's GroupQueryAttention
+reads it once per query head). `library()` compiles it with the system C compiler into a per-user
+cache (`$KVTRT_CACHE_DIR`, else `~/.cache/kvtrt`), keyed by the source and the compiler flags, and
+returns the path, or None with the reason in `unavailable()` (no compiler, a failed build: the engine
+then keeps GroupQueryAttention and says so once). `with_decode_attention(model)` rewrites the
+GroupQueryAttention nodes of a `decode_shared` graph (one new token per row) into this op, with the
+inputs it reads. Turn it off with `KVTRT_DECODE_KERNEL=0` (or `OrtEngine(decode_kernel=False)`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("decode_attention.c")
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c11"]
+OP, DOMAIN = "DecodeAttention", "kvtrt"
+_GQA_INPUTS = (0, 3, 4, 5, 10)  # qkv, past_key, past_value, seqlens_k, attention_bias (GroupQueryAttention's order)
+
+_lock = threading.Lock()
+_built: dict[str, Path | None] = {}
+_why: list[str] = []
+
+
+def enabled() -> bool:
+    """False when the user turned the kernel off (`KVTRT_DECODE_KERNEL=0`)."""
+    return os.environ.get("KVTRT_DECODE_KERNEL", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("KVTRT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kvtrt")
+    return Path(root) / "kernels"
+
+
+def library() -> Path | None:
+    """The compiled `decode_attention` library (built once per source, compiler and flags), or None
+    (see `unavailable`)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    key = f"{compiler}"
+    with _lock:
+        if key in _built:
+            return _built[key]
+        _built[key] = path = _build(compiler)
+        return path
+
+
+def unavailable() -> str | None:
+    """Why `library()` returned None (None if it did not)."""
+    return _why[-1] if _why else None
+
+
+def _build(compiler: str | None) -> Path | None:
+    if compiler is None:
+        _why.append("no C compiler found (install gcc, or set CC)")
+        return None
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"decode_attention-{digest}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        try:
+            run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
+                                 text=True)
+        except OSError as error:
+            _why.append(f"cannot run the C compiler {compiler!r}: {error}")
+            return None
+        if run.returncode != 0:
+            _why.append(f"{compiler} could not build {SOURCE.name}: {run.stderr.strip()[-400:]}")
+            return None
+        os.replace(built, target)  # atomic: concurrent builders leave one complete file
+    return target
+
+
+def warn_unavailable() -> None:
+    """Say once per process that decode attention stays on GroupQueryAttention, and why."""
+    if not getattr(warn_unavailable, "said", False):
+        warn_unavailable.said = True
+        warnings.warn(f"kvtrt's decode attention kernel is not available ({unavailable()}); decoding uses "
+                      f"ONNX Runtime's GroupQueryAttention (same results, slower with several sequences)",
+                      RuntimeWarning, stacklevel=3)
+
+
+# --- the graph rewrite, on protobuf bytes (the runtime does not depend on the onnx package) ---
+
+def with_decode_attention(model: bytes) -> bytes:
+    """ONNX model bytes with every com.microsoft GroupQueryAttention node of the main graph replaced by
+    kvtrt::DecodeAttention (same outputs and attributes; inputs qkv, past K/V, seqlens, bias) and the
+    kvtrt opset imported. Raises ValueError if the graph has no such node or one reads separate
+    key/value inputs (the in-place decode graph packs q, k and v)."""
+    from ..onnx_bytes import _bytes, _text, _varint
+    from ..ort_shared import _fields
+
+    out, replaced = bytearray(), 0
+    for field, wire, value in _fields(model):
+        if field == 7 and wire == 2:  # ModelProto.graph
+            graph = bytearray()
+            for gfield, gwire, gvalue in _fields(model, *value):
+                if gfield == 1 and gwire == 2 and _op_type(model, gvalue) == "GroupQueryAttention":
+                    graph += _bytes(1, _decode_node(model, gvalue))
+                    replaced += 1
+                else:
+                    graph += _raw(model, gfield, gwire, gvalue)
+            out += _bytes(7, bytes(graph))
+        else:
+            out += _raw(model, field, wire, value)
+    if not replaced:
+        raise ValueError("the graph has no GroupQueryAttention node to replace")
+    out += _bytes(8, _text(1, DOMAIN) + _varint(2, 1))  # ModelProto.opset_import
+    return bytes(out)
+
+
+def _op_type(buf: bytes, node: tuple[int, int]) -> str:
+    from ..ort_shared import _fields
+
+    return next((buf[v[0]:v[1]].decode() for f, w, v in _fields(buf, *node) if f == 4 and w == 2), "")
+
+
+def _decode_node(buf: bytes, node: tuple[int, int]) -> bytes:
+    from ..onnx_bytes import _text
+    from ..ort_shared import _fields
+
+    inputs, rest = [], bytearray()
+    for f, w, v in _fields(buf, *node):
+        if f == 1 and w == 2:
+            inputs.append(buf[v[0]:v[1]].decode())
+        elif f in (2, 3, 5) and w == 2:  # outputs, name, attributes: kept
+            rest += _raw(buf, f, w, v)
+    if len(inputs) <= max(_GQA_INPUTS) or inputs[1] or inputs[2] or not all(inputs[i] for i in _GQA_INPUTS):
+        raise ValueError("a GroupQueryAttention node does not read packed qkv, past K/V, seqlens and a bias")
+    return b"".join(_text(1, inputs[i]) for i in _GQA_INPUTS) + bytes(rest) + _text(4, OP) + _text(7, DOMAIN)
+
+
+def _raw(buf: bytes, field: int, wire: int, value) -> bytes:
+    """Field `field` re-encoded as `_fields` read it (varints and length-delimited; no fixed-width here)."""
+    from ..onnx_bytes import _bytes, _varint
+
+    if wire == 2:
+        return _bytes(field, buf[value[0]:value[1]])
+    if wire == 0:
+        return _varint(field, value)
+    raise ValueError(f"unexpected protobuf wire type {wire} in a graph")

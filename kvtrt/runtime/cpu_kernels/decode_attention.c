@@ -1,0 +1,381 @@
+// kvtrt::DecodeAttention, an ONNX Runtime custom op for the CPU: one decode step's attention over an
+// in-place KV buffer, replacing com.microsoft::GroupQueryAttention in the `decode_shared` graph.
+//
+// Inputs   qkv [B,1,(H+2*Hkv)*D] (q and k rotated, q pre-scaled unless `scale` says otherwise),
+//          past_key, past_value [B,Hkv,C,D] (bound to the same buffers as the outputs: in place),
+//          seqlens [B] int32 (row b's new token goes to slot seqlens[b]; it attends [0, seqlens[b]]),
+//          bias [B|1,1,1,T] (added to the scores of slots [0, T); T > every seqlens[b]).
+// Outputs  attn [B,1,H*D], present_key, present_value [B,Hkv,C,D] (the inputs with the new slot written).
+// Attributes num_heads H, kv_num_heads Hkv, scale (0: 1/sqrt(D)).
+//
+// Why: GroupQueryAttention reads each KV head's cache once per query head of its group; here the g query
+// heads of a KV head share one pass over its keys and one over its values (decode is bound by reading
+// the cache). Work items are (row, KV head, 256-slot chunk), run on ONNX Runtime's intra-op threads
+// (KernelContext_ParallelFor) and merged per row in a fixed order: a row's result depends only on its own
+// inputs, never on the other rows of the batch or on the thread count.
+//
+// The OrtApi table is used by index (the table only ever grows; indices from onnxruntime_c_api.h), so
+// no ONNX Runtime header is needed to build this file: `gcc -O3 -march=native -shared -fPIC`.
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define CHUNK 256    // slots per work item
+#define MAX_GROUP 16 // query heads per KV head
+
+typedef void OrtStatus;
+typedef void OrtValue;
+typedef void OrtKernelContext;
+typedef void OrtKernelInfo;
+typedef void OrtSessionOptions;
+typedef void OrtCustomOpDomain;
+typedef void OrtTensorTypeAndShapeInfo;
+
+typedef struct {
+  const void *(*GetApi)(uint32_t version);
+  const char *(*GetVersionString)(void);
+} OrtApiBase;
+
+enum {  // OrtApi entries used here
+  API_CREATE_STATUS = 0,
+  API_CREATE_CUSTOM_OP_DOMAIN = 26,
+  API_CUSTOM_OP_DOMAIN_ADD = 27,
+  API_ADD_CUSTOM_OP_DOMAIN = 28,
+  API_GET_TENSOR_MUTABLE_DATA = 51,
+  API_GET_DIMENSIONS_COUNT = 61,
+  API_GET_DIMENSIONS = 62,
+  API_GET_TENSOR_TYPE_AND_SHAPE = 65,
+  API_KERNEL_INFO_GET_ATTRIBUTE_FLOAT = 85,
+  API_KERNEL_INFO_GET_ATTRIBUTE_INT64 = 86,
+  API_KERNEL_CONTEXT_GET_INPUT = 90,
+  API_KERNEL_CONTEXT_GET_OUTPUT = 91,
+  API_RELEASE_STATUS = 93,
+  API_RELEASE_TENSOR_TYPE_AND_SHAPE_INFO = 99,
+  API_KERNEL_CONTEXT_PARALLEL_FOR = 274,
+  API_VERSION = 17,  // the first to serve KernelContext_ParallelFor (ONNX Runtime 1.17)
+};
+
+static const void *const *api;
+#define CALL(index, type) ((type)api[index])
+
+typedef OrtStatus *(*CreateStatusFn)(int, const char *);
+typedef OrtStatus *(*CreateDomainFn)(const char *, OrtCustomOpDomain **);
+typedef OrtStatus *(*DomainAddFn)(OrtCustomOpDomain *, const void *);
+typedef OrtStatus *(*AddDomainFn)(OrtSessionOptions *, OrtCustomOpDomain *);
+typedef OrtStatus *(*MutableDataFn)(OrtValue *, void **);
+typedef OrtStatus *(*DimsCountFn)(const OrtTensorTypeAndShapeInfo *, size_t *);
+typedef OrtStatus *(*DimsFn)(const OrtTensorTypeAndShapeInfo *, int64_t *, size_t);
+typedef OrtStatus *(*TypeAndShapeFn)(const OrtValue *, OrtTensorTypeAndShapeInfo **);
+typedef OrtStatus *(*AttrFloatFn)(const OrtKernelInfo *, const char *, float *);
+typedef OrtStatus *(*AttrIntFn)(const OrtKernelInfo *, const char *, int64_t *);
+typedef OrtStatus *(*GetInputFn)(const OrtKernelContext *, size_t, const OrtValue **);
+typedef OrtStatus *(*GetOutputFn)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **);
+typedef void (*ReleaseStatusFn)(OrtStatus *);
+typedef void (*ReleaseInfoFn)(OrtTensorTypeAndShapeInfo *);
+typedef OrtStatus *(*ParallelForFn)(const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *);
+
+// The custom op as ONNX Runtime reads it (struct OrtCustomOp, version 9 layout).
+typedef struct OrtCustomOp {
+  uint32_t version;
+  void *(*CreateKernel)(const struct OrtCustomOp *, const void *, const OrtKernelInfo *);
+  const char *(*GetName)(const struct OrtCustomOp *);
+  const char *(*GetExecutionProviderType)(const struct OrtCustomOp *);
+  int (*GetInputType)(const struct OrtCustomOp *, size_t);
+  size_t (*GetInputTypeCount)(const struct OrtCustomOp *);
+  int (*GetOutputType)(const struct OrtCustomOp *, size_t);
+  size_t (*GetOutputTypeCount)(const struct OrtCustomOp *);
+  void (*KernelCompute)(void *, OrtKernelContext *);
+  void (*KernelDestroy)(void *);
+  int (*GetInputCharacteristic)(const struct OrtCustomOp *, size_t);
+  int (*GetOutputCharacteristic)(const struct OrtCustomOp *, size_t);
+} OrtCustomOp;
+
+enum { FLOAT = 1, INT32 = 6 };  // ONNXTensorElementDataType
+
+typedef struct {
+  int64_t heads, kv_heads;
+  float scale;
+} Kernel;
+
+// One call's shapes and pointers, shared by its work items.
+typedef struct {
+  const float *qkv, *bias;
+  float *keys, *values, *attn, *partial;  // partial: per item g * (D + 2) floats (max, sum, accumulator)
+  const int32_t *seqlens;
+  const int64_t *item_start;  // [B + 1] first work item of each row
+  int64_t B, H, Hkv, g, C, D, T, bias_row;
+  float scale;
+} Call;
+
+static int ok(OrtStatus *status) {
+  if (status == NULL) return 1;
+  CALL(API_RELEASE_STATUS, ReleaseStatusFn)(status);
+  return 0;
+}
+
+static int shape(const OrtValue *value, int64_t *dims, size_t want) {
+  OrtTensorTypeAndShapeInfo *info = NULL;
+  size_t n = 0;
+  if (!ok(CALL(API_GET_TENSOR_TYPE_AND_SHAPE, TypeAndShapeFn)(value, &info))) return 0;
+  int good = ok(CALL(API_GET_DIMENSIONS_COUNT, DimsCountFn)(info, &n)) && n == want &&
+             ok(CALL(API_GET_DIMENSIONS, DimsFn)(info, dims, n));
+  CALL(API_RELEASE_TENSOR_TYPE_AND_SHAPE_INFO, ReleaseInfoFn)(info);
+  return good;
+}
+
+// Scores of g query heads against keys [n, D] (plus bias), into s[j * CHUNK + t].
+#ifdef __AVX512F__
+// D = 64 with AVX-512; inlined per group size so the g queries stay in registers.
+static inline __attribute__((always_inline)) void scores64(const float *q, const float *keys, const float *bias,
+                                                           int64_t n, float *s, float scale, const int g) {
+  __m512 qv[MAX_GROUP][4];
+  for (int j = 0; j < g; j++)
+    for (int k = 0; k < 4; k++) qv[j][k] = _mm512_mul_ps(_mm512_loadu_ps(q + j * 64 + 16 * k), _mm512_set1_ps(scale));
+  for (int64_t t = 0; t < n; t++) {
+    const float *kt = keys + t * 64;
+    __m512 k0 = _mm512_loadu_ps(kt), k1 = _mm512_loadu_ps(kt + 16), k2 = _mm512_loadu_ps(kt + 32),
+           k3 = _mm512_loadu_ps(kt + 48);
+    for (int j = 0; j < g; j++) {
+      __m512 a = _mm512_fmadd_ps(qv[j][3], k3, _mm512_fmadd_ps(qv[j][2], k2,
+                 _mm512_fmadd_ps(qv[j][1], k1, _mm512_mul_ps(qv[j][0], k0))));
+      s[j * CHUNK + t] = _mm512_reduce_add_ps(a) + bias[t];
+    }
+  }
+}
+
+static inline __attribute__((always_inline)) void weighted_sum64(const float *p, const float *values, int64_t n,
+                                                                 float *acc, const int g) {
+  __m512 o[MAX_GROUP][4];
+  for (int j = 0; j < g; j++)
+    for (int k = 0; k < 4; k++) o[j][k] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; t++) {
+    const float *vt = values + t * 64;
+    __m512 v0 = _mm512_loadu_ps(vt), v1 = _mm512_loadu_ps(vt + 16), v2 = _mm512_loadu_ps(vt + 32),
+           v3 = _mm512_loadu_ps(vt + 48);
+    for (int j = 0; j < g; j++) {
+      __m512 pj = _mm512_set1_ps(p[j * CHUNK + t]);
+      o[j][0] = _mm512_fmadd_ps(pj, v0, o[j][0]);
+      o[j][1] = _mm512_fmadd_ps(pj, v1, o[j][1]);
+      o[j][2] = _mm512_fmadd_ps(pj, v2, o[j][2]);
+      o[j][3] = _mm512_fmadd_ps(pj, v3, o[j][3]);
+    }
+  }
+  for (int j = 0; j < g; j++)
+    for (int k = 0; k < 4; k++) _mm512_storeu_ps(acc + j * 64 + 16 * k, o[j][k]);
+}
+#define FOR_GROUP(call)                                    \
+  switch (g) {                                             \
+    case 1: call(1); return;                               \
+    case 2: call(2); return;                               \
+    case 3: call(3); return;                               \
+    case 4: call(4); return;                               \
+    case 8: call(8); return;                               \
+    default: call((int)g); return;                         \
+  }
+#endif
+
+static void scores(const Call *c, const float *q, const float *keys, const float *bias, int64_t n, float *s) {
+  const int64_t D = c->D, g = c->g;
+#ifdef __AVX512F__
+  if (D == 64) {
+#define SCORES(G) scores64(q, keys, bias, n, s, c->scale, G)
+    FOR_GROUP(SCORES)
+  }
+#endif
+  for (int64_t t = 0; t < n; t++) {
+    const float *kt = keys + t * D;
+    for (int64_t j = 0; j < g; j++) {
+      const float *qj = q + j * D;
+      float a = 0.0f;
+      for (int64_t d = 0; d < D; d++) a += qj[d] * kt[d];
+      s[j * CHUNK + t] = a * c->scale + bias[t];
+    }
+  }
+}
+
+// acc[j] = sum_t p[j * CHUNK + t] * values[t] for the g heads.
+static void weighted_sum(const Call *c, const float *p, const float *values, int64_t n, float *acc) {
+  const int64_t D = c->D, g = c->g;
+#ifdef __AVX512F__
+  if (D == 64) {
+#define WEIGHTED(G) weighted_sum64(p, values, n, acc, G)
+    FOR_GROUP(WEIGHTED)
+  }
+#endif
+  memset(acc, 0, sizeof(float) * g * D);
+  for (int64_t t = 0; t < n; t++) {
+    const float *vt = values + t * D;
+    for (int64_t j = 0; j < g; j++) {
+      const float pj = p[j * CHUNK + t];
+      float *aj = acc + j * D;
+      for (int64_t d = 0; d < D; d++) aj[d] += pj * vt[d];
+    }
+  }
+}
+
+// Work item i: one 256-slot chunk of one (row, KV head); writes its (max, sum, unnormalised output) per head.
+static void chunk(void *data, size_t i) {
+  const Call *c = (const Call *)data;
+  int64_t b = 0;
+  while (c->item_start[b + 1] <= (int64_t)i) b++;
+  const int64_t n = (int64_t)c->seqlens[b] + 1, per_head = (n + CHUNK - 1) / CHUNK;
+  const int64_t local = (int64_t)i - c->item_start[b], h = local / per_head, first = (local % per_head) * CHUNK;
+  const int64_t count = n - first < CHUNK ? n - first : CHUNK, D = c->D, g = c->g;
+  const float *keys = c->keys + ((b * c->Hkv + h) * c->C + first) * D;
+  const float *values = c->values + ((b * c->Hkv + h) * c->C + first) * D;
+  const float *q = c->qkv + b * (c->H + 2 * c->Hkv) * D + h * g * D;
+  float s[MAX_GROUP * CHUNK];
+  scores(c, q, keys, c->bias + b * c->bias_row + first, count, s);
+  float *out = c->partial + (int64_t)i * g * (D + 2);  // [g][max, sum, D accumulators]
+  for (int64_t j = 0; j < g; j++) {
+    float m = -INFINITY, sum = 0.0f, *sj = s + j * CHUNK;
+    for (int64_t t = 0; t < count; t++) m = sj[t] > m ? sj[t] : m;
+    if (m == -INFINITY) {  // every slot of the chunk masked
+      for (int64_t t = 0; t < count; t++) sj[t] = 0.0f;
+    } else {
+      for (int64_t t = 0; t < count; t++) {
+        sj[t] = expf(sj[t] - m);
+        sum += sj[t];
+      }
+    }
+    out[j * (D + 2)] = m;
+    out[j * (D + 2) + 1] = sum;
+  }
+  float acc[MAX_GROUP * 128];
+  if (D <= 128) {
+    weighted_sum(c, s, values, count, acc);
+    for (int64_t j = 0; j < g; j++) memcpy(out + j * (D + 2) + 2, acc + j * D, sizeof(float) * D);
+  } else {  // large heads: accumulate in place
+    for (int64_t j = 0; j < g; j++) memset(out + j * (D + 2) + 2, 0, sizeof(float) * D);
+    for (int64_t t = 0; t < count; t++)
+      for (int64_t j = 0; j < g; j++)
+        for (int64_t d = 0; d < D; d++) out[j * (D + 2) + 2 + d] += s[j * CHUNK + t] * values[t * D + d];
+  }
+}
+
+static void fail(Call *c, const char *why) {  // KernelCompute cannot return an error: say it, poison the output
+  fprintf(stderr, "kvtrt::DecodeAttention: %s\n", why);
+  if (c != NULL && c->attn != NULL)
+    for (int64_t i = 0; i < c->B * c->H * c->D; i++) c->attn[i] = NAN;
+}
+
+static void compute(void *kernel, OrtKernelContext *context) {
+  const Kernel *k = (const Kernel *)kernel;
+  const OrtValue *in[5];
+  for (size_t i = 0; i < 5; i++)
+    if (!ok(CALL(API_KERNEL_CONTEXT_GET_INPUT, GetInputFn)(context, i, &in[i]))) return fail(NULL, "cannot read an input");
+  int64_t qkv_dims[3], past_dims[4], len_dims[1], bias_dims[4];
+  if (!shape(in[0], qkv_dims, 3) || !shape(in[1], past_dims, 4) || !shape(in[3], len_dims, 1) || !shape(in[4], bias_dims, 4))
+    return fail(NULL, "an input has an unexpected rank");
+  Call c = {0};
+  c.B = qkv_dims[0], c.H = k->heads, c.Hkv = k->kv_heads, c.C = past_dims[2], c.D = past_dims[3], c.T = bias_dims[3];
+  c.g = c.H / c.Hkv;
+  c.scale = k->scale != 0.0f ? k->scale : 1.0f / sqrtf((float)c.D);
+  c.bias_row = bias_dims[0] == 1 ? 0 : c.T;
+  int64_t attn_dims[3] = {c.B, 1, c.H * c.D};
+  OrtValue *out[3];
+  if (!ok(CALL(API_KERNEL_CONTEXT_GET_OUTPUT, GetOutputFn)(context, 0, attn_dims, 3, &out[0])) ||
+      !ok(CALL(API_KERNEL_CONTEXT_GET_OUTPUT, GetOutputFn)(context, 1, past_dims, 4, &out[1])) ||
+      !ok(CALL(API_KERNEL_CONTEXT_GET_OUTPUT, GetOutputFn)(context, 2, past_dims, 4, &out[2])))
+    return fail(NULL, "cannot allocate an output");
+  void *p;
+  ok(CALL(API_GET_TENSOR_MUTABLE_DATA, MutableDataFn)(out[0], &p)), c.attn = p;
+  if (qkv_dims[1] != 1 || qkv_dims[2] != (c.H + 2 * c.Hkv) * c.D || past_dims[0] != c.B || past_dims[1] != c.Hkv ||
+      len_dims[0] != c.B || (bias_dims[0] != 1 && bias_dims[0] != c.B) || bias_dims[1] != 1 || bias_dims[2] != 1 ||
+      c.g * c.Hkv != c.H || c.g > MAX_GROUP)
+    return fail(&c, "inputs of unexpected shapes (one new token per row, qkv packed, bias [B|1,1,1,T])");
+  ok(CALL(API_GET_TENSOR_MUTABLE_DATA, MutableDataFn)((OrtValue *)in[0], &p)), c.qkv = p;
+  ok(CALL(API_GET_TENSOR_MUTABLE_DATA, MutableDataFn)((OrtValue *)in[3], &p)), c.seqlens = p;
+  ok(CALL(API_GET_TENSOR_MUTABLE_DATA, MutableDataFn)((OrtValue *)in[4], &p)), c.bias = p;
+  ok(CALL(API_GET_TENSOR_MUTABLE_DATA, MutableDataFn)(out[1], &p)), c.keys = p;
+  ok(CALL(API_GET_TENSOR_MUTABLE_DATA, MutableDataFn)(out[2], &p)), c.values = p;
+  const size_t cache = sizeof(float) * c.B * c.Hkv * c.C * c.D;
+  for (int which = 0; which < 2; which++) {  // not bound in place (e.g. a checker's run): the outputs start as the past
+    void *past;
+    ok(CALL(API_GET_TENSOR_MUTABLE_DATA, MutableDataFn)((OrtValue *)in[1 + which], &past));
+    float *present = which ? c.values : c.keys;
+    if (past != present) memcpy(present, past, cache);
+  }
+  int64_t *item_start = malloc(sizeof(int64_t) * (c.B + 1));
+  item_start[0] = 0;
+  for (int64_t b = 0; b < c.B; b++) {
+    const int64_t slot = c.seqlens[b];
+    if (slot < 0 || slot >= c.C || slot >= c.T) {
+      free(item_start);
+      return fail(&c, "a row's new slot lies outside the cache or the bias");
+    }
+    for (int64_t h = 0; h < c.Hkv; h++) {  // the new token's K and V into the row's slot
+      const float *kv = c.qkv + b * (c.H + 2 * c.Hkv) * c.D + (c.H + h) * c.D;
+      memcpy(c.keys + ((b * c.Hkv + h) * c.C + slot) * c.D, kv, sizeof(float) * c.D);
+      memcpy(c.values + ((b * c.Hkv + h) * c.C + slot) * c.D, kv + c.Hkv * c.D, sizeof(float) * c.D);
+    }
+    item_start[b + 1] = item_start[b] + c.Hkv * ((slot + 1 + CHUNK - 1) / CHUNK);
+  }
+  c.item_start = item_start;
+  const int64_t items = item_start[c.B];
+  c.partial = malloc(sizeof(float) * items * c.g * (c.D + 2));
+  if (!ok(CALL(API_KERNEL_CONTEXT_PARALLEL_FOR, ParallelForFn)(context, chunk, (size_t)items, 0, &c)))
+    for (int64_t i = 0; i < items; i++) chunk(&c, (size_t)i);
+  for (int64_t b = 0; b < c.B; b++) {  // merge each (row, head)'s chunks, in chunk order
+    const int64_t per_head = (item_start[b + 1] - item_start[b]) / c.Hkv;
+    for (int64_t h = 0; h < c.Hkv; h++)
+      for (int64_t j = 0; j < c.g; j++) {
+        const float *first = c.partial + (item_start[b] + h * per_head) * c.g * (c.D + 2) + j * (c.D + 2);
+        const int64_t stride = c.g * (c.D + 2);
+        float m = -INFINITY, sum = 0.0f;
+        for (int64_t i = 0; i < per_head; i++) m = first[i * stride] > m ? first[i * stride] : m;
+        float *o = c.attn + b * c.H * c.D + (h * c.g + j) * c.D;
+        memset(o, 0, sizeof(float) * c.D);
+        for (int64_t i = 0; i < per_head; i++) {
+          const float *part = first + i * stride;
+          if (part[0] == -INFINITY) continue;
+          const float w = expf(part[0] - m);
+          sum += w * part[1];
+          for (int64_t d = 0; d < c.D; d++) o[d] += w * part[2 + d];
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t d = 0; d < c.D; d++) o[d] *= inv;
+      }
+  }
+  free(c.partial);
+  free(item_start);
+}
+
+static void *create(const OrtCustomOp *op, const void *unused, const OrtKernelInfo *info) {
+  (void)op, (void)unused;
+  Kernel *k = calloc(1, sizeof(Kernel));
+  if (!ok(CALL(API_KERNEL_INFO_GET_ATTRIBUTE_INT64, AttrIntFn)(info, "num_heads", &k->heads)) ||
+      !ok(CALL(API_KERNEL_INFO_GET_ATTRIBUTE_INT64, AttrIntFn)(info, "kv_num_heads", &k->kv_heads)) ||
+      k->kv_heads <= 0)
+    k->heads = k->kv_heads = 1;  // compute() reports the shape mismatch
+  if (!ok(CALL(API_KERNEL_INFO_GET_ATTRIBUTE_FLOAT, AttrFloatFn)(info, "scale", &k->scale))) k->scale = 0.0f;
+  return k;
+}
+
+static void destroy(void *kernel) { free(kernel); }
+static const char *name(const OrtCustomOp *op) { (void)op; return "DecodeAttention"; }
+static const char *provider(const OrtCustomOp *op) { (void)op; return NULL; }  // CPU
+static int input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 3 ? INT32 : FLOAT; }
+static size_t input_count(const OrtCustomOp *op) { (void)op; return 5; }
+static int output_type(const OrtCustomOp *op, size_t i) { (void)op, (void)i; return FLOAT; }
+static size_t output_count(const OrtCustomOp *op) { (void)op; return 3; }
+static int required(const OrtCustomOp *op, size_t i) { (void)op, (void)i; return 1; }  // INPUT_OUTPUT_REQUIRED
+
+static const OrtCustomOp decode_attention = {9, create, name, provider, input_type, input_count, output_type,
+                                             output_count, compute, destroy, required, required};
+
+// What ONNX Runtime calls when the library is registered (RegisterCustomOpsLibrary_V2).
+__attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+  api = (const void *const *)base->GetApi(API_VERSION);
+  if (api == NULL) return NULL;  // cannot even make a status; ORT then reports the unknown op
+  OrtCustomOpDomain *domain = NULL;
+  OrtStatus *status = CALL(API_CREATE_CUSTOM_OP_DOMAIN, CreateDomainFn)("kvtrt", &domain);
+  if (status == NULL) status = CALL(API_CUSTOM_OP_DOMAIN_ADD, DomainAddFn)(domain, &decode_attention);
+  if (status == NULL) status = CALL(API_ADD_CUSTOM_OP_DOMAIN, AddDomainFn)(options, domain);
+  return status;  // the domain lives as long as the process (ORT keeps a pointer to it)
+}

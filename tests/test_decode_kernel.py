@@ -1,0 +1,162 @@
+"""kvtrt's CPU decode attention kernel (`runtime/cpu_kernels`) against ONNX Runtime's GroupQueryAttention."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import tiny_model, tiny_tokenizer  # noqa: E402
+
+from kvtrt.contract import GraphVariant  # noqa: E402
+from kvtrt.manifest import Manifest  # noqa: E402
+from kvtrt.runtime import cpu_kernels  # noqa: E402
+from kvtrt.runtime.buffers import bind_decode, graph_outputs  # noqa: E402
+from kvtrt.runtime.engine import OrtEngine  # noqa: E402
+
+pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason=f"no kernel: {cpu_kernels.unavailable()}")
+
+
+@pytest.fixture(scope="module")
+def group3_export(tmp_path_factory):
+    """A tiny llama with SmolLM2's attention shape (head_dim 64, 3 query heads per KV head): the
+    kernel's AVX-512 path where the CPU has it; the session's tiny export (head_dim 16) takes the
+    portable one."""
+    from kvtrt.export import export_model
+
+    directory = tmp_path_factory.mktemp("tiny-g3")
+    model = tiny_model("llama", hidden_size=384, num_attention_heads=6, num_key_value_heads=2, head_dim=64)
+    export_model((model, tiny_tokenizer()), directory, progress=False, score_window=4)
+    return directory
+
+
+ROOM = 1024  # slots of random K/V drawn per row (rows are drawn apart: a row's data is the same in any batch)
+
+
+def _row_kv(m, row: int, seed: int) -> np.ndarray:
+    """Row `row`'s random K and V: [n_layers, 2, Hkv, ROOM, D]."""
+    rng = np.random.default_rng([seed, row])
+    return rng.standard_normal((m.n_layers, 2, m.n_kv_heads, ROOM, m.head_dim), dtype=np.float32)
+
+
+def _step(directory, kernel: bool, lengths: list[int], dead: list[tuple[int, int]], seed: int = 0, rows=None):
+    """One decode_shared call over rows of `lengths` live slots (random K/V, row r drawn as `_row_kv(r)`
+    or `rows[r]`'s; `dead` (row, slot) masked): (logits [B,V], keys, values) after the call."""
+    engine = OrtEngine(directory, threads=2, variants=["decode_shared"], decode_kernel=kernel)
+    assert engine.decode_attention == ("kvtrt" if kernel else "onnxruntime")
+    m = engine.manifest
+    rows = rows or list(range(len(lengths)))
+    batch, capacity = len(lengths), max(lengths) + 5
+    data = [_row_kv(m, r, seed)[..., :capacity, :] for r in rows]
+    keys = [np.ascontiguousarray(np.stack([d[layer, 0] for d in data])) for layer in range(m.n_layers)]
+    values = [np.ascontiguousarray(np.stack([d[layer, 1] for d in data])) for layer in range(m.n_layers)]
+    mask = np.zeros((batch, capacity), np.int64)
+    for row, n in enumerate(lengths):
+        mask[row, :n + 1] = 1  # live past and the slot the step writes
+    for row, slot in dead:
+        mask[row, slot] = 0
+    ids = np.asarray([[5 + 17 * r % (m.vocab_size - 5)] for r in rows], np.int64)
+    positions = np.asarray([[n] for n in lengths], np.int64)
+    slots = np.asarray(lengths, np.int64)
+    outputs = graph_outputs(engine, batch, 1, None, cache=(keys, values))
+    engine.run(GraphVariant.DECODE_SHARED, bind_decode(engine, GraphVariant.DECODE_SHARED, ids, positions, mask,
+                                                       keys, values, outputs, write_slot=slots))
+    return outputs["logits"][:, 0].copy(), keys, values
+
+
+@pytest.mark.parametrize("which", ["tiny", "group3"])
+def test_kernel_matches_group_query_attention(which, tiny_llama, group3_export):
+    """Rows of different lengths (one past a 256-slot work chunk, so chunks are merged) and dead slots
+    in the middle: same logits as GroupQueryAttention, the step's K/V written at each row's own slot
+    and nothing else of the buffers touched."""
+    directory = tiny_llama[2] if which == "tiny" else group3_export
+    lengths, dead = [3, 300, 41], [(1, 7), (1, 260), (2, 0)]
+    got, keys, values = _step(directory, True, lengths, dead)
+    want, want_keys, want_values = _step(directory, False, lengths, dead)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    for k, wk, v, wv in zip(keys, want_keys, values, want_values):
+        np.testing.assert_allclose(k, wk, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(v, wv, rtol=1e-5, atol=1e-5)
+    m = Manifest.load(directory)  # every slot but the written ones as _step drew them
+    original = [_row_kv(m, r, 0)[:, 0, :, :max(lengths) + 5] for r in range(len(lengths))]  # [L,Hkv,C,D] per row
+    for layer, k in enumerate(keys):
+        changed = {(r, int(s)) for r in range(len(lengths))
+                   for _, s in np.argwhere((k[r] != original[r][layer]).any(axis=-1))}
+        assert sorted(changed) == [(r, n) for r, n in enumerate(lengths)]
+
+
+def test_kernel_rows_do_not_depend_on_their_batch(group3_export):
+    """A row's attention does not depend on the rows beside it: its logits alone and in a batch agree
+    (to the rounding of the batched matmuls around the op) with the kernel, and the kernel's work split
+    depends only on the row's own length."""
+    alone, _, _ = _step(group3_export, True, [300], [], rows=[1])
+    together, _, _ = _step(group3_export, True, [5, 300, 700], [], rows=[0, 1, 2])
+    np.testing.assert_allclose(together[1], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_unbound_outputs_start_from_the_past(tiny_llama):
+    """Run without IO binding (as a checker runs the graph), the op returns the past with the new slot
+    written, in fresh output tensors, and the same attention as GroupQueryAttention."""
+    import onnxruntime as ort
+
+    directory = Path(tiny_llama[2])
+    model = (directory / "decode_shared.onnx").read_bytes()
+    runs = {}
+    for kernel in (True, False):
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(directory))
+        if kernel:
+            options.register_custom_ops_library(str(cpu_kernels.library()))
+        session = ort.InferenceSession(cpu_kernels.with_decode_attention(model) if kernel else model, options,
+                                       providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(1)
+        feeds = {}
+        for arg in session.get_inputs():
+            if arg.name.startswith("past_"):
+                feeds[arg.name] = rng.standard_normal((2, 2, 12, 16), dtype=np.float32)
+        feeds.update(input_ids=np.asarray([[7], [9]], np.int64), position_ids=np.asarray([[11], [4]], np.int64),
+                     past_mask=np.ones((2, 12), np.int64), write_slot=np.asarray([11, 4], np.int64))
+        feeds["past_mask"][1, 5:] = 0
+        runs[kernel] = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds))), feeds
+    (got, feeds), (want, _) = runs[True], runs[False]
+    np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-4, atol=1e-4)
+    k0 = got["present_key.0"]
+    assert not np.shares_memory(k0, feeds["past_key.0"])
+    np.testing.assert_array_equal(np.delete(k0[0], 11, axis=1), np.delete(feeds["past_key.0"][0], 11, axis=1))
+    np.testing.assert_array_equal(np.delete(k0[1], 4, axis=1), np.delete(feeds["past_key.0"][1], 4, axis=1))
+    np.testing.assert_allclose(k0[:, :, [11, 4]].diagonal(axis1=0, axis2=2), want["present_key.0"][:, :, [11, 4]]
+                               .diagonal(axis1=0, axis2=2), rtol=1e-5, atol=1e-5)
+
+
+def test_rewrite_needs_packed_group_query_attention(tiny_llama):
+    """Only graphs whose GroupQueryAttention reads packed qkv (the in-place graphs) are rewritten; a
+    graph without one, or with separate key/value inputs, is refused with the reason."""
+    directory = Path(tiny_llama[2])
+    with pytest.raises(ValueError, match="no GroupQueryAttention"):
+        cpu_kernels.with_decode_attention((directory / "decode.onnx").read_bytes())
+    with pytest.raises(ValueError, match="packed qkv"):
+        cpu_kernels.with_decode_attention((directory / "prefill.onnx").read_bytes())
+
+
+def test_kernel_can_be_turned_off(tiny_llama, monkeypatch):
+    monkeypatch.setenv("KVTRT_DECODE_KERNEL", "0")
+    assert OrtEngine(tiny_llama[2], variants=[]).decode_attention == "onnxruntime"
+    monkeypatch.setenv("KVTRT_DECODE_KERNEL", "1")
+    assert OrtEngine(tiny_llama[2], variants=[]).decode_attention == "kvtrt"
+
+
+def test_no_compiler_keeps_group_query_attention_and_says_so(tiny_llama, monkeypatch, tmp_path):
+    """Without a C compiler the engine warns once and decodes with GroupQueryAttention; asking for the
+    kernel explicitly fails with the reason."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("KVTRT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_kernels.warn_unavailable, "said", False, raising=False)
+    with pytest.warns(RuntimeWarning, match="no-such-cc"):
+        engine = OrtEngine(tiny_llama[2], variants=[])
+    assert engine.decode_attention == "onnxruntime"
+    with pytest.raises(RuntimeError, match="cannot be built.*no-such-cc"):
+        OrtEngine(tiny_llama[2], variants=[], decode_kernel=True)
