@@ -168,6 +168,50 @@ static inline __attribute__((always_inline)) void weighted_sum64(const float *p,
   for (int j = 0; j < g; j++)
     for (int k = 0; k < 4; k++) _mm512_storeu_ps(acc + j * 64 + 16 * k, o[j][k]);
 }
+// exp(x) for x <= 0 (scores minus their max), Cephes' expf polynomial; x below -87 (masked slots' -inf
+// among them) gives exactly 0. Relative error about 1e-7, as expf's.
+static inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 low = _mm512_set1_ps(-87.0f);
+  const __mmask16 live = _mm512_cmp_ps_mask(x, low, _CMP_GE_OQ);
+  x = _mm512_max_ps(x, low);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+
+// s[0, count) -> exp(s - max), returning the max (-inf if every slot is masked) and the sum.
+static void softmax_part(float *s, int64_t count, float *max_out, float *sum_out) {
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  for (int64_t t = 0; t < count; t += 16) {
+    const __mmask16 in = count - t >= 16 ? 0xFFFF : (__mmask16)((1u << (count - t)) - 1);
+    m = _mm512_max_ps(m, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), in, s + t));
+  }
+  const float mx = _mm512_reduce_max_ps(m);
+  *max_out = mx;
+  if (mx == -INFINITY) {
+    memset(s, 0, sizeof(float) * count);
+    *sum_out = 0.0f;
+    return;
+  }
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < count; t += 16) {
+    const __mmask16 in = count - t >= 16 ? 0xFFFF : (__mmask16)((1u << (count - t)) - 1);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, s + t), _mm512_set1_ps(mx)));
+    _mm512_mask_storeu_ps(s + t, in, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(in, e));
+  }
+  *sum_out = _mm512_reduce_add_ps(sum);
+}
+
 #define FOR_GROUP(call)                                    \
   switch (g) {                                             \
     case 1: call(1); return;                               \
@@ -177,6 +221,19 @@ static inline __attribute__((always_inline)) void weighted_sum64(const float *p,
     case 8: call(8); return;                               \
     default: call((int)g); return;                         \
   }
+#endif
+
+#ifndef __AVX512F__
+static void softmax_part(float *s, int64_t count, float *max_out, float *sum_out) {
+  float m = -INFINITY, sum = 0.0f;
+  for (int64_t t = 0; t < count; t++) m = s[t] > m ? s[t] : m;
+  for (int64_t t = 0; t < count; t++) {
+    s[t] = m == -INFINITY ? 0.0f : expf(s[t] - m);  // every slot of the part masked: no weight
+    sum += s[t];
+  }
+  *max_out = m;
+  *sum_out = sum;
+}
 #endif
 
 static void scores(const Call *c, const float *q, const float *keys, const float *bias, int64_t n, float *s) {
@@ -232,20 +289,7 @@ static void chunk(void *data, size_t i) {
   float s[MAX_GROUP * CHUNK];
   scores(c, q, keys, c->bias + b * c->bias_row + first, count, s);
   float *out = c->partial + (int64_t)i * g * (D + 2);  // [g][max, sum, D accumulators]
-  for (int64_t j = 0; j < g; j++) {
-    float m = -INFINITY, sum = 0.0f, *sj = s + j * CHUNK;
-    for (int64_t t = 0; t < count; t++) m = sj[t] > m ? sj[t] : m;
-    if (m == -INFINITY) {  // every slot of the chunk masked
-      for (int64_t t = 0; t < count; t++) sj[t] = 0.0f;
-    } else {
-      for (int64_t t = 0; t < count; t++) {
-        sj[t] = expf(sj[t] - m);
-        sum += sj[t];
-      }
-    }
-    out[j * (D + 2)] = m;
-    out[j * (D + 2) + 1] = sum;
-  }
+  for (int64_t j = 0; j < g; j++) softmax_part(s + j * CHUNK, count, &out[j * (D + 2)], &out[j * (D + 2) + 1]);
   float acc[MAX_GROUP * 128];
   if (D <= 128) {
     weighted_sum(c, s, values, count, acc);
