@@ -1,6 +1,7 @@
 """Decode graph call time: `decode` (standard-op GEMV attention, past never copied, new K/V out) against
-`decode_shared` (ONNX Runtime GroupQueryAttention, in place); random K/V, inputs bound, 2 threads, the two
-graphs alternating. Results: `decode_attention.md`.
+`decode_shared` (in place) with ONNX Runtime's GroupQueryAttention and with kvtrt's CPU kernel
+(`runtime/cpu_kernels`, what the engine runs by default); random K/V, inputs bound, 2 threads, the
+configurations alternating. Results: `decode_attention.md`.
 
     python docs/results/decode_attention_speed.py /tmp/smol --past 3072 --batch 1,8 --calls 10
 """
@@ -58,11 +59,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="rounds, the graphs alternating (default 2)")
     args = p.parse_args()
     engine_module.SHARE_WEIGHTS = False  # plain ONNX Runtime sessions, bound directly
-    engine = OrtEngine(args.export, threads=2, variants=["decode", "decode_shared"])
+    gqa = OrtEngine(args.export, threads=2, variants=["decode", "decode_shared"], decode_kernel=False)
+    kernel = OrtEngine(args.export, threads=2, variants=["decode_shared"], decode_kernel=True)
+    configs = [("decode_shared", kernel, "kvtrt kernel"), ("decode_shared", gqa, "GQA"), ("decode", gqa, "GEMV")]
     rng = np.random.default_rng(0)
     for batch in (int(b) for b in args.batch.split(",")):
         for _ in range(args.rounds):
-            for variant in ("decode_shared", "decode"):
+            for variant, engine, label in configs:
                 session, binding, _keep = bound_call(engine, variant, batch, args.past, rng)
                 session.run_with_iobinding(binding)  # warm-up
                 times = []
@@ -70,7 +73,7 @@ def main() -> None:
                     start = time.perf_counter()
                     session.run_with_iobinding(binding)
                     times.append(time.perf_counter() - start)
-                print(f"past={args.past} batch={batch} {variant:14s} median {np.median(times) * 1e3:7.2f} ms  "
+                print(f"past={args.past} batch={batch} {variant:14s} {label:13s} median {np.median(times) * 1e3:7.2f} ms  "
                       f"best {min(times) * 1e3:7.2f} ms", flush=True)
 
 

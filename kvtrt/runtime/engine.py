@@ -21,10 +21,6 @@ from ..manifest import ExportMismatchError, Manifest
 from .arrays import TORCH_NAMES, for_provider
 
 
-def _with_decode_attention(model: bytes) -> bytes:
-    from .cpu_kernels import with_decode_attention
-
-    return with_decode_attention(model)
 
 # torch dtypes (by name: torch is not imported here) of tensors bound on a GPU
 NP_DTYPES = {f"torch.{name}": dtype.type for dtype, name in TORCH_NAMES.items()}
@@ -82,7 +78,7 @@ class OrtEngine:
         first use. On CPU all sessions share one mapping of the weights file and one prepacked copy
         of the weights (`ort_shared`), so a further graph costs only its own activations.
         `decode_kernel`: run the in-place decode graph's attention with kvtrt's own CPU kernel
-        (`cpu_kernels`; default: on the CPU with fp32 KV unless `KVTRT_DECODE_KERNEL=0`); False keeps
+        (`cpu_kernels`; default: on the CPU unless `KVTRT_DECODE_KERNEL=0`); False keeps
         ONNX Runtime's GroupQueryAttention. `self.decode_attention` says which one runs."""
         import onnxruntime as ort
 
@@ -161,12 +157,12 @@ class OrtEngine:
                 kernel = self._decode_ops if variant == GraphVariant.DECODE_SHARED else None
                 if self._shared is not None:
                     session = self._shared.session(path, unpack_tied=False if packed else None,
-                                                   rewrite=kernel and _with_decode_attention, custom_ops=kernel)
+                                                   rewrite=kernel and self._with_decode_attention, custom_ops=kernel)
                 elif kernel is not None:
                     options.register_custom_ops_library(str(kernel))
                     options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                                      str(path.parent))
-                    session = ort.InferenceSession(_with_decode_attention(path.read_bytes()), options,
+                    session = ort.InferenceSession(self._with_decode_attention(path.read_bytes()), options,
                                                    providers=wanted, provider_options=provider_options)
                 else:
                     session = ort.InferenceSession(str(path), options, providers=wanted,
@@ -184,9 +180,7 @@ class OrtEngine:
                 raise ValueError("decode_kernel=True needs the CPU provider and an export with the in-place "
                                  "decode graph (`kvtrt export --attention gqa`, the fp32 default)")
             return None
-        if wanted is False or (wanted is None and not cpu_kernels.enabled()) or self.manifest.kv_dtype != "fp32":
-            if wanted and self.manifest.kv_dtype != "fp32":
-                raise ValueError("decode_kernel=True needs fp32 KV; this export stores fp16")
+        if wanted is False or (wanted is None and not cpu_kernels.enabled()):
             return None
         library = cpu_kernels.library()
         if library is None:
@@ -194,6 +188,11 @@ class OrtEngine:
                 raise RuntimeError(f"kvtrt's decode attention kernel cannot be built: {cpu_kernels.unavailable()}")
             cpu_kernels.warn_unavailable()
         return library
+
+    def _with_decode_attention(self, model: bytes) -> bytes:
+        from .cpu_kernels import with_decode_attention
+
+        return with_decode_attention(model, half=self.manifest.kv_dtype == "fp16")
 
     def _unpacks_tied(self) -> bool:
         return self._shared is not None and bool(self._shared.unpacked)

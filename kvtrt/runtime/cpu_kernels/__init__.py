@@ -1,7 +1,7 @@
 """kvtrt's own ONNX Runtime CPU kernels, built from C on first use.
 
-`decode_attention.c` is `kvtrt::DecodeAttention`: one decode step's attention over the in-place KV
-buffer, which reads each KV head's cache once for its whole query group (ORT's GroupQueryAttention
+`decode_attention.c` is `kvtrt::DecodeAttention` (and `DecodeAttention16` for an fp16 KV cache): one
+decode step's attention over the in-place KV buffer, which reads each KV head's cache once for its whole query group (ORT's GroupQueryAttention
 reads it once per query head). `library()` compiles it with the system C compiler into a per-user
 cache (`$KVTRT_CACHE_DIR`, else `~/.cache/kvtrt`), keyed by the source and the compiler flags, and
 returns the path, or None with the reason in `unavailable()` (no compiler, a failed build: the engine
@@ -23,7 +23,7 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("decode_attention.c")
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c11"]
-OP, DOMAIN = "DecodeAttention", "kvtrt"
+OPS, DOMAIN = {False: "DecodeAttention", True: "DecodeAttention16"}, "kvtrt"  # by fp16 KV
 _GQA_INPUTS = (0, 3, 4, 5, 10)  # qkv, past_key, past_value, seqlens_k, attention_bias (GroupQueryAttention's order)
 
 _lock = threading.Lock()
@@ -93,10 +93,10 @@ def warn_unavailable() -> None:
 
 # --- the graph rewrite, on protobuf bytes (the runtime does not depend on the onnx package) ---
 
-def with_decode_attention(model: bytes) -> bytes:
+def with_decode_attention(model: bytes, half: bool = False) -> bytes:
     """ONNX model bytes with every com.microsoft GroupQueryAttention node of the main graph replaced by
-    kvtrt::DecodeAttention (same outputs and attributes; inputs qkv, past K/V, seqlens, bias) and the
-    kvtrt opset imported. Raises ValueError if the graph has no such node or one reads separate
+    kvtrt::DecodeAttention (`half`: DecodeAttention16, for the fp16 graphs of an fp16-KV export; same
+    outputs and attributes; inputs qkv, past K/V, seqlens, bias) and the kvtrt opset imported. Raises ValueError if the graph has no such node or one reads separate
     key/value inputs (the in-place decode graph packs q, k and v)."""
     from ..onnx_bytes import _bytes, _text, _varint
     from ..ort_shared import _fields
@@ -107,7 +107,7 @@ def with_decode_attention(model: bytes) -> bytes:
             graph = bytearray()
             for gfield, gwire, gvalue in _fields(model, *value):
                 if gfield == 1 and gwire == 2 and _op_type(model, gvalue) == "GroupQueryAttention":
-                    graph += _bytes(1, _decode_node(model, gvalue))
+                    graph += _bytes(1, _decode_node(model, gvalue, OPS[half]))
                     replaced += 1
                 else:
                     graph += _raw(model, gfield, gwire, gvalue)
@@ -126,7 +126,7 @@ def _op_type(buf: bytes, node: tuple[int, int]) -> str:
     return next((buf[v[0]:v[1]].decode() for f, w, v in _fields(buf, *node) if f == 4 and w == 2), "")
 
 
-def _decode_node(buf: bytes, node: tuple[int, int]) -> bytes:
+def _decode_node(buf: bytes, node: tuple[int, int], op: str) -> bytes:
     from ..onnx_bytes import _text
     from ..ort_shared import _fields
 
@@ -138,7 +138,7 @@ def _decode_node(buf: bytes, node: tuple[int, int]) -> bytes:
             rest += _raw(buf, f, w, v)
     if len(inputs) <= max(_GQA_INPUTS) or inputs[1] or inputs[2] or not all(inputs[i] for i in _GQA_INPUTS):
         raise ValueError("a GroupQueryAttention node does not read packed qkv, past K/V, seqlens and a bias")
-    return b"".join(_text(1, inputs[i]) for i in _GQA_INPUTS) + bytes(rest) + _text(4, OP) + _text(7, DOMAIN)
+    return b"".join(_text(1, inputs[i]) for i in _GQA_INPUTS) + bytes(rest) + _text(4, op) + _text(7, DOMAIN)
 
 
 def _raw(buf: bytes, field: int, wire: int, value) -> bytes:

@@ -1,6 +1,8 @@
 // kvtrt::DecodeAttention, an ONNX Runtime custom op for the CPU: one decode step's attention over an
 // in-place KV buffer, replacing com.microsoft::GroupQueryAttention in the `decode_shared` graph.
 //
+// Two ops: DecodeAttention (float tensors) and DecodeAttention16 (float16 qkv, K/V, bias and attn: the
+// graphs of an fp16-KV export; scores, softmax and sums in fp32, as GroupQueryAttention does).
 // Inputs   qkv [B,1,(H+2*Hkv)*D] (q and k rotated, q pre-scaled unless `scale` says otherwise),
 //          past_key, past_value [B,Hkv,C,D] (bound to the same buffers as the outputs: in place),
 //          seqlens [B] int32 (row b's new token goes to slot seqlens[b]; it attends [0, seqlens[b]]),
@@ -27,6 +29,7 @@
 
 #define CHUNK 256    // slots per work item
 #define MAX_GROUP 16 // query heads per KV head
+#define MAX_HEAD 256 // values per head
 
 typedef void OrtStatus;
 typedef void OrtValue;
@@ -95,21 +98,25 @@ typedef struct OrtCustomOp {
   int (*GetOutputCharacteristic)(const struct OrtCustomOp *, size_t);
 } OrtCustomOp;
 
-enum { FLOAT = 1, INT32 = 6 };  // ONNXTensorElementDataType
+enum { FLOAT = 1, INT32 = 6, FLOAT16 = 10 };  // ONNXTensorElementDataType
 
 typedef struct {
   int64_t heads, kv_heads;
   float scale;
+  int half;  // float16 tensors (DecodeAttention16)
 } Kernel;
 
-// One call's shapes and pointers, shared by its work items.
+// One call's shapes and pointers, shared by its work items. qkv, bias, keys, values and attn hold
+// float or, with `half`, float16 (uint16_t) elements.
 typedef struct {
-  const float *qkv, *bias;
-  float *keys, *values, *attn, *partial;  // partial: per item g * (D + 2) floats (max, sum, accumulator)
+  const void *qkv, *bias;
+  void *keys, *values, *attn;
+  float *partial;  // per item g * (D + 2) floats (max, sum, accumulator)
   const int32_t *seqlens;
   const int64_t *item_start;  // [B + 1] first work item of each row
   int64_t B, H, Hkv, g, C, D, T, bias_row;
   float scale;
+  int half;
 } Call;
 
 static int ok(OrtStatus *status) {
@@ -128,18 +135,63 @@ static int shape(const OrtValue *value, int64_t *dims, size_t want) {
   return good;
 }
 
-// Scores of g query heads against keys [n, D] (plus bias), into s[j * CHUNK + t].
+// IEEE half <-> float, portable (the AVX-512 path converts 16 at a time with vcvtph2ps).
+static float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+  uint32_t bits;
+  if (exponent == 0x1F) {
+    bits = sign | 0x7F800000u | (mantissa << 13);  // inf, nan
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {
+    bits = sign;
+  } else {  // subnormal half: a normal float
+    float f = (float)mantissa * (1.0f / 16777216.0f);  // mantissa * 2^-24
+    memcpy(&bits, &f, 4);
+    bits |= sign;
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+static uint16_t float_to_half(float f) {  // round to nearest even; overflow to inf
+  uint32_t x;
+  memcpy(&x, &f, 4);
+  const uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+  const uint32_t abs = x & 0x7FFFFFFFu;
+  if (abs >= 0x7F800000u) return sign | (abs > 0x7F800000u ? 0x7E00 : 0x7C00);
+  if (abs >= 0x477FF000u) return sign | 0x7C00;  // rounds past 65504
+  if (abs < 0x38800000u) {                       // below 2^-14: subnormal half (or zero)
+    float scaled;
+    memcpy(&scaled, &abs, 4);
+    return sign | (uint16_t)lrintf(scaled * 16777216.0f);  // units of 2^-24
+  }
+  const uint32_t rounded = abs + 0xFFFu + ((abs >> 13) & 1u);
+  return sign | (uint16_t)((rounded - 0x38000000u) >> 13);
+}
+
+static inline float element(const void *p, int64_t i, int half) {
+  return half ? half_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
 #ifdef __AVX512F__
-// D = 64 with AVX-512; inlined per group size so the g queries stay in registers.
-static inline __attribute__((always_inline)) void scores64(const float *q, const float *keys, const float *bias,
-                                                           int64_t n, float *s, float scale, const int g) {
+// 16 elements from float or float16 storage, as floats.
+static inline __attribute__((always_inline)) __m512 load16(const void *p, int64_t i, const int half) {
+  return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)))
+              : _mm512_loadu_ps((const float *)p + i);
+}
+
+// D = 64 with AVX-512; inlined per group size and storage type so the g queries stay in registers.
+static inline __attribute__((always_inline)) void scores64(const float *q, const void *keys, const float *bias,
+                                                           int64_t n, float *s, float scale, const int g,
+                                                           const int half) {
   __m512 qv[MAX_GROUP][4];
   for (int j = 0; j < g; j++)
     for (int k = 0; k < 4; k++) qv[j][k] = _mm512_mul_ps(_mm512_loadu_ps(q + j * 64 + 16 * k), _mm512_set1_ps(scale));
   for (int64_t t = 0; t < n; t++) {
-    const float *kt = keys + t * 64;
-    __m512 k0 = _mm512_loadu_ps(kt), k1 = _mm512_loadu_ps(kt + 16), k2 = _mm512_loadu_ps(kt + 32),
-           k3 = _mm512_loadu_ps(kt + 48);
+    __m512 k0 = load16(keys, t * 64, half), k1 = load16(keys, t * 64 + 16, half), k2 = load16(keys, t * 64 + 32, half),
+           k3 = load16(keys, t * 64 + 48, half);
     for (int j = 0; j < g; j++) {
       __m512 a = _mm512_fmadd_ps(qv[j][3], k3, _mm512_fmadd_ps(qv[j][2], k2,
                  _mm512_fmadd_ps(qv[j][1], k1, _mm512_mul_ps(qv[j][0], k0))));
@@ -148,15 +200,14 @@ static inline __attribute__((always_inline)) void scores64(const float *q, const
   }
 }
 
-static inline __attribute__((always_inline)) void weighted_sum64(const float *p, const float *values, int64_t n,
-                                                                 float *acc, const int g) {
+static inline __attribute__((always_inline)) void weighted_sum64(const float *p, const void *values, int64_t n,
+                                                                 float *acc, const int g, const int half) {
   __m512 o[MAX_GROUP][4];
   for (int j = 0; j < g; j++)
     for (int k = 0; k < 4; k++) o[j][k] = _mm512_setzero_ps();
   for (int64_t t = 0; t < n; t++) {
-    const float *vt = values + t * 64;
-    __m512 v0 = _mm512_loadu_ps(vt), v1 = _mm512_loadu_ps(vt + 16), v2 = _mm512_loadu_ps(vt + 32),
-           v3 = _mm512_loadu_ps(vt + 48);
+    __m512 v0 = load16(values, t * 64, half), v1 = load16(values, t * 64 + 16, half),
+           v2 = load16(values, t * 64 + 32, half), v3 = load16(values, t * 64 + 48, half);
     for (int j = 0; j < g; j++) {
       __m512 pj = _mm512_set1_ps(p[j * CHUNK + t]);
       o[j][0] = _mm512_fmadd_ps(pj, v0, o[j][0]);
@@ -168,6 +219,7 @@ static inline __attribute__((always_inline)) void weighted_sum64(const float *p,
   for (int j = 0; j < g; j++)
     for (int k = 0; k < 4; k++) _mm512_storeu_ps(acc + j * 64 + 16 * k, o[j][k]);
 }
+
 // exp(x) for x <= 0 (scores minus their max), Cephes' expf polynomial; x below -87 (masked slots' -inf
 // among them) gives exactly 0. Relative error about 1e-7, as expf's.
 static inline __m512 exp_nonpositive(__m512 x) {
@@ -212,18 +264,17 @@ static void softmax_part(float *s, int64_t count, float *max_out, float *sum_out
   *sum_out = _mm512_reduce_add_ps(sum);
 }
 
-#define FOR_GROUP(call)                                    \
-  switch (g) {                                             \
-    case 1: call(1); return;                               \
-    case 2: call(2); return;                               \
-    case 3: call(3); return;                               \
-    case 4: call(4); return;                               \
-    case 8: call(8); return;                               \
-    default: call((int)g); return;                         \
+#define FOR_GROUP(call)                                               \
+  switch (g * 2 + c->half) {                                          \
+    case 2: call(1, 0); return;                                       \
+    case 3: call(1, 1); return;                                       \
+    case 6: call(3, 0); return;                                       \
+    case 7: call(3, 1); return;                                       \
+    case 8: call(4, 0); return;                                       \
+    case 9: call(4, 1); return;                                       \
+    default: if (c->half) call((int)g, 1); else call((int)g, 0); return; \
   }
-#endif
-
-#ifndef __AVX512F__
+#else
 static void softmax_part(float *s, int64_t count, float *max_out, float *sum_out) {
   float m = -INFINITY, sum = 0.0f;
   for (int64_t t = 0; t < count; t++) m = s[t] > m ? s[t] : m;
@@ -236,43 +287,38 @@ static void softmax_part(float *s, int64_t count, float *max_out, float *sum_out
 }
 #endif
 
-static void scores(const Call *c, const float *q, const float *keys, const float *bias, int64_t n, float *s) {
+// Scores of the g query heads (q: g*D floats) against keys [n, D] plus bias [n], into s[j * CHUNK + t].
+static void scores(const Call *c, const float *q, const void *keys, const float *bias, int64_t n, float *s) {
   const int64_t D = c->D, g = c->g;
 #ifdef __AVX512F__
   if (D == 64) {
-#define SCORES(G) scores64(q, keys, bias, n, s, c->scale, G)
+#define SCORES(G, HALF) scores64(q, keys, bias, n, s, c->scale, G, HALF)
     FOR_GROUP(SCORES)
   }
 #endif
-  for (int64_t t = 0; t < n; t++) {
-    const float *kt = keys + t * D;
+  for (int64_t t = 0; t < n; t++)
     for (int64_t j = 0; j < g; j++) {
-      const float *qj = q + j * D;
       float a = 0.0f;
-      for (int64_t d = 0; d < D; d++) a += qj[d] * kt[d];
+      for (int64_t d = 0; d < D; d++) a += q[j * D + d] * element(keys, t * D + d, c->half);
       s[j * CHUNK + t] = a * c->scale + bias[t];
     }
-  }
 }
 
-// acc[j] = sum_t p[j * CHUNK + t] * values[t] for the g heads.
-static void weighted_sum(const Call *c, const float *p, const float *values, int64_t n, float *acc) {
+// acc[j] = sum_t p[j * CHUNK + t] * values[t] for the g heads (acc: g*D floats).
+static void weighted_sum(const Call *c, const float *p, const void *values, int64_t n, float *acc) {
   const int64_t D = c->D, g = c->g;
 #ifdef __AVX512F__
   if (D == 64) {
-#define WEIGHTED(G) weighted_sum64(p, values, n, acc, G)
+#define WEIGHTED(G, HALF) weighted_sum64(p, values, n, acc, G, HALF)
     FOR_GROUP(WEIGHTED)
   }
 #endif
   memset(acc, 0, sizeof(float) * g * D);
-  for (int64_t t = 0; t < n; t++) {
-    const float *vt = values + t * D;
+  for (int64_t t = 0; t < n; t++)
     for (int64_t j = 0; j < g; j++) {
       const float pj = p[j * CHUNK + t];
-      float *aj = acc + j * D;
-      for (int64_t d = 0; d < D; d++) aj[d] += pj * vt[d];
+      for (int64_t d = 0; d < D; d++) acc[j * D + d] += pj * element(values, t * D + d, c->half);
     }
-  }
 }
 
 // Work item i: one 256-slot chunk of one (row, KV head); writes its (max, sum, unnormalised output) per head.
@@ -282,30 +328,34 @@ static void chunk(void *data, size_t i) {
   while (c->item_start[b + 1] <= (int64_t)i) b++;
   const int64_t n = (int64_t)c->seqlens[b] + 1, per_head = (n + CHUNK - 1) / CHUNK;
   const int64_t local = (int64_t)i - c->item_start[b], h = local / per_head, first = (local % per_head) * CHUNK;
-  const int64_t count = n - first < CHUNK ? n - first : CHUNK, D = c->D, g = c->g;
-  const float *keys = c->keys + ((b * c->Hkv + h) * c->C + first) * D;
-  const float *values = c->values + ((b * c->Hkv + h) * c->C + first) * D;
-  const float *q = c->qkv + b * (c->H + 2 * c->Hkv) * D + h * g * D;
-  float s[MAX_GROUP * CHUNK];
-  scores(c, q, keys, c->bias + b * c->bias_row + first, count, s);
+  const int64_t count = n - first < CHUNK ? n - first : CHUNK, D = c->D, g = c->g, size = c->half ? 2 : 4;
+  const char *keys = (const char *)c->keys + ((b * c->Hkv + h) * c->C + first) * D * size;
+  const char *values = (const char *)c->values + ((b * c->Hkv + h) * c->C + first) * D * size;
+  float q[MAX_GROUP * MAX_HEAD], bias[CHUNK], s[MAX_GROUP * CHUNK], acc[MAX_GROUP * MAX_HEAD];
+  const int64_t q_first = b * (c->H + 2 * c->Hkv) * D + h * g * D;
+  for (int64_t e = 0; e < g * D; e++) q[e] = element(c->qkv, q_first + e, c->half);
+  for (int64_t t = 0; t < count; t++) bias[t] = element(c->bias, b * c->bias_row + first + t, c->half);
+  scores(c, q, keys, bias, count, s);
   float *out = c->partial + (int64_t)i * g * (D + 2);  // [g][max, sum, D accumulators]
   for (int64_t j = 0; j < g; j++) softmax_part(s + j * CHUNK, count, &out[j * (D + 2)], &out[j * (D + 2) + 1]);
-  float acc[MAX_GROUP * 128];
-  if (D <= 128) {
-    weighted_sum(c, s, values, count, acc);
-    for (int64_t j = 0; j < g; j++) memcpy(out + j * (D + 2) + 2, acc + j * D, sizeof(float) * D);
-  } else {  // large heads: accumulate in place
-    for (int64_t j = 0; j < g; j++) memset(out + j * (D + 2) + 2, 0, sizeof(float) * D);
-    for (int64_t t = 0; t < count; t++)
-      for (int64_t j = 0; j < g; j++)
-        for (int64_t d = 0; d < D; d++) out[j * (D + 2) + 2 + d] += s[j * CHUNK + t] * values[t * D + d];
-  }
+  weighted_sum(c, s, values, count, acc);
+  for (int64_t j = 0; j < g; j++) memcpy(out + j * (D + 2) + 2, acc + j * D, sizeof(float) * D);
 }
 
 static void fail(Call *c, const char *why) {  // KernelCompute cannot return an error: say it, poison the output
   fprintf(stderr, "kvtrt::DecodeAttention: %s\n", why);
   if (c != NULL && c->attn != NULL)
-    for (int64_t i = 0; i < c->B * c->H * c->D; i++) c->attn[i] = NAN;
+    for (int64_t i = 0; i < c->B * c->H * c->D; i++) {
+      if (c->half)
+        ((uint16_t *)c->attn)[i] = 0x7E00;
+      else
+        ((float *)c->attn)[i] = NAN;
+    }
+}
+
+static void *data_of(const OrtValue *value) {
+  void *p = NULL;
+  return ok(CALL(API_GET_TENSOR_MUTABLE_DATA, MutableDataFn)((OrtValue *)value, &p)) ? p : NULL;
 }
 
 static void compute(void *kernel, OrtKernelContext *context) {
@@ -317,6 +367,7 @@ static void compute(void *kernel, OrtKernelContext *context) {
   if (!shape(in[0], qkv_dims, 3) || !shape(in[1], past_dims, 4) || !shape(in[3], len_dims, 1) || !shape(in[4], bias_dims, 4))
     return fail(NULL, "an input has an unexpected rank");
   Call c = {0};
+  c.half = k->half;
   c.B = qkv_dims[0], c.H = k->heads, c.Hkv = k->kv_heads, c.C = past_dims[2], c.D = past_dims[3], c.T = bias_dims[3];
   c.g = c.H / c.Hkv;
   c.scale = k->scale != 0.0f ? k->scale : 1.0f / sqrtf((float)c.D);
@@ -327,22 +378,19 @@ static void compute(void *kernel, OrtKernelContext *context) {
       !ok(CALL(API_KERNEL_CONTEXT_GET_OUTPUT, GetOutputFn)(context, 1, past_dims, 4, &out[1])) ||
       !ok(CALL(API_KERNEL_CONTEXT_GET_OUTPUT, GetOutputFn)(context, 2, past_dims, 4, &out[2])))
     return fail(NULL, "cannot allocate an output");
-  void *p;
-  ok(CALL(API_GET_TENSOR_MUTABLE_DATA, MutableDataFn)(out[0], &p)), c.attn = p;
+  c.attn = data_of(out[0]);
   if (qkv_dims[1] != 1 || qkv_dims[2] != (c.H + 2 * c.Hkv) * c.D || past_dims[0] != c.B || past_dims[1] != c.Hkv ||
       len_dims[0] != c.B || (bias_dims[0] != 1 && bias_dims[0] != c.B) || bias_dims[1] != 1 || bias_dims[2] != 1 ||
-      c.g * c.Hkv != c.H || c.g > MAX_GROUP)
-    return fail(&c, "inputs of unexpected shapes (one new token per row, qkv packed, bias [B|1,1,1,T])");
-  ok(CALL(API_GET_TENSOR_MUTABLE_DATA, MutableDataFn)((OrtValue *)in[0], &p)), c.qkv = p;
-  ok(CALL(API_GET_TENSOR_MUTABLE_DATA, MutableDataFn)((OrtValue *)in[3], &p)), c.seqlens = p;
-  ok(CALL(API_GET_TENSOR_MUTABLE_DATA, MutableDataFn)((OrtValue *)in[4], &p)), c.bias = p;
-  ok(CALL(API_GET_TENSOR_MUTABLE_DATA, MutableDataFn)(out[1], &p)), c.keys = p;
-  ok(CALL(API_GET_TENSOR_MUTABLE_DATA, MutableDataFn)(out[2], &p)), c.values = p;
-  const size_t cache = sizeof(float) * c.B * c.Hkv * c.C * c.D;
+      c.g * c.Hkv != c.H || c.g > MAX_GROUP || c.D > MAX_HEAD)
+    return fail(&c, "inputs of unexpected shapes (one new token per row, qkv packed, bias [B|1,1,1,T], "
+                    "at most 16 query heads per KV head of at most 256 values)");
+  c.qkv = data_of(in[0]), c.seqlens = data_of(in[3]), c.bias = data_of(in[4]);
+  c.keys = data_of(out[1]), c.values = data_of(out[2]);
+  const int64_t size = c.half ? 2 : 4, row = c.D * size;
+  const size_t cache = (size_t)(c.B * c.Hkv * c.C) * row;
   for (int which = 0; which < 2; which++) {  // not bound in place (e.g. a checker's run): the outputs start as the past
-    void *past;
-    ok(CALL(API_GET_TENSOR_MUTABLE_DATA, MutableDataFn)((OrtValue *)in[1 + which], &past));
-    float *present = which ? c.values : c.keys;
+    const void *past = data_of(in[1 + which]);
+    void *present = which ? c.values : c.keys;
     if (past != present) memcpy(present, past, cache);
   }
   int64_t *item_start = malloc(sizeof(int64_t) * (c.B + 1));
@@ -354,9 +402,9 @@ static void compute(void *kernel, OrtKernelContext *context) {
       return fail(&c, "a row's new slot lies outside the cache or the bias");
     }
     for (int64_t h = 0; h < c.Hkv; h++) {  // the new token's K and V into the row's slot
-      const float *kv = c.qkv + b * (c.H + 2 * c.Hkv) * c.D + (c.H + h) * c.D;
-      memcpy(c.keys + ((b * c.Hkv + h) * c.C + slot) * c.D, kv, sizeof(float) * c.D);
-      memcpy(c.values + ((b * c.Hkv + h) * c.C + slot) * c.D, kv + c.Hkv * c.D, sizeof(float) * c.D);
+      const char *kv = (const char *)c.qkv + (b * (c.H + 2 * c.Hkv) + c.H + h) * row;
+      memcpy((char *)c.keys + ((b * c.Hkv + h) * c.C + slot) * row, kv, row);
+      memcpy((char *)c.values + ((b * c.Hkv + h) * c.C + slot) * row, kv + c.Hkv * row, row);
     }
     item_start[b + 1] = item_start[b] + c.Hkv * ((slot + 1 + CHUNK - 1) / CHUNK);
   }
@@ -365,15 +413,14 @@ static void compute(void *kernel, OrtKernelContext *context) {
   c.partial = malloc(sizeof(float) * items * c.g * (c.D + 2));
   if (!ok(CALL(API_KERNEL_CONTEXT_PARALLEL_FOR, ParallelForFn)(context, chunk, (size_t)items, 0, &c)))
     for (int64_t i = 0; i < items; i++) chunk(&c, (size_t)i);
+  float o[MAX_HEAD];
   for (int64_t b = 0; b < c.B; b++) {  // merge each (row, head)'s chunks, in chunk order
-    const int64_t per_head = (item_start[b + 1] - item_start[b]) / c.Hkv;
+    const int64_t per_head = (item_start[b + 1] - item_start[b]) / c.Hkv, stride = c.g * (c.D + 2);
     for (int64_t h = 0; h < c.Hkv; h++)
       for (int64_t j = 0; j < c.g; j++) {
-        const float *first = c.partial + (item_start[b] + h * per_head) * c.g * (c.D + 2) + j * (c.D + 2);
-        const int64_t stride = c.g * (c.D + 2);
+        const float *first = c.partial + (item_start[b] + h * per_head) * stride + j * (c.D + 2);
         float m = -INFINITY, sum = 0.0f;
         for (int64_t i = 0; i < per_head; i++) m = first[i * stride] > m ? first[i * stride] : m;
-        float *o = c.attn + b * c.H * c.D + (h * c.g + j) * c.D;
         memset(o, 0, sizeof(float) * c.D);
         for (int64_t i = 0; i < per_head; i++) {
           const float *part = first + i * stride;
@@ -383,16 +430,25 @@ static void compute(void *kernel, OrtKernelContext *context) {
           for (int64_t d = 0; d < c.D; d++) o[d] += w * part[2 + d];
         }
         const float inv = 1.0f / sum;
-        for (int64_t d = 0; d < c.D; d++) o[d] *= inv;
+        const int64_t at = b * c.H * c.D + (h * c.g + j) * c.D;
+        for (int64_t d = 0; d < c.D; d++) {
+          if (c.half)
+            ((uint16_t *)c.attn)[at + d] = float_to_half(o[d] * inv);
+          else
+            ((float *)c.attn)[at + d] = o[d] * inv;
+        }
       }
   }
   free(c.partial);
   free(item_start);
 }
 
+static const OrtCustomOp decode_attention, decode_attention16;
+
 static void *create(const OrtCustomOp *op, const void *unused, const OrtKernelInfo *info) {
-  (void)op, (void)unused;
+  (void)unused;
   Kernel *k = calloc(1, sizeof(Kernel));
+  k->half = op == &decode_attention16;
   if (!ok(CALL(API_KERNEL_INFO_GET_ATTRIBUTE_INT64, AttrIntFn)(info, "num_heads", &k->heads)) ||
       !ok(CALL(API_KERNEL_INFO_GET_ATTRIBUTE_INT64, AttrIntFn)(info, "kv_num_heads", &k->kv_heads)) ||
       k->kv_heads <= 0)
@@ -402,16 +458,19 @@ static void *create(const OrtCustomOp *op, const void *unused, const OrtKernelIn
 }
 
 static void destroy(void *kernel) { free(kernel); }
-static const char *name(const OrtCustomOp *op) { (void)op; return "DecodeAttention"; }
+static const char *name(const OrtCustomOp *op) { return op == &decode_attention16 ? "DecodeAttention16" : "DecodeAttention"; }
 static const char *provider(const OrtCustomOp *op) { (void)op; return NULL; }  // CPU
-static int input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 3 ? INT32 : FLOAT; }
+static int element_type(const OrtCustomOp *op) { return op == &decode_attention16 ? FLOAT16 : FLOAT; }
+static int input_type(const OrtCustomOp *op, size_t i) { return i == 3 ? INT32 : element_type(op); }
 static size_t input_count(const OrtCustomOp *op) { (void)op; return 5; }
-static int output_type(const OrtCustomOp *op, size_t i) { (void)op, (void)i; return FLOAT; }
+static int output_type(const OrtCustomOp *op, size_t i) { (void)i; return element_type(op); }
 static size_t output_count(const OrtCustomOp *op) { (void)op; return 3; }
 static int required(const OrtCustomOp *op, size_t i) { (void)op, (void)i; return 1; }  // INPUT_OUTPUT_REQUIRED
 
 static const OrtCustomOp decode_attention = {9, create, name, provider, input_type, input_count, output_type,
                                              output_count, compute, destroy, required, required};
+static const OrtCustomOp decode_attention16 = {9, create, name, provider, input_type, input_count, output_type,
+                                               output_count, compute, destroy, required, required};
 
 // What ONNX Runtime calls when the library is registered (RegisterCustomOpsLibrary_V2).
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
@@ -420,6 +479,7 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
   OrtCustomOpDomain *domain = NULL;
   OrtStatus *status = CALL(API_CREATE_CUSTOM_OP_DOMAIN, CreateDomainFn)("kvtrt", &domain);
   if (status == NULL) status = CALL(API_CUSTOM_OP_DOMAIN_ADD, DomainAddFn)(domain, &decode_attention);
+  if (status == NULL) status = CALL(API_CUSTOM_OP_DOMAIN_ADD, DomainAddFn)(domain, &decode_attention16);
   if (status == NULL) status = CALL(API_ADD_CUSTOM_OP_DOMAIN, AddDomainFn)(options, domain);
   return status;  // the domain lives as long as the process (ORT keeps a pointer to it)
 }
