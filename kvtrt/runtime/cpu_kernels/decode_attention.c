@@ -182,14 +182,44 @@ static inline __attribute__((always_inline)) __m512 load16(const void *p, int64_
               : _mm512_loadu_ps((const float *)p + i);
 }
 
+// Sixteen vectors -> one: lane i holds the sum of v[i]'s lanes (a transposing tree of 15 adds).
+static inline __attribute__((always_inline)) __m512 sum16(__m512 *v) {
+  __m512 w[8], z[4], u[2];
+  for (int i = 0; i < 8; i++)  // quarters: v[2i] folded to 8 lanes, then v[2i+1]
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; i++)  // quarter q: key 4i+q folded to 4 lanes
+    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88), _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; i++)  // quarter q: keys 8i+q and 8i+4+q, 2 lanes each
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(z[2 * i], z[2 * i + 1], 0x44), _mm512_shuffle_ps(z[2 * i], z[2 * i + 1], 0xEE));
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x88), _mm512_shuffle_ps(u[0], u[1], 0xDD));
+  // lane 4q + k holds key q + 4k: back to key order
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, r);
+}
+
 // D = 64 with AVX-512; inlined per group size and storage type so the g queries stay in registers.
+// Sixteen keys at a time per head (the block stays in L1 across the g heads), summed by `sum16`.
 static inline __attribute__((always_inline)) void scores64(const float *q, const void *keys, const float *bias,
                                                            int64_t n, float *s, float scale, const int g,
                                                            const int half) {
   __m512 qv[MAX_GROUP][4];
   for (int j = 0; j < g; j++)
     for (int k = 0; k < 4; k++) qv[j][k] = _mm512_mul_ps(_mm512_loadu_ps(q + j * 64 + 16 * k), _mm512_set1_ps(scale));
-  for (int64_t t = 0; t < n; t++) {
+  int64_t t = 0;
+  for (; t + 16 <= n; t += 16) {
+    _mm_prefetch((const char *)keys + (t + 24) * 64 * (half ? 2 : 4), _MM_HINT_T0);
+    const __m512 b = _mm512_loadu_ps(bias + t);
+    for (int j = 0; j < g; j++) {
+      __m512 a[16];
+      for (int i = 0; i < 16; i++) {
+        const int64_t at = (t + i) * 64;
+        a[i] = _mm512_fmadd_ps(qv[j][3], load16(keys, at + 48, half), _mm512_fmadd_ps(qv[j][2], load16(keys, at + 32, half),
+               _mm512_fmadd_ps(qv[j][1], load16(keys, at + 16, half), _mm512_mul_ps(qv[j][0], load16(keys, at, half)))));
+      }
+      _mm512_storeu_ps(s + j * CHUNK + t, _mm512_add_ps(sum16(a), b));
+    }
+  }
+  for (; t < n; t++) {
     __m512 k0 = load16(keys, t * 64, half), k1 = load16(keys, t * 64 + 16, half), k2 = load16(keys, t * 64 + 32, half),
            k3 = load16(keys, t * 64 + 48, half);
     for (int j = 0; j < g; j++) {
@@ -206,6 +236,7 @@ static inline __attribute__((always_inline)) void weighted_sum64(const float *p,
   for (int j = 0; j < g; j++)
     for (int k = 0; k < 4; k++) o[j][k] = _mm512_setzero_ps();
   for (int64_t t = 0; t < n; t++) {
+    _mm_prefetch((const char *)values + (t + 8) * 64 * (half ? 2 : 4), _MM_HINT_T0);
     __m512 v0 = load16(values, t * 64, half), v1 = load16(values, t * 64 + 16, half),
            v2 = load16(values, t * 64 + 32, half), v3 = load16(values, t * 64 + 48, half);
     for (int j = 0; j < g; j++) {
