@@ -180,3 +180,14 @@ def test_no_compiler_keeps_group_query_attention_and_says_so(tiny_llama, monkeyp
     assert engine.decode_attention == "onnxruntime"
     with pytest.raises(RuntimeError, match="cannot be built.*no-such-cc"):
         OrtEngine(tiny_llama[2], variants=[], decode_kernel=True)
+
+
+def test_an_unwritable_cache_builds_in_the_temp_folder(monkeypatch, tmp_path):
+    import tempfile
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("KVTRT_CACHE_DIR", str(blocker))
+    monkeypatch.setattr(cpu_kernels, "_built", {})
+    path = cpu_kernels.library()
+    assert path is not None and path.parent.parent == Path(tempfile.gettempdir()) and path.exists()

@@ -3,7 +3,8 @@
 `decode_attention.c` is `kvtrt::DecodeAttention` (and `DecodeAttention16` for an fp16 KV cache): one
 decode step's attention over the in-place KV buffer, which reads each KV head's cache once for its whole query group (ORT's GroupQueryAttention
 reads it once per query head). `library()` compiles it with the system C compiler into a per-user
-cache (`$KVTRT_CACHE_DIR`, else `~/.cache/kvtrt`), keyed by the source and the compiler flags, and
+cache (`$KVTRT_CACHE_DIR`, else `~/.cache/kvtrt`; the temp folder if that is not writable), keyed by
+the source, the compiler, its flags and the CPU (`-march=native`), and
 returns the path, or None with the reason in `unavailable()` (no compiler, a failed build: the engine
 then keeps GroupQueryAttention and says so once). `with_decode_attention(model)` rewrites the
 GroupQueryAttention nodes of a `decode_shared` graph (one new token per row) into this op, with the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -41,6 +43,18 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def _cpu() -> str:
+    """What `-march=native` compiles for: the machine and its CPU flags (a home directory shared by
+    machines of different CPUs must not hand one's build to the other)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.machine()} {flags.strip()}"
+
+
 def library() -> Path | None:
     """The compiled `decode_attention` library (built once per source, compiler and flags), or None
     (see `unavailable`)."""
@@ -62,11 +76,21 @@ def _build(compiler: str | None) -> Path | None:
     if compiler is None:
         _why.append("no C compiler found (install gcc, or set CC)")
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"decode_attention-{digest}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, _cpu()]).encode()).hexdigest()[:16]
+    name = f"decode_attention-{digest}.so"
+    for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"kvtrt-kernels-{os.getuid()}"):
+        if (folder / name).exists():
+            return folder / name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return _compile(compiler, folder / name)
+        except OSError as error:  # a read-only or full cache: the next place, then say why
+            reason = f"cannot write the kernel to {folder}: {error}"
+    _why.append(reason)
+    return None
+
+
+def _compile(compiler: str, target: Path) -> Path | None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         try:
@@ -87,7 +111,7 @@ def warn_unavailable() -> None:
     if not getattr(warn_unavailable, "said", False):
         warn_unavailable.said = True
         warnings.warn(f"kvtrt's decode attention kernel is not available ({unavailable()}); decoding uses "
-                      f"ONNX Runtime's GroupQueryAttention (same results, slower with several sequences)",
+                      f"ONNX Runtime's GroupQueryAttention (equal outputs to rounding; slower on long caches and batches)",
                       RuntimeWarning, stacklevel=3)
 
 
