@@ -36,10 +36,11 @@ def measure_kvtrt(directory: str, ids: list[int], new_tokens: int, kv: str, thre
         warm_kv = replace(warm_kv, compaction=replace(policy, budget=policy.sink + policy.window + 16))
     llm.generate(ids[:16], max_new_tokens=4, temperature=0.0, ignore_eos=True, kv=warm_kv)
     s = llm.generate(ids, max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True).stats
+    attention = getattr(llm.engine, "decode_attention", None)  # which decode attention ran ("kvtrt" kernel or ORT's)
     llm.close()
     # prefill_s: the prompt's whole cost (with a FreeKV pool's build); ttft_s: submit -> first token
     return {"prefill_s": s.prefill_s, "ttft_s": s.ttft_s, "decode_tok_s": s.decode_tok_s, "kv_mib": s.kv_bytes / 2**20,
-            "new_tokens": s.new_tokens, "kv_stats": s.kv}
+            "new_tokens": s.new_tokens, "kv_stats": s.kv, "decode_attention": attention}
 
 
 def measure_ortgenai(model_dir: str, ids: list[int], new_tokens: int, threads: int) -> dict:

@@ -486,6 +486,7 @@ def run_job(job: dict, prompts: dict, progress=None) -> dict:
                 row = kvtrt_level(llm, prompts["requests"][:job["requests"]], job["concurrency"], job["new_tokens"],
                                   progress=progress)
             row["cpu_s"] = _cpu_s() - cpu
+            row["decode_attention"] = getattr(llm.engine, "decode_attention", None)  # the kvtrt kernel or ORT's op
         finally:
             llm.close()
     else:
