@@ -160,6 +160,7 @@ def test_bench_writes_rows_and_plot(tiny_llama, text_file, tmp_path):
         assert {"context", "engine", "prefill_s", "ttft_s", "decode_tok_s", "peak_rss_mib", "kv_mib"} <= set(row)
         assert row["decode_tok_s"] > 0 and row["peak_rss_mib"] > 0
         assert 0 < row["ttft_s"] <= row["prefill_s"] + 0.5  # the first token comes before a FreeKV pool's build
+        assert row["decode_attention"] in ("kvtrt", "onnxruntime")  # which decode attention the row measured
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 
 

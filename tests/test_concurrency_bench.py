@@ -33,6 +33,7 @@ def test_report_structure_and_consistency(report):
     assert report["config"]["requests"] == {1: 2, 2: 4}
     for row in rows:
         assert row["engine"] == "kvtrt" and row["kind"] == "level"
+        assert row["decode_attention"] in ("kvtrt", "onnxruntime")
         assert row["requests"] == 2 * row["concurrency"]
         assert row["output_tokens"] == row["requests"] * 6  # EOS ignored: every request its 6 tokens
         assert math.isclose(row["throughput_tok_s"], row["output_tokens"] / row["wall_s"], rel_tol=1e-9)
