@@ -191,3 +191,17 @@ def test_an_unwritable_cache_builds_in_the_temp_folder(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, "_built", {})
     path = cpu_kernels.library()
     assert path is not None and path.parent.parent == Path(tempfile.gettempdir()) and path.exists()
+
+
+def test_plain_onnxruntime_sessions_run_the_kernel_too(group3_export, monkeypatch):
+    """Without the shared-weights sessions (one Python InferenceSession per graph) the kernel is
+    registered and the graph rewritten the same way: the same logits as the shared sessions."""
+    import kvtrt.runtime.engine as engine_module
+
+    lengths = [300, 41]
+    shared, _, _ = _step(group3_export, True, lengths, [])
+    monkeypatch.setattr(engine_module, "SHARE_WEIGHTS", False)
+    plain, _, _ = _step(group3_export, True, lengths, [])
+    gqa, _, _ = _step(group3_export, False, lengths, [])
+    np.testing.assert_array_equal(plain, shared)
+    np.testing.assert_allclose(plain, gqa, rtol=1e-4, atol=1e-4)

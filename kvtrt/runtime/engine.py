@@ -20,8 +20,6 @@ from ..contract import LOOKAHEAD, GraphVariant, group_graphs, group_names, input
 from ..manifest import ExportMismatchError, Manifest
 from .arrays import TORCH_NAMES, for_provider
 
-
-
 # torch dtypes (by name: torch is not imported here) of tensors bound on a GPU
 NP_DTYPES = {f"torch.{name}": dtype.type for dtype, name in TORCH_NAMES.items()}
 DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16)}  # the KV (and query) dtype of an export
@@ -157,7 +155,8 @@ class OrtEngine:
                 kernel = self._decode_ops if variant == GraphVariant.DECODE_SHARED else None
                 if self._shared is not None:
                     session = self._shared.session(path, unpack_tied=False if packed else None,
-                                                   rewrite=kernel and self._with_decode_attention, custom_ops=kernel)
+                                                   rewrite=self._with_decode_attention if kernel else None,
+                                                   custom_ops=kernel)
                 elif kernel is not None:
                     options.register_custom_ops_library(str(kernel))
                     options.add_session_config_entry("session.model_external_initializers_file_folder_path",
