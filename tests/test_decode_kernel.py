@@ -205,3 +205,16 @@ def test_plain_onnxruntime_sessions_run_the_kernel_too(group3_export, monkeypatc
     gqa, _, _ = _step(group3_export, False, lengths, [])
     np.testing.assert_array_equal(plain, shared)
     np.testing.assert_allclose(plain, gqa, rtol=1e-4, atol=1e-4)
+
+
+def test_without_avx512_the_engine_keeps_group_query_attention_unless_asked(tiny_llama, monkeypatch):
+    """The portable build is slower than GroupQueryAttention on long caches: used only when asked for."""
+    monkeypatch.setattr(cpu_kernels, "vectorised", lambda path: False)
+    assert OrtEngine(tiny_llama[2], variants=[]).decode_attention == "onnxruntime"
+    assert OrtEngine(tiny_llama[2], variants=[], decode_kernel=True).decode_attention == "kvtrt"
+
+
+@pytest.mark.skipif("avx512f" not in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else True,
+                    reason="the AVX-512 path needs a CPU with AVX-512")
+def test_the_avx512_path_is_built_where_the_cpu_has_it():
+    assert cpu_kernels.vectorised(cpu_kernels.library())

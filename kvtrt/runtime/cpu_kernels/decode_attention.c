@@ -503,6 +503,15 @@ static const OrtCustomOp decode_attention = {9, create, name, provider, input_ty
 static const OrtCustomOp decode_attention16 = {9, create, name, provider, input_type, input_count, output_type,
                                                output_count, compute, destroy, required, required};
 
+// 1 when this build has the AVX-512 path (the portable one is slower than GroupQueryAttention on long caches).
+__attribute__((visibility("default"))) int kvtrt_vectorised(void) {
+#ifdef __AVX512F__
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 // What ONNX Runtime calls when the library is registered (RegisterCustomOpsLibrary_V2).
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
   api = (const void *const *)base->GetApi(API_VERSION);
