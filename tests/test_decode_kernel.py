@@ -208,7 +208,8 @@ def test_plain_onnxruntime_sessions_run_the_kernel_too(group3_export, monkeypatc
 
 
 def test_without_avx512_the_engine_keeps_group_query_attention_unless_asked(tiny_llama, monkeypatch):
-    """The portable build is slower than GroupQueryAttention on long caches: used only when asked for."""
+    """The portable build (no AVX-512, no AVX2) is slower than GroupQueryAttention on long caches: used
+    only when asked for."""
     monkeypatch.setattr(cpu_kernels, "vectorised", lambda path: False)
     assert OrtEngine(tiny_llama[2], variants=[]).decode_attention == "onnxruntime"
     assert OrtEngine(tiny_llama[2], variants=[], decode_kernel=True).decode_attention == "kvtrt"
@@ -218,3 +219,24 @@ def test_without_avx512_the_engine_keeps_group_query_attention_unless_asked(tiny
                     reason="the AVX-512 path needs a CPU with AVX-512")
 def test_the_avx512_path_is_built_where_the_cpu_has_it():
     assert cpu_kernels.vectorised(cpu_kernels.library())
+
+
+@pytest.mark.skipif("avx2" not in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else True,
+                    reason="the AVX2 path needs a CPU with AVX2")
+@pytest.mark.parametrize("kv_dtype", ["fp32", "fp16"])
+def test_the_avx2_path_matches_group_query_attention(kv_dtype, group3_export, fp16_kv, monkeypatch, tmp_path):
+    """The build a CPU without AVX-512 gets (here: the same source compiled with -mno-avx512f) on
+    SmolLM2's attention shape: the same logits as GroupQueryAttention."""
+    monkeypatch.setattr(cpu_kernels, "FLAGS", [*cpu_kernels.FLAGS, "-mno-avx512f"])
+    monkeypatch.setattr(cpu_kernels, "_built", {})
+    monkeypatch.setenv("KVTRT_CACHE_DIR", str(tmp_path))
+    library = cpu_kernels.library()
+    assert library.parent == tmp_path / "kernels" and cpu_kernels.vectorised(library)
+    directory = fp16_kv["group3"] if kv_dtype == "fp16" else group3_export
+    lengths, dead = [3, 300, 41], [(1, 7), (1, 260), (2, 0)]
+    got, keys, _ = _step(directory, True, lengths, dead)
+    want, want_keys, _ = _step(directory, False, lengths, dead)
+    tolerance = 1e-4 if kv_dtype == "fp32" else 2e-2
+    np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance)
+    for k, wk in zip(keys, want_keys):
+        np.testing.assert_allclose(k, wk, rtol=1e-3, atol=1e-3)

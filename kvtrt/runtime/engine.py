@@ -76,7 +76,7 @@ class OrtEngine:
         first use. On CPU all sessions share one mapping of the weights file and one prepacked copy
         of the weights (`ort_shared`), so a further graph costs only its own activations.
         `decode_kernel`: run the in-place decode graph's attention with kvtrt's own CPU kernel
-        (`cpu_kernels`; default: on a CPU with AVX-512 unless `KVTRT_DECODE_KERNEL=0`); False keeps
+        (`cpu_kernels`; default: on a CPU with AVX-512 or AVX2 unless `KVTRT_DECODE_KERNEL=0`); False keeps
         ONNX Runtime's GroupQueryAttention. `self.decode_attention` says which one runs."""
         import onnxruntime as ort
 
@@ -187,7 +187,7 @@ class OrtEngine:
                 raise RuntimeError(f"kvtrt's decode attention kernel cannot be built: {cpu_kernels.unavailable()}")
             cpu_kernels.warn_unavailable()
         elif wanted is None and not cpu_kernels.vectorised(library):
-            return None  # no AVX-512 here: GroupQueryAttention beats the portable path on long caches
+            return None  # no AVX-512/AVX2 here: GroupQueryAttention beats the portable path on long caches
         return library
 
     def _with_decode_attention(self, model: bytes) -> bytes:

@@ -6,8 +6,8 @@ reads it once per query head). `library()` compiles it with the system C compile
 cache (`$KVTRT_CACHE_DIR`, else `~/.cache/kvtrt`; the temp folder if that is not writable), keyed by
 the source, the compiler, its flags and the CPU (`-march=native`), and
 returns the path, or None with the reason in `unavailable()` (no compiler, a failed build: the engine
-then keeps GroupQueryAttention and says so once; it also keeps it, silently, where the CPU lacks
-AVX-512 and only the slower portable path was built). `with_decode_attention(model)` rewrites the
+then keeps GroupQueryAttention and says so once; it also keeps it, silently, where the CPU has
+neither AVX-512 nor AVX2 and only the slower portable path was built). `with_decode_attention(model)` rewrites the
 GroupQueryAttention nodes of a `decode_shared` graph (one new token per row) into this op, with the
 inputs it reads. Turn it off with `KVTRT_DECODE_KERNEL=0` (or `OrtEngine(decode_kernel=False)`).
 """
@@ -69,9 +69,9 @@ def library() -> Path | None:
 
 
 def vectorised(path: Path) -> bool:
-    """Whether the library at `path` was built with its AVX-512 path. Its portable path is correct
-    but slower than GroupQueryAttention on long caches (measured on this project's AVX-512 host built
-    without it: 152 against 121 ms for 8 rows x 3072 slots), so the engine uses it only when asked."""
+    """Whether the library at `path` was built with a vector path (AVX-512 or AVX2). The portable path
+    is correct but slower than GroupQueryAttention on long caches (`docs/results/decode_attention.md`),
+    so the engine uses it only when asked."""
     import ctypes
 
     return bool(ctypes.CDLL(str(path)).kvtrt_vectorised())

@@ -23,7 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -305,6 +305,119 @@ static void softmax_part(float *s, int64_t count, float *max_out, float *sum_out
     case 9: call(4, 1); return;                                       \
     default: if (c->half) call((int)g, 1); else call((int)g, 0); return; \
   }
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// The same with AVX2 (8 lanes, 16 registers): queries and partial sums stay in L1 instead of registers.
+#define VECTOR_AVX2 1
+
+static inline __attribute__((always_inline)) __m256 load8(const void *p, int64_t i, const int half) {
+  return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
+              : _mm256_loadu_ps((const float *)p + i);
+}
+
+// Eight vectors -> one: lane i holds the sum of v[i]'s lanes.
+static inline __m256 sum8(const __m256 *v) {
+  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]), t2 = _mm256_hadd_ps(v[4], v[5]),
+               t3 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // per 128-bit half: keys 0-3 | 4-7
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+static inline __attribute__((always_inline)) void scores64(const float *q, const void *keys, const float *bias,
+                                                           int64_t n, float *s, float scale, int g, const int half) {
+  float qs[MAX_GROUP * 64];
+  for (int e = 0; e < g * 64; e++) qs[e] = q[e] * scale;
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const __m256 b = _mm256_loadu_ps(bias + t);
+    for (int j = 0; j < g; j++) {
+      __m256 a[8];
+      for (int i = 0; i < 8; i++) {
+        a[i] = _mm256_mul_ps(_mm256_loadu_ps(qs + j * 64), load8(keys, (t + i) * 64, half));
+        for (int c = 1; c < 8; c++)
+          a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + j * 64 + 8 * c), load8(keys, (t + i) * 64 + 8 * c, half), a[i]);
+      }
+      _mm256_storeu_ps(s + j * CHUNK + t, _mm256_add_ps(sum8(a), b));
+    }
+  }
+  for (; t < n; t++)
+    for (int j = 0; j < g; j++) {
+      __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qs + j * 64), load8(keys, t * 64, half));
+      for (int c = 1; c < 8; c++) a = _mm256_fmadd_ps(_mm256_loadu_ps(qs + j * 64 + 8 * c), load8(keys, t * 64 + 8 * c, half), a);
+      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+      const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      s[j * CHUNK + t] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1))) + bias[t];
+    }
+}
+
+// acc[j] = sum_t p[j * CHUNK + t] * values[t], sixteen values at a time per head (they stay in L1).
+static inline __attribute__((always_inline)) void weighted_sum64(const float *p, const void *values, int64_t n,
+                                                                 float *acc, int g, const int half) {
+  memset(acc, 0, sizeof(float) * g * 64);
+  for (int64_t t = 0; t < n; t += 16) {
+    const int64_t stop = n - t < 16 ? n - t : 16;
+    for (int j = 0; j < g; j++) {
+      __m256 o[8];
+      for (int c = 0; c < 8; c++) o[c] = _mm256_loadu_ps(acc + j * 64 + 8 * c);
+      for (int64_t i = 0; i < stop; i++) {
+        const __m256 pj = _mm256_set1_ps(p[j * CHUNK + t + i]);
+        for (int c = 0; c < 8; c++) o[c] = _mm256_fmadd_ps(pj, load8(values, (t + i) * 64 + 8 * c, half), o[c]);
+      }
+      for (int c = 0; c < 8; c++) _mm256_storeu_ps(acc + j * 64 + 8 * c, o[c]);
+    }
+  }
+}
+
+// exp(x) for x <= 0, the AVX-512 path's polynomial; below -87 (masked slots' -inf) exactly 0.
+static inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 low = _mm256_set1_ps(-87.0f), live = _mm256_cmp_ps(x, low, _CMP_GE_OQ);
+  x = _mm256_max_ps(x, low);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                                             _mm256_set1_epi32(127)), 23));
+  return _mm256_and_ps(_mm256_mul_ps(p, two_n), live);
+}
+
+static void softmax_part(float *s, int64_t count, float *max_out, float *sum_out) {
+  float tail[8];
+  __m256 m = _mm256_set1_ps(-INFINITY);
+  for (int64_t t = 0; t < count; t += 8) {
+    const int64_t k = count - t < 8 ? count - t : 8;
+    for (int i = 0; i < 8; i++) tail[i] = i < k ? s[t + i] : -INFINITY;
+    m = _mm256_max_ps(m, _mm256_loadu_ps(tail));
+  }
+  _mm256_storeu_ps(tail, m);
+  float mx = tail[0];
+  for (int i = 1; i < 8; i++) mx = tail[i] > mx ? tail[i] : mx;
+  *max_out = mx;
+  if (mx == -INFINITY) {
+    memset(s, 0, sizeof(float) * count);
+    *sum_out = 0.0f;
+    return;
+  }
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t t = 0; t < count; t += 8) {
+    const int64_t k = count - t < 8 ? count - t : 8;
+    for (int i = 0; i < 8; i++) tail[i] = i < k ? s[t + i] : -INFINITY;  // -inf: exp gives 0
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(tail), _mm256_set1_ps(mx)));
+    _mm256_storeu_ps(tail, e);
+    for (int i = 0; i < k; i++) s[t + i] = tail[i];
+    sum = _mm256_add_ps(sum, e);
+  }
+  _mm256_storeu_ps(tail, sum);
+  float total = 0.0f;
+  for (int i = 0; i < 8; i++) total += tail[i];
+  *sum_out = total;
+}
 #else
 static void softmax_part(float *s, int64_t count, float *max_out, float *sum_out) {
   float m = -INFINITY, sum = 0.0f;
@@ -326,6 +439,14 @@ static void scores(const Call *c, const float *q, const void *keys, const float 
 #define SCORES(G, HALF) scores64(q, keys, bias, n, s, c->scale, G, HALF)
     FOR_GROUP(SCORES)
   }
+#elif defined(VECTOR_AVX2)
+  if (D == 64) {
+    if (c->half)
+      scores64(q, keys, bias, n, s, c->scale, (int)g, 1);
+    else
+      scores64(q, keys, bias, n, s, c->scale, (int)g, 0);
+    return;
+  }
 #endif
   for (int64_t t = 0; t < n; t++)
     for (int64_t j = 0; j < g; j++) {
@@ -342,6 +463,14 @@ static void weighted_sum(const Call *c, const float *p, const void *values, int6
   if (D == 64) {
 #define WEIGHTED(G, HALF) weighted_sum64(p, values, n, acc, G, HALF)
     FOR_GROUP(WEIGHTED)
+  }
+#elif defined(VECTOR_AVX2)
+  if (D == 64) {
+    if (c->half)
+      weighted_sum64(p, values, n, acc, (int)g, 1);
+    else
+      weighted_sum64(p, values, n, acc, (int)g, 0);
+    return;
   }
 #endif
   memset(acc, 0, sizeof(float) * g * D);
@@ -503,9 +632,9 @@ static const OrtCustomOp decode_attention = {9, create, name, provider, input_ty
 static const OrtCustomOp decode_attention16 = {9, create, name, provider, input_type, input_count, output_type,
                                                output_count, compute, destroy, required, required};
 
-// 1 when this build has the AVX-512 path (the portable one is slower than GroupQueryAttention on long caches).
+// 1 when this build has a vector path, AVX-512 or AVX2 (the portable one is slower than GroupQueryAttention).
 __attribute__((visibility("default"))) int kvtrt_vectorised(void) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(VECTOR_AVX2)
   return 1;
 #else
   return 0;
