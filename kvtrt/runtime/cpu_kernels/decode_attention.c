@@ -14,7 +14,8 @@
 // heads of a KV head share one pass over its keys and one over its values (decode is bound by reading
 // the cache). Work items are (row, KV head, 256-slot chunk), run on ONNX Runtime's intra-op threads
 // (KernelContext_ParallelFor) and merged per row in a fixed order: a row's result depends only on its own
-// inputs, never on the other rows of the batch or on the thread count.
+// inputs, never on the other rows of the batch or on the thread count. Vector paths for head size 64:
+// AVX-512, else AVX2 (with FMA and F16C); any other shape or CPU takes the portable C loops.
 //
 // The OrtApi table is used by index (the table only ever grows; indices from onnxruntime_c_api.h), so
 // no ONNX Runtime header is needed to build this file: `gcc -O3 -march=native -shared -fPIC`.
