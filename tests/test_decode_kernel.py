@@ -240,3 +240,16 @@ def test_the_avx2_path_matches_group_query_attention(kv_dtype, group3_export, fp
     np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance)
     for k, wk in zip(keys, want_keys):
         np.testing.assert_allclose(k, wk, rtol=1e-3, atol=1e-3)
+
+
+def test_load_chooses_the_decode_attention(tiny_llama):
+    """`kvtrt.load(dir, decode_kernel=...)`: the same greedy tokens either way on the tiny model."""
+    import kvtrt
+
+    tokens = {}
+    for choice, name in ((False, "onnxruntime"), (True, "kvtrt")):
+        llm = kvtrt.load(tiny_llama[2], decode_kernel=choice)
+        assert llm.engine.decode_attention == name
+        tokens[name] = llm.generate([5, 9, 13, 200, 77] * 60, max_new_tokens=12, ignore_eos=True).token_ids
+        llm.close()
+    assert tokens["kvtrt"] == tokens["onnxruntime"] and len(tokens["kvtrt"]) == 12

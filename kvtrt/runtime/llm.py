@@ -94,13 +94,13 @@ class LLM:
     def __init__(self, directory: str | os.PathLike, provider: str = "cpu", kv: str | KVSpec = "full",
                  threads: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, backend: str = "onnxruntime",
                  torch_threads: int | None = 1, kv_memory: str | int | None = None, max_queue: int | None = None,
-                 max_batch: int = 32, prefix_cache: str | int = "512MiB"):
+                 max_batch: int = 32, prefix_cache: str | int = "512MiB", decode_kernel: bool | None = None):
         self.directory = directory
         self.manifest = Manifest.load(directory)
         self.kv = parse_kv_spec(kv)
         if backend == "onnxruntime":
             self.engine = OrtEngine(directory, self.manifest, provider=provider, threads=threads,
-                                    variants=decode_graphs(self.kv, self.manifest))
+                                    variants=decode_graphs(self.kv, self.manifest), decode_kernel=decode_kernel)
         elif backend == "tensorrt":
             from .trt_engine import TrtEngine  # GPU only, `trt` extra
 
@@ -259,7 +259,7 @@ class LLM:
 def load(directory: str | os.PathLike, provider: str = "cpu", kv: str | KVSpec = "full", threads: int | None = None,
          prefill_chunk: int = DEFAULT_PREFILL_CHUNK, backend: str = "onnxruntime", torch_threads: int | None = 1,
          kv_memory: str | int | None = None, max_queue: int | None = None, max_batch: int = 32,
-         prefix_cache: str | int = "512MiB") -> LLM:
+         prefix_cache: str | int = "512MiB", decode_kernel: bool | None = None) -> LLM:
     """Load an export folder made by `kvtrt export`.
 
     provider: "cpu", "cuda" or "tensorrt" (ONNX Runtime execution provider); kv: the default KV spec
@@ -272,7 +272,10 @@ def load(directory: str | os.PathLike, provider: str = "cpu", kv: str | KVSpec =
     kv_memory: cap on the KV bytes of all requests together ("2GiB"; None: no cap), requests wait in FIFO order until theirs fits; max_queue: waiting requests before
     `submit` raises `QueueFullError` (None: unbounded); max_batch: sequences per decode call;
     prefix_cache: bytes of finished conversations kept so a next turn prefills only what is new
-    (0: off; under kv_memory they are evicted first)."""
+    (0: off; under kv_memory they are evicted first); decode_kernel: decode attention with kvtrt's own
+    CPU kernel (None: where it has a vector path, unless `KVTRT_DECODE_KERNEL=0`; False: ONNX Runtime's
+    GroupQueryAttention; True: the kernel or an error saying why not; `llm.engine.decode_attention`
+    says which runs)."""
     return LLM(directory, provider=provider, kv=kv, threads=threads, prefill_chunk=prefill_chunk, backend=backend,
                torch_threads=torch_threads, kv_memory=kv_memory, max_queue=max_queue, max_batch=max_batch,
-               prefix_cache=prefix_cache)
+               prefix_cache=prefix_cache, decode_kernel=decode_kernel)

@@ -9,7 +9,7 @@ returns the path, or None with the reason in `unavailable()` (no compiler, a fai
 then keeps GroupQueryAttention and says so once; it also keeps it, silently, where the CPU has
 neither AVX-512 nor AVX2 and only the slower portable path was built). `with_decode_attention(model)` rewrites the
 GroupQueryAttention nodes of a `decode_shared` graph (one new token per row) into this op, with the
-inputs it reads. Turn it off with `KVTRT_DECODE_KERNEL=0` (or `OrtEngine(decode_kernel=False)`).
+inputs it reads. Turn it off with `KVTRT_DECODE_KERNEL=0` (or `kvtrt.load(dir, decode_kernel=False)`).
 """
 
 from __future__ import annotations
