@@ -1,15 +1,16 @@
 """kvtrt's own ONNX Runtime CPU kernels, built from C on first use.
 
 `decode_attention.c` is `kvtrt::DecodeAttention` (and `DecodeAttention16` for an fp16 KV cache): one
-decode step's attention over the in-place KV buffer, which reads each KV head's cache once for its whole query group (ORT's GroupQueryAttention
-reads it once per query head). `library()` compiles it with the system C compiler into a per-user
-cache (`$KVTRT_CACHE_DIR`, else `~/.cache/kvtrt`; the temp folder if that is not writable), keyed by
-the source, the compiler, its flags and the CPU (`-march=native`), and
-returns the path, or None with the reason in `unavailable()` (no compiler, a failed build: the engine
-then keeps GroupQueryAttention and says so once; it also keeps it, silently, where the CPU has
-neither AVX-512 nor AVX2 and only the slower portable path was built). `with_decode_attention(model)` rewrites the
-GroupQueryAttention nodes of a `decode_shared` graph (one new token per row) into this op, with the
-inputs it reads. Turn it off with `KVTRT_DECODE_KERNEL=0` (or `kvtrt.load(dir, decode_kernel=False)`).
+decode step's attention over the in-place KV buffer, which reads each KV head's cache once for its
+whole query group (ORT's GroupQueryAttention reads it once per query head). `library()` compiles it
+with the system C compiler into a per-user cache (`$KVTRT_CACHE_DIR`, else `~/.cache/kvtrt`; the temp
+folder if that is not writable), keyed by the source, the compiler, its flags and the CPU
+(`-march=native`), and returns the path, or None with the reason in `unavailable()` (no compiler, a
+failed build: the engine then keeps GroupQueryAttention and says so once; it also keeps it, silently,
+where the CPU has neither AVX-512 nor AVX2 and only the slower portable path was built).
+`with_decode_attention(model)` rewrites the GroupQueryAttention nodes of a `decode_shared` graph (one
+new token per row) into this op, with the inputs it reads. Turn it off with `KVTRT_DECODE_KERNEL=0`
+(or `kvtrt.load(dir, decode_kernel=False)`).
 """
 
 from __future__ import annotations
@@ -121,8 +122,8 @@ def warn_unavailable() -> None:
     if not getattr(warn_unavailable, "said", False):
         warn_unavailable.said = True
         warnings.warn(f"kvtrt's decode attention kernel is not available ({unavailable()}); decoding uses "
-                      f"ONNX Runtime's GroupQueryAttention (equal outputs to rounding; slower on long caches and batches)",
-                      RuntimeWarning, stacklevel=3)
+                      f"ONNX Runtime's GroupQueryAttention (equal outputs to rounding; slower on long caches "
+                      f"and batches)", RuntimeWarning, stacklevel=3)
 
 
 # --- the graph rewrite, on protobuf bytes (the runtime does not depend on the onnx package) ---
@@ -130,8 +131,9 @@ def warn_unavailable() -> None:
 def with_decode_attention(model: bytes, half: bool = False) -> bytes:
     """ONNX model bytes with every com.microsoft GroupQueryAttention node of the main graph replaced by
     kvtrt::DecodeAttention (`half`: DecodeAttention16, for the fp16 graphs of an fp16-KV export; same
-    outputs and attributes; inputs qkv, past K/V, seqlens, bias) and the kvtrt opset imported. Raises ValueError if the graph has no such node or one reads separate
-    key/value inputs (the in-place decode graph packs q, k and v)."""
+    outputs and attributes; inputs qkv, past K/V, seqlens, bias) and the kvtrt opset imported. Raises
+    ValueError if the graph has no such node or one reads separate key/value inputs (the in-place
+    decode graph packs q, k and v)."""
     from ..onnx_bytes import _bytes, _text, _varint
     from ..ort_shared import _fields
 
