@@ -15,6 +15,11 @@ from tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 HAYSTACK = Path(__file__).resolve().parents[2] / "shared" / "data" / "haystack"
 
+# Every decode_shared test runs kvtrt's CPU decode attention kernel, also on the tiny models whose head
+# size (16) the engine would otherwise leave to GroupQueryAttention (`tests/test_decode_kernel.py`
+# checks the default choice with the variable unset).
+os.environ.setdefault("KVTRT_DECODE_KERNEL", "force")
+
 
 @pytest.fixture(scope="session")
 def tiny_exports(tmp_path_factory):

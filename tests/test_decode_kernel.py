@@ -162,16 +162,27 @@ def test_rewrite_needs_packed_group_query_attention(tiny_llama):
         cpu_kernels.with_decode_attention((directory / "prefill.onnx").read_bytes())
 
 
-def test_kernel_can_be_turned_off(tiny_llama, monkeypatch):
+def test_the_variable_turns_it_off_or_forces_it(tiny_llama, group3_export, monkeypatch):
     monkeypatch.setenv("KVTRT_DECODE_KERNEL", "0")
-    assert OrtEngine(tiny_llama[2], variants=[]).decode_attention == "onnxruntime"
-    monkeypatch.setenv("KVTRT_DECODE_KERNEL", "1")
+    assert OrtEngine(group3_export, variants=[]).decode_attention == "onnxruntime"
+    monkeypatch.setenv("KVTRT_DECODE_KERNEL", "force")  # what tests/conftest.py sets for the suite
     assert OrtEngine(tiny_llama[2], variants=[]).decode_attention == "kvtrt"
+    monkeypatch.setenv("KVTRT_DECODE_KERNEL", "1")
+    assert OrtEngine(group3_export, variants=[]).decode_attention == "kvtrt"
+
+
+def test_other_head_sizes_keep_group_query_attention_unless_asked(tiny_llama, group3_export, monkeypatch):
+    """The vector paths cover head size 64; the tiny export's 16 would run the portable loops."""
+    monkeypatch.delenv("KVTRT_DECODE_KERNEL")
+    assert OrtEngine(group3_export, variants=[]).decode_attention == "kvtrt"
+    assert OrtEngine(tiny_llama[2], variants=[]).decode_attention == "onnxruntime"
+    assert OrtEngine(tiny_llama[2], variants=[], decode_kernel=True).decode_attention == "kvtrt"
 
 
 def test_no_compiler_keeps_group_query_attention_and_says_so(tiny_llama, monkeypatch, tmp_path):
     """Without a C compiler the engine warns once and decodes with GroupQueryAttention; asking for the
     kernel explicitly fails with the reason."""
+    monkeypatch.delenv("KVTRT_DECODE_KERNEL")
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("KVTRT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(cpu_kernels.warn_unavailable, "said", False, raising=False)
@@ -207,12 +218,13 @@ def test_plain_onnxruntime_sessions_run_the_kernel_too(group3_export, monkeypatc
     np.testing.assert_allclose(plain, gqa, rtol=1e-4, atol=1e-4)
 
 
-def test_without_avx512_the_engine_keeps_group_query_attention_unless_asked(tiny_llama, monkeypatch):
+def test_without_avx512_the_engine_keeps_group_query_attention_unless_asked(group3_export, monkeypatch):
     """The portable build (no AVX-512, no AVX2) is slower than GroupQueryAttention on long caches: used
     only when asked for."""
+    monkeypatch.delenv("KVTRT_DECODE_KERNEL")
     monkeypatch.setattr(cpu_kernels, "vectorised", lambda path: False)
-    assert OrtEngine(tiny_llama[2], variants=[]).decode_attention == "onnxruntime"
-    assert OrtEngine(tiny_llama[2], variants=[], decode_kernel=True).decode_attention == "kvtrt"
+    assert OrtEngine(group3_export, variants=[]).decode_attention == "onnxruntime"
+    assert OrtEngine(group3_export, variants=[], decode_kernel=True).decode_attention == "kvtrt"
 
 
 @pytest.mark.skipif("avx512f" not in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else True,

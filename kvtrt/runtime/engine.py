@@ -76,7 +76,8 @@ class OrtEngine:
         first use. On CPU all sessions share one mapping of the weights file and one prepacked copy
         of the weights (`ort_shared`), so a further graph costs only its own activations.
         `decode_kernel`: run the in-place decode graph's attention with kvtrt's own CPU kernel
-        (`cpu_kernels`; default: on a CPU with AVX-512 or AVX2 unless `KVTRT_DECODE_KERNEL=0`); False keeps
+        (`cpu_kernels`; default: `KVTRT_DECODE_KERNEL`, else on a CPU with AVX-512 or AVX2 for head size
+        64); False keeps
         ONNX Runtime's GroupQueryAttention. `self.decode_attention` says which one runs."""
         import onnxruntime as ort
 
@@ -179,15 +180,16 @@ class OrtEngine:
                 raise ValueError("decode_kernel=True needs the CPU provider and an export with the in-place "
                                  "decode graph (`kvtrt export --attention gqa`, the fp32 default)")
             return None
-        if wanted is False or (wanted is None and not cpu_kernels.enabled()):
+        wanted = cpu_kernels.setting() if wanted is None else wanted
+        if wanted is False:
             return None
         library = cpu_kernels.library()
         if library is None:
             if wanted:
                 raise RuntimeError(f"kvtrt's decode attention kernel cannot be built: {cpu_kernels.unavailable()}")
             cpu_kernels.warn_unavailable()
-        elif wanted is None and not cpu_kernels.vectorised(library):
-            return None  # no AVX-512/AVX2 here: GroupQueryAttention beats the portable path on long caches
+        elif wanted is None and not (cpu_kernels.vectorised(library) and self.manifest.head_dim in cpu_kernels.HEAD_DIMS):
+            return None  # only the portable path would run (no AVX-512/AVX2, another head size): GQA is faster
         return library
 
     def _with_decode_attention(self, model: bytes) -> bytes:

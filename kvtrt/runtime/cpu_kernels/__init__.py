@@ -7,10 +7,11 @@ with the system C compiler into a per-user cache (`$KVTRT_CACHE_DIR`, else `~/.c
 folder if that is not writable), keyed by the source, the compiler, its flags and the CPU
 (`-march=native`), and returns the path, or None with the reason in `unavailable()` (no compiler, a
 failed build: the engine then keeps GroupQueryAttention and says so once; it also keeps it, silently,
-where the CPU has neither AVX-512 nor AVX2 and only the slower portable path was built).
+where only the slower portable path would run: a CPU with neither AVX-512 nor AVX2, or a head size
+other than `HEAD_DIMS`).
 `with_decode_attention(model)` rewrites the GroupQueryAttention nodes of a `decode_shared` graph (one
 new token per row) into this op, with the inputs it reads. Turn it off with `KVTRT_DECODE_KERNEL=0`
-(or `kvtrt.load(dir, decode_kernel=False)`).
+(or `kvtrt.load(dir, decode_kernel=False)`), force it with `KVTRT_DECODE_KERNEL=force` (or `True`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("decode_attention.c")
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c11"]
 OPS, DOMAIN = {False: "DecodeAttention", True: "DecodeAttention16"}, "kvtrt"  # by fp16 KV
+HEAD_DIMS = (64,)  # head sizes the vector paths cover; others run the portable loops (slower than GQA)
 _GQA_INPUTS = (0, 3, 4, 5, 10)  # qkv, past_key, past_value, seqlens_k, attention_bias (GroupQueryAttention's order)
 
 _lock = threading.Lock()
@@ -35,9 +37,11 @@ _built: dict[str, Path | None] = {}
 _why: list[str] = []
 
 
-def enabled() -> bool:
-    """False when the user turned the kernel off (`KVTRT_DECODE_KERNEL=0`)."""
-    return os.environ.get("KVTRT_DECODE_KERNEL", "1").strip().lower() not in ("0", "false", "no", "off")
+def setting() -> bool | None:
+    """`KVTRT_DECODE_KERNEL`: 0 (off, GroupQueryAttention), `force` (the kernel wherever it builds, the
+    portable path included, as `decode_kernel=True`), anything else or unset: where a vector path runs."""
+    value = os.environ.get("KVTRT_DECODE_KERNEL", "").strip().lower()
+    return False if value in ("0", "false", "no", "off") else True if value == "force" else None
 
 
 def cache_dir() -> Path:
