@@ -62,10 +62,10 @@ def _cpu() -> str:
 
 
 def library() -> Path | None:
-    """The compiled `decode_attention` library (built once per source, compiler and flags), or None
+    """The compiled `decode_attention` library (built once per source, compiler, flags and CPU), or None
     (see `unavailable`)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    key = f"{compiler}"
+    key = f"{compiler} {' '.join(FLAGS)} {cache_dir()} {SOURCE}"
     with _lock:
         if key in _built:
             return _built[key]
