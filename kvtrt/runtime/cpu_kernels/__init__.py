@@ -26,6 +26,9 @@ import threading
 import warnings
 from pathlib import Path
 
+from ..onnx_bytes import _bytes, _text, _varint
+from ..ort_shared import _fields  # protobuf fields of raw model bytes
+
 SOURCE = Path(__file__).with_name("decode_attention.c")
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c11"]
 OPS, DOMAIN = {False: "DecodeAttention", True: "DecodeAttention16"}, "kvtrt"  # by fp16 KV
@@ -138,9 +141,6 @@ def with_decode_attention(model: bytes, half: bool = False) -> bytes:
     outputs and attributes; inputs qkv, past K/V, seqlens, bias) and the kvtrt opset imported. Raises
     ValueError if the graph has no such node or one reads separate key/value inputs (the in-place
     decode graph packs q, k and v)."""
-    from ..onnx_bytes import _bytes, _text, _varint
-    from ..ort_shared import _fields
-
     out, replaced = bytearray(), 0
     for field, wire, value in _fields(model):
         if field == 7 and wire == 2:  # ModelProto.graph
@@ -161,15 +161,10 @@ def with_decode_attention(model: bytes, half: bool = False) -> bytes:
 
 
 def _op_type(buf: bytes, node: tuple[int, int]) -> str:
-    from ..ort_shared import _fields
-
     return next((buf[v[0]:v[1]].decode() for f, w, v in _fields(buf, *node) if f == 4 and w == 2), "")
 
 
 def _decode_node(buf: bytes, node: tuple[int, int], op: str) -> bytes:
-    from ..onnx_bytes import _text
-    from ..ort_shared import _fields
-
     inputs, rest = [], bytearray()
     for f, w, v in _fields(buf, *node):
         if f == 1 and w == 2:
@@ -183,8 +178,6 @@ def _decode_node(buf: bytes, node: tuple[int, int], op: str) -> bytes:
 
 def _raw(buf: bytes, field: int, wire: int, value) -> bytes:
     """Field `field` re-encoded as `_fields` read it (varints and length-delimited; no fixed-width here)."""
-    from ..onnx_bytes import _bytes, _varint
-
     if wire == 2:
         return _bytes(field, buf[value[0]:value[1]])
     if wire == 0:

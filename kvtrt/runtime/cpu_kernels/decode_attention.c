@@ -551,6 +551,7 @@ static void compute(void *kernel, OrtKernelContext *context) {
     if (past != present) memcpy(present, past, cache);
   }
   int64_t *item_start = malloc(sizeof(int64_t) * (c.B + 1));
+  if (item_start == NULL) return fail(&c, "out of memory");
   item_start[0] = 0;
   for (int64_t b = 0; b < c.B; b++) {
     const int64_t slot = c.seqlens[b];
@@ -568,6 +569,10 @@ static void compute(void *kernel, OrtKernelContext *context) {
   c.item_start = item_start;
   const int64_t items = item_start[c.B];
   c.partial = malloc(sizeof(float) * items * c.g * (c.D + 2));
+  if (c.partial == NULL) {
+    free(item_start);
+    return fail(&c, "out of memory");
+  }
   if (!ok(CALL(API_KERNEL_CONTEXT_PARALLEL_FOR, ParallelForFn)(context, chunk, (size_t)items, 0, &c)))
     for (int64_t i = 0; i < items; i++) chunk(&c, (size_t)i);
   float o[MAX_HEAD];
