@@ -52,6 +52,17 @@ def timed(cls, name: str, label: str | None = None):
 STEP: dict[str, float] = defaultdict(float)
 
 
+def _timed_fn(fn, label: str):
+    """``fn`` adding its wall time to STEP[label]."""
+    def wrapper(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            STEP[label] += time.perf_counter() - t
+    return wrapper
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("export")
@@ -74,6 +85,10 @@ def main() -> None:
     timed(fk.FreeKVRetrieval, "prefetch")
     timed(fk.FreeKVRetrieval, "finish_step")
     timed(fk.FreeKVRetrieval, "_correct", "correction")
+    timed(fk.FreeKVRetrieval, "refresh")  # select=previous (the CPU default): after the step, with its query
+    timed(fk.PagePool, "select", "pool_select")
+    timed(fk.KVView, "put_pages")
+    fk._placement = _timed_fn(fk._placement, "placement")
     timed(fk.KVView, "update_mask")
     timed(fk.KVView, "copy_unpaged")
     timed(type(llm.engine), "run", "graph")
@@ -87,14 +102,16 @@ def main() -> None:
         for _ in range(args.steps):
             STEP.clear()
             t = time.perf_counter()
-            d.step()
+            logits = d.row.step()  # the runtime's step alone (``Driver.step`` also copies what it attended)
             total = time.perf_counter() - t
+            seq = d.row.seq
+            seq.pending, seq.position = int(logits.argmax()), seq.position + 1
             for k, v in STEP.items():
                 rows[k].append(v * 1e3)
             rows["step"].append(total * 1e3)
         st = d.r.stats()
         d.r.close()
-        crit = ("graph", "prefetch", "finish_step")
+        crit = ("graph", "prefetch", "finish_step", "refresh")
         rows["python"] = [s - sum(rows[c][i] for c in crit if c in rows) for i, s in enumerate(rows["step"])]
         summary = {k: {"median_ms": statistics.median(v), "mean_ms": sum(v) / len(v)} for k, v in rows.items()}
         summary["correction_rate"] = st.correction_rate
@@ -104,7 +121,7 @@ def main() -> None:
               f"pages recalled per step {st.pages_recalled_per_step:.1f}")
         print("| part | median ms | mean ms |\n|---|---|---|")
         order = ["step", "graph", "prefetch", "finish_step", "wait_worker", "append_token", "correction",
-                 "drift_test", "select", "recall", "update_mask", "copy_unpaged", "python",
+                 "drift_test", "refresh", "pool_select", "select", "recall", "placement", "put_pages", "update_mask", "copy_unpaged", "python",
                  "worker.select", "worker.recall", "worker.copy_unpaged", "worker.update_mask"]
         for k in order + sorted(set(rows) - set(order)):
             if k in rows:

@@ -9,6 +9,8 @@ folder if that is not writable), keyed by the source, the compiler, its flags an
 failed build: the engine then keeps GroupQueryAttention and says so once; it also keeps it, silently,
 where only the slower portable path would run: a CPU with neither AVX-512 nor AVX2, or a head size
 other than `HEAD_DIMS`).
+`page_ops.c` is FreeKV's page selection and recall on the host, plain C functions called through ctypes
+(`cpu_kernels/page_ops.py`), built the same way (`library("page_ops")`).
 `with_decode_attention(model)` rewrites the GroupQueryAttention nodes of a `decode_shared` graph (one
 new token per row) into this op, with the inputs it reads. Turn it off with `KVTRT_DECODE_KERNEL=0`
 (or `kvtrt.load(dir, decode_kernel=False)`), force it with `KVTRT_DECODE_KERNEL=force` (or `True`).
@@ -29,8 +31,8 @@ from pathlib import Path
 from ..onnx_bytes import _bytes, _text, _varint
 from ..ort_shared import _fields  # protobuf fields of raw model bytes
 
-SOURCE = Path(__file__).with_name("decode_attention.c")
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c11"]
+SOURCES = {name: Path(__file__).with_name(f"{name}.c") for name in ("decode_attention", "page_ops")}
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c11", "-pthread"]
 OPS, DOMAIN = {False: "DecodeAttention", True: "DecodeAttention16"}, "kvtrt"  # by fp16 KV
 HEAD_DIMS = (64,)  # head sizes the vector paths cover; others run the portable loops (slower than GQA)
 _GQA_INPUTS = (0, 3, 4, 5, 10)  # qkv, past_key, past_value, seqlens_k, attention_bias (GroupQueryAttention's order)
@@ -64,15 +66,16 @@ def _cpu() -> str:
     return f"{platform.machine()} {flags.strip()}"
 
 
-def library() -> Path | None:
-    """The compiled `decode_attention` library (built once per source, compiler, flags and CPU), or None
+def library(name: str = "decode_attention") -> Path | None:
+    """The compiled library of `SOURCES[name]` (built once per source, compiler, flags and CPU), or None
     (see `unavailable`)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    key = f"{compiler} {' '.join(FLAGS)} {cache_dir()} {SOURCE}"
+    source = SOURCES[name]
+    key = f"{compiler} {' '.join(FLAGS)} {cache_dir()} {source}"
     with _lock:
         if key in _built:
             return _built[key]
-        _built[key] = path = _build(compiler)
+        _built[key] = path = _build(compiler, source)
         return path
 
 
@@ -90,35 +93,35 @@ def unavailable() -> str | None:
     return _why[-1] if _why else None
 
 
-def _build(compiler: str | None) -> Path | None:
+def _build(compiler: str | None, source: Path) -> Path | None:
     if compiler is None:
         _why.append("no C compiler found (install gcc, or set CC)")
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, _cpu()]).encode()).hexdigest()[:16]
-    name = f"decode_attention-{digest}.so"
+    digest = hashlib.sha256(source.read_bytes() + " ".join([compiler, *FLAGS, _cpu()]).encode()).hexdigest()[:16]
+    name = f"{source.stem}-{digest}.so"
     for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"kvtrt-kernels-{os.getuid()}"):
         if (folder / name).exists():
             return folder / name
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            return _compile(compiler, folder / name)
+            return _compile(compiler, source, folder / name)
         except OSError as error:  # a read-only or full cache: the next place, then say why
             reason = f"cannot write the kernel to {folder}: {error}"
     _why.append(reason)
     return None
 
 
-def _compile(compiler: str, target: Path) -> Path | None:
+def _compile(compiler: str, source: Path, target: Path) -> Path | None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         try:
-            run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
+            run = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), "-lm"], capture_output=True,
                                  text=True)
         except OSError as error:
             _why.append(f"cannot run the C compiler {compiler!r}: {error}")
             return None
         if run.returncode != 0:
-            _why.append(f"{compiler} could not build {SOURCE.name}: {run.stderr.strip()[-400:]}")
+            _why.append(f"{compiler} could not build {source.name}: {run.stderr.strip()[-400:]}")
             return None
         os.replace(built, target)  # atomic: concurrent builders leave one complete file
     return target

@@ -14,6 +14,9 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
+
+from ..cpu_kernels import page_ops
 from ..memory import return_freed_memory
 from .backend import backend_for
 from .options import KVSpecError
@@ -122,6 +125,7 @@ class FreeKVRetrieval:
         #: the buffers of the dense KV handed to ``start`` (weak: to report whether they outlive it)
         self._dense: list[tuple[Callable[[], object], int]] = []
         self._dense_after_start = 0
+        self._c_recall: bool | None = None  # recalls in C (``_host_recall``), decided on the first one
         self._prompt: int | None = None  # the prompt length given to ``begin`` (batch 1)
         self._summarized = 0  # pool pages of that prompt whose summaries ``absorb`` already stored
 
@@ -181,7 +185,7 @@ class FreeKVRetrieval:
             # (torch: inference mode; only temporaries are made here, the view and basis are written in place)
             with self._on_copy_stream(wait=True), xp.inference():
                 fresh = self.pool.select(slice(layers.start, layers.stop), query, self.layout.k_pages, self.combine,
-                                         n_pages=view.n_pages, threads=CRITICAL_PATH_THREADS)
+                                         n_pages=view.n_pages, threads=CRITICAL_PATH_THREADS, only=drifted)
                 current = view.slot_pages[layers.start:layers.stop]
                 self.recall(view, xp.where(drifted[..., None], fresh, current), layers=layers)
                 group = self.n_heads // self.n_kv_heads
@@ -400,15 +404,28 @@ class FreeKVRetrieval:
         n_pages = (view or self.view()).n_pages
         return self.pool.select(layer, query, self.layout.k_pages, self.combine, n_pages=n_pages)
 
-    def recall(self, view: KVView, pages: Tensor, count: bool = True, layers: range | None = None) -> None:
+    def recall(self, view: KVView, pages: Tensor, count: bool = True, layers: range | None = None,
+               threads: int = CRITICAL_PATH_THREADS) -> None:
         """Make ``view``'s page slots hold ``pages`` ``[L, B, Hkv, k]`` (``-1`` = none); with ``layers``,
-        only those layers' (``pages`` ``[len(layers), B, Hkv, k]``).
+        only those layers' (``pages`` ``[len(layers), B, Hkv, k]``). ``threads``: for the C copy (1 in the
+        worker, beside the decode graph).
 
         Pages already resident stay in their slot; missing pages go to the free slots in ascending
         slot order; only those are copied (``copy_chunk`` layers per copy op).
         """
         xp = self.xp
         slot_pages = view.slot_pages if layers is None else view.slot_pages[layers.start:layers.stop]
+        if self._host_recall():
+            counts = np.zeros(3, np.int64)
+            page_ops.recall(slot_pages, pages, self.pool.data, view.all_kv, 0 if layers is None else layers.start,
+                            self.layout.sink, counts, threads)
+            if count:
+                self._counters.pages_selected += int(counts[0])
+                self._counters.pages_hit += int(counts[1])
+                self._counters.pages_recalled += int(counts[2])
+            if self.copy_hook is not None:
+                self.copy_hook(int(counts[2]))
+            return
         plan = _placement(xp, slot_pages, xp.asarray(pages))
         if layers is not None and layers.start:
             plan = plan._replace(layers=plan.layers + layers.start)
@@ -526,6 +543,14 @@ class FreeKVRetrieval:
             self.master_keys[layer, b][:, ring_slots] = xp.to_device(keys[:, first:n], self.dtype)
             self.master_values[layer, b][:, ring_slots] = xp.to_device(values[:, first:n], self.dtype)
 
+    def _host_recall(self) -> bool:
+        """Whether recalls run as one C call (``cpu_kernels.page_ops``): numpy arrays, an fp32/fp16 pool,
+        one copy op for every layer."""
+        if self._c_recall is None:
+            self._c_recall = (isinstance(self.pool.data, np.ndarray) and self.pool.int8_scheme is None
+                              and self.layout.k_pages <= 256 and page_ops.available())
+        return self._c_recall and self.copy_chunk == self.n_layers
+
     def _on_copy_stream(self, wait: bool = False):
         return contextlib.nullcontext() if self._copier is None else self._copier.on_stream(wait)
 
@@ -556,7 +581,8 @@ class FreeKVRetrieval:
             if query is not None:
                 reuse = selected is not None and selected[1] == view.n_pages
                 self._counters.selections_reused += int(reuse)
-                self.recall(view, selected[0] if reuse else self._select(query, view, threads), count=count)
+                self.recall(view, selected[0] if reuse else self._select(query, view, threads), count=count,
+                            threads=threads)
                 if self._fresh:
                     self._basis[view.index] = self.xp.clone(query)
             view.update_mask(self._lengths, non_blocking=self._copier is not None)

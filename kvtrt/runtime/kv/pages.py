@@ -386,20 +386,28 @@ class PagePool:
 
     def select(
         self, layer: int | slice | None, query: Tensor, k: int, combine: str = "softmax",
-        n_pages: Tensor | None = None, threads: int = 1,
+        n_pages: Tensor | None = None, threads: int = 1, only: Tensor | None = None,
     ) -> Tensor:
         """Top-``k`` page ids (``-1`` padded) among the first ``n_pages[b]`` pages.
 
         ``layer`` an int: ``query`` ``[B, H, D]`` -> ``[B, Hkv, k]``; a slice of layers or ``None`` (every
-        layer) at once: ``query`` ``[L, B, H, D]`` -> ``[L, B, Hkv, k]``. Summaries on the host are scored by
-        one ONNX Runtime graph call with ``threads`` threads (``page_select``), on a GPU by torch.
+        layer) at once: ``query`` ``[L, B, H, D]`` -> ``[L, B, Hkv, k]``. ``only`` (bool, the output's shape
+        without ``k``): rows left out come back all ``-1``. Summaries on the host are scored in C on
+        ``threads`` threads (``cpu_kernels.page_ops``, only the rows asked for), else by one ONNX Runtime
+        graph call (``page_select``); on a GPU by torch.
         """
         n = self.n_pages if n_pages is None else n_pages
         query = self.xp.asarray(query)
         kmin, kmax = (self.kmin, self.kmax) if layer is None else (self.kmin[layer], self.kmax[layer])
         if isinstance(kmin, np.ndarray):
-            return select_pages_host(query, kmin, kmax, n, k, combine, threads)
-        return select_pages(query, kmin, kmax, n, k, combine)
+            from ..cpu_kernels import page_ops
+
+            if page_ops.available():
+                return page_ops.select(query, kmin, kmax, n, k, combine, only, threads)
+            selected = select_pages_host(query, kmin, kmax, n, k, combine, threads)
+        else:
+            selected = select_pages(query, kmin, kmax, n, k, combine)
+        return selected if only is None else self.xp.where(self.xp.asarray(only)[..., None], selected, -1)
 
 
 def _quantize(xp, x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:

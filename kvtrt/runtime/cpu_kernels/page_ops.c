@@ -1,0 +1,250 @@
+// FreeKV / Quest page work on the host, called from Python (ctypes): the page selection and the recall of
+// a step, which numpy and small ONNX Runtime graphs did in ~10 calls each (~4 ms a step at 7680 tokens on
+// SmolLM2, most of it per-call overhead, not work).
+//
+// Layouts (all C-contiguous; "rows" are (layer, sequence, KV head) triples, row = (l * B + b) * Hkv + h):
+//   pool        [L, B, cap, Hkv, 2, page, D]  one KV head's page: its K then its V (float32 or float16)
+//   kmin, kmax  [L, B, Hkv, cap, D]           per-channel min / max of each page's keys (float32)
+//   view        [2, L, B, Hkv, width, D]      K then V; page slot s of a row spans [sink + s*page, +page)
+//   slot_pages  [rows, k]                      the page id each of the view's page slots holds (-1: none)
+//
+// kvtrt_select_pages: Quest's upper bound s_i(p) = q_i+ . kmax_p + q_i- . kmin_p for the g query heads of
+// a row, combined over the group (softmax: each head's softmax over the pages of s * scale, averaged;
+// mean: s averaged), then the k best pages (ties to the lower id; -1 past the row's pages), as
+// `pages.select_pages` computes it (float32; the sums' order may differ in the last bit).
+// kvtrt_recall_pages: make each row's page slots hold its selected pages: pages already held stay in
+// their slot, the missing ones go to the free slots in ascending order (`freekv._placement`), and only
+// those are copied from the pool (widened from float16 when the pool is narrower than the view).
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__) || defined(__F16C__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define EXPORT __attribute__((visibility("default")))
+
+static float half_to_float(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
+  if (exponent == 0x1f) {
+    bits = sign | 0x7f800000 | (mantissa << 13);
+  } else if (exponent) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else if (mantissa) {  // subnormal: normalise
+    exponent = 113;
+    while (!(mantissa & 0x400)) mantissa <<= 1, exponent--;
+    bits = sign | (exponent << 23) | ((mantissa & 0x3ff) << 13);
+  } else {
+    bits = sign;
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+// n float16 values widened into float32 (exact)
+static void widen(float *dst, const uint16_t *src, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+#elif defined(__F16C__)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#endif
+  for (; i < n; i++) dst[i] = half_to_float(src[i]);
+}
+
+// q+ . kmax + q- . kmin over d values
+static float upper_bound(const float *qp, const float *qn, const float *kmax, const float *kmin, int64_t d) {
+  int64_t i = 0;
+  float s = 0.0f;
+#if defined(__AVX512F__)
+  __m512 pos = _mm512_setzero_ps(), neg = _mm512_setzero_ps();
+  for (; i + 16 <= d; i += 16) {
+    pos = _mm512_fmadd_ps(_mm512_loadu_ps(qp + i), _mm512_loadu_ps(kmax + i), pos);
+    neg = _mm512_fmadd_ps(_mm512_loadu_ps(qn + i), _mm512_loadu_ps(kmin + i), neg);
+  }
+  s = _mm512_reduce_add_ps(pos) + _mm512_reduce_add_ps(neg);
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 pos = _mm256_setzero_ps(), neg = _mm256_setzero_ps();
+  for (; i + 8 <= d; i += 8) {
+    pos = _mm256_fmadd_ps(_mm256_loadu_ps(qp + i), _mm256_loadu_ps(kmax + i), pos);
+    neg = _mm256_fmadd_ps(_mm256_loadu_ps(qn + i), _mm256_loadu_ps(kmin + i), neg);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, _mm256_add_ps(pos, neg));
+  for (int j = 0; j < 8; j++) s += lanes[j];
+#endif
+  for (; i < d; i++) s += qp[i] * kmax[i] + qn[i] * kmin[i];
+  return s;
+}
+
+// The k best of combined[0, n) into out (descending, ties to the lower id), -1 after the n-th.
+static void top_k(const float *combined, int64_t n, int64_t k, int64_t *out, float *best) {
+  int64_t held = 0;
+  for (int64_t p = 0; p < n; p++) {
+    float v = combined[p];
+    if (held == k && !(v > best[k - 1])) continue;  // not better than the worst held (ties: the earlier stays)
+    int64_t j = held < k ? held++ : k - 1;
+    while (j > 0 && v > best[j - 1]) best[j] = best[j - 1], out[j] = out[j - 1], j--;
+    best[j] = v, out[j] = p;
+  }
+  for (int64_t j = held; j < k; j++) out[j] = -1;
+}
+
+typedef struct {  // one thread's share of a selection: rows [r0, r1)
+  int64_t r0, r1, batch, kv_heads, group, dim, cap, k;
+  const float *query, *kmin, *kmax;
+  const int64_t *n_pages;
+  int softmax, status;
+  float scale;
+  const uint8_t *only;
+  int64_t *out;
+} SelectJob;
+
+static void *select_rows(void *arg) {
+  SelectJob *j = arg;
+  const int64_t cap = j->cap, dim = j->dim, group = j->group, k = j->k;
+  float *scores = malloc(sizeof(float) * (size_t)(cap * (group + 1) + k + 2 * dim));
+  if (!scores) {
+    j->status = -1;
+    return NULL;
+  }
+  float *combined = scores + cap * group, *best = combined + cap, *qp = best + k, *qn = qp + dim;
+  for (int64_t row = j->r0; row < j->r1; row++) {
+    if (j->only && !j->only[row]) continue;
+    int64_t b = row / j->kv_heads % j->batch, n = j->n_pages[b] < cap ? j->n_pages[b] : cap;
+    const float *kx = j->kmax + row * cap * dim, *kn = j->kmin + row * cap * dim;
+    for (int64_t p = 0; p < n; p++) combined[p] = 0.0f;
+    for (int64_t i = 0; i < group; i++) {
+      const float *q = j->query + (row * group + i) * dim;
+      for (int64_t d = 0; d < dim; d++) qp[d] = q[d] > 0.0f ? q[d] : 0.0f, qn[d] = q[d] < 0.0f ? q[d] : 0.0f;
+      float *s = scores + i * cap, top = -INFINITY, sum = 0.0f;
+      for (int64_t p = 0; p < n; p++) {
+        s[p] = upper_bound(qp, qn, kx + p * dim, kn + p * dim, dim);
+        if (j->softmax) s[p] *= j->scale, top = s[p] > top ? s[p] : top;
+      }
+      if (j->softmax) {
+        for (int64_t p = 0; p < n; p++) s[p] = expf(s[p] - top), sum += s[p];
+        for (int64_t p = 0; p < n; p++) s[p] /= sum;
+      }
+      for (int64_t p = 0; p < n; p++) combined[p] += s[p];
+    }
+    for (int64_t p = 0; p < n; p++) combined[p] /= (float)group;
+    top_k(combined, n, k, j->out + row * k, best);
+  }
+  free(scores);
+  return NULL;
+}
+
+typedef struct {  // one thread's share of a recall: rows [r0, r1)
+  int64_t r0, r1, layer0, layers, batch, kv_heads, k, cap, width, sink, page, dim;
+  int64_t *slot_pages;
+  const int64_t *selected;
+  const void *pool;
+  void *view;
+  int pool_half, view_half;
+  int64_t counts[3];
+} RecallJob;
+
+static void *recall_rows(void *arg) {
+  RecallJob *j = arg;
+  const int64_t k = j->k, batch = j->batch, kv_heads = j->kv_heads, page = j->page, dim = j->dim;
+  const int64_t block = page * dim, plane = j->layers * batch * kv_heads * j->width * dim;
+  const int64_t size = j->view_half ? 2 : 4, stored = j->pool_half ? 2 : 4;
+  int64_t missing[256], keep[256];  // k <= 256 (checked by the caller)
+  for (int64_t r = j->r0; r < j->r1; r++) {
+    int64_t *held = j->slot_pages + r * k, n_missing = 0;
+    const int64_t *want = j->selected + r * k;
+    for (int64_t s = 0; s < k; s++) {
+      keep[s] = 0;
+      if (held[s] < 0) continue;
+      for (int64_t i = 0; i < k; i++) keep[s] |= want[i] == held[s];
+    }
+    for (int64_t i = 0; i < k; i++) {
+      if (want[i] < 0) continue;
+      int present = 0;
+      for (int64_t s = 0; s < k && !present; s++) present = held[s] == want[i];
+      j->counts[0]++, j->counts[1] += present;
+      if (!present) missing[n_missing++] = want[i];
+    }
+    const int64_t row = j->layer0 * batch * kv_heads + r, l = row / (batch * kv_heads), bh = row % (batch * kv_heads);
+    const int64_t b = bh / kv_heads, h = bh % kv_heads;
+    for (int64_t s = 0, m = 0; s < k; s++) {
+      if (keep[s]) continue;
+      held[s] = m < n_missing ? missing[m] : -1;
+      if (m >= n_missing) continue;
+      const int64_t p = missing[m++];
+      const char *src = (const char *)j->pool + (((l * batch + b) * j->cap + p) * kv_heads + h) * 2 * block * stored;
+      char *dst = (char *)j->view + (row * j->width + j->sink + s * page) * dim * size;
+      for (int kv = 0; kv < 2; kv++) {
+        const char *from = src + kv * block * stored;
+        char *to = dst + kv * plane * size;
+        if (j->pool_half && !j->view_half) widen((float *)to, (const uint16_t *)from, block);
+        else memcpy(to, from, (size_t)(block * size));
+      }
+      j->counts[2]++;
+    }
+  }
+  return NULL;
+}
+
+#define MAX_THREADS 8
+
+// Run fn on jobs[0..n) (each a `size`-byte struct), job 0 on this thread; 1 if a thread could not start
+// (its share then runs here too).
+static void run_jobs(void *(*fn)(void *), char *jobs, size_t size, int n) {
+  pthread_t threads[MAX_THREADS];
+  int started[MAX_THREADS] = {0};
+  for (int i = 1; i < n; i++) started[i] = pthread_create(&threads[i], NULL, fn, jobs + i * size) == 0;
+  fn(jobs);
+  for (int i = 1; i < n; i++) {
+    if (started[i]) pthread_join(threads[i], NULL);
+    else fn(jobs + i * size);
+  }
+}
+
+static int parts(int64_t rows, int threads) {
+  int n = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+  return rows < n ? (rows > 0 ? (int)rows : 1) : n;
+}
+
+// Top-k pages of `rows` rows (row = (l * B + b) * Hkv + h, l counted from the first layer of kmin/kmax) on
+// `threads` threads. query [rows, g, D]; kmin/kmax [rows / (B*Hkv) layers, B, Hkv, cap, D]; n_pages [B];
+// only rows with only[row] != 0 (all when only is NULL) are written to out [rows, k]. Returns 0, or -1
+// when out of memory.
+EXPORT int kvtrt_select_pages(int64_t rows, int64_t batch, int64_t kv_heads, int64_t group, int64_t dim, int64_t cap,
+                              const float *query, const float *kmin, const float *kmax, const int64_t *n_pages,
+                              int64_t k, int softmax, float scale, const uint8_t *only, int64_t *out, int threads) {
+  SelectJob jobs[MAX_THREADS];
+  int n = parts(rows, threads);
+  for (int i = 0; i < n; i++)
+    jobs[i] = (SelectJob){rows * i / n, rows * (i + 1) / n, batch, kv_heads, group, dim, cap, k, query, kmin, kmax,
+                          n_pages, softmax, 0, scale, only, out};
+  run_jobs(select_rows, (char *)jobs, sizeof(SelectJob), n);
+  for (int i = 0; i < n; i++)
+    if (jobs[i].status) return jobs[i].status;
+  return 0;
+}
+
+// Bring `rows` rows' page slots to `selected` [rows, k] (row = ((layer0 + l) * B + b) * Hkv + h in the
+// pool and view; slot_pages and selected count rows from layer0) on `threads` threads. Copies K and V of
+// each missing page from the pool (pool_half: float16 pages; view_half: a float16 view, else float32; a
+// float32 pool with a float16 view is not a layout kvtrt makes). counts[0..2] += selected, already held,
+// copied.
+EXPORT void kvtrt_recall_pages(int64_t rows, int64_t layer0, int64_t layers, int64_t batch, int64_t kv_heads,
+                               int64_t k, int64_t *slot_pages, const int64_t *selected, const void *pool,
+                               int pool_half, int64_t cap, void *view, int view_half, int64_t width, int64_t sink,
+                               int64_t page, int64_t dim, int64_t *counts, int threads) {
+  RecallJob jobs[MAX_THREADS];
+  int n = parts(rows, threads);
+  for (int i = 0; i < n; i++)
+    jobs[i] = (RecallJob){rows * i / n, rows * (i + 1) / n, layer0, layers, batch, kv_heads, k, cap, width, sink,
+                          page, dim, slot_pages, selected, pool, view, pool_half, view_half, {0, 0, 0}};
+  run_jobs(recall_rows, (char *)jobs, sizeof(RecallJob), n);
+  for (int i = 0; i < n; i++)
+    for (int c = 0; c < 3; c++) counts[c] += jobs[i].counts[c];
+}
+
+EXPORT int kvtrt_page_ops_version(void) { return 1; }
