@@ -3,17 +3,21 @@
 One export made with `kvtrt export --decode-groups N`; one prefill of a haystack prompt, then each
 (spec, mode) decodes from a copy of it, interleaved, `--repeat` times (median reported). Mode
 `groups`: the row runs the lookahead graph and the N group graphs, refreshing each range's pages with
-its lookahead query (spec option `select=fresh`); `one graph`: the same export's decode_shared with
-the previous step's query (`select=speculative`, the behaviour before).
+its lookahead query (spec option `select=fresh`); `previous` / `speculative`: the same export's one
+decode_shared graph with pages chosen by the previous step's query (`select=previous`, the CPU default
+since the seventh session, or `select=speculative`, the double buffer before it). `--page-ops both`
+runs each measurement with FreeKV's C page selection and recall (`cpu_kernels/page_ops.c`) and with the
+numpy / ONNX Runtime code they replaced (`KVTRT_PAGE_OPS=0`), interleaved.
 
     python docs/results/decode_groups_speed.py /tmp/smol-g30 --context 4096 --new-tokens 128 \
-        --kv freekv:budget=1024 --kv quest:budget=1024 --kv full --repeat 3
+        --kv freekv:budget=1024 --kv quest:budget=1024 --kv full --repeat 3 --modes groups,previous
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 
 import kvtrt
@@ -29,8 +33,11 @@ def main() -> None:
     ap.add_argument("--kv", action="append", required=True)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--modes", default="groups,speculative", help="comma-separated: groups, previous, speculative")
+    ap.add_argument("--page-ops", choices=("on", "off", "both"), default="on")
     ap.add_argument("--json")
     args = ap.parse_args()
+    page_ops = {"on": ["on"], "off": ["off"], "both": ["on", "off"]}[args.page_ops]
 
     llm = kvtrt.load(args.dir, threads=args.threads)
     ids = token_prefix(llm.codec.encode, load_texts(), args.context)
@@ -38,13 +45,14 @@ def main() -> None:
     runs: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.repeat):
         for spec in args.kv:
-            for mode in ("groups", "one graph"):
-                if spec == "full" and mode == "one graph":
+            for mode, ops in ((m, o) for m in args.modes.split(",") for o in page_ops):
+                if spec == "full" and (mode != "groups" or ops != page_ops[0]):
                     continue
-                select = "" if spec == "full" else (",select=" + ("fresh" if mode == "groups" else "speculative"))
+                select = "" if spec == "full" else (",select=" + ("fresh" if mode == "groups" else mode))
+                os.environ["KVTRT_PAGE_OPS"] = "1" if ops == "on" else "0"
                 got = decode(llm, ids, args.new_tokens, spec + select, start=start)
                 kv = got.stats.kv
-                runs.setdefault((spec, mode), []).append(
+                runs.setdefault((spec, mode if len(page_ops) == 1 else f"{mode}, page ops {ops}"), []).append(
                     {"tok_s": got.stats.decode_tok_s, "correction_rate": kv.get("correction_rate"),
                      "pages_recalled_per_step": kv.get("pages_recalled_per_step"),
                      "correction_ms_per_step": 1e3 * kv.get("correction_s", 0) / max(1, kv.get("steps", 1))})
