@@ -942,3 +942,48 @@ def test_numpy_and_torch_backends_decode_identically(spec):
     assert recalled > 0 and stats_t["steps"] == 150  # pages moved: the comparison covered recalls
     for r in (r_np, r_t):
         r.close()
+
+
+@pytest.mark.parametrize("select", ["previous", "speculative"])
+def test_pinned_pages_stay_and_the_rest_is_the_best_of_the_others(select, backend):
+    """`pin=P`: the P pages the prompt's last query ranks best stay in every view; the other page slots hold
+    the best pages of a fresh selection (tau 1: every head re-selects) that are not pinned."""
+    seq = Seq(L=2, B=2, Hkv=2, G=3, D=16, total=260, seed=9)
+    pin = 2
+    r = make(f"freekv:budget=60,{SMALL},tau=1,pin={pin},select={select}", seq, backend)
+    if select == "previous":
+        r.use_fresh_queries()
+    n0 = 120
+    k, v = seq.kv(0, n0)
+    r.start(k, v, seq.q(n0 - 1))
+    pinned = T(r.pool.select(None, backend.asarray(torch.stack(seq.q(n0 - 1))), pin, r.combine)).clone()  # [L,B,Hkv,P]
+    n = n0
+    for _ in range(12):
+        if select == "speculative":
+            r.prefetch()
+        q = seq.q(n)
+        nk, nv = seq.kv(n, n + 1)
+        view = r.finish_step(q, nk, nv)
+        if select == "previous":
+            view = r.refresh(range(seq.L), backend.asarray(torch.stack(q)))
+        n += 1
+        check_view(r, view, seq, [n] * seq.B)
+        for layer in range(seq.L):
+            ranked = T(r.pool.select(layer, backend.asarray(q[layer]), r.layout.k_pages, r.combine,
+                                     n_pages=view.n_pages))
+            held = T(view.slot_pages[layer])
+            for b in range(seq.B):
+                for h in range(seq.Hkv):
+                    keep = pinned[layer, b, h].tolist()
+                    others = [p for p in ranked[b, h].tolist() if p >= 0 and p not in keep]
+                    want = set(keep) | set(others[:r.layout.k_pages - pin])
+                    assert set(held[b, h].tolist()) - {-1} == want
+    r.close()
+
+
+def test_pin_must_leave_page_slots_to_selection():
+    with pytest.raises(KVSpecError, match="pin=6 .* 6 page slots"):
+        parse_kv_spec(f"freekv:budget=60,{SMALL},pin=6")
+    config = parse_kv_spec(f"freekv:budget=0.1,{SMALL},pin=6").retrieval  # a fraction: checked with the context
+    with pytest.raises(KVSpecError, match="pin=6"):
+        config.create(n_layers=1, n_kv_heads=1, n_heads=1, head_dim=8, max_context=600)
