@@ -83,10 +83,6 @@ class FreeKVRetrieval:
         self.layout = lay = config.layout(max_context, staging_slot)
         self.budget = config.budget_tokens(max_context)
         self.tau, self.combine, self.drift = config.tau, config.combine, config.drift
-        if config.pin:
-            config.check_pin(lay.k_pages, str(config))
-        self.pin = config.pin
-        self._pinned: Tensor | None = None  # [L, B, Hkv, pin]: the prompt's last query's best pages (``pin``)
         self.pool_dtype = config.pool_dtype
         if self.pool_dtype == "int8" and xp.is_cuda:
             raise KVSpecError(f"{config.mode}: pool_dtype=int8 dequantizes recalled pages on the host, not on "
@@ -190,7 +186,6 @@ class FreeKVRetrieval:
             with self._on_copy_stream(wait=True), xp.inference():
                 fresh = self.pool.select(slice(layers.start, layers.stop), query, self.layout.k_pages, self.combine,
                                          n_pages=view.n_pages, threads=CRITICAL_PATH_THREADS, only=drifted)
-                fresh = self._with_pinned(fresh, layers)
                 current = view.slot_pages[layers.start:layers.stop]
                 self.recall(view, xp.where(drifted[..., None], fresh, current), layers=layers)
                 group = self.n_heads // self.n_kv_heads
@@ -299,10 +294,6 @@ class FreeKVRetrieval:
             self._lengths[b] = counts[b]
         self._latest_query = self._stacked(query, copy=True)
         self._current = 0
-        self._pinned = None
-        if self.pin:  # the prompt's last query's best pages, kept in every view from here on
-            self._pinned = self.pool.select(None, self._latest_query, self.pin, self.combine,
-                                            threads=CRITICAL_PATH_THREADS)
         self._prepare(self._views[0], self._latest_query, count=False, wait=True)
         self._sync_device()
         self._dense_after_start = self.dense_store_nbytes
@@ -411,8 +402,7 @@ class FreeKVRetrieval:
         """What a fresh top-k selection with ``query`` ``[B, H, D]`` picks for ``layer`` ``[B, Hkv, k]``
         against ``view``'s pool snapshot (default: the current view)."""
         n_pages = (view or self.view()).n_pages
-        selected = self.pool.select(layer, query, self.layout.k_pages, self.combine, n_pages=n_pages)
-        return self._with_pinned(selected, layer)
+        return self.pool.select(layer, query, self.layout.k_pages, self.combine, n_pages=n_pages)
 
     def recall(self, view: KVView, pages: Tensor, count: bool = True, layers: range | None = None,
                threads: int = CRITICAL_PATH_THREADS) -> None:
@@ -571,26 +561,7 @@ class FreeKVRetrieval:
     def _select(self, query: Tensor, view: KVView, threads: int = CRITICAL_PATH_THREADS) -> Tensor:
         """Top-k pages ``[L, B, Hkv, k]`` for ``query`` ``[L, B, H, D]`` within ``view``'s pool snapshot
         (``threads``: 1 in the worker, beside the decode graph)."""
-        selected = self.pool.select(None, query, self.layout.k_pages, self.combine, n_pages=view.n_pages,
-                                    threads=threads)
-        return self._with_pinned(selected)
-
-    def _with_pinned(self, selected: Tensor, layers: range | int | None = None) -> Tensor:
-        """``selected`` ``[L, B, Hkv, k]`` (every layer; ``[len(layers), ...]`` for a range, ``[B, Hkv, k]`` for one
-        layer), ranked and -1 padded, with the pinned pages first and its best other pages after them
-        (``pin``); unchanged without pins."""
-        if self._pinned is None:
-            return selected
-        xp, pin = self.xp, self.pin
-        pinned = (self._pinned if layers is None else self._pinned[layers] if isinstance(layers, int)
-                  else self._pinned[layers.start:layers.stop])
-        taken = (selected[..., :, None] == pinned[..., None, :]).any(-1) | (selected < 0)  # [.., k]
-        order = xp.argsort_stable(xp.astype(taken, "uint8"), -1)[..., :selected.shape[-1] - pin]
-        rest = xp.where(xp.take_along(taken, order, -1), -1, xp.take_along(selected, order, -1))
-        out = xp.full(selected.shape, -1, "int64")
-        out[..., :pin] = pinned
-        out[..., pin:] = rest
-        return out
+        return self.pool.select(None, query, self.layout.k_pages, self.combine, n_pages=view.n_pages, threads=threads)
 
     def _take_selection(self) -> tuple[Tensor, list[int]] | None:
         selected, self._selected = self._selected, None

@@ -41,9 +41,7 @@ class RetrievalConfig(SpecStage):
     query head) of its query heads' cosines falls below ``tau``; ``rerun`` (``select=previous`` only):
     when a step's query moved so far from the one that chose the pages it attended that some KV head's
     cosine is below ``rerun``, those heads re-select with it and the step runs again on the new pages
-    (Quest's second pass, only for the steps that turn to other tokens; 0: never); ``pin``: pages per
-    KV head chosen by the prompt's last query (the question a long prompt ends with) that stay in every
-    view, the other ``k_pages - pin`` chosen step by step (0: none).
+    (Quest's second pass, only for the steps that turn to other tokens; 0: never).
     """
 
     mode: str = "freekv"
@@ -60,7 +58,6 @@ class RetrievalConfig(SpecStage):
     select: str = option("auto", "choice", choices=SELECT_MODES)
     rerun: float = option(0.0, "fraction", stages=("freekv",),
                           hint="rerun=0 never runs a step again, e.g. rerun=0.5 (with select=previous)")
-    pin: int = option(0, "whole")
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -76,16 +73,9 @@ class RetrievalConfig(SpecStage):
     def check(self, where: str) -> None:
         if isinstance(self.budget, int):
             self.budget_tokens()  # budget < sink + window + page -> KVSpecError now
-        if self.pin and isinstance(self.budget, int):
-            self.check_pin(self.k_pages(), where)
         if self.rerun and self.select != "previous":
             raise KVSpecError(f"rerun={self.rerun} in {where!r} runs a step again on one view; add select=previous "
                               f"or drop rerun=")
-
-    def check_pin(self, k_pages: int, where: str) -> None:
-        if self.pin >= k_pages:
-            raise KVSpecError(f"pin={self.pin} in {where!r} would leave none of the budget's {k_pages} page slots to "
-                              f"the step's own selection; use pin below {k_pages} or raise budget")
 
     def path(self, manifest, cpu: bool) -> str:
         """How pages are chosen on this export and engine: ``fresh``, ``speculative`` or ``previous``
