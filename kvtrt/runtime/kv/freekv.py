@@ -415,31 +415,30 @@ class FreeKVRetrieval:
         """
         xp = self.xp
         slot_pages = view.slot_pages if layers is None else view.slot_pages[layers.start:layers.stop]
-        if self._host_recall():
+        if self._host_recall():  # placement and copy in one C call
             counts = np.zeros(3, np.int64)
             page_ops.recall(slot_pages, pages, self.pool.data, view.all_kv, 0 if layers is None else layers.start,
                             self.layout.sink, counts, threads)
-            if count:
-                self._counters.pages_selected += int(counts[0])
-                self._counters.pages_hit += int(counts[1])
-                self._counters.pages_recalled += int(counts[2])
+            selected, hits, copied = counts.tolist()
             if self.copy_hook is not None:
-                self.copy_hook(int(counts[2]))
-            return
-        plan = _placement(xp, slot_pages, xp.asarray(pages))
-        if layers is not None and layers.start:
-            plan = plan._replace(layers=plan.layers + layers.start)
+                self.copy_hook(copied)
+        else:
+            plan = _placement(xp, slot_pages, xp.asarray(pages))
+            if layers is not None and layers.start:
+                plan = plan._replace(layers=plan.layers + layers.start)
+            selected, hits, copied = plan.selected, plan.hits, len(plan.pages)
+            bounds = [0, len(plan.layers)]
+            if self.copy_chunk < self.n_layers:
+                edges = xp.arange(0, self.n_layers + self.copy_chunk)[::self.copy_chunk]
+                bounds = xp.searchsorted(plan.layers, edges).tolist()
+            for a, z in zip(bounds[:-1], bounds[1:]):
+                self._copy_pages(view, plan.layers[a:z], plan.seqs[a:z], plan.heads[a:z], plan.slots[a:z],
+                                 plan.pages[a:z])
+            slot_pages[...] = plan.slot_pages
         if count:
-            self._counters.pages_selected += plan.selected
-            self._counters.pages_hit += plan.hits
-            self._counters.pages_recalled += len(plan.pages)
-        bounds = [0, len(plan.layers)]
-        if self.copy_chunk < self.n_layers:
-            edges = xp.arange(0, self.n_layers + self.copy_chunk)[::self.copy_chunk]
-            bounds = xp.searchsorted(plan.layers, edges).tolist()
-        for a, z in zip(bounds[:-1], bounds[1:]):
-            self._copy_pages(view, plan.layers[a:z], plan.seqs[a:z], plan.heads[a:z], plan.slots[a:z], plan.pages[a:z])
-        slot_pages[...] = plan.slot_pages
+            self._counters.pages_selected += selected
+            self._counters.pages_hit += hits
+            self._counters.pages_recalled += copied
 
     @property
     def nbytes(self) -> int:

@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from ..cpu_kernels import page_ops
 from .backend import backend_for, backend_of
 from .page_select import select_pages_host
 
@@ -400,8 +401,6 @@ class PagePool:
         query = self.xp.asarray(query)
         kmin, kmax = (self.kmin, self.kmax) if layer is None else (self.kmin[layer], self.kmax[layer])
         if isinstance(kmin, np.ndarray):
-            from ..cpu_kernels import page_ops
-
             if page_ops.available():
                 return page_ops.select(query, kmin, kmax, n, k, combine, only, threads)
             selected = select_pages_host(query, kmin, kmax, n, k, combine, threads)
