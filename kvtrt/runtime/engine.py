@@ -129,6 +129,7 @@ class OrtEngine:
                                                         unpack_tied=UNPACK_TIED)
         self._decode_ops = self._decode_kernel(decode_kernel)
         self.decode_attention = "kvtrt" if self._decode_ops is not None else "onnxruntime"
+        self._inline: bool | None = None  # `refreshes_inline`, decided on first ask
         self._lock = threading.Lock()
         self._run_options = {}
         self.sessions = {}
@@ -170,6 +171,16 @@ class OrtEngine:
                 self._check(variant, session)
                 sessions[variant] = session
             return sessions[variant]
+
+    @property
+    def refreshes_inline(self) -> bool:
+        """Whether FreeKV/Quest views can be refreshed inside decode_shared's attention (`select=inline`):
+        kvtrt's kernel runs it and the C page ops are built (the op's hook is installed on first ask)."""
+        if self._inline is None:
+            from .cpu_kernels import page_ops
+
+            self._inline = self._decode_ops is not None and page_ops.install_refresh_hook(self._decode_ops)
+        return self._inline
 
     def _decode_kernel(self, wanted: bool | None) -> Path | None:
         """The `cpu_kernels` library to run decode_shared's attention with, or None (GroupQueryAttention)."""

@@ -30,10 +30,11 @@ __all__ = ["LLM", "load", "GenerationResult", "RequestStats", "SchedulerStats", 
 DEFAULTS = dict(max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, min_new_tokens=0)
 
 
-def check_kv_spec(kv: KVSpec, manifest, graphs=None) -> None:
+def check_kv_spec(kv: KVSpec, manifest, graphs=None, inline: bool | None = None) -> None:
     """Refuse what the export's score outputs were not made for: another SnapKV observation window,
     or query-head signatures from per-KV-head scores; or a graph the engine lacks (`graphs`: the ones
-    it can run, default the export's). The spec's own options were checked when it was parsed."""
+    it can run, default the export's); or `select=inline` on an engine that cannot (`inline`: whether
+    it can; None: not checked). The spec's own options were checked when it was parsed."""
     policy = kv.compaction
     if getattr(policy, "signature", None) == "query" and manifest.score_heads != "query":
         raise KVSpecError(f"kvcrush signature=query needs per-query-head scores, but this export's score outputs "
@@ -45,6 +46,11 @@ def check_kv_spec(kv: KVSpec, manifest, graphs=None) -> None:
         raise KVSpecError(f"{retrieval.mode} select=fresh chooses each layer range's pages with the step's own "
                           f"query, which needs an export with decode groups; re-export with `kvtrt export "
                           f"{manifest.source} -o DIR --decode-groups {manifest.n_layers}` or use select=speculative")
+    if retrieval is not None and retrieval.select == "inline" and inline is False:
+        raise KVSpecError(f"{retrieval.mode} select=inline re-selects pages inside kvtrt's decode attention op, which "
+                          f"this engine does not run (it needs the ONNX Runtime CPU provider, a C compiler, "
+                          f"KVTRT_DECODE_KERNEL and KVTRT_PAGE_OPS not 0, and on a CPU without AVX-512/AVX2 or a head "
+                          f"size other than 64 `kvtrt.load(dir, decode_kernel=True)`); use select=auto")
     if policy is not None and policy.per_head_counts and GraphVariant.DECODE_HEADS not in (graphs or manifest.graphs):
         raise KVSpecError(f"{policy.name} keeps a different number of tokens per KV head, which decodes with the "
                           f"decode_heads graph; this export has none (it was made for TensorRT, which does not build "
@@ -124,7 +130,8 @@ class LLM:
     def _check(self, kv: KVSpec) -> None:
         """Check a spec against the export once (its own options were checked when it was parsed)."""
         if kv not in self._checked:
-            check_kv_spec(kv, self.manifest, getattr(self.engine, "engines", None))  # TensorRT: the engines built
+            check_kv_spec(kv, self.manifest, getattr(self.engine, "engines", None),  # TensorRT: the engines built
+                          inline=getattr(self.engine, "refreshes_inline", False))
             self._checked.add(kv)
 
     # -- prompts ---------------------------------------------------------------------------

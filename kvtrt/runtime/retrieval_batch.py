@@ -14,6 +14,7 @@ import numpy as np
 from ..contract import GraphVariant, group_graphs
 from .buffers import bind_decode, graph_outputs, per_layer
 from .engine import DTYPES
+from .kv.options import KVSpecError
 from .kv.store import KVStore
 
 
@@ -77,12 +78,20 @@ class _RetrievalRow:
         self.variant = GraphVariant.DECODE_SHARED if self.shared else GraphVariant.DECODE
         t0 = time.perf_counter()
         r = manager if manager is not None else group.create_manager(seq, store.length)
-        # the spec's `select` (`RetrievalConfig.path`: fresh with decode groups, else previous on a CPU engine)
-        path = seq.retrieval.path(m, cpu=engine.device == "cpu")
+        # the spec's `select` (`RetrievalConfig.path`: inline where kvtrt's decode attention op runs, else fresh
+        # with decode groups, else previous on a CPU engine)
+        inline = self.shared and getattr(engine, "refreshes_inline", False)
+        path = seq.retrieval.path(m, cpu=engine.device == "cpu", inline=inline)
         self.grouped = self.shared and path == "fresh"
         self.lagged = path == "previous"  # one view, re-selected after each step
-        if self.grouped or self.lagged:
+        self.inline = path == "inline"  # one view, each layer re-selected inside the decode attention op
+        if self.grouped or self.lagged or self.inline:
             r.use_fresh_queries()
+        if self.inline and not r.inline_ready():  # select=auto chose it; int8 pools recall in numpy
+            if seq.retrieval.select == "inline":
+                raise KVSpecError(f"{seq.retrieval.mode} select=inline recalls pages in C, which does not read "
+                                  f"pool_dtype={seq.retrieval.pool_dtype}; use pool_dtype=fp16 or select=previous")
+            self.inline, self.lagged = False, True
         keys, values = list(store.keys), list(store.values)
         store.keys, store.values = [], []  # the manager holds them now (and frees them: `release`)
         r.start(keys, values, list(query), mask=store.mask, reserve_tokens=seq.remaining + 1, release=True)
@@ -154,6 +163,11 @@ class _RetrievalRow:
             r.finish_step(query, new_k, new_v)
             return self.logits[0, 0]
         binding, outputs, new_q, new_k, new_v = self.bound[r.view().index]
+        if self.inline:  # the decode attention op re-selects each layer's drifted heads with its own query
+            with r.inline_refresh():
+                self.engine.run(self.variant, binding)
+            r.finish_step(new_q, new_k, new_v)
+            return outputs["logits"][0, 0]
         if self.lagged:  # the step's queries choose the next step's pages, once it has run
             every = range(self.engine.manifest.n_layers)
             self.engine.run(self.variant, binding)

@@ -220,11 +220,11 @@ class Scheduler:
 
     def _retrieval_bytes(self, seq: Sequence) -> int:
         """FreeKV / Quest: the page pool for the whole sequence, its summaries and its views (two, or one
-        with ``select=fresh|previous``)."""
+        with ``select=inline|fresh|previous``)."""
         cfg, bpt = seq.retrieval, self.m.kv_bytes_per_token
         stored = min(seq.keep, len(seq.ids)) if seq.policy is not None else len(seq.ids)
         tokens = stored + seq.max_new_tokens + cfg.page
-        views = cfg.views(self.m, cpu=self.engine.device == "cpu")
+        views = cfg.views(self.m, cpu=self.engine.device == "cpu", inline=getattr(self.engine, "refreshes_inline", False))
         return (tokens + tokens // cfg.page + views * (cfg.slots(stored) + 1)) * bpt
 
     def _admissible(self, seq: Sequence) -> bool:

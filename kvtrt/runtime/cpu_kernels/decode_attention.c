@@ -515,6 +515,21 @@ static void *data_of(const OrtValue *value) {
   return ok(CALL(API_GET_TENSOR_MUTABLE_DATA, MutableDataFn)((OrtValue *)value, &p)) ? p : NULL;
 }
 
+// The inline refresh (FreeKV's correction with each layer's own query, `page_ops.c`): installed from Python
+// (`kvtrt_set_refresh_hook`) with the address of `kvtrt_refresh_layer`, called before each attention with
+// the past-key buffer and the packed qkv; it returns at once unless that buffer is an armed retrieval view's.
+typedef void (*ParallelRun)(void *runner, void (*fn)(void *, size_t), size_t n, void *data);
+typedef int (*RefreshHook)(const void *past_key, const void *qkv, int half, int64_t batch, int64_t heads,
+                           int64_t kv_heads, int64_t dim, ParallelRun run, void *runner);
+static RefreshHook refresh_hook;
+
+__attribute__((visibility("default"))) void kvtrt_set_refresh_hook(RefreshHook hook) { refresh_hook = hook; }
+
+static void run_parallel(void *context, void (*fn)(void *, size_t), size_t n, void *data) {
+  if (n > 1 && ok(CALL(API_KERNEL_CONTEXT_PARALLEL_FOR, ParallelForFn)(context, fn, n, 0, data))) return;
+  for (size_t i = 0; i < n; i++) fn(data, i);
+}
+
 static void compute(void *kernel, OrtKernelContext *context) {
   const Kernel *k = (const Kernel *)kernel;
   const OrtValue *in[5];
@@ -543,6 +558,8 @@ static void compute(void *kernel, OrtKernelContext *context) {
                     "at most 16 query heads per KV head of at most 256 values)");
   c.qkv = data_of(in[0]), c.seqlens = data_of(in[3]), c.bias = data_of(in[4]);
   c.keys = data_of(out[1]), c.values = data_of(out[2]);
+  if (refresh_hook != NULL)  // an armed retrieval view: this layer's pages re-selected with its own query first
+    refresh_hook(data_of(in[1]), c.qkv, c.half, c.B, c.H, c.Hkv, c.D, run_parallel, context);
   const int64_t size = c.half ? 2 : 4, row = c.D * size;
   const size_t cache = (size_t)(c.B * c.Hkv * c.C) * row;
   for (int which = 0; which < 2; which++) {  // not bound in place (e.g. a checker's run): the outputs start as the past

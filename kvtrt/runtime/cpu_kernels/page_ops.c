@@ -15,16 +15,19 @@
 // kvtrt_recall_pages: make each row's page slots hold its selected pages: pages already held stay in
 // their slot, the missing ones go to the free slots in ascending order (`freekv._placement`), and only
 // those are copied from the pool (widened from float16 when the pool is narrower than the view).
+#define _POSIX_C_SOURCE 200809L  // clock_gettime
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #if defined(__AVX512F__) || defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
 #define EXPORT __attribute__((visibility("default")))
+#define MAX_KV_INLINE 64  // KV heads of a layer the inline refresh takes
 
 static float half_to_float(uint16_t h) {
   uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
@@ -144,7 +147,7 @@ typedef struct {  // one thread's share of a recall: rows [r0, r1)
   const int64_t *selected;
   const void *pool;
   void *view;
-  int pool_half, view_half;
+  int pool_half, view_half, status;
   int64_t counts[3];
 } RecallJob;
 
@@ -153,7 +156,11 @@ static void *recall_rows(void *arg) {
   const int64_t k = j->k, batch = j->batch, kv_heads = j->kv_heads, page = j->page, dim = j->dim;
   const int64_t block = page * dim, plane = j->layers * batch * kv_heads * j->width * dim;
   const int64_t size = j->view_half ? 2 : 4, stored = j->pool_half ? 2 : 4;
-  int64_t missing[256], keep[256];  // k <= 256 (checked by the caller)
+  int64_t *missing = malloc(sizeof(int64_t) * (size_t)(2 * k)), *keep = missing + k;
+  if (missing == NULL) {
+    j->status = -1;
+    return NULL;
+  }
   for (int64_t r = j->r0; r < j->r1; r++) {
     int64_t *held = j->slot_pages + r * k, n_missing = 0;
     const int64_t *want = j->selected + r * k;
@@ -187,6 +194,7 @@ static void *recall_rows(void *arg) {
       j->counts[2]++;
     }
   }
+  free(missing);
   return NULL;
 }
 
@@ -232,8 +240,8 @@ EXPORT int kvtrt_select_pages(int64_t rows, int64_t batch, int64_t kv_heads, int
 // pool and view; slot_pages and selected count rows from layer0) on `threads` threads. Copies K and V of
 // each missing page from the pool (pool_half: float16 pages; view_half: a float16 view, else float32; a
 // float32 pool with a float16 view is not a layout kvtrt makes). counts[0..2] += selected, already held,
-// copied.
-EXPORT void kvtrt_recall_pages(int64_t rows, int64_t layer0, int64_t layers, int64_t batch, int64_t kv_heads,
+// copied. Returns 0, or -1 when out of memory (some rows then left as they were).
+EXPORT int kvtrt_recall_pages(int64_t rows, int64_t layer0, int64_t layers, int64_t batch, int64_t kv_heads,
                                int64_t k, int64_t *slot_pages, const int64_t *selected, const void *pool,
                                int pool_half, int64_t cap, void *view, int view_half, int64_t width, int64_t sink,
                                int64_t page, int64_t dim, int64_t *counts, int threads) {
@@ -241,10 +249,145 @@ EXPORT void kvtrt_recall_pages(int64_t rows, int64_t layer0, int64_t layers, int
   int n = parts(rows, threads);
   for (int i = 0; i < n; i++)
     jobs[i] = (RecallJob){rows * i / n, rows * (i + 1) / n, layer0, layers, batch, kv_heads, k, cap, width, sink,
-                          page, dim, slot_pages, selected, pool, view, pool_half, view_half, {0, 0, 0}};
+                          page, dim, slot_pages, selected, pool, view, pool_half, view_half, 0, {0, 0, 0}};
   run_jobs(recall_rows, (char *)jobs, sizeof(RecallJob), n);
-  for (int i = 0; i < n; i++)
+  int status = 0;
+  for (int i = 0; i < n; i++) {
     for (int c = 0; c < 3; c++) counts[c] += jobs[i].counts[c];
+    status |= jobs[i].status;
+  }
+  return status;
 }
 
-EXPORT int kvtrt_page_ops_version(void) { return 1; }
+// ---------------------------------------------------------------------------------------------------------
+// Inline refresh: FreeKV's correction inside the decode step, each layer with its own query.
+//
+// kvtrt::DecodeAttention calls the hook installed by `kvtrt_set_refresh_hook` (decode_attention.c) before
+// it attends. When the past-key buffer it was given is a layer of an armed view (`kvtrt_arm_view`), the
+// hook does for that layer what `FreeKVRetrieval.refresh` does between decode groups: the KV heads whose
+// query heads moved from the query their pages were chosen with (group-mean or least cosine below tau;
+// every head with `every`) re-select their pages with this step's query, the missing pages are recalled
+// into the view and the basis takes the new query. So one graph call per step chooses every layer's pages
+// with the query that attends them (FreeKV's design) instead of the previous step's.
+typedef struct {  // mirrored by `page_ops.InlineView` (ctypes): keep the order and the types
+  void *view;              // all_kv [2, L, 1, Hkv, width, D] (float32, or float16: view_half)
+  const void *pool;        // [L, 1, cap, Hkv, 2, page, D] (float32, or float16: pool_half)
+  const float *kmin, *kmax;  // [L, 1, Hkv, cap, D]
+  int64_t *slot_pages;     // [L, 1, Hkv, k]
+  float *basis;            // [L, 1, H, D]: the query each head's pages were chosen with
+  int64_t *counts;         // [6] += heads checked, heads corrected, pages selected, already held, copied, ns
+  int64_t layers, kv_heads, group, dim, width, sink, page, k, cap, n_pages, view_half, pool_half;
+  int64_t every, drift_min, softmax;
+  float tau;
+} InlineView;
+
+#define MAX_ARMED 64
+static InlineView *armed[MAX_ARMED];
+static pthread_mutex_t armed_lock = PTHREAD_MUTEX_INITIALIZER;
+
+// Make `v` visible to the decode attention op (its calls on v's buffers refresh first). 0, or -1 if full.
+EXPORT int kvtrt_arm_view(InlineView *v) {
+  int at = -1;
+  pthread_mutex_lock(&armed_lock);
+  for (int i = 0; i < MAX_ARMED && at < 0; i++)
+    if (armed[i] == NULL || armed[i] == v) armed[i] = v, at = i;
+  pthread_mutex_unlock(&armed_lock);
+  return at < 0 ? -1 : 0;
+}
+
+EXPORT void kvtrt_disarm_view(InlineView *v) {
+  pthread_mutex_lock(&armed_lock);
+  for (int i = 0; i < MAX_ARMED; i++)
+    if (armed[i] == v) armed[i] = NULL;
+  pthread_mutex_unlock(&armed_lock);
+}
+
+typedef void (*ParallelRun)(void *runner, void (*fn)(void *, size_t), size_t n, void *data);
+
+static void select_item(void *data, size_t i) { select_rows((SelectJob *)data + i); }
+static void recall_item(void *data, size_t i) { recall_rows((RecallJob *)data + i); }
+
+static float norm_of(const float *x, int64_t d) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < d; i++) s += x[i] * x[i];
+  s = sqrtf(s);
+  return s > 1e-8f ? s : 1e-8f;
+}
+
+// The decode attention op's hook: `past_key` [1, Hkv, C, D] is the buffer it attends, `qkv` [1, 1, (H+2Hkv)*D]
+// its packed input (q rotated and pre-scaled). Returns 1 if it refreshed an armed view's layer, 0 if the
+// buffer is no armed view's, -1 out of memory (the layer then attends the pages it holds).
+EXPORT int kvtrt_refresh_layer(const void *past_key, const void *qkv, int half, int64_t batch, int64_t heads,
+                               int64_t kv_heads, int64_t dim, ParallelRun run, void *runner) {
+  InlineView *v = NULL;
+  int64_t layer = -1;
+  if (batch != 1) return 0;
+  pthread_mutex_lock(&armed_lock);
+  for (int i = 0; i < MAX_ARMED && v == NULL; i++) {
+    InlineView *a = armed[i];
+    if (a == NULL || a->kv_heads != kv_heads || a->dim != dim || a->kv_heads * a->group != heads) continue;
+    const int64_t size = a->view_half ? 2 : 4, plane = kv_heads * a->width * dim * size;
+    const char *base = a->view, *at = past_key;
+    if (at >= base && at < base + a->layers * plane && (at - base) % plane == 0) v = a, layer = (at - base) / plane;
+  }
+  pthread_mutex_unlock(&armed_lock);
+  if (v == NULL) return 0;
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  const int64_t g = v->group, D = dim, H = heads, k = v->k;
+  if (kv_heads > MAX_KV_INLINE) return 0;
+  float *q = malloc(sizeof(float) * (size_t)(H * D));
+  int64_t *fresh = malloc(sizeof(int64_t) * (size_t)(kv_heads * k));
+  if (q == NULL || fresh == NULL) {
+    free(q), free(fresh);
+    return -1;
+  }
+  if (half) widen(q, qkv, H * D);
+  else memcpy(q, qkv, sizeof(float) * H * D);
+  float *basis = v->basis + layer * H * D;
+  uint8_t drifted[MAX_KV_INLINE];
+  int64_t corrected = 0;
+  for (int64_t h = 0; h < kv_heads; h++) {
+    float combined = v->drift_min ? INFINITY : 0.0f;
+    for (int64_t i = 0; i < g && !v->every; i++) {
+      const float *a = q + (h * g + i) * D, *b = basis + (h * g + i) * D;
+      const float na = norm_of(a, D), nb = norm_of(b, D);
+      float cos = 0.0f;
+      for (int64_t d = 0; d < D; d++) cos += (a[d] / na) * (b[d] / nb);
+      combined = v->drift_min ? (cos < combined ? cos : combined) : combined + cos;
+    }
+    if (!v->drift_min) combined /= (float)g;
+    drifted[h] = v->every || combined < v->tau;
+    corrected += drifted[h];
+  }
+  v->counts[0] += kv_heads, v->counts[1] += corrected;
+  if (corrected) {
+    int64_t *held = v->slot_pages + layer * kv_heads * k;
+    SelectJob select[MAX_KV_INLINE];
+    RecallJob recall[MAX_KV_INLINE];
+    int64_t n_pages = v->n_pages, jobs = 0;
+    const int64_t summaries = layer * kv_heads * v->cap * D;
+    for (int64_t h = 0; h < kv_heads; h++) {
+      memcpy(fresh + h * k, held + h * k, sizeof(int64_t) * k);  // kept heads ask for what they hold
+      if (drifted[h])
+        select[jobs++] = (SelectJob){h, h + 1, 1, kv_heads, g, D, v->cap, k, q, v->kmin + summaries,
+                                     v->kmax + summaries, &n_pages, (int)v->softmax, 0, 1.0f / sqrtf((float)D),
+                                     NULL, fresh};
+    }
+    run(runner, select_item, (size_t)jobs, select);
+    for (int64_t h = 0; h < kv_heads; h++)
+      recall[h] = (RecallJob){h, h + 1, layer, v->layers, 1, kv_heads, k, v->cap, v->width, v->sink, v->page, D,
+                              held, fresh, v->pool, v->view, (int)v->pool_half, (int)v->view_half, 0, {0, 0, 0}};
+    run(runner, recall_item, (size_t)kv_heads, recall);
+    for (int64_t h = 0; h < kv_heads; h++) {
+      for (int c = 0; c < 3; c++) v->counts[2 + c] += recall[h].counts[c];
+      if (drifted[h]) memcpy(basis + h * g * D, q + h * g * D, sizeof(float) * g * D);
+    }
+  }
+  free(q), free(fresh);
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  v->counts[5] += (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
+  return 1;
+}
+
+EXPORT int kvtrt_page_ops_version(void) { return 2; }

@@ -49,7 +49,7 @@ def _library():
                 lib.kvtrt_select_pages.restype = ctypes.c_int
                 lib.kvtrt_recall_pages.argtypes = [_I] * 6 + [_P, _P, _P, ctypes.c_int, _I, _P, ctypes.c_int] + \
                     [_I] * 4 + [_P, ctypes.c_int]
-                lib.kvtrt_recall_pages.restype = None
+                lib.kvtrt_recall_pages.restype = ctypes.c_int
             _lib.append(lib)
         return _lib[0]
 
@@ -97,11 +97,52 @@ def recall(slot_pages: np.ndarray, selected: np.ndarray, pool_data: np.ndarray, 
     ``counts`` int64 ``[3]`` += pages selected, already held, copied. ``threads`` as in ``select``."""
     lg, batch, hkv, k = slot_pages.shape
     layers, _, cap, _, _, page, dim = pool_data.shape
-    if k > 256:
-        raise ValueError(f"{k} page slots per head; the C recall takes up to 256")
     if view_kv.dtype == np.float16 and pool_data.dtype != np.float16:
         raise ValueError("a float16 view is recalled from a float16 pool only")
     selected = np.ascontiguousarray(selected, dtype=np.int64)
-    _library().kvtrt_recall_pages(lg * batch * hkv, layer0, layers, batch, hkv, k, _ptr(slot_pages), _ptr(selected),
-                                  _ptr(pool_data), pool_data.dtype == np.float16, cap, _ptr(view_kv),
-                                  view_kv.dtype == np.float16, view_kv.shape[-2], sink, page, dim, _ptr(counts), threads)
+    code = _library().kvtrt_recall_pages(lg * batch * hkv, layer0, layers, batch, hkv, k, _ptr(slot_pages),
+                                         _ptr(selected), _ptr(pool_data), pool_data.dtype == np.float16, cap,
+                                         _ptr(view_kv), view_kv.dtype == np.float16, view_kv.shape[-2], sink, page, dim,
+                                         _ptr(counts), threads)
+    if code:
+        raise MemoryError("kvtrt_recall_pages could not allocate its placement")
+
+
+# --- the inline refresh: FreeKV's correction inside the decode attention op (`page_ops.c`, end) ---
+
+class InlineView(ctypes.Structure):
+    """What the decode attention op's refresh reads of one retrieval view (``InlineView`` in
+    ``page_ops.c``; the same fields in the same order). Filled by ``FreeKVRetrieval.inline_refresh``."""
+
+    _fields_ = [(name, _P) for name in ("view", "pool", "kmin", "kmax", "slot_pages", "basis", "counts")] + \
+        [(name, _I) for name in ("layers", "kv_heads", "group", "dim", "width", "sink", "page", "k", "cap", "n_pages",
+                                 "view_half", "pool_half", "every", "drift_min", "softmax")] + [("tau", ctypes.c_float)]
+
+
+_hooked: set[str] = set()
+
+
+def install_refresh_hook(decode_library) -> bool:
+    """Point the decode attention library at ``decode_library`` (the one ONNX Runtime loaded:
+    ``cpu_kernels.library()``) to this library's ``kvtrt_refresh_layer``, once. False if the page ops
+    are not available (then no retrieval view can be refreshed inline)."""
+    lib = _library() if available() else None
+    if lib is None or decode_library is None:
+        return False
+    with _lock:
+        if str(decode_library) not in _hooked:
+            decode = ctypes.CDLL(str(decode_library))  # the same handle as ONNX Runtime's (dlopen of one path)
+            decode.kvtrt_set_refresh_hook.argtypes = [_P]
+            decode.kvtrt_set_refresh_hook(ctypes.cast(lib.kvtrt_refresh_layer, _P).value)
+            _hooked.add(str(decode_library))
+    return True
+
+
+def arm(view: InlineView) -> None:
+    """Make the decode attention op refresh ``view``'s layers before it attends them."""
+    if _library().kvtrt_arm_view(ctypes.byref(view)):
+        raise RuntimeError("more than 64 retrieval views armed at once for the inline refresh")
+
+
+def disarm(view: InlineView) -> None:
+    _library().kvtrt_disarm_view(ctypes.byref(view))

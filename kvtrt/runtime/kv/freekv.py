@@ -194,6 +194,51 @@ class FreeKVRetrieval:
             self._counters.correction_s += time.perf_counter() - start
         return view
 
+    def inline_ready(self) -> bool:
+        """Whether ``inline_refresh`` can serve this manager: a fresh-query manager (``use_fresh_queries``)
+        on host (numpy) arrays with an fp32/fp16 pool, the C page ops built."""
+        return (self._fresh and isinstance(self.pool.data, np.ndarray) and self.pool.int8_scheme is None
+                and page_ops.available())
+
+    @contextlib.contextmanager
+    def inline_refresh(self):
+        """Around one engine call on ``view()`` whose decode attention is kvtrt's op with the refresh hook
+        (``page_ops.install_refresh_hook``): before each layer attends, the op does what ``refresh`` does
+        for that layer, with the query the layer has just computed (one graph call per step, every
+        layer's pages chosen with its own query). The counters are folded into ``stats()`` after it."""
+        self._check_started()
+        if not self.inline_ready():
+            raise RuntimeError("inline_refresh() needs use_fresh_queries() before start(), host arrays, an fp32 or "
+                               "fp16 pool and the C page ops")
+        xp, view, lay = self.xp, self.view(), self.layout
+        basis = self._basis[view.index]
+        if basis.dtype != np.float32 or not basis.flags.c_contiguous:
+            basis = self._basis[view.index] = np.ascontiguousarray(basis, np.float32)
+        ctx, counts = page_ops.InlineView(), np.zeros(6, np.int64)
+        ctx.view, ctx.pool, ctx.kmin, ctx.kmax = (a.ctypes.data for a in (view.all_kv, self.pool.data, self.pool.kmin,
+                                                                            self.pool.kmax))
+        ctx.slot_pages, ctx.basis, ctx.counts = view.slot_pages.ctypes.data, basis.ctypes.data, counts.ctypes.data
+        ctx.layers, ctx.kv_heads, ctx.group, ctx.dim = self.n_layers, self.n_kv_heads, self.n_heads // self.n_kv_heads, \
+            self.head_dim
+        ctx.width, ctx.sink, ctx.page, ctx.k = view.all_kv.shape[-2], lay.sink, lay.page, lay.k_pages
+        ctx.cap, ctx.n_pages = self.pool.kmin.shape[-2], view.n_pages[0]
+        ctx.view_half, ctx.pool_half = view.all_kv.dtype == np.float16, self.pool.data.dtype == np.float16
+        ctx.every = self.mode == "quest" or self._stale or self.tau >= 1.0
+        ctx.drift_min, ctx.softmax = self.drift == "min", self.combine == "softmax"
+        ctx.tau = self.tau if self.tau > 0.0 else -2.0  # tau 0: never (a cosine is never below -2)
+        page_ops.arm(ctx)
+        try:
+            yield view
+        finally:
+            page_ops.disarm(ctx)
+            c = self._counters
+            c.heads_checked += int(counts[0])
+            c.heads_corrected += int(counts[1])
+            c.pages_selected += int(counts[2])
+            c.pages_hit += int(counts[3])
+            c.pages_recalled += int(counts[4])
+            c.correction_s += counts[5] / 1e9
+
     def moved(self, query: Tensor, threshold: float) -> bool:
         """Whether some KV head's query ``query`` ``[L, B, H, D]`` (the step just run) is further from the
         query its view pages were chosen with than ``threshold`` (group-mean cosine below it, as
@@ -547,7 +592,7 @@ class FreeKVRetrieval:
         one copy op for every layer."""
         if self._c_recall is None:
             self._c_recall = (isinstance(self.pool.data, np.ndarray) and self.pool.int8_scheme is None
-                              and self.layout.k_pages <= 256 and page_ops.available())
+                              and page_ops.available())
         return self._c_recall and self.copy_chunk == self.n_layers
 
     def _on_copy_stream(self, wait: bool = False):

@@ -13,13 +13,15 @@ from .options import KVSpecError, SpecStage, option, resolve_budget
 from .pages import COMBINES, POOL_DTYPES
 
 RETRIEVAL_MODES = ("freekv", "quest")
-#: with which query a step's pages are chosen: ``fresh`` (each layer range's own, before it attends;
+#: with which query a step's pages are chosen: ``inline`` (each layer's own, inside kvtrt's decode attention
+#: op right before the layer attends: one graph call a step; needs that op and the C page ops, i.e. a CPU
+#: engine with a C compiler), ``fresh`` (each layer range's own, before it attends;
 #: needs an export with decode groups), ``speculative`` (the one before the previous step's, in a
 #: worker beside the decode graph, corrected with the previous step's: two views; quest runs the step
 #: twice), ``previous`` (the previous step's, after it ends, for the heads whose query moved: one view,
-#: nothing beside the decode graph), ``auto`` (fresh when the export has decode groups, else previous
-#: on a CPU engine and speculative on a GPU; see ``RetrievalConfig.path``)
-SELECT_MODES = ("auto", "fresh", "speculative", "previous")
+#: nothing beside the decode graph), ``auto`` (inline where it runs, else fresh when the export has decode
+#: groups, else previous on a CPU engine and speculative on a GPU; see ``RetrievalConfig.path``)
+SELECT_MODES = ("auto", "inline", "fresh", "speculative", "previous")
 DRIFTS = ("mean", "min")  # how a KV group's query-head cosines combine in the correction test
 
 
@@ -77,22 +79,26 @@ class RetrievalConfig(SpecStage):
             raise KVSpecError(f"rerun={self.rerun} in {where!r} runs a step again on one view; add select=previous "
                               f"or drop rerun=")
 
-    def path(self, manifest, cpu: bool) -> str:
-        """How pages are chosen on this export and engine: ``fresh``, ``speculative`` or ``previous``
-        (``select``). ``auto``: fresh when the export has decode groups; otherwise FreeKV takes
-        ``previous`` on a CPU engine (``cpu``: its cores already run the decode graph, so a worker
-        beside it only slows it; ``docs/results/select_previous.md``) and ``speculative`` on a GPU
-        (the recall overlaps the engine); Quest keeps its two passes (``speculative``)."""
+    def path(self, manifest, cpu: bool, inline: bool = False) -> str:
+        """How pages are chosen on this export and engine: ``inline``, ``fresh``, ``speculative`` or
+        ``previous`` (``select``). ``auto``: inline where the engine can (``inline``: its decode attention
+        is kvtrt's op with the C page ops; every layer's pages chosen with its own query in one graph
+        call, ``docs/results/inline_refresh.md``); else fresh when the export has decode groups; else
+        FreeKV takes ``previous`` on a CPU engine (``cpu``: its cores already run the decode graph, so a
+        worker beside it only slows it; ``docs/results/select_previous.md``) and ``speculative`` on a
+        GPU (the recall overlaps the engine); Quest keeps its two passes (``speculative``)."""
         if self.select != "auto":
             return self.select
+        if inline:
+            return "inline"
         if manifest.decode_groups:
             return "fresh"
         return "previous" if cpu and self.mode == "freekv" else "speculative"
 
-    def views(self, manifest, cpu: bool) -> int:
-        """View buffers a sequence holds: one with ``fresh`` or ``previous``, two (double buffer) with
-        ``speculative``."""
-        return 2 if self.path(manifest, cpu) == "speculative" else 1
+    def views(self, manifest, cpu: bool, inline: bool = False) -> int:
+        """View buffers a sequence holds: one with ``inline``, ``fresh`` or ``previous``, two (double
+        buffer) with ``speculative``."""
+        return 2 if self.path(manifest, cpu, inline) == "speculative" else 1
 
     @property
     def min_budget(self) -> int:
