@@ -3,9 +3,11 @@
 One export made with `kvtrt export --decode-groups N`; one prefill of a haystack prompt, then each
 (spec, mode) decodes from a copy of it, interleaved, `--repeat` times (median reported). Mode
 `groups`: the row runs the lookahead graph and the N group graphs, refreshing each range's pages with
-its lookahead query (spec option `select=fresh`); `previous` / `speculative`: the same export's one
-decode_shared graph with pages chosen by the previous step's query (`select=previous`, the CPU default
-since the seventh session, or `select=speculative`, the double buffer before it). `--page-ops both`
+its lookahead query (spec option `select=fresh`); `inline`: the one decode_shared graph, each layer's
+pages re-selected inside kvtrt's decode attention op with its own query (`select=inline`, the CPU
+default since the twelfth session; any export); `previous` / `speculative`: the one decode_shared graph
+with pages chosen by the previous step's query (`select=previous`, or `select=speculative`, the double
+buffer). `--page-ops both`
 runs each measurement with FreeKV's C page selection and recall (`cpu_kernels/page_ops.c`) and with the
 numpy / ONNX Runtime code they replaced (`KVTRT_PAGE_OPS=0`), interleaved.
 
@@ -33,7 +35,7 @@ def main() -> None:
     ap.add_argument("--kv", action="append", required=True)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--modes", default="groups,speculative", help="comma-separated: groups, previous, speculative")
+    ap.add_argument("--modes", default="groups,speculative", help="comma-separated: groups, inline, previous, speculative")
     ap.add_argument("--page-ops", choices=("on", "off", "both"), default="on")
     ap.add_argument("--json")
     args = ap.parse_args()

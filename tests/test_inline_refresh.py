@@ -1,0 +1,179 @@
+"""`select=inline` (FreeKV / Quest refreshed inside kvtrt's decode attention op): before each layer
+attends, the op re-selects the pages of the KV heads whose query moved, with the query that layer has
+just computed, in the step's one graph call. The same pages, counters and tokens as the decode-groups
+path with one group per layer (`select=fresh`), which runs a graph call per layer to get there.
+
+The suite forces the kernel (`tests/conftest.py`), so `select=auto` is inline here as well."""
+
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import kvtrt
+from kvtrt.runtime.kv.freekv import FreeKVRetrieval
+from kvtrt.runtime.kv.options import KVSpecError
+from kvtrt.runtime.kv.spec import parse_kv_spec
+from tiny import tiny_model, tiny_tokenizer
+
+SPEC = "page=8,sink=4,window=8,min_context=0"
+COUNTERS = ("heads_checked", "heads_corrected", "pages_selected", "pages_hit", "pages_recalled", "tokens_copied")
+
+
+@pytest.fixture(scope="module")
+def per_layer_groups(tmp_path_factory):
+    """A 4-layer llama exported with one decode group per layer (the grouped path's exact case)."""
+    from kvtrt.export import export_model
+
+    directory = tmp_path_factory.mktemp("inline-groups")
+    export_model((tiny_model("llama", num_hidden_layers=4), tiny_tokenizer()), directory, progress=False,
+                 score_window=4, decode_groups=4)
+    return directory
+
+
+def _prompt(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(5, 261) for _ in range(n)]
+
+
+@pytest.mark.parametrize("spec", [f"quest:budget=48,{SPEC}", f"freekv:budget=48,{SPEC},tau=0.9",
+                                  f"freekv:budget=48,{SPEC},tau=0.3", f"freekv:budget=48,{SPEC},tau=0.6,drift=min",
+                                  f"freekv:budget=48,{SPEC},tau=0.3,combine=mean,pool_dtype=fp32",
+                                  f"freekv:budget=64,page=4,sink=4,window=8,min_context=0,tau=0"])
+def test_inline_equals_one_decode_group_per_layer(per_layer_groups, spec):
+    """Tokens and every retrieval counter equal the grouped path's (each layer's pages chosen with its
+    own query there too, by a graph call per layer), with one view and one graph call a step."""
+    llm = kvtrt.load(per_layer_groups, torch_threads=1)
+    llm.manifest.eos_token_ids = []
+    prompt = _prompt(300, seed=4)
+    inline = llm.generate(prompt, max_new_tokens=20, kv=f"{spec},select=inline")
+    grouped = llm.generate(prompt, max_new_tokens=20, kv=f"{spec},select=fresh")
+    assert inline.stats.kv["retrieval_engaged"] == 1 and inline.stats.kv["decode_groups"] == 0
+    assert grouped.stats.kv["decode_groups"] == 4
+    assert inline.token_ids == grouped.token_ids
+    assert {k: inline.stats.kv[k] for k in COUNTERS} == {k: grouped.stats.kv[k] for k in COUNTERS}
+    assert inline.stats.kv["view_bytes"] == grouped.stats.kv["view_bytes"]  # one view each
+    assert inline.stats.kv["heads_corrected"] > 0  # (tau=0 too: every head re-selects when a page joins the pool)
+    llm.close()
+
+
+@pytest.mark.parametrize("mode", ["quest", "freekv:tau=1", "freekv:tau=0.1"])
+def test_each_layer_attends_pages_chosen_with_its_own_query(tiny_llama, monkeypatch, mode):
+    """After each step, every corrected KV head holds exactly a fresh top-k with the query its layer
+    computed in that step, and every other head holds what it held before the step (quest, tau=1:
+    every head, every step)."""
+    name, _, extra = mode.partition(":")
+    spec = f"{name}:budget=48,{SPEC},select=inline" + (f",{extra}" if extra else "")
+    checked = []
+    finish, arm = FreeKVRetrieval.finish_step, FreeKVRetrieval.inline_refresh
+    before = {}
+
+    def arming(self):
+        before["pages"] = self.view().slot_pages.copy()
+        before["basis"] = self._basis[0].copy()
+        return arm(self)
+
+    def checking_finish(self, query, new_keys, new_values):
+        view, query, g = self.view(), np.stack([np.asarray(q) for q in query]), self.n_heads // self.n_kv_heads
+        moved = ~np.all(self._basis[0] == before["basis"], axis=-1)  # [L, 1, H]: heads whose basis was replaced
+        moved = moved.reshape(self.n_layers, 1, self.n_kv_heads, -1)
+        assert (moved.all(-1) == moved.any(-1)).all()  # a KV head's query heads move together
+        for layer in range(self.n_layers):
+            fresh = np.sort(self.fresh_selection(layer, query[layer], view), -1)
+            held = np.sort(view.slot_pages[layer], -1)
+            for h in range(self.n_kv_heads):
+                if moved[layer, 0, h].all():
+                    assert np.array_equal(held[0, h], fresh[0, h]), (len(checked), layer, h)
+                    assert np.array_equal(self._basis[0][layer, 0, h * g:(h + 1) * g], query[layer, 0, h * g:(h + 1) * g])
+                else:
+                    assert np.array_equal(view.slot_pages[layer, 0, h], before["pages"][layer, 0, h])
+        checked.append(int(moved.any(-1).sum()))
+        return finish(self, query, new_keys, new_values)
+
+    monkeypatch.setattr(FreeKVRetrieval, "inline_refresh", arming)
+    monkeypatch.setattr(FreeKVRetrieval, "finish_step", checking_finish)
+    _, _, directory = tiny_llama
+    llm = kvtrt.load(directory, torch_threads=1)
+    llm.manifest.eos_token_ids = []
+    result = llm.generate(_prompt(200), max_new_tokens=12, kv=spec)
+    stats = result.stats.kv
+    assert stats["retrieval_engaged"] == 1 and len(checked) == 11 and stats["decode_groups"] == 0
+    assert sum(checked) == stats["heads_corrected"]
+    if name == "quest" or extra == "tau=1":
+        assert stats["heads_checked"] == stats["heads_corrected"] == 11 * 2 * 2
+    else:
+        assert 0 < stats["heads_corrected"] < stats["heads_checked"]
+    llm.close()
+
+
+@pytest.mark.parametrize("spec", [f"quest:budget=600,{SPEC},select=inline",
+                                  f"freekv:budget=600,{SPEC},tau=0.9,select=inline",
+                                  f"freekv:budget=600,{SPEC},tau=0.9,pool_dtype=fp16,select=inline"])
+def test_covering_budget_matches_the_full_cache(tiny_llama, spec):
+    """A budget that holds every token attends to all of them: the full cache's tokens (fp16 pool:
+    covering budgets recall every page, widened exactly)."""
+    _, _, directory = tiny_llama
+    llm = kvtrt.load(directory, torch_threads=1)
+    llm.manifest.eos_token_ids = []
+    prompt = _prompt(220, seed=1)
+    full = llm.generate(prompt, max_new_tokens=24, kv="full").token_ids
+    got = llm.generate(prompt, max_new_tokens=24, kv=spec)
+    assert got.stats.kv["retrieval_engaged"] == 1 and got.stats.kv["pages_recalled"] > 0
+    if "fp16" not in spec:
+        assert got.token_ids == full
+    llm.close()
+
+
+def test_inline_rows_decode_concurrently_as_alone(tiny_llama):
+    """Inline rows beside previous, speculative and full-cache rows, submitted from four threads: each
+    gets what it gets alone (the op finds each row's view by its buffer; the others' calls pass through)."""
+    _, _, directory = tiny_llama
+    llm = kvtrt.load(directory, torch_threads=1)
+    llm.manifest.eos_token_ids = []
+    specs = [f"freekv:budget=48,{SPEC},tau=0.9,select=inline", f"quest:budget=48,{SPEC},select=inline",
+             f"freekv:budget=48,{SPEC},tau=0.9,select=previous", "full", f"freekv:budget=48,{SPEC},tau=0.8",
+             f"quest:budget=48,{SPEC},select=speculative"]
+    prompts = [_prompt(120 + 40 * i, seed=20 + i) for i in range(len(specs))]
+    alone = [llm.generate(p, max_new_tokens=10 + 3 * i, kv=s).token_ids for i, (p, s) in enumerate(zip(prompts, specs))]
+    with ThreadPoolExecutor(4) as pool:
+        requests = list(pool.map(lambda i: llm.submit(prompts[i], max_new_tokens=10 + 3 * i, kv=specs[i]),
+                                 range(len(specs))))
+    assert [r.result().token_ids for r in requests] == alone
+    # admission: one view for inline rows (as previous), two for speculative ones
+    one, two = (llm.request_bytes(prompts[0], max_new_tokens=10, kv=s) for s in (specs[0], specs[0].replace(
+        "select=inline", "select=speculative")))
+    view = parse_kv_spec(specs[0]).retrieval.slots(len(prompts[0])) + 1
+    assert two - one == view * llm.manifest.kv_bytes_per_token
+    llm.close()
+
+
+def test_auto_takes_inline_where_the_op_runs_and_explicit_inline_is_refused_elsewhere(tiny_llama):
+    """auto: inline with kvtrt's op (the suite forces it), previous without it; an explicit
+    select=inline on an engine without the op, or with an int8 pool, is refused naming the fix."""
+    _, _, directory = tiny_llama
+    prompt = _prompt(200, seed=5)
+    llm = kvtrt.load(directory, torch_threads=1)
+    llm.manifest.eos_token_ids = []
+    assert llm.engine.refreshes_inline
+    auto = llm.generate(prompt, max_new_tokens=8, kv=f"freekv:budget=48,{SPEC}")
+    inline = llm.generate(prompt, max_new_tokens=8, kv=f"freekv:budget=48,{SPEC},select=inline")
+    assert auto.token_ids == inline.token_ids
+    assert {k: auto.stats.kv[k] for k in COUNTERS} == {k: inline.stats.kv[k] for k in COUNTERS}
+    with pytest.raises(KVSpecError, match="pool_dtype=int8; use pool_dtype=fp16 or select=previous"):
+        llm.generate(prompt, max_new_tokens=4, kv=f"freekv:budget=48,{SPEC},pool_dtype=int8,select=inline")
+    int8_auto = llm.generate(prompt, max_new_tokens=8, kv=f"freekv:budget=48,{SPEC},pool_dtype=int8")
+    int8_previous = llm.generate(prompt, max_new_tokens=8, kv=f"freekv:budget=48,{SPEC},pool_dtype=int8,select=previous")
+    assert int8_auto.token_ids == int8_previous.token_ids  # auto falls back to previous for int8 pools
+    llm.close()
+    plain = kvtrt.load(directory, torch_threads=1, decode_kernel=False)
+    assert not plain.engine.refreshes_inline
+    with pytest.raises(KVSpecError, match="select=inline re-selects pages inside kvtrt's decode attention op.*"
+                                          "use select=auto"):
+        plain.submit(prompt, max_new_tokens=4, kv=f"freekv:budget=48,{SPEC},select=inline")
+    previous = plain.generate(prompt, max_new_tokens=8, kv=f"freekv:budget=48,{SPEC},tau=0.9,select=previous")
+    assert plain.generate(prompt, max_new_tokens=8, kv=f"freekv:budget=48,{SPEC},tau=0.9").token_ids == \
+        previous.token_ids
+    plain.close()
