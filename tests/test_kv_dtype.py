@@ -95,7 +95,8 @@ def test_the_store_holds_the_fp32_cache_rounded_to_fp16(kv16):
 @pytest.mark.parametrize("spec", ["full", "snapkv:budget=128",
                                   "freekv:budget=64,page=8,window=16,min_context=0,select=speculative",
                                   "freekv:budget=400,page=8,window=16,min_context=0,select=previous",
-                                  "quest:budget=64,page=8,window=16,min_context=0"])
+                                  "freekv:budget=64,page=8,window=16,min_context=0,select=inline",
+                                  "quest:budget=64,page=8,window=16,min_context=0"])  # (auto: inline too)
 def test_decoding_stays_within_fp16_rounding(kv16, spec):
     """The fp32 cache's greedy tokens, forced through the fp16 cache: every step's logits within
     LOGIT_ATOL, and not identical (the fp16 graphs really ran). (`select=previous` with a budget that
