@@ -45,10 +45,11 @@ def main() -> None:
     ids = token_prefix(llm.codec.encode, load_texts(), args.context)
     start = prefill(llm, ids)
     runs: dict[tuple[str, str], list[dict]] = {}
+    modes = args.modes.split(",")
     for _ in range(args.repeat):
         for spec in args.kv:
-            for mode, ops in ((m, o) for m in args.modes.split(",") for o in page_ops):
-                if spec == "full" and (mode != "groups" or ops != page_ops[0]):
+            for mode, ops in ((m, o) for m in modes for o in page_ops):
+                if spec == "full" and (mode != modes[0] or ops != page_ops[0]):  # once per repeat
                     continue
                 select = "" if spec == "full" else (",select=" + ("fresh" if mode == "groups" else mode))
                 os.environ["KVTRT_PAGE_OPS"] = "1" if ops == "on" else "0"
