@@ -163,7 +163,7 @@ def test_auto_takes_inline_where_the_op_runs_and_explicit_inline_is_refused_else
     assert auto.token_ids == inline.token_ids
     assert {k: auto.stats.kv[k] for k in COUNTERS} == {k: inline.stats.kv[k] for k in COUNTERS}
     with pytest.raises(KVSpecError, match="pool_dtype=int8; use pool_dtype=fp16 or select=previous"):
-        llm.generate(prompt, max_new_tokens=4, kv=f"freekv:budget=48,{SPEC},pool_dtype=int8,select=inline")
+        llm.submit(prompt, max_new_tokens=4, kv=f"freekv:budget=48,{SPEC},pool_dtype=int8,select=inline")
     int8_auto = llm.generate(prompt, max_new_tokens=8, kv=f"freekv:budget=48,{SPEC},pool_dtype=int8")
     int8_previous = llm.generate(prompt, max_new_tokens=8, kv=f"freekv:budget=48,{SPEC},pool_dtype=int8,select=previous")
     assert int8_auto.token_ids == int8_previous.token_ids  # auto falls back to previous for int8 pools

@@ -46,6 +46,9 @@ def check_kv_spec(kv: KVSpec, manifest, graphs=None, inline: bool | None = None)
         raise KVSpecError(f"{retrieval.mode} select=fresh chooses each layer range's pages with the step's own "
                           f"query, which needs an export with decode groups; re-export with `kvtrt export "
                           f"{manifest.source} -o DIR --decode-groups {manifest.n_layers}` or use select=speculative")
+    if retrieval is not None and retrieval.select == "inline" and retrieval.pool_dtype == "int8":
+        raise KVSpecError(f"{retrieval.mode} select=inline recalls pages in C, which does not read "
+                          f"pool_dtype=int8; use pool_dtype=fp16 or select=previous")
     if retrieval is not None and retrieval.select == "inline" and inline is False:
         raise KVSpecError(f"{retrieval.mode} select=inline re-selects pages inside kvtrt's decode attention op, which "
                           f"this engine does not run (it needs the ONNX Runtime CPU provider, a C compiler, "

@@ -224,7 +224,8 @@ class Scheduler:
         cfg, bpt = seq.retrieval, self.m.kv_bytes_per_token
         stored = min(seq.keep, len(seq.ids)) if seq.policy is not None else len(seq.ids)
         tokens = stored + seq.max_new_tokens + cfg.page
-        views = cfg.views(self.m, cpu=self.engine.device == "cpu", inline=getattr(self.engine, "refreshes_inline", False))
+        inline = getattr(self.engine, "refreshes_inline", False)
+        views = cfg.views(self.m, cpu=self.engine.device == "cpu", inline=inline)
         return (tokens + tokens // cfg.page + views * (cfg.slots(stored) + 1)) * bpt
 
     def _admissible(self, seq: Sequence) -> bool:
