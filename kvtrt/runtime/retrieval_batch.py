@@ -87,10 +87,10 @@ class _RetrievalRow:
         self.inline = path == "inline"  # one view, each layer re-selected inside the decode attention op
         if self.grouped or self.lagged or self.inline:
             r.use_fresh_queries()
-        if self.inline and not r.inline_ready():  # select=auto chose it; int8 pools recall in numpy
+        if self.inline and not r.inline_ready():  # an int8 pool (refused at submit when asked for by name)
             if seq.retrieval.select == "inline":
-                raise KVSpecError(f"{seq.retrieval.mode} select=inline recalls pages in C, which does not read "
-                                  f"pool_dtype={seq.retrieval.pool_dtype}; use pool_dtype=fp16 or select=previous")
+                raise KVSpecError(f"{seq.retrieval.mode} select=inline cannot recall this pool's pages in C; "
+                                  f"use select=previous")
             self.inline, self.lagged = False, True
         keys, values = list(store.keys), list(store.values)
         store.keys, store.values = [], []  # the manager holds them now (and frees them: `release`)

@@ -125,7 +125,7 @@ class FreeKVRetrieval:
         #: the buffers of the dense KV handed to ``start`` (weak: to report whether they outlive it)
         self._dense: list[tuple[Callable[[], object], int]] = []
         self._dense_after_start = 0
-        self._c_recall: bool | None = None  # recalls in C (``_host_recall``), decided on the first one
+        self._c_recall: bool | None = None  # ``_c_page_ops``, decided on the first ask
         self._prompt: int | None = None  # the prompt length given to ``begin`` (batch 1)
         self._summarized = 0  # pool pages of that prompt whose summaries ``absorb`` already stored
 
@@ -197,8 +197,7 @@ class FreeKVRetrieval:
     def inline_ready(self) -> bool:
         """Whether ``inline_refresh`` can serve this manager: a fresh-query manager (``use_fresh_queries``)
         on host (numpy) arrays with an fp32/fp16 pool, the C page ops built."""
-        return (self._fresh and isinstance(self.pool.data, np.ndarray) and self.pool.int8_scheme is None
-                and page_ops.available())
+        return self._fresh and self._c_page_ops()
 
     @contextlib.contextmanager
     def inline_refresh(self):
@@ -210,7 +209,7 @@ class FreeKVRetrieval:
         if not self.inline_ready():
             raise RuntimeError("inline_refresh() needs use_fresh_queries() before start(), host arrays, an fp32 or "
                                "fp16 pool and the C page ops")
-        xp, view, lay = self.xp, self.view(), self.layout
+        view, lay = self.view(), self.layout
         basis = self._basis[view.index]
         if basis.dtype != np.float32 or not basis.flags.c_contiguous:
             basis = self._basis[view.index] = np.ascontiguousarray(basis, np.float32)
@@ -587,13 +586,17 @@ class FreeKVRetrieval:
             self.master_keys[layer, b][:, ring_slots] = xp.to_device(keys[:, first:n], self.dtype)
             self.master_values[layer, b][:, ring_slots] = xp.to_device(values[:, first:n], self.dtype)
 
-    def _host_recall(self) -> bool:
-        """Whether recalls run as one C call (``cpu_kernels.page_ops``): numpy arrays, an fp32/fp16 pool,
-        one copy op for every layer."""
+    def _c_page_ops(self) -> bool:
+        """Whether this pool's pages can be recalled in C (``cpu_kernels.page_ops``): numpy arrays, an
+        fp32/fp16 pool, the library built (decided on the first ask)."""
         if self._c_recall is None:
             self._c_recall = (isinstance(self.pool.data, np.ndarray) and self.pool.int8_scheme is None
                               and page_ops.available())
-        return self._c_recall and self.copy_chunk == self.n_layers
+        return self._c_recall
+
+    def _host_recall(self) -> bool:
+        """Whether recalls run as one C call: ``_c_page_ops`` and one copy op for every layer."""
+        return self._c_page_ops() and self.copy_chunk == self.n_layers
 
     def _on_copy_stream(self, wait: bool = False):
         return contextlib.nullcontext() if self._copier is None else self._copier.on_stream(wait)
