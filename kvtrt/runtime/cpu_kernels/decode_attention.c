@@ -34,6 +34,14 @@
 #define LN2_LO -2.12194440e-4f
 static const float EXP_POLY[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
                                   4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+// Request the `bytes` from `p` into L1, one prefetch per cache line, AHEAD keys (values) before they are
+// read: the hardware prefetcher alone left the fp16 cache's batch-8 call at ~two thirds of the host's
+// read bandwidth (`docs/results/decode_attention.md`).
+#define AHEAD 16
+static inline __attribute__((always_inline)) void prefetch(const char *p, int64_t bytes) {
+  for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(p + at, _MM_HINT_T0);
+}
 #endif
 
 #define CHUNK 256    // slots per work item
@@ -207,23 +215,31 @@ static inline __attribute__((always_inline)) __m512 sum16(__m512 *v) {
 }
 
 // D = 64 with AVX-512; inlined per group size and storage type so the g queries stay in registers.
-// Sixteen keys at a time per head (the block stays in L1 across the g heads), summed by `sum16`.
+// Sixteen keys at a time per head (the block stays in L1 across the g heads), summed by `sum16`; an
+// fp16 block is converted once into floats for all g heads.
 static inline __attribute__((always_inline)) void scores64(const float *q, const void *keys, const float *bias,
                                                            int64_t n, float *s, float scale, const int g,
                                                            const int half) {
   __m512 qv[MAX_GROUP][4];
+  float converted[16 * 64] __attribute__((aligned(64)));
   for (int j = 0; j < g; j++)
     for (int k = 0; k < 4; k++) qv[j][k] = _mm512_mul_ps(_mm512_loadu_ps(q + j * 64 + 16 * k), _mm512_set1_ps(scale));
+  const int64_t size = half ? 2 : 4;
   int64_t t = 0;
   for (; t + 16 <= n; t += 16) {
-    _mm_prefetch((const char *)keys + (t + 24) * 64 * (half ? 2 : 4), _MM_HINT_T0);
+    prefetch((const char *)keys + (t + AHEAD) * 64 * size, 16 * 64 * size);
+    const float *block = (const float *)keys + t * 64;
+    if (half) {
+      for (int i = 0; i < 64; i++) _mm512_store_ps(converted + 16 * i, load16(keys, t * 64 + 16 * i, 1));
+      block = converted;
+    }
     const __m512 b = _mm512_loadu_ps(bias + t);
     for (int j = 0; j < g; j++) {
       __m512 a[16];
       for (int i = 0; i < 16; i++) {
-        const int64_t at = (t + i) * 64;
-        a[i] = _mm512_fmadd_ps(qv[j][3], load16(keys, at + 48, half), _mm512_fmadd_ps(qv[j][2], load16(keys, at + 32, half),
-               _mm512_fmadd_ps(qv[j][1], load16(keys, at + 16, half), _mm512_mul_ps(qv[j][0], load16(keys, at, half)))));
+        const float *k = block + i * 64;
+        a[i] = _mm512_fmadd_ps(qv[j][3], _mm512_loadu_ps(k + 48), _mm512_fmadd_ps(qv[j][2], _mm512_loadu_ps(k + 32),
+               _mm512_fmadd_ps(qv[j][1], _mm512_loadu_ps(k + 16), _mm512_mul_ps(qv[j][0], _mm512_loadu_ps(k)))));
       }
       _mm512_storeu_ps(s + j * CHUNK + t, _mm512_add_ps(sum16(a), b));
     }
@@ -244,8 +260,9 @@ static inline __attribute__((always_inline)) void weighted_sum64(const float *p,
   __m512 o[MAX_GROUP][4];
   for (int j = 0; j < g; j++)
     for (int k = 0; k < 4; k++) o[j][k] = _mm512_setzero_ps();
+  const int64_t size = half ? 2 : 4;
   for (int64_t t = 0; t < n; t++) {
-    _mm_prefetch((const char *)values + (t + 8) * 64 * (half ? 2 : 4), _MM_HINT_T0);
+    prefetch((const char *)values + (t + AHEAD) * 64 * size, 64 * size);
     __m512 v0 = load16(values, t * 64, half), v1 = load16(values, t * 64 + 16, half),
            v2 = load16(values, t * 64 + 32, half), v3 = load16(values, t * 64 + 48, half);
     for (int j = 0; j < g; j++) {
@@ -330,14 +347,22 @@ static inline __attribute__((always_inline)) void scores64(const float *q, const
   float qs[MAX_GROUP * 64];
   for (int e = 0; e < g * 64; e++) qs[e] = q[e] * scale;
   int64_t t = 0;
+  float converted[8 * 64] __attribute__((aligned(32)));
+  const int64_t size = half ? 2 : 4;
   for (; t + 8 <= n; t += 8) {
+    prefetch((const char *)keys + (t + AHEAD) * 64 * size, 8 * 64 * size);
+    const float *block = (const float *)keys + t * 64;
+    if (half) {
+      for (int i = 0; i < 64; i++) _mm256_store_ps(converted + 8 * i, load8(keys, t * 64 + 8 * i, 1));
+      block = converted;
+    }
     const __m256 b = _mm256_loadu_ps(bias + t);
     for (int j = 0; j < g; j++) {
       __m256 a[8];
       for (int i = 0; i < 8; i++) {
-        a[i] = _mm256_mul_ps(_mm256_loadu_ps(qs + j * 64), load8(keys, (t + i) * 64, half));
+        a[i] = _mm256_mul_ps(_mm256_loadu_ps(qs + j * 64), _mm256_loadu_ps(block + i * 64));
         for (int c = 1; c < 8; c++)
-          a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + j * 64 + 8 * c), load8(keys, (t + i) * 64 + 8 * c, half), a[i]);
+          a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + j * 64 + 8 * c), _mm256_loadu_ps(block + i * 64 + 8 * c), a[i]);
       }
       _mm256_storeu_ps(s + j * CHUNK + t, _mm256_add_ps(sum8(a), b));
     }
@@ -356,8 +381,10 @@ static inline __attribute__((always_inline)) void scores64(const float *q, const
 static inline __attribute__((always_inline)) void weighted_sum64(const float *p, const void *values, int64_t n,
                                                                  float *acc, int g, const int half) {
   memset(acc, 0, sizeof(float) * g * 64);
+  const int64_t size = half ? 2 : 4;
   for (int64_t t = 0; t < n; t += 16) {
     const int64_t stop = n - t < 16 ? n - t : 16;
+    prefetch((const char *)values + (t + AHEAD) * 64 * size, 16 * 64 * size);
     for (int j = 0; j < g; j++) {
       __m256 o[8];
       for (int c = 0; c < 8; c++) o[c] = _mm256_loadu_ps(acc + j * 64 + 8 * c);
@@ -478,6 +505,24 @@ static void weighted_sum(const Call *c, const float *p, const void *values, int6
     }
 }
 
+// dst[0, n) = the float or float16 elements [first, first + n) of src, as floats (sixteen at a time where
+// the CPU converts halves in vectors: the scalar conversion of a chunk's bias took a tenth of a call).
+static void to_floats(const void *src, int64_t first, int64_t n, int half, float *dst) {
+  int64_t i = 0;
+  if (half) {
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)src + first + i))));
+#elif defined(VECTOR_AVX2)
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)src + first + i))));
+#endif
+    for (; i < n; i++) dst[i] = half_to_float(((const uint16_t *)src)[first + i]);
+  } else {
+    memcpy(dst, (const float *)src + first, sizeof(float) * n);
+  }
+}
+
 // Work item i: one 256-slot chunk of one (row, KV head); writes its (max, sum, unnormalised output) per head.
 static void chunk(void *data, size_t i) {
   const Call *c = (const Call *)data;
@@ -490,8 +535,8 @@ static void chunk(void *data, size_t i) {
   const char *values = (const char *)c->values + ((b * c->Hkv + h) * c->C + first) * D * size;
   float q[MAX_GROUP * MAX_HEAD], bias[CHUNK], s[MAX_GROUP * CHUNK], acc[MAX_GROUP * MAX_HEAD];
   const int64_t q_first = b * (c->H + 2 * c->Hkv) * D + h * g * D;
-  for (int64_t e = 0; e < g * D; e++) q[e] = element(c->qkv, q_first + e, c->half);
-  for (int64_t t = 0; t < count; t++) bias[t] = element(c->bias, b * c->bias_row + first + t, c->half);
+  to_floats(c->qkv, q_first, g * D, c->half, q);
+  to_floats(c->bias, b * c->bias_row + first, count, c->half, bias);
   scores(c, q, keys, bias, count, s);
   float *out = c->partial + (int64_t)i * g * (D + 2);  // [g][max, sum, D accumulators]
   for (int64_t j = 0; j < g; j++) softmax_part(s + j * CHUNK, count, &out[j * (D + 2)], &out[j * (D + 2) + 1]);
