@@ -25,16 +25,20 @@ def main() -> None:
     parser.add_argument("--texts", default=None)
     parser.add_argument("--depths", default="0.25,0.5,0.75")
     parser.add_argument("--kv", action="append", default=[], help="KV spec (repeatable), beside the full cache")
+    parser.add_argument("--only", default=None, help="TEXT:DEPTH,...: run these cases only (e.g. 8:0.25,16:0.75)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     ev = Evaluator(args.dir, args.context, texts=args.texts, num_texts=args.num_texts, progress=False)
     jobs = ev._jobs("needle", None, [float(d) for d in args.depths.split(",")])
     specs = ["full", *args.kv]
     cases = []
+    per_text = len(args.depths.split(","))
+    only = {(int(t), float(d)) for t, d in (c.split(":") for c in args.only.split(","))} if args.only else None
     for n, (prompt, payload) in enumerate(tqdm(jobs, desc="needle cases")):
+        if only is not None and (n // per_text, payload["depth"]) not in only:
+            continue
         start = prefill(ev.llm, prompt)
-        case = {"text": n // len(args.depths.split(",")), "depth": payload["depth"], "key": payload["key"],
-                "answers": {}, "hits": {}}
+        case = {"text": n // per_text, "depth": payload["depth"], "key": payload["key"], "answers": {}, "hits": {}}
         for spec in specs:
             out = decode(ev.llm, prompt, payload["new"], spec, start=start, stop_at_eos=True)
             text = ev.llm.codec.decode(out.tokens)
