@@ -505,8 +505,8 @@ static void weighted_sum(const Call *c, const float *p, const void *values, int6
     }
 }
 
-// dst[0, n) = the float or float16 elements [first, first + n) of src, as floats (sixteen at a time where
-// the CPU converts halves in vectors: the scalar conversion of a chunk's bias took a tenth of a call).
+// dst[0, n) = the float or float16 elements [first, first + n) of src, as floats (halves converted in
+// vectors where the CPU can: a chunk's 256 bias values one at a time were a visible part of an fp16 call).
 static void to_floats(const void *src, int64_t first, int64_t n, int half, float *dst) {
   int64_t i = 0;
   if (half) {
