@@ -46,6 +46,21 @@ def test_select_equals_numpy(combine):
         page_ops.select(query, kmin, kmax, np.array(n_pages), k, "max")
 
 
+@pytest.mark.parametrize("combine", ["softmax", "mean"])
+def test_select_equals_numpy_many_pages(combine):
+    """8-token pages of 7680 tokens: the top 119 of 960 pages (953 in the second sequence: a last partial
+    vector of 16), every layer. Values on a quarter grid, so each bound is exact in any summation order and
+    the many exact ties must go to the lower id as numpy orders them."""
+    rng = np.random.default_rng(1)
+    query = np.round(rng.standard_normal((3, 2, 9, 64)) * 4).astype(np.float32) / 4
+    kmin = np.round(rng.standard_normal((3, 2, 3, 960, 64)) * 4).astype(np.float32) / 4
+    kmax = kmin + np.round(np.abs(rng.standard_normal(kmin.shape)) * 4).astype(np.float32) / 4
+    n_pages = np.array([960, 953])
+    want = P.select_pages(query, kmin, kmax, n_pages, 119, combine)
+    assert np.array_equal(page_ops.select(query, kmin, kmax, n_pages, 119, combine), want)
+    assert np.array_equal(page_ops.select(query, kmin, kmax, n_pages, 119, combine, threads=2), want)
+
+
 @pytest.mark.parametrize("pool_dtype,view_dtype", [("float32", "float32"), ("float16", "float32"),
                                                    ("float16", "float16")])
 def test_recall_equals_placement_and_put_pages(pool_dtype, view_dtype):

@@ -83,18 +83,121 @@ static float upper_bound(const float *qp, const float *qn, const float *kmax, co
   return s;
 }
 
-// The k best of combined[0, n) into out (descending, ties to the lower id), -1 after the n-th.
-static void top_k(const float *combined, int64_t n, int64_t k, int64_t *out, float *best) {
-  int64_t held = 0;
-  for (int64_t p = 0; p < n; p++) {
-    float v = combined[p];
-    if (held == k && !(v > best[k - 1])) continue;  // not better than the worst held (ties: the earlier stays)
-    int64_t j = held < k ? held++ : k - 1;
-    while (j > 0 && v > best[j - 1]) best[j] = best[j - 1], out[j] = out[j - 1], j--;
-    best[j] = v, out[j] = p;
-  }
-  for (int64_t j = held; j < k; j++) out[j] = -1;
+// An unsigned key that orders as the float does (NaN as -inf, -0 as 0).
+static uint32_t order_key(float v) {
+  uint32_t u;
+  if (isnan(v)) v = -INFINITY;
+  if (v == 0.0f) v = 0.0f;
+  memcpy(&u, &v, 4);
+  return u & 0x80000000u ? ~u : u | 0x80000000u;
 }
+
+// The k best of combined[0, n) into out (descending, ties to the lower id), -1 after the n-th. A radix
+// select finds the k-th best score's key a byte at a time (4 histograms of the candidates), the pages above
+// it and the first ones equal to it are taken in id order, then sorted by score (stable: ties keep the lower
+// id first). keys: n scratch values; best: k.
+static void top_k(const float *combined, int64_t n, int64_t k, int64_t *out, uint32_t *keys, uint32_t *best) {
+  const int64_t take = k < n ? k : n;
+  for (int64_t j = take; j < k; j++) out[j] = -1;
+  if (take == 0) return;
+  for (int64_t p = 0; p < n; p++) keys[p] = order_key(combined[p]);
+  uint32_t prefix = 0, mask = 0;
+  int64_t need = take;  // how many of the pages matching prefix the top k still takes
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    int64_t count[256] = {0};
+    for (int64_t p = 0; p < n; p++) count[(keys[p] >> shift) & 255] += (keys[p] & mask) == prefix;
+    int digit = 255;
+    while (count[digit] < need) need -= count[digit--];
+    prefix |= (uint32_t)digit << shift, mask |= 255u << shift;
+  }
+  int64_t held = 0;  // prefix is now the k-th best key; `need` pages equal to it are taken, the first ones
+  for (int64_t p = 0; p < n; p++)
+    if (keys[p] > prefix || (keys[p] == prefix && need-- > 0)) best[held] = keys[p], out[held++] = p;
+  for (int64_t i = 1; i < held; i++) {  // insertion sort, descending and stable
+    const uint32_t key = best[i];
+    const int64_t id = out[i];
+    int64_t j = i;
+    for (; j > 0 && best[j - 1] < key; j--) best[j] = best[j - 1], out[j] = out[j - 1];
+    best[j] = key, out[j] = id;
+  }
+}
+
+#if defined(__AVX512F__)
+// r[i] = the sum of v[i]'s 16 lanes: a transpose-and-add tree, 15 adds for 16 sums instead of 16 reductions
+static __m512 sum16(const __m512 v[16]) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; i++)  // a[i]: v[2i]'s lanes folded to 8 (lanes 0-7), v[2i+1]'s (8-15)
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; i++)  // b[i]: 128-bit lane j holds v[4i + j] folded to 4
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; i++)  // c[i], lane j: v[8i + j] and v[8i + 4 + j] folded to 2 each, interleaved
+    c[i] = _mm512_add_ps(_mm512_unpacklo_ps(b[2 * i], b[2 * i + 1]), _mm512_unpackhi_ps(b[2 * i], b[2 * i + 1]));
+  // lane j, element m: v[4m + j]; put v[i] at element i
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x44), _mm512_shuffle_ps(c[0], c[1], 0xEE));
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), r);
+}
+
+// s[p] = qp . kmax_p + qn . kmin_p for the 16 pages p at kmax / kmin (dim a multiple of 16)
+static void upper_bounds16(const float *qp, const float *qn, const float *kmax, const float *kmin, int64_t dim,
+                           float *s) {
+  __m512 acc[16];
+  for (int p = 0; p < 16; p++) acc[p] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < dim; i += 16) {
+    const __m512 pos = _mm512_loadu_ps(qp + i), neg = _mm512_loadu_ps(qn + i);
+    for (int p = 0; p < 16; p++)
+      acc[p] = _mm512_fmadd_ps(neg, _mm512_loadu_ps(kmin + p * dim + i),
+                               _mm512_fmadd_ps(pos, _mm512_loadu_ps(kmax + p * dim + i), acc[p]));
+  }
+  _mm512_storeu_ps(s, sum16(acc));
+}
+// exp of 16 floats at most 0 (a softmax's shifted scores), within ~2 ulp of expf: Cephes' expf polynomial
+// on x - n ln 2, scaled by 2^n
+static __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // exp(-104) is 0 in float32; keeps -inf out of n
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+// s[0, n) = softmax(s * scale), 16 at a time (the last vector masked)
+static void softmax16(float *s, int64_t n, float scale) {
+  __m512 top = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+  const __m512 by = _mm512_set1_ps(scale);
+  for (int64_t p = 0; p < n; p += 16) {
+    const __mmask16 m = n - p >= 16 ? 0xffff : (__mmask16)((1u << (n - p)) - 1);
+    const __m512 v = _mm512_mul_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, s + p), by);
+    _mm512_mask_storeu_ps(s + p, m, v);
+    top = _mm512_max_ps(top, v);
+  }
+  const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  for (int64_t p = 0; p < n; p += 16) {
+    const __mmask16 m = n - p >= 16 ? 0xffff : (__mmask16)((1u << (n - p)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + p), shift));
+    _mm512_mask_storeu_ps(s + p, m, e);
+    sum = _mm512_mask_add_ps(sum, m, sum, e);
+  }
+  const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
+  for (int64_t p = 0; p < n; p += 16) {
+    const __mmask16 m = n - p >= 16 ? 0xffff : (__mmask16)((1u << (n - p)) - 1);
+    _mm512_mask_storeu_ps(s + p, m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, s + p), total));
+  }
+}
+
+#define BOUND_BLOCK 16  // pages scored together by upper_bounds16
+#else
+#define BOUND_BLOCK 0
+#endif
 
 typedef struct {  // one thread's share of a selection: rows [r0, r1)
   int64_t r0, r1, batch, kv_heads, group, dim, cap, k;
@@ -109,33 +212,47 @@ typedef struct {  // one thread's share of a selection: rows [r0, r1)
 static void *select_rows(void *arg) {
   SelectJob *j = arg;
   const int64_t cap = j->cap, dim = j->dim, group = j->group, k = j->k;
-  float *scores = malloc(sizeof(float) * (size_t)(cap * (group + 1) + k + 2 * dim));
+  float *scores = malloc(sizeof(float) * (size_t)(cap * (group + 2) + k + 2 * group * dim));
   if (!scores) {
     j->status = -1;
     return NULL;
   }
-  float *combined = scores + cap * group, *best = combined + cap, *qp = best + k, *qn = qp + dim;
+  float *combined = scores + cap * group, *keys = combined + cap, *best = keys + cap, *qp = best + k,
+        *qn = qp + group * dim;
+  // whole blocks of pages are scored 16 at a time, each block for every query head while it is in L1
+  const int64_t block = BOUND_BLOCK && dim % 16 == 0 ? BOUND_BLOCK : 0;
   for (int64_t row = j->r0; row < j->r1; row++) {
     if (j->only && !j->only[row]) continue;
     int64_t b = row / j->kv_heads % j->batch, n = j->n_pages[b] < cap ? j->n_pages[b] : cap;
     const float *kx = j->kmax + row * cap * dim, *kn = j->kmin + row * cap * dim;
+    const float *q = j->query + row * group * dim;
+    for (int64_t d = 0; d < group * dim; d++) qp[d] = q[d] > 0.0f ? q[d] : 0.0f, qn[d] = q[d] < 0.0f ? q[d] : 0.0f;
+    int64_t whole = block ? n - n % block : 0;
+#if defined(__AVX512F__)
+    for (int64_t p = 0; p < whole; p += block)
+      for (int64_t i = 0; i < group; i++)
+        upper_bounds16(qp + i * dim, qn + i * dim, kx + p * dim, kn + p * dim, dim, scores + i * cap + p);
+#endif
+    for (int64_t p = whole; p < n; p++)
+      for (int64_t i = 0; i < group; i++)
+        scores[i * cap + p] = upper_bound(qp + i * dim, qn + i * dim, kx + p * dim, kn + p * dim, dim);
     for (int64_t p = 0; p < n; p++) combined[p] = 0.0f;
     for (int64_t i = 0; i < group; i++) {
-      const float *q = j->query + (row * group + i) * dim;
-      for (int64_t d = 0; d < dim; d++) qp[d] = q[d] > 0.0f ? q[d] : 0.0f, qn[d] = q[d] < 0.0f ? q[d] : 0.0f;
       float *s = scores + i * cap, top = -INFINITY, sum = 0.0f;
-      for (int64_t p = 0; p < n; p++) {
-        s[p] = upper_bound(qp, qn, kx + p * dim, kn + p * dim, dim);
-        if (j->softmax) s[p] *= j->scale, top = s[p] > top ? s[p] : top;
-      }
+#if defined(__AVX512F__)
+      if (j->softmax && n) {
+        softmax16(s, n, j->scale);
+      } else
+#endif
       if (j->softmax) {
+        for (int64_t p = 0; p < n; p++) s[p] *= j->scale, top = s[p] > top ? s[p] : top;
         for (int64_t p = 0; p < n; p++) s[p] = expf(s[p] - top), sum += s[p];
         for (int64_t p = 0; p < n; p++) s[p] /= sum;
       }
       for (int64_t p = 0; p < n; p++) combined[p] += s[p];
     }
     for (int64_t p = 0; p < n; p++) combined[p] /= (float)group;
-    top_k(combined, n, k, j->out + row * k, best);
+    top_k(combined, n, k, j->out + row * k, (uint32_t *)keys, (uint32_t *)best);
   }
   free(scores);
   return NULL;
@@ -153,29 +270,32 @@ typedef struct {  // one thread's share of a recall: rows [r0, r1)
 
 static void *recall_rows(void *arg) {
   RecallJob *j = arg;
-  const int64_t k = j->k, batch = j->batch, kv_heads = j->kv_heads, page = j->page, dim = j->dim;
+  const int64_t k = j->k, batch = j->batch, kv_heads = j->kv_heads, page = j->page, dim = j->dim, cap = j->cap;
   const int64_t block = page * dim, plane = j->layers * batch * kv_heads * j->width * dim;
   const int64_t size = j->view_half ? 2 : 4, stored = j->pool_half ? 2 : 4;
   int64_t *missing = malloc(sizeof(int64_t) * (size_t)(2 * k)), *keep = missing + k;
-  if (missing == NULL) {
+  uint8_t *wanted = calloc((size_t)j->cap, 2), *present = wanted + j->cap;  // by page id, zero between rows
+  if (missing == NULL || wanted == NULL) {
+    free(missing), free(wanted);
     j->status = -1;
     return NULL;
   }
   for (int64_t r = j->r0; r < j->r1; r++) {
     int64_t *held = j->slot_pages + r * k, n_missing = 0;
     const int64_t *want = j->selected + r * k;
-    for (int64_t s = 0; s < k; s++) {
-      keep[s] = 0;
-      if (held[s] < 0) continue;
-      for (int64_t i = 0; i < k; i++) keep[s] |= want[i] == held[s];
-    }
+    for (int64_t i = 0; i < k; i++)
+      if (want[i] >= 0 && want[i] < cap) wanted[want[i]] = 1;
+    for (int64_t s = 0; s < k; s++)
+      if (held[s] >= 0 && held[s] < cap) keep[s] = wanted[held[s]], present[held[s]] = 1;
+      else keep[s] = 0;
     for (int64_t i = 0; i < k; i++) {
-      if (want[i] < 0) continue;
-      int present = 0;
-      for (int64_t s = 0; s < k && !present; s++) present = held[s] == want[i];
-      j->counts[0]++, j->counts[1] += present;
-      if (!present) missing[n_missing++] = want[i];
+      if (want[i] < 0 || want[i] >= cap) continue;  // not a page of the pool
+      j->counts[0]++, j->counts[1] += present[want[i]];
+      if (!present[want[i]]) missing[n_missing++] = want[i];
+      wanted[want[i]] = 0;
     }
+    for (int64_t s = 0; s < k; s++)
+      if (held[s] >= 0 && held[s] < cap) present[held[s]] = 0;
     const int64_t row = j->layer0 * batch * kv_heads + r, l = row / (batch * kv_heads), bh = row % (batch * kv_heads);
     const int64_t b = bh / kv_heads, h = bh % kv_heads;
     for (int64_t s = 0, m = 0; s < k; s++) {
@@ -194,7 +314,7 @@ static void *recall_rows(void *arg) {
       j->counts[2]++;
     }
   }
-  free(missing);
+  free(missing), free(wanted);
   return NULL;
 }
 
