@@ -47,11 +47,12 @@ def main() -> None:
             kv = got.stats.kv
             runs.setdefault(label, []).append(
                 {"tok_s": got.stats.decode_tok_s, "correction_rate": kv.get("correction_rate"),
-                 "pages_recalled_per_step": kv.get("pages_recalled_per_step"), "kv_bytes": got.stats.kv_bytes})
+                 "pages_recalled_per_step": kv.get("pages_recalled_per_step"), "kv_bytes": got.stats.kv_bytes,
+                 "correction_ms_per_step": 1e3 * kv["correction_s"] / kv["steps"] if kv.get("steps") else None})
     reference = statistics.median(r["tok_s"] for r in runs[jobs[-1][0]]) if args.flat_context else None
     print(f"| spec | decode tok/s (median of {args.repeat}) | all runs | correction rate | pages recalled / step "
-          f"| KV MiB |" + (f" vs full @ {args.flat_context} |" if reference else ""))
-    print("|---|---|---|---|---|---|" + ("---|" if reference else ""))
+          f"| correction ms / step | KV MiB |" + (f" vs full @ {args.flat_context} |" if reference else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if reference else ""))
     rows = []
     for label, got in runs.items():
         med = {k: statistics.median(r[k] for r in got) if got[0][k] is not None else None for k in got[0]}
@@ -59,6 +60,7 @@ def main() -> None:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         print(f"| {label} | {med['tok_s']:.1f} | {', '.join(format(r['tok_s'], '.1f') for r in got)} | "
               f"{fmt(med['correction_rate'], '.2f')} | {fmt(med['pages_recalled_per_step'], '.0f')} | "
+              f"{fmt(med['correction_ms_per_step'], '.2f')} | "
               f"{med['kv_bytes'] / 2**20:.0f} |" + (f" {med['tok_s'] / reference:.2f}x |" if reference else ""))
     if args.json:
         with open(args.json, "w") as f:

@@ -194,9 +194,6 @@ static void softmax16(float *s, int64_t n, float scale) {
   }
 }
 
-#define BOUND_BLOCK 16  // pages scored together by upper_bounds16
-#else
-#define BOUND_BLOCK 0
 #endif
 
 typedef struct {  // one thread's share of a selection: rows [r0, r1)
@@ -209,52 +206,80 @@ typedef struct {  // one thread's share of a selection: rows [r0, r1)
   int64_t *out;
 } SelectJob;
 
+// A row's selection scratch: scores [g, cap], combined [cap], keys [cap], best [k], q+ / q- [g, D] each.
+static size_t scratch_floats(const SelectJob *j) {
+  return (size_t)(j->cap * (j->group + 2) + j->k + 2 * j->group * j->dim);
+}
+
+// The q+ / q- halves of a row's g query heads (scratch layout above).
+static void split_query(const SelectJob *j, int64_t row, float *scratch) {
+  const int64_t n = j->group * j->dim;
+  float *qp = scratch + j->cap * (j->group + 2) + j->k, *qn = qp + n;
+  const float *q = j->query + row * n;
+  for (int64_t d = 0; d < n; d++) qp[d] = q[d] > 0.0f ? q[d] : 0.0f, qn[d] = q[d] < 0.0f ? q[d] : 0.0f;
+}
+
+// Every query head's bound for the row's pages [p0, p1) into scratch's scores (split_query first). Whole
+// blocks of 16 pages are scored together, each block for every query head while it is in L1.
+static void row_bounds(const SelectJob *j, int64_t row, int64_t p0, int64_t p1, float *scratch) {
+  const int64_t cap = j->cap, dim = j->dim, group = j->group;
+  const float *kx = j->kmax + row * cap * dim, *kn = j->kmin + row * cap * dim;
+  const float *qp = scratch + cap * (group + 2) + j->k, *qn = qp + group * dim;
+  int64_t p = p0;
+#if defined(__AVX512F__)
+  if (dim % 16 == 0)
+    for (; p + 16 <= p1; p += 16)
+      for (int64_t i = 0; i < group; i++)
+        upper_bounds16(qp + i * dim, qn + i * dim, kx + p * dim, kn + p * dim, dim, scratch + i * cap + p);
+#endif
+  for (; p < p1; p++)
+    for (int64_t i = 0; i < group; i++)
+      scratch[i * cap + p] = upper_bound(qp + i * dim, qn + i * dim, kx + p * dim, kn + p * dim, dim);
+}
+
+// The row's pages to attend, from its n pages' bounds (row_bounds over [0, n)): the query heads' scores
+// combined (softmax each, or as they are) and averaged, the k best into out [k].
+static void row_pick(const SelectJob *j, int64_t n, float *scratch, int64_t *out) {
+  const int64_t cap = j->cap, group = j->group;
+  float *combined = scratch + cap * group, *keys = combined + cap, *best = keys + cap;
+  for (int64_t p = 0; p < n; p++) combined[p] = 0.0f;
+  for (int64_t i = 0; i < group; i++) {
+    float *s = scratch + i * cap, top = -INFINITY, sum = 0.0f;
+#if defined(__AVX512F__)
+    if (j->softmax && n) {
+      softmax16(s, n, j->scale);
+    } else
+#endif
+    if (j->softmax) {
+      for (int64_t p = 0; p < n; p++) s[p] *= j->scale, top = s[p] > top ? s[p] : top;
+      for (int64_t p = 0; p < n; p++) s[p] = expf(s[p] - top), sum += s[p];
+      for (int64_t p = 0; p < n; p++) s[p] /= sum;
+    }
+    for (int64_t p = 0; p < n; p++) combined[p] += s[p];
+  }
+  for (int64_t p = 0; p < n; p++) combined[p] /= (float)group;
+  top_k(combined, n, j->k, out, (uint32_t *)keys, (uint32_t *)best);
+}
+
+static int64_t pages_of(const SelectJob *j, int64_t row) {
+  const int64_t n = j->n_pages[row / j->kv_heads % j->batch];
+  return n < j->cap ? n : j->cap;
+}
+
 static void *select_rows(void *arg) {
   SelectJob *j = arg;
-  const int64_t cap = j->cap, dim = j->dim, group = j->group, k = j->k;
-  float *scores = malloc(sizeof(float) * (size_t)(cap * (group + 2) + k + 2 * group * dim));
-  if (!scores) {
+  float *scratch = malloc(sizeof(float) * scratch_floats(j));
+  if (!scratch) {
     j->status = -1;
     return NULL;
   }
-  float *combined = scores + cap * group, *keys = combined + cap, *best = keys + cap, *qp = best + k,
-        *qn = qp + group * dim;
-  // whole blocks of pages are scored 16 at a time, each block for every query head while it is in L1
-  const int64_t block = BOUND_BLOCK && dim % 16 == 0 ? BOUND_BLOCK : 0;
   for (int64_t row = j->r0; row < j->r1; row++) {
     if (j->only && !j->only[row]) continue;
-    int64_t b = row / j->kv_heads % j->batch, n = j->n_pages[b] < cap ? j->n_pages[b] : cap;
-    const float *kx = j->kmax + row * cap * dim, *kn = j->kmin + row * cap * dim;
-    const float *q = j->query + row * group * dim;
-    for (int64_t d = 0; d < group * dim; d++) qp[d] = q[d] > 0.0f ? q[d] : 0.0f, qn[d] = q[d] < 0.0f ? q[d] : 0.0f;
-    int64_t whole = block ? n - n % block : 0;
-#if defined(__AVX512F__)
-    for (int64_t p = 0; p < whole; p += block)
-      for (int64_t i = 0; i < group; i++)
-        upper_bounds16(qp + i * dim, qn + i * dim, kx + p * dim, kn + p * dim, dim, scores + i * cap + p);
-#endif
-    for (int64_t p = whole; p < n; p++)
-      for (int64_t i = 0; i < group; i++)
-        scores[i * cap + p] = upper_bound(qp + i * dim, qn + i * dim, kx + p * dim, kn + p * dim, dim);
-    for (int64_t p = 0; p < n; p++) combined[p] = 0.0f;
-    for (int64_t i = 0; i < group; i++) {
-      float *s = scores + i * cap, top = -INFINITY, sum = 0.0f;
-#if defined(__AVX512F__)
-      if (j->softmax && n) {
-        softmax16(s, n, j->scale);
-      } else
-#endif
-      if (j->softmax) {
-        for (int64_t p = 0; p < n; p++) s[p] *= j->scale, top = s[p] > top ? s[p] : top;
-        for (int64_t p = 0; p < n; p++) s[p] = expf(s[p] - top), sum += s[p];
-        for (int64_t p = 0; p < n; p++) s[p] /= sum;
-      }
-      for (int64_t p = 0; p < n; p++) combined[p] += s[p];
-    }
-    for (int64_t p = 0; p < n; p++) combined[p] /= (float)group;
-    top_k(combined, n, k, j->out + row * k, (uint32_t *)keys, (uint32_t *)best);
+    split_query(j, row, scratch);
+    row_bounds(j, row, 0, pages_of(j, row), scratch);
+    row_pick(j, pages_of(j, row), scratch, j->out + row * j->k);
   }
-  free(scores);
+  free(scratch);
   return NULL;
 }
 
@@ -424,8 +449,33 @@ EXPORT void kvtrt_disarm_view(InlineView *v) {
 
 typedef void (*ParallelRun)(void *runner, void (*fn)(void *, size_t), size_t n, void *data);
 
-static void select_item(void *data, size_t i) { select_rows((SelectJob *)data + i); }
-static void recall_item(void *data, size_t i) { recall_rows((RecallJob *)data + i); }
+#define REFRESH_CHUNK 64  // pages per parallel item of a layer's bounds (a multiple of the 16-page block)
+
+typedef struct {  // one layer's inline refresh: what its parallel items share
+  SelectJob select;  // rows: the layer's KV heads (one sequence), fresh picks into select.out
+  RecallJob recall[MAX_KV_INLINE];
+  const uint8_t *drifted;
+  float *scratch;  // per KV head, scratch_floats(&select) each
+  int64_t heads[MAX_KV_INLINE], chunks, n;  // the drifted heads, bounds items per head, pages
+} LayerRefresh;
+
+// Item i: drifted head heads[i / chunks], pages [c * REFRESH_CHUNK, +REFRESH_CHUNK) with c = i % chunks. The
+// pages of every head are split evenly over the threads (3 KV heads on 2 threads would leave one idle half
+// the time if a head were an item).
+static void bounds_item(void *data, size_t i) {
+  LayerRefresh *r = data;
+  const int64_t h = r->heads[(int64_t)i / r->chunks], p0 = (int64_t)i % r->chunks * REFRESH_CHUNK;
+  const int64_t p1 = p0 + REFRESH_CHUNK < r->n ? p0 + REFRESH_CHUNK : r->n;
+  row_bounds(&r->select, h, p0, p1, r->scratch + h * scratch_floats(&r->select));
+}
+
+// Item h: a drifted KV head picks its pages from its bounds; then every head's missing pages are recalled.
+static void pick_recall_item(void *data, size_t h) {
+  LayerRefresh *r = data;
+  if (r->drifted[h])
+    row_pick(&r->select, r->n, r->scratch + h * scratch_floats(&r->select), r->select.out + h * r->select.k);
+  recall_rows(&r->recall[h]);
+}
 
 static float norm_of(const float *x, int64_t d) {
   float s = 0.0f;
@@ -482,26 +532,35 @@ EXPORT int kvtrt_refresh_layer(const void *past_key, const void *qkv, int half, 
   }
   v->counts[0] += kv_heads, v->counts[1] += corrected;
   if (corrected) {
-    int64_t *held = v->slot_pages + layer * kv_heads * k;
-    SelectJob select[MAX_KV_INLINE];
-    RecallJob recall[MAX_KV_INLINE];
-    int64_t n_pages = v->n_pages, jobs = 0;
+    int64_t *held = v->slot_pages + layer * kv_heads * k, n_pages = v->n_pages < v->cap ? v->n_pages : v->cap;
     const int64_t summaries = layer * kv_heads * v->cap * D;
+    LayerRefresh r = {.select = {0, kv_heads, 1, kv_heads, g, D, v->cap, k, q, v->kmin + summaries, v->kmax + summaries,
+                                 &n_pages, (int)v->softmax, 0, 1.0f / sqrtf((float)D), NULL, fresh},
+                      .drifted = drifted, .chunks = (n_pages + REFRESH_CHUNK - 1) / REFRESH_CHUNK, .n = n_pages};
+    r.scratch = malloc(sizeof(float) * scratch_floats(&r.select) * (size_t)kv_heads);
+    if (r.scratch == NULL) {
+      free(q), free(fresh);
+      return -1;
+    }
+    int64_t n_drifted = 0;
     for (int64_t h = 0; h < kv_heads; h++) {
       memcpy(fresh + h * k, held + h * k, sizeof(int64_t) * k);  // kept heads ask for what they hold
-      if (drifted[h])
-        select[jobs++] = (SelectJob){h, h + 1, 1, kv_heads, g, D, v->cap, k, q, v->kmin + summaries,
-                                     v->kmax + summaries, &n_pages, (int)v->softmax, 0, 1.0f / sqrtf((float)D),
-                                     NULL, fresh};
+      if (drifted[h]) r.heads[n_drifted++] = h, split_query(&r.select, h, r.scratch + h * scratch_floats(&r.select));
+      r.recall[h] = (RecallJob){h, h + 1, layer, v->layers, 1, kv_heads, k, v->cap, v->width, v->sink, v->page, D,
+                                held, fresh, v->pool, v->view, (int)v->pool_half, (int)v->view_half, 0, {0, 0, 0}};
     }
-    run(runner, select_item, (size_t)jobs, select);
-    for (int64_t h = 0; h < kv_heads; h++)
-      recall[h] = (RecallJob){h, h + 1, layer, v->layers, 1, kv_heads, k, v->cap, v->width, v->sink, v->page, D,
-                              held, fresh, v->pool, v->view, (int)v->pool_half, (int)v->view_half, 0, {0, 0, 0}};
-    run(runner, recall_item, (size_t)kv_heads, recall);
+    run(runner, bounds_item, (size_t)(n_drifted * r.chunks), &r);
+    run(runner, pick_recall_item, (size_t)kv_heads, &r);
+    int status = 0;
     for (int64_t h = 0; h < kv_heads; h++) {
-      for (int c = 0; c < 3; c++) v->counts[2 + c] += recall[h].counts[c];
+      for (int c = 0; c < 3; c++) v->counts[2 + c] += r.recall[h].counts[c];
+      status |= r.recall[h].status;
       if (drifted[h]) memcpy(basis + h * g * D, q + h * g * D, sizeof(float) * g * D);
+    }
+    free(r.scratch);
+    if (status) {
+      free(q), free(fresh);
+      return -1;
     }
   }
   free(q), free(fresh);
