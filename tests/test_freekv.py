@@ -265,9 +265,9 @@ def test_topk_per_kv_head(combine, backend):
 
 def test_spec_defaults_and_layout():
     cfg = parse_stage("freekv:budget=1024")
-    assert (cfg.page, cfg.sink, cfg.window, cfg.tau, cfg.combine) == (16, 4, 64, 0.9, "softmax")
-    assert cfg.k_pages() == (1024 - 4 - 64) // 16 == 59
-    assert cfg.slots() == 4 + 59 * 16 + 64 + 16
+    assert (cfg.page, cfg.sink, cfg.window, cfg.tau, cfg.combine) == (8, 4, 64, 0.9, "softmax")
+    assert cfg.k_pages() == (1024 - 4 - 64) // 8 == 119
+    assert cfg.slots() == 4 + 119 * 8 + 64 + 8
     q = retrieval("quest:budget=512,page=16,sink=0,window=16")
     assert q.mode == "quest" and q.k_pages() == 31 and q.tau == 1.0
     assert retrieval("freekv").budget == 2048
@@ -287,7 +287,7 @@ def test_spec_defaults_and_layout():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("freekv:budget=64", "raise budget to at least 84"),
+    ("freekv:budget=64", "raise budget to at least 76"),
     ("freekv:budget=2000,tau=1.5", "outside [0, 1]"),
     ("freekv:budget=2000,tau=-0.1", "outside [0, 1]"),
     ("freekv:budget=2000,tau=high", "not a number"),

@@ -48,7 +48,7 @@ class RetrievalConfig(SpecStage):
 
     mode: str = "freekv"
     budget: int | float = option(2048, "budget")
-    page: int = option(16, "whole", minimum=1)
+    page: int = option(8, "whole", minimum=1)
     sink: int = option(4, "whole")
     window: int = option(64, "whole")
     tau: float = option(0.9, "fraction", stages=("freekv",),
