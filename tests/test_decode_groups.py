@@ -7,7 +7,6 @@ compared as torch tensors through `T` (zero-copy)."""
 
 from __future__ import annotations
 
-import random
 import threading
 
 import pytest
@@ -20,7 +19,7 @@ from kvtrt.runtime.buffers import bind_decode, graph_outputs
 from kvtrt.runtime.engine import OrtEngine
 from kvtrt.runtime.kv.freekv import FreeKVRetrieval
 from kvtrt.runtime.kv.options import KVSpecError
-from tiny import tiny_model, tiny_tokenizer
+from tiny import random_prompt, tiny_model, tiny_tokenizer
 
 SPEC = "page=8,sink=4,window=8,pool_dtype=fp32"
 #: a retrieval output (numpy or torch) as a torch tensor for comparison: zero-copy, or the tensor itself
@@ -122,11 +121,6 @@ def test_groups_chained_equal_the_whole_decode_graph(grouped, family):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def _prompt(n: int, seed: int = 0) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(5, 261) for _ in range(n)]
-
-
 @pytest.mark.parametrize("mode", ["quest", "freekv:tau=1"])
 def test_every_layer_attends_pages_chosen_with_its_own_query(grouped, monkeypatch, mode):
     """With one group per layer, at every step each layer's view holds exactly a fresh top-k with
@@ -149,7 +143,7 @@ def test_every_layer_attends_pages_chosen_with_its_own_query(grouped, monkeypatc
     monkeypatch.setattr(FreeKVRetrieval, "finish_step", checking_finish)
     llm = kvtrt.load(grouped["llama"], torch_threads=1)
     llm.manifest.eos_token_ids = []
-    result = llm.generate(_prompt(200), max_new_tokens=12, kv=spec)
+    result = llm.generate(random_prompt(200), max_new_tokens=12, kv=spec)
     assert result.stats.kv["retrieval_engaged"] == 1 and result.stats.kv["decode_groups"] == 4
     assert len(checked) == 11  # every step but the last token's, which needs no further step
     stats = result.stats.kv
@@ -164,7 +158,7 @@ def test_covering_budget_matches_the_full_cache(grouped, spec, family):
     """A budget that holds every token attends to all of them: the full cache's tokens."""
     llm = kvtrt.load(grouped[family], torch_threads=1)
     llm.manifest.eos_token_ids = []
-    prompt = _prompt(220, seed=1)
+    prompt = random_prompt(220, seed=1)
     full = llm.generate(prompt, max_new_tokens=24, kv="full").token_ids
     got = llm.generate(prompt, max_new_tokens=24, kv=spec)
     assert got.stats.kv["retrieval_engaged"] == 1
@@ -178,7 +172,7 @@ def test_grouped_rows_decode_concurrently_as_alone(grouped):
     llm = kvtrt.load(grouped["qwen2"], torch_threads=1)
     llm.manifest.eos_token_ids = []
     spec = f"freekv:budget=48,{SPEC},tau=0.9,min_context=0,select=fresh"
-    prompts = [_prompt(120 + 40 * i, seed=10 + i) for i in range(4)]
+    prompts = [random_prompt(120 + 40 * i, seed=10 + i) for i in range(4)]
     alone = [llm.generate(p, max_new_tokens=10 + 3 * i, kv=spec).token_ids for i, p in enumerate(prompts)]
     out = [None] * 4
 
@@ -243,7 +237,7 @@ def test_select_option_picks_the_path_and_fresh_needs_decode_groups(grouped, tin
     `select=fresh` on an export without decode groups is refused at submit, naming the fix."""
     llm = kvtrt.load(grouped["llama"], torch_threads=1)
     llm.manifest.eos_token_ids = []
-    prompt = _prompt(200, seed=3)
+    prompt = random_prompt(200, seed=3)
     fresh = llm.generate(prompt, max_new_tokens=10, kv=f"quest:budget=48,{SPEC},min_context=0,select=fresh")
     speculative = llm.generate(prompt, max_new_tokens=10, kv=f"quest:budget=48,{SPEC},min_context=0,select=speculative")
     assert fresh.stats.kv["decode_groups"] == 4 and speculative.stats.kv["decode_groups"] == 0

@@ -7,7 +7,6 @@ The suite forces the kernel (`tests/conftest.py`), so `select=auto` is inline he
 
 from __future__ import annotations
 
-import random
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,7 +16,7 @@ import kvtrt
 from kvtrt.runtime.kv.freekv import FreeKVRetrieval
 from kvtrt.runtime.kv.options import KVSpecError
 from kvtrt.runtime.kv.spec import parse_kv_spec
-from tiny import tiny_model, tiny_tokenizer
+from tiny import random_prompt, tiny_model, tiny_tokenizer
 
 SPEC = "page=8,sink=4,window=8,min_context=0"
 COUNTERS = ("heads_checked", "heads_corrected", "pages_selected", "pages_hit", "pages_recalled", "tokens_copied")
@@ -34,11 +33,6 @@ def per_layer_groups(tmp_path_factory):
     return directory
 
 
-def _prompt(n: int, seed: int = 0) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(5, 261) for _ in range(n)]
-
-
 @pytest.mark.parametrize("spec", [f"quest:budget=48,{SPEC}", f"freekv:budget=48,{SPEC},tau=0.9",
                                   f"freekv:budget=48,{SPEC},tau=0.3", f"freekv:budget=48,{SPEC},tau=0.6,drift=min",
                                   f"freekv:budget=48,{SPEC},tau=0.3,combine=mean,pool_dtype=fp32",
@@ -48,7 +42,7 @@ def test_inline_equals_one_decode_group_per_layer(per_layer_groups, spec):
     own query there too, by a graph call per layer), with one view and one graph call a step."""
     llm = kvtrt.load(per_layer_groups, torch_threads=1)
     llm.manifest.eos_token_ids = []
-    prompt = _prompt(300, seed=4)
+    prompt = random_prompt(300, seed=4)
     inline = llm.generate(prompt, max_new_tokens=20, kv=f"{spec},select=inline")
     grouped = llm.generate(prompt, max_new_tokens=20, kv=f"{spec},select=fresh")
     assert inline.stats.kv["retrieval_engaged"] == 1 and inline.stats.kv["decode_groups"] == 0
@@ -98,7 +92,7 @@ def test_each_layer_attends_pages_chosen_with_its_own_query(tiny_llama, monkeypa
     _, _, directory = tiny_llama
     llm = kvtrt.load(directory, torch_threads=1)
     llm.manifest.eos_token_ids = []
-    result = llm.generate(_prompt(200), max_new_tokens=12, kv=spec)
+    result = llm.generate(random_prompt(200), max_new_tokens=12, kv=spec)
     stats = result.stats.kv
     assert stats["retrieval_engaged"] == 1 and len(checked) == 11 and stats["decode_groups"] == 0
     assert sum(checked) == stats["heads_corrected"]
@@ -118,7 +112,7 @@ def test_covering_budget_matches_the_full_cache(tiny_llama, spec):
     _, _, directory = tiny_llama
     llm = kvtrt.load(directory, torch_threads=1)
     llm.manifest.eos_token_ids = []
-    prompt = _prompt(220, seed=1)
+    prompt = random_prompt(220, seed=1)
     full = llm.generate(prompt, max_new_tokens=24, kv="full").token_ids
     got = llm.generate(prompt, max_new_tokens=24, kv=spec)
     assert got.stats.kv["retrieval_engaged"] == 1 and got.stats.kv["pages_recalled"] > 0
@@ -136,7 +130,7 @@ def test_inline_rows_decode_concurrently_as_alone(tiny_llama):
     specs = [f"freekv:budget=48,{SPEC},tau=0.9,select=inline", f"quest:budget=48,{SPEC},select=inline",
              f"freekv:budget=48,{SPEC},tau=0.9,select=previous", "full", f"freekv:budget=48,{SPEC},tau=0.8",
              f"quest:budget=48,{SPEC},select=speculative"]
-    prompts = [_prompt(120 + 40 * i, seed=20 + i) for i in range(len(specs))]
+    prompts = [random_prompt(120 + 40 * i, seed=20 + i) for i in range(len(specs))]
     alone = [llm.generate(p, max_new_tokens=10 + 3 * i, kv=s).token_ids for i, (p, s) in enumerate(zip(prompts, specs))]
     with ThreadPoolExecutor(4) as pool:
         requests = list(pool.map(lambda i: llm.submit(prompts[i], max_new_tokens=10 + 3 * i, kv=specs[i]),
@@ -154,7 +148,7 @@ def test_auto_takes_inline_where_the_op_runs_and_explicit_inline_is_refused_else
     """auto: inline with kvtrt's op (the suite forces it), previous without it; an explicit
     select=inline on an engine without the op, or with an int8 pool, is refused naming the fix."""
     _, _, directory = tiny_llama
-    prompt = _prompt(200, seed=5)
+    prompt = random_prompt(200, seed=5)
     llm = kvtrt.load(directory, torch_threads=1)
     llm.manifest.eos_token_ids = []
     assert llm.engine.refreshes_inline

@@ -4,7 +4,6 @@ those pages."""
 
 from __future__ import annotations
 
-import random
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -13,13 +12,9 @@ import pytest
 import kvtrt
 from kvtrt.runtime.kv.freekv import FreeKVRetrieval
 from kvtrt.runtime.kv.spec import parse_kv_spec
+from tiny import random_prompt
 
 SPEC = "page=8,sink=4,window=8,pool_dtype=fp32,min_context=0"
-
-
-def _prompt(n: int, seed: int = 0) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(5, 261) for _ in range(n)]
 
 
 @pytest.mark.parametrize("mode", ["quest", "freekv:tau=1"])
@@ -47,12 +42,12 @@ def test_each_step_attends_pages_chosen_with_the_previous_steps_query(tiny_llama
     _, _, directory = tiny_llama
     llm = kvtrt.load(directory, torch_threads=1)
     llm.manifest.eos_token_ids = []
-    result = llm.generate(_prompt(200), max_new_tokens=12, kv=spec)
+    result = llm.generate(random_prompt(200), max_new_tokens=12, kv=spec)
     assert result.stats.kv["retrieval_engaged"] == 1 and len(checked) == 11
     stats = result.stats.kv
     assert stats["heads_checked"] == stats["heads_corrected"] > 0
     monkeypatch.undo()
-    speculative = llm.generate(_prompt(200), max_new_tokens=12, kv=spec.replace("previous", "speculative"))
+    speculative = llm.generate(random_prompt(200), max_new_tokens=12, kv=spec.replace("previous", "speculative"))
     assert 2 * stats["view_bytes"] == speculative.stats.kv["view_bytes"]  # one view against two
     llm.close()
 
@@ -64,7 +59,7 @@ def test_covering_budget_matches_the_full_cache(tiny_llama, spec):
     _, _, directory = tiny_llama
     llm = kvtrt.load(directory, torch_threads=1)
     llm.manifest.eos_token_ids = []
-    prompt = _prompt(220, seed=1)
+    prompt = random_prompt(220, seed=1)
     full = llm.generate(prompt, max_new_tokens=24, kv="full").token_ids
     got = llm.generate(prompt, max_new_tokens=24, kv=spec)
     assert got.stats.kv["retrieval_engaged"] == 1 and got.token_ids == full
@@ -79,7 +74,7 @@ def test_previous_rows_decode_concurrently_as_alone_and_are_admitted_with_one_vi
     llm.manifest.eos_token_ids = []
     specs = [f"freekv:budget=48,{SPEC},tau=0.9,select=previous", f"freekv:budget=48,{SPEC},tau=0.9,select=speculative",
              f"quest:budget=48,{SPEC},select=previous", f"freekv:budget=48,{SPEC},tau=0.8,select=previous"]
-    prompts = [_prompt(120 + 40 * i, seed=10 + i) for i in range(4)]
+    prompts = [random_prompt(120 + 40 * i, seed=10 + i) for i in range(4)]
     alone = [llm.generate(p, max_new_tokens=10 + 3 * i, kv=s).token_ids for i, (p, s) in enumerate(zip(prompts, specs))]
     with ThreadPoolExecutor(4) as pool:  # submitted from four threads, decoded in one running batch
         requests = list(pool.map(lambda i: llm.submit(prompts[i], max_new_tokens=10 + 3 * i, kv=specs[i]), range(4)))
@@ -117,13 +112,13 @@ def test_rerun_attends_pages_chosen_with_the_steps_own_query(tiny_llama, monkeyp
     _, _, directory = tiny_llama
     llm = kvtrt.load(directory, torch_threads=1)
     llm.manifest.eos_token_ids = []
-    got = llm.generate(_prompt(200, seed=2), max_new_tokens=12, kv=spec)
+    got = llm.generate(random_prompt(200, seed=2), max_new_tokens=12, kv=spec)
     assert len(checked) == len(probes) == 11 and got.stats.kv["reruns"] == 11
     monkeypatch.undo()
-    never = llm.generate(_prompt(200, seed=2), max_new_tokens=12, kv=spec.replace("rerun=1", "rerun=0"))
+    never = llm.generate(random_prompt(200, seed=2), max_new_tokens=12, kv=spec.replace("rerun=1", "rerun=0"))
     assert never.stats.kv["reruns"] == 0
-    covering = llm.generate(_prompt(220, seed=1), max_new_tokens=24, kv=spec.replace("budget=48", "budget=600"))
-    assert covering.token_ids == llm.generate(_prompt(220, seed=1), max_new_tokens=24, kv="full").token_ids
+    covering = llm.generate(random_prompt(220, seed=1), max_new_tokens=24, kv=spec.replace("budget=48", "budget=600"))
+    assert covering.token_ids == llm.generate(random_prompt(220, seed=1), max_new_tokens=24, kv="full").token_ids
     llm.close()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
@@ -27,6 +29,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 VOCAB = 5 + 256
+
+
+def random_prompt(n: int, seed: int = 0) -> list[int]:
+    """``n`` token ids drawn from the byte tokens (no specials), reproducible by ``seed``."""
+    rng = random.Random(seed)
+    return [rng.randrange(len(SPECIALS), VOCAB) for _ in range(n)]
 
 
 def tiny_model(family: str = "llama", seed: int = 0, **overrides):
