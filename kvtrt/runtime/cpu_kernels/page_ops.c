@@ -152,8 +152,9 @@ static void upper_bounds16(const float *qp, const float *qn, const float *kmax, 
   }
   _mm512_storeu_ps(s, sum16(acc));
 }
-// exp of 16 floats at most 0 (a softmax's shifted scores), within ~2 ulp of expf: Cephes' expf polynomial
-// on x - n ln 2, scaled by 2^n
+
+// exp of 16 floats at most 0 (a softmax's shifted scores), within 1.3 ulp of exp: Cephes' expf polynomial on
+// x - n ln 2, scaled by 2^n
 static __m512 exp16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // exp(-104) is 0 in float32; keeps -inf out of n
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -194,6 +195,46 @@ static void softmax16(float *s, int64_t n, float scale) {
   }
 }
 
+#elif defined(__AVX2__) && defined(__FMA__)
+// The same with 8 lanes: r[i] = the sum of v[i]'s 8 lanes
+static __m256 sum8(const __m256 v[8]) {
+  __m256 a[4], b[2];
+  for (int i = 0; i < 4; i++) a[i] = _mm256_hadd_ps(v[2 * i], v[2 * i + 1]);
+  for (int i = 0; i < 2; i++) b[i] = _mm256_hadd_ps(a[2 * i], a[2 * i + 1]);  // lane L: v[4i..4i+3]'s half L
+  return _mm256_add_ps(_mm256_permute2f128_ps(b[0], b[1], 0x20), _mm256_permute2f128_ps(b[0], b[1], 0x31));
+}
+
+// s[p] = qp . kmax_p + qn . kmin_p for the 8 pages p at kmax / kmin (dim a multiple of 8)
+static void upper_bounds8(const float *qp, const float *qn, const float *kmax, const float *kmin, int64_t dim,
+                          float *s) {
+  __m256 acc[8];
+  for (int p = 0; p < 8; p++) acc[p] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < dim; i += 8) {
+    const __m256 pos = _mm256_loadu_ps(qp + i), neg = _mm256_loadu_ps(qn + i);
+    for (int p = 0; p < 8; p++)
+      acc[p] = _mm256_fmadd_ps(neg, _mm256_loadu_ps(kmin + p * dim + i),
+                               _mm256_fmadd_ps(pos, _mm256_loadu_ps(kmax + p * dim + i), acc[p]));
+  }
+  _mm256_storeu_ps(s, sum8(acc));
+}
+
+// exp of 8 floats at most 0, as exp16 (below -87 it gives exp(-87), ~1e-38, instead of a subnormal or 0)
+static __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // 2^n stays a normal float
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(two_n));
+}
 #endif
 
 typedef struct {  // one thread's share of a selection: rows [r0, r1)
@@ -231,6 +272,11 @@ static void row_bounds(const SelectJob *j, int64_t row, int64_t p0, int64_t p1, 
     for (; p + 16 <= p1; p += 16)
       for (int64_t i = 0; i < group; i++)
         upper_bounds16(qp + i * dim, qn + i * dim, kx + p * dim, kn + p * dim, dim, scratch + i * cap + p);
+#elif defined(__AVX2__) && defined(__FMA__)
+  if (dim % 8 == 0)
+    for (; p + 8 <= p1; p += 8)
+      for (int64_t i = 0; i < group; i++)
+        upper_bounds8(qp + i * dim, qn + i * dim, kx + p * dim, kn + p * dim, dim, scratch + i * cap + p);
 #endif
   for (; p < p1; p++)
     for (int64_t i = 0; i < group; i++)
@@ -252,8 +298,20 @@ static void row_pick(const SelectJob *j, int64_t n, float *scratch, int64_t *out
 #endif
     if (j->softmax) {
       for (int64_t p = 0; p < n; p++) s[p] *= j->scale, top = s[p] > top ? s[p] : top;
-      for (int64_t p = 0; p < n; p++) s[p] = expf(s[p] - top), sum += s[p];
-      for (int64_t p = 0; p < n; p++) s[p] /= sum;
+      int64_t p = 0;
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+      __m256 total = _mm256_setzero_ps();
+      for (; p + 8 <= n; p += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + p), _mm256_set1_ps(top)));
+        _mm256_storeu_ps(s + p, e);
+        total = _mm256_add_ps(total, e);
+      }
+      float lanes[8];
+      _mm256_storeu_ps(lanes, total);
+      for (int l = 0; l < 8; l++) sum += lanes[l];
+#endif
+      for (; p < n; p++) s[p] = expf(s[p] - top), sum += s[p];
+      for (p = 0; p < n; p++) s[p] /= sum;
     }
     for (int64_t p = 0; p < n; p++) combined[p] += s[p];
   }
