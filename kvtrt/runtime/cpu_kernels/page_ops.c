@@ -237,6 +237,30 @@ static __m256 exp8(__m256 x) {
 }
 #endif
 
+// s[0, n) = softmax(s * scale): 16 at a time with AVX-512, 8 with AVX2, else one at a time (expf)
+static void softmax(float *s, int64_t n, float scale) {
+#if defined(__AVX512F__)
+  softmax16(s, n, scale);
+#else
+  float top = -INFINITY, sum = 0.0f;
+  for (int64_t p = 0; p < n; p++) s[p] *= scale, top = s[p] > top ? s[p] : top;
+  int64_t p = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 total = _mm256_setzero_ps();
+  for (; p + 8 <= n; p += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + p), _mm256_set1_ps(top)));
+    _mm256_storeu_ps(s + p, e);
+    total = _mm256_add_ps(total, e);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, total);
+  for (int l = 0; l < 8; l++) sum += lanes[l];
+#endif
+  for (; p < n; p++) s[p] = expf(s[p] - top), sum += s[p];
+  for (p = 0; p < n; p++) s[p] /= sum;
+#endif
+}
+
 typedef struct {  // one thread's share of a selection: rows [r0, r1)
   int64_t r0, r1, batch, kv_heads, group, dim, cap, k;
   const float *query, *kmin, *kmax;
@@ -290,29 +314,8 @@ static void row_pick(const SelectJob *j, int64_t n, float *scratch, int64_t *out
   float *combined = scratch + cap * group, *keys = combined + cap, *best = keys + cap;
   for (int64_t p = 0; p < n; p++) combined[p] = 0.0f;
   for (int64_t i = 0; i < group; i++) {
-    float *s = scratch + i * cap, top = -INFINITY, sum = 0.0f;
-#if defined(__AVX512F__)
-    if (j->softmax && n) {
-      softmax16(s, n, j->scale);
-    } else
-#endif
-    if (j->softmax) {
-      for (int64_t p = 0; p < n; p++) s[p] *= j->scale, top = s[p] > top ? s[p] : top;
-      int64_t p = 0;
-#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
-      __m256 total = _mm256_setzero_ps();
-      for (; p + 8 <= n; p += 8) {
-        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + p), _mm256_set1_ps(top)));
-        _mm256_storeu_ps(s + p, e);
-        total = _mm256_add_ps(total, e);
-      }
-      float lanes[8];
-      _mm256_storeu_ps(lanes, total);
-      for (int l = 0; l < 8; l++) sum += lanes[l];
-#endif
-      for (; p < n; p++) s[p] = expf(s[p] - top), sum += s[p];
-      for (p = 0; p < n; p++) s[p] /= sum;
-    }
+    float *s = scratch + i * cap;
+    if (j->softmax) softmax(s, n, j->scale);
     for (int64_t p = 0; p < n; p++) combined[p] += s[p];
   }
   for (int64_t p = 0; p < n; p++) combined[p] /= (float)group;
@@ -333,9 +336,10 @@ static void *select_rows(void *arg) {
   }
   for (int64_t row = j->r0; row < j->r1; row++) {
     if (j->only && !j->only[row]) continue;
+    const int64_t n = pages_of(j, row);
     split_query(j, row, scratch);
-    row_bounds(j, row, 0, pages_of(j, row), scratch);
-    row_pick(j, pages_of(j, row), scratch, j->out + row * j->k);
+    row_bounds(j, row, 0, n, scratch);
+    row_pick(j, n, scratch, j->out + row * j->k);
   }
   free(scratch);
   return NULL;
