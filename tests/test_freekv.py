@@ -8,11 +8,12 @@ from __future__ import annotations
 import math
 import threading
 
+import numpy as np
 import pytest
 import torch
 
 from kvtrt.runtime.kv.freekv import FreeKVRetrieval
-from kvtrt.runtime.kv.pages import PagePool, group_scores, page_scores, select_pages, topk_pages
+from kvtrt.runtime.kv.pages import PagePool, group_scores, outward_fp16, page_scores, select_pages, topk_pages
 from kvtrt.runtime.kv.spec import KVSpecError, parse_kv_spec, parse_stage
 
 torch.set_num_threads(1)
@@ -20,6 +21,11 @@ torch.set_num_threads(1)
 #: an output of either backend as a torch tensor for comparison: zero-copy for a numpy array, the
 #: tensor itself for a torch one
 T = torch.as_tensor
+
+
+def stored(pool, lo, hi):
+    """Page summaries ``lo``/``hi`` (float32 torch) as ``pool`` keeps them: float16 rounded outward."""
+    return outward_fp16(lo, hi)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -203,11 +209,27 @@ def test_pool_summaries_and_layout(backend):
             kp, vp = T(kp), T(vp)
             torch.testing.assert_close(kp, ks[layer][:, p * page:(p + 1) * page])
             torch.testing.assert_close(vp, vs[layer][:, p * page:(p + 1) * page])
-            torch.testing.assert_close(T(pool.kmin[layer][1, :, p]), kp.amin(1))
-            torch.testing.assert_close(T(pool.kmax[layer][1, :, p]), kp.amax(1))
+            lo, hi = stored(pool, kp.amin(1), kp.amax(1))
+            assert torch.equal(T(pool.kmin[layer][1, :, p]), lo) and torch.equal(T(pool.kmax[layer][1, :, p]), hi)
             assert T(pool.data[layer][1, p]).is_contiguous()  # one head's page K,V: [Hkv, 2, page, D]
     with pytest.raises(ValueError, match="whole number"):
         pool.append(0, [k[:, :3] for k in ks], [v[:, :3] for v in vs])
+
+
+def test_host_summaries_are_float16_bounds_of_the_keys():
+    """On the host the summaries are float16, kmin at or below every key of its page and channel and kmax at
+    or above, each within one float16 step of the exact min / max (half the bytes a selection reads)."""
+    g = torch.Generator().manual_seed(9)
+    pool = PagePool(n_layers=1, batch=1, n_kv_heads=2, head_dim=16, page=8, capacity=4)
+    keys = torch.randn(2, 4 * 8, 16, generator=g) * 3
+    pool.append(0, [keys], [keys])
+    assert pool.kmin.dtype == np.float16 and pool.kmax.dtype == np.float16
+    pages = keys.reshape(2, 4, 8, 16)
+    lo, hi = T(pool.kmin[0, 0, :, :4].astype(np.float32)), T(pool.kmax[0, 0, :, :4].astype(np.float32))
+    assert bool((lo <= pages.amin(2)).all()) and bool((hi >= pages.amax(2)).all())
+    step = torch.finfo(torch.float16).eps * pages.abs().amax(2)  # a float16 step at that magnitude, at most
+    assert bool((pages.amin(2) - lo <= step).all()) and bool((hi - pages.amax(2) <= step).all())
+    assert bool((lo < pages.amin(2)).any())  # rounding happened (outward), not a float32 copy
 
 
 def test_pool_growth_moves_written_pages_and_summaries_ahead_of_n_pages(backend):
@@ -224,8 +246,8 @@ def test_pool_growth_moves_written_pages_and_summaries_ahead_of_n_pages(backend)
     assert pool.capacity >= 64 and pool.n_pages.tolist() == [0]
     for layer in range(L):
         pages = ks[layer].reshape(Hkv, 2, page, D)
-        torch.testing.assert_close(T(pool.kmin[layer, 0, :, :2]), pages.amin(2))
-        torch.testing.assert_close(T(pool.kmax[layer, 0, :, :2]), pages.amax(2))
+        lo, hi = stored(pool, pages.amin(2), pages.amax(2))
+        assert torch.equal(T(pool.kmin[layer, 0, :, :2]), lo) and torch.equal(T(pool.kmax[layer, 0, :, :2]), hi)
 
 @pytest.mark.parametrize("combine", ["softmax", "mean"])
 def test_topk_per_kv_head(combine, backend):
@@ -682,7 +704,8 @@ def test_pool_sized_once_for_prompt_plus_reserved_tokens(backend):
     assert r.pool.data is data
     st = r.stats()
     itemsize = 4
-    pool = seq.L * seq.B * r.pool.capacity * seq.Hkv * (2 * page * seq.D * itemsize + 2 * seq.D * 4)
+    summary = np.dtype(r.pool.summary_dtype).itemsize  # float16
+    pool = seq.L * seq.B * r.pool.capacity * seq.Hkv * (2 * page * seq.D * itemsize + 2 * seq.D * summary)
     master = 2 * seq.L * seq.B * seq.Hkv * (sink + window + page) * seq.D * itemsize
     assert st.stored_bytes == pool + master
     assert st.view_bytes == 2 * 2 * seq.L * seq.B * seq.Hkv * r.slots * seq.D * itemsize
@@ -803,7 +826,8 @@ def test_pool_built_during_prefill_equals_pool_built_after(pool_dtype, backend):
     # before start() the summaries exist, the page data does not (one copy, made by start)
     for layer in range(seq.L):
         keys = k[layer][0, :, 4:4 + 8 * done[-1]].reshape(seq.Hkv, done[-1], 8, seq.D)
-        torch.testing.assert_close(T(during.pool.kmin[layer, 0, :, :done[-1]]), keys.amin(-2), rtol=0, atol=0)
+        lo, _ = stored(during.pool, keys.amin(-2), keys.amax(-2))
+        assert torch.equal(T(during.pool.kmin[layer, 0, :, :done[-1]]), lo)
     during.start(list(k), list(v), seq.q(n - 1), mask=torch.ones(1, n, dtype=torch.long), reserve_tokens=40)
     assert during.stats().pages_summarized_in_prefill == done[-1]
     assert after.stats().pages_summarized_in_prefill == 0

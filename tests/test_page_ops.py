@@ -19,8 +19,9 @@ pytestmark = pytest.mark.skipif(cpu_kernels.library("page_ops") is None,
 
 
 def _summaries(rng, shape):
+    """float16 summaries, as the pool keeps them on the host."""
     kmin = rng.standard_normal(shape).astype(np.float32)
-    return kmin, kmin + np.abs(rng.standard_normal(shape)).astype(np.float32)
+    return P.outward_fp16(kmin, kmin + np.abs(rng.standard_normal(shape)).astype(np.float32))
 
 
 @pytest.mark.parametrize("combine", ["softmax", "mean"])
@@ -39,7 +40,7 @@ def test_select_equals_numpy(combine):
         only = rng.random(want.shape[:-1]) < 0.5
         got = page_ops.select(query, kmin, kmax, np.array(n_pages), k, combine, only=only)
         assert np.array_equal(got, np.where(only[..., None], want, -1))
-    flat = np.zeros((2, 1, 2, 48, 16), np.float32)  # every page scores the same: the lowest ids, in order
+    flat = np.zeros((2, 1, 2, 48, 16), np.float16)  # every page scores the same: the lowest ids, in order
     got = page_ops.select(np.ones((2, 1, 6, 16), np.float32), flat, flat, np.array([33]), 8, combine)
     assert np.array_equal(got, np.broadcast_to(np.arange(8), got.shape))
     with pytest.raises(ValueError, match="combine='max'"):
@@ -53,8 +54,8 @@ def test_select_equals_numpy_many_pages(combine):
     the many exact ties must go to the lower id as numpy orders them."""
     rng = np.random.default_rng(1)
     query = np.round(rng.standard_normal((3, 2, 9, 64)) * 4).astype(np.float32) / 4
-    kmin = np.round(rng.standard_normal((3, 2, 3, 960, 64)) * 4).astype(np.float32) / 4
-    kmax = kmin + np.round(np.abs(rng.standard_normal(kmin.shape)) * 4).astype(np.float32) / 4
+    kmin = (np.round(rng.standard_normal((3, 2, 3, 960, 64)) * 4) / 4).astype(np.float16)
+    kmax = kmin + (np.round(np.abs(rng.standard_normal(kmin.shape)) * 4) / 4).astype(np.float16)
     n_pages = np.array([960, 953])
     want = P.select_pages(query, kmin, kmax, n_pages, 119, combine)
     assert np.array_equal(page_ops.select(query, kmin, kmax, n_pages, 119, combine), want)

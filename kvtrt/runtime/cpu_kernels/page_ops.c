@@ -4,7 +4,7 @@
 //
 // Layouts (all C-contiguous; "rows" are (layer, sequence, KV head) triples, row = (l * B + b) * Hkv + h):
 //   pool        [L, B, cap, Hkv, 2, page, D]  one KV head's page: its K then its V (float32 or float16)
-//   kmin, kmax  [L, B, Hkv, cap, D]           per-channel min / max of each page's keys (float32)
+//   kmin, kmax  [L, B, Hkv, cap, D]           per-channel min / max of each page's keys (float16, rounded outward)
 //   view        [2, L, B, Hkv, width, D]      K then V; page slot s of a row spans [sink + s*page, +page)
 //   slot_pages  [rows, k]                      the page id each of the view's page slots holds (-1: none)
 //
@@ -58,28 +58,28 @@ static void widen(float *dst, const uint16_t *src, int64_t n) {
   for (; i < n; i++) dst[i] = half_to_float(src[i]);
 }
 
-// q+ . kmax + q- . kmin over d values
-static float upper_bound(const float *qp, const float *qn, const float *kmax, const float *kmin, int64_t d) {
+// q+ . kmax + q- . kmin over d values (kmax, kmin float16)
+static float upper_bound(const float *qp, const float *qn, const uint16_t *kmax, const uint16_t *kmin, int64_t d) {
   int64_t i = 0;
   float s = 0.0f;
 #if defined(__AVX512F__)
   __m512 pos = _mm512_setzero_ps(), neg = _mm512_setzero_ps();
   for (; i + 16 <= d; i += 16) {
-    pos = _mm512_fmadd_ps(_mm512_loadu_ps(qp + i), _mm512_loadu_ps(kmax + i), pos);
-    neg = _mm512_fmadd_ps(_mm512_loadu_ps(qn + i), _mm512_loadu_ps(kmin + i), neg);
+    pos = _mm512_fmadd_ps(_mm512_loadu_ps(qp + i), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kmax + i))), pos);
+    neg = _mm512_fmadd_ps(_mm512_loadu_ps(qn + i), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kmin + i))), neg);
   }
   s = _mm512_reduce_add_ps(pos) + _mm512_reduce_add_ps(neg);
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
   __m256 pos = _mm256_setzero_ps(), neg = _mm256_setzero_ps();
   for (; i + 8 <= d; i += 8) {
-    pos = _mm256_fmadd_ps(_mm256_loadu_ps(qp + i), _mm256_loadu_ps(kmax + i), pos);
-    neg = _mm256_fmadd_ps(_mm256_loadu_ps(qn + i), _mm256_loadu_ps(kmin + i), neg);
+    pos = _mm256_fmadd_ps(_mm256_loadu_ps(qp + i), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kmax + i))), pos);
+    neg = _mm256_fmadd_ps(_mm256_loadu_ps(qn + i), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kmin + i))), neg);
   }
   float lanes[8];
   _mm256_storeu_ps(lanes, _mm256_add_ps(pos, neg));
   for (int j = 0; j < 8; j++) s += lanes[j];
 #endif
-  for (; i < d; i++) s += qp[i] * kmax[i] + qn[i] * kmin[i];
+  for (; i < d; i++) s += qp[i] * half_to_float(kmax[i]) + qn[i] * half_to_float(kmin[i]);
   return s;
 }
 
@@ -140,15 +140,16 @@ static __m512 sum16(const __m512 v[16]) {
 }
 
 // s[p] = qp . kmax_p + qn . kmin_p for the 16 pages p at kmax / kmin (dim a multiple of 16)
-static void upper_bounds16(const float *qp, const float *qn, const float *kmax, const float *kmin, int64_t dim,
+static void upper_bounds16(const float *qp, const float *qn, const uint16_t *kmax, const uint16_t *kmin, int64_t dim,
                            float *s) {
   __m512 acc[16];
   for (int p = 0; p < 16; p++) acc[p] = _mm512_setzero_ps();
   for (int64_t i = 0; i < dim; i += 16) {
     const __m512 pos = _mm512_loadu_ps(qp + i), neg = _mm512_loadu_ps(qn + i);
     for (int p = 0; p < 16; p++)
-      acc[p] = _mm512_fmadd_ps(neg, _mm512_loadu_ps(kmin + p * dim + i),
-                               _mm512_fmadd_ps(pos, _mm512_loadu_ps(kmax + p * dim + i), acc[p]));
+      acc[p] = _mm512_fmadd_ps(neg, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kmin + p * dim + i))),
+                               _mm512_fmadd_ps(pos, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kmax + p * dim + i))),
+                                               acc[p]));
   }
   _mm512_storeu_ps(s, sum16(acc));
 }
@@ -195,7 +196,7 @@ static void softmax16(float *s, int64_t n, float scale) {
   }
 }
 
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 // The same with 8 lanes: r[i] = the sum of v[i]'s 8 lanes
 static __m256 sum8(const __m256 v[8]) {
   __m256 a[4], b[2];
@@ -205,15 +206,16 @@ static __m256 sum8(const __m256 v[8]) {
 }
 
 // s[p] = qp . kmax_p + qn . kmin_p for the 8 pages p at kmax / kmin (dim a multiple of 8)
-static void upper_bounds8(const float *qp, const float *qn, const float *kmax, const float *kmin, int64_t dim,
+static void upper_bounds8(const float *qp, const float *qn, const uint16_t *kmax, const uint16_t *kmin, int64_t dim,
                           float *s) {
   __m256 acc[8];
   for (int p = 0; p < 8; p++) acc[p] = _mm256_setzero_ps();
   for (int64_t i = 0; i < dim; i += 8) {
     const __m256 pos = _mm256_loadu_ps(qp + i), neg = _mm256_loadu_ps(qn + i);
     for (int p = 0; p < 8; p++)
-      acc[p] = _mm256_fmadd_ps(neg, _mm256_loadu_ps(kmin + p * dim + i),
-                               _mm256_fmadd_ps(pos, _mm256_loadu_ps(kmax + p * dim + i), acc[p]));
+      acc[p] = _mm256_fmadd_ps(neg, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kmin + p * dim + i))),
+                               _mm256_fmadd_ps(pos, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kmax + p * dim + i))),
+                                               acc[p]));
   }
   _mm256_storeu_ps(s, sum8(acc));
 }
@@ -245,7 +247,7 @@ static void softmax(float *s, int64_t n, float scale) {
   float top = -INFINITY, sum = 0.0f;
   for (int64_t p = 0; p < n; p++) s[p] *= scale, top = s[p] > top ? s[p] : top;
   int64_t p = 0;
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
   __m256 total = _mm256_setzero_ps();
   for (; p + 8 <= n; p += 8) {
     const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + p), _mm256_set1_ps(top)));
@@ -263,7 +265,8 @@ static void softmax(float *s, int64_t n, float scale) {
 
 typedef struct {  // one thread's share of a selection: rows [r0, r1)
   int64_t r0, r1, batch, kv_heads, group, dim, cap, k;
-  const float *query, *kmin, *kmax;
+  const float *query;
+  const uint16_t *kmin, *kmax;  // float16
   const int64_t *n_pages;
   int softmax, status;
   float scale;
@@ -288,7 +291,7 @@ static void split_query(const SelectJob *j, int64_t row, float *scratch) {
 // blocks of 16 pages are scored together, each block for every query head while it is in L1.
 static void row_bounds(const SelectJob *j, int64_t row, int64_t p0, int64_t p1, float *scratch) {
   const int64_t cap = j->cap, dim = j->dim, group = j->group;
-  const float *kx = j->kmax + row * cap * dim, *kn = j->kmin + row * cap * dim;
+  const uint16_t *kx = j->kmax + row * cap * dim, *kn = j->kmin + row * cap * dim;
   const float *qp = scratch + cap * (group + 2) + j->k, *qn = qp + group * dim;
   int64_t p = p0;
 #if defined(__AVX512F__)
@@ -296,7 +299,7 @@ static void row_bounds(const SelectJob *j, int64_t row, int64_t p0, int64_t p1, 
     for (; p + 16 <= p1; p += 16)
       for (int64_t i = 0; i < group; i++)
         upper_bounds16(qp + i * dim, qn + i * dim, kx + p * dim, kn + p * dim, dim, scratch + i * cap + p);
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
   if (dim % 8 == 0)
     for (; p + 8 <= p1; p += 8)
       for (int64_t i = 0; i < group; i++)
@@ -430,7 +433,7 @@ static int parts(int64_t rows, int threads) {
 // only rows with only[row] != 0 (all when only is NULL) are written to out [rows, k]. Returns 0, or -1
 // when out of memory.
 EXPORT int kvtrt_select_pages(int64_t rows, int64_t batch, int64_t kv_heads, int64_t group, int64_t dim, int64_t cap,
-                              const float *query, const float *kmin, const float *kmax, const int64_t *n_pages,
+                              const float *query, const uint16_t *kmin, const uint16_t *kmax, const int64_t *n_pages,
                               int64_t k, int softmax, float scale, const uint8_t *only, int64_t *out, int threads) {
   SelectJob jobs[MAX_THREADS];
   int n = parts(rows, threads);
@@ -479,7 +482,7 @@ EXPORT int kvtrt_recall_pages(int64_t rows, int64_t layer0, int64_t layers, int6
 typedef struct {  // mirrored by `page_ops.InlineView` (ctypes): keep the order and the types
   void *view;              // all_kv [2, L, 1, Hkv, width, D] (float32, or float16: view_half)
   const void *pool;        // [L, 1, cap, Hkv, 2, page, D] (float32, or float16: pool_half)
-  const float *kmin, *kmax;  // [L, 1, Hkv, cap, D]
+  const uint16_t *kmin, *kmax;  // [L, 1, Hkv, cap, D] float16
   int64_t *slot_pages;     // [L, 1, Hkv, k]
   float *basis;            // [L, 1, H, D]: the query each head's pages were chosen with
   int64_t *counts;         // [6] += heads checked, heads corrected, pages selected, already held, copied, ns

@@ -64,7 +64,7 @@ def select(query: np.ndarray, kmin: np.ndarray, kmax: np.ndarray, n_pages, k: in
            only: np.ndarray | None = None, threads: int = 1) -> np.ndarray:
     """Top-``k`` page ids per (sequence, KV head), int64 ``[..., B, Hkv, k]`` (-1 padded).
 
-    ``query`` ``[..., B, H, D]``; ``kmin``/``kmax`` ``[..., B, Hkv, C, D]`` float32 (all ``C`` allocated
+    ``query`` ``[..., B, H, D]``; ``kmin``/``kmax`` ``[..., B, Hkv, C, D]`` float16 (all ``C`` allocated
     pages; those past ``n_pages[b]`` are never chosen); ``n_pages`` ``[B]``. ``only`` ``[..., B, Hkv]``
     bool: select these rows, the others come back all -1. ``threads``: rows split over that many threads
     (1 beside a running decode graph; more where the step waits for the selection)."""
@@ -74,8 +74,10 @@ def select(query: np.ndarray, kmin: np.ndarray, kmax: np.ndarray, n_pages, k: in
     hkv, cap = kmin.shape[-3], kmin.shape[-2]
     rows = math.prod(lead) * batch * hkv
     q = np.ascontiguousarray(query, dtype=np.float32)
-    kmin = np.ascontiguousarray(kmin, dtype=np.float32)
-    kmax = np.ascontiguousarray(kmax, dtype=np.float32)
+    if kmin.dtype != np.float16 or kmax.dtype != np.float16:
+        raise ValueError(f"page summaries are float16 on the host (`PagePool`), got {kmin.dtype} / {kmax.dtype}; "
+                         f"round float32 ones outward with `pages.outward_fp16`")
+    kmin, kmax = np.ascontiguousarray(kmin), np.ascontiguousarray(kmax)
     n = np.ascontiguousarray(np.asarray(n_pages, dtype=np.int64).reshape(batch))
     out = np.full((*lead, batch, hkv, k), -1, np.int64)
     mask = None if only is None else np.ascontiguousarray(only, dtype=np.uint8)

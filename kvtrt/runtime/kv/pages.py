@@ -15,7 +15,9 @@ head-major host layout: no fragmented transfers). Each page carries a summary of
 
     kmin[layer], kmax[layer]  [B, Hkv, capacity, D]  (per-channel min / max over the page's keys)
 
-kept in float32 on ``summary_device`` (the view device, so selection runs next to the queries).
+kept on ``summary_device`` (the view device, so selection runs next to the queries) in float16, rounded
+outward (``kmin`` down, ``kmax`` up, so the page score below stays an upper bound): half the bytes every
+selection reads; scores are computed in float32 from them.
 Pages are append-only; ``n_pages[b]`` counts the pages of sequence ``b`` (sequences of a batch
 may hold different numbers of pages). The capacity doubles on demand (host memory, never bound
 to an engine buffer, so reallocation is fine; it only happens between decode steps).
@@ -40,7 +42,8 @@ Storage precision (``pool_dtype``): ``fp32`` (this class's default; a ``freekv:`
 (``INT8_SCHEMES``): keys and values per channel within a page (for the keys ``lo``/``hi`` are then
 exactly the page's ``kmin``/``kmax`` summaries: no extra bytes; the values' ``lo``/``step`` are
 stored in float32 per channel, 1/8 of the codes' bytes at page=32). Pages are dequantized into the view dtype as they are recalled; the
-summaries are always computed from the unrounded keys and stay float32.
+summaries are always computed from the unrounded keys (for int8 keys per channel the codes use the stored,
+outward-rounded summaries as their range, so every key is inside it).
 """
 
 from __future__ import annotations
@@ -70,6 +73,24 @@ def summarize(keys: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel (min, max) over the token axis ``-2`` of ``keys`` ``[..., page, D]`` -> ``[..., D]``."""
     xp = backend_of(keys)
     return xp.amin(keys, -2), xp.amax(keys, -2)
+
+
+def outward_fp16(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """``lo``/``hi`` (float32, numpy or torch) as float16 rounded outward: the nearest float16 at or below
+    ``lo`` and at or above ``hi`` (clipped to float16's finite range), so a bound computed from them still
+    bounds."""
+    top = float(np.finfo(np.float16).max)
+    if isinstance(lo, np.ndarray):
+        lo16, hi16 = lo.astype(np.float16), hi.astype(np.float16)
+        lo16 = np.where(lo16.astype(np.float32) > lo, np.nextafter(lo16, np.float16(-np.inf)), lo16)
+        hi16 = np.where(hi16.astype(np.float32) < hi, np.nextafter(hi16, np.float16(np.inf)), hi16)
+        return np.clip(lo16, -top, top), np.clip(hi16, -top, top)
+    import torch
+
+    lo16, hi16 = lo.to(torch.float16), hi.to(torch.float16)
+    lo16 = torch.where(lo16.float() > lo, torch.nextafter(lo16, torch.full_like(lo16, -float("inf"))), lo16)
+    hi16 = torch.where(hi16.float() < hi, torch.nextafter(hi16, torch.full_like(hi16, float("inf"))), hi16)
+    return lo16.clamp(-top, top), hi16.clamp(-top, top)
 
 
 def page_scores(query: Tensor, kmin: Tensor, kmax: Tensor) -> Tensor:
@@ -171,7 +192,7 @@ class PagePool:
     """Append-only host store of full pages for ``batch`` sequences and ``n_layers`` layers.
 
     ``data`` ``[L, B, cap, Hkv, 2, page, D]`` (``dtype``, on the host, pinned if ``pin_memory``;
-    ``data[l]`` is layer ``l``); ``kmin``/``kmax`` ``[L, B, Hkv, cap, D]`` float32 on ``summary_device``
+    ``data[l]`` is layer ``l``); ``kmin``/``kmax`` ``[L, B, Hkv, cap, D]`` float16 (``outward_fp16``) on ``summary_device``
     (page-minor, so scoring is a plain batched matmul); ``n_pages`` ``[B]`` int64 (host). All layers
     live in one array so selection and recall run as a few batched ops per step instead of a few
     per layer. ``summary_device`` "cpu" (numpy arrays throughout) or a CUDA device (torch tensors:
@@ -213,6 +234,8 @@ class PagePool:
         self.storage = {"fp32": self.dtype, "fp16": xp.dtype("float16"), "int8": xp.dtype("uint8")}[pool_dtype]
         self.int8_scheme = int8_scheme if pool_dtype == "int8" else None
         self.pin_memory = pin_memory
+        #: the summaries' dtype: float16, rounded outward (``outward_fp16``)
+        self.summary_dtype = "float16"
         self.n_pages = self.host.zeros((batch,), "int64")
         self._cap = 0
         self._touched = 0  # pages below this id may hold data or summaries (the rest was never written)
@@ -252,8 +275,8 @@ class PagePool:
         # only written pages are ever read (`select_pages` masks pages >= n_pages before its softmax), so
         # neither the page store nor the summaries need a zero fill: their memory is touched as pages arrive
         data = host.empty((L, b, cap, h, 2, pg, d), self.storage, pin_memory=self.pin_memory)
-        kmin = xp.empty((L, b, h, cap, d), "float32")
-        kmax = xp.empty((L, b, h, cap, d), "float32")
+        kmin = xp.empty((L, b, h, cap, d), self.summary_dtype)
+        kmax = xp.empty((L, b, h, cap, d), self.summary_dtype)
         kq = vq = None
         if self.int8_scheme is not None:
             if self.int8_scheme[0] != "channel":  # keys per channel: lo/hi are the summaries
@@ -313,6 +336,7 @@ class PagePool:
         n_new = keys.shape[-2] // pg
         k = self.xp.asarray(keys).reshape(h, n_new, pg, d)  # [Hkv, n, page, D]
         lo, hi = summarize(self.xp.to_device(k, "float32"))  # [Hkv, n, D]
+        lo, hi = outward_fp16(lo, hi)
         self.kmin[layer, b, :, first_page : first_page + n_new] = lo
         self.kmax[layer, b, :, first_page : first_page + n_new] = hi
         self._touched = max(self._touched, first_page + n_new)
@@ -339,8 +363,8 @@ class PagePool:
         k = host.swapaxes(keys.reshape(h, n_new, pg, d), 0, 1)  # [n, Hkv, page, D]
         v = host.swapaxes(values.reshape(h, n_new, pg, d), 0, 1)
         # from the unrounded keys (int8 pools are host-only: the summaries are host arrays)
-        lo = host.swapaxes(self.kmin[layer, b, :, p0 : p0 + n_new], 0, 1)  # [n, Hkv, D]
-        hi = host.swapaxes(self.kmax[layer, b, :, p0 : p0 + n_new], 0, 1)
+        lo = host.astype(host.swapaxes(self.kmin[layer, b, :, p0 : p0 + n_new], 0, 1), "float32")  # [n, Hkv, D]
+        hi = host.astype(host.swapaxes(self.kmax[layer, b, :, p0 : p0 + n_new], 0, 1), "float32")
         kscheme, vscheme = self.int8_scheme
         if kscheme == "channel":
             dst[:, :, 0] = _quantize(host, k, lo[:, :, None], hi[:, :, None])
@@ -368,8 +392,8 @@ class PagePool:
         data = data.reshape(n, 2, pg, d)
         out = host.scratch((n, 2, pg, d), "float32")
         if self.kq is None:  # keys per channel: lo/hi are the summaries
-            lo = self.kmin[layers, seqs, heads, pages][:, None]  # [n, 1, D]
-            step = (self.kmax[layers, seqs, heads, pages][:, None] - lo) / 255
+            lo = host.astype(self.kmin[layers, seqs, heads, pages][:, None], "float32")  # [n, 1, D]
+            step = (host.astype(self.kmax[layers, seqs, heads, pages][:, None], "float32") - lo) / 255
             host.addcmul(lo, data[:, 0], step, out=out[:, 0])
         else:
             kq = host.take(self.kq.reshape(-1, *self.kq.shape[4:]), rows, 0)

@@ -37,7 +37,8 @@ class RetrievalConfig(SpecStage):
     ``min_context`` (default ``2 * budget``): retrieval runs only for longer caches;
     ``pool_dtype``: how the page pool stores the KV (``fp16``, the default, half the bytes of fp32
     KV; ``fp32`` the KV's own dtype, exact; ``int8`` a quarter plus per-channel value scales), dequantized into the view as
-    pages are recalled (summaries, views and the sink/recent master copy stay full precision);
+    pages are recalled (views and the sink/recent master copy stay full precision; summaries are float16 rounded
+    outward whatever the pool);
     ``select``: which query chooses a step's pages (``SELECT_MODES``, ``docs/freekv.md``);
     ``drift``: a KV head is corrected when the ``mean`` (FreeKV's group mean) or the ``min`` (any one
     query head) of its query heads' cosines falls below ``tau``; ``rerun`` (``select=previous`` only):
