@@ -92,11 +92,12 @@ static uint32_t order_key(float v) {
   return u & 0x80000000u ? ~u : u | 0x80000000u;
 }
 
-// The k best of combined[0, n) into out (descending, ties to the lower id), -1 after the n-th. A radix
-// select finds the k-th best score's key a byte at a time (4 histograms of the candidates), the pages above
-// it and the first ones equal to it are taken in id order, then sorted by score (stable: ties keep the lower
-// id first). keys: n scratch values; best: k.
-static void top_k(const float *combined, int64_t n, int64_t k, int64_t *out, uint32_t *keys, uint32_t *best) {
+// The k best of combined[0, n) into out (descending, ties to the lower id; in id order with by_id), -1 after
+// the n-th. A radix select finds the k-th best score's key a byte at a time (4 histograms of the
+// candidates), the pages above it and the first ones equal to it are taken in id order, then sorted by score
+// (stable: ties keep the lower id first) unless by_id. keys: n scratch values; best: k.
+static void top_k(const float *combined, int64_t n, int64_t k, int by_id, int64_t *out, uint32_t *keys,
+                  uint32_t *best) {
   const int64_t take = k < n ? k : n;
   for (int64_t j = take; j < k; j++) out[j] = -1;
   if (take == 0) return;
@@ -113,7 +114,7 @@ static void top_k(const float *combined, int64_t n, int64_t k, int64_t *out, uin
   int64_t held = 0;  // prefix is now the k-th best key; `need` pages equal to it are taken, the first ones
   for (int64_t p = 0; p < n; p++)
     if (keys[p] > prefix || (keys[p] == prefix && need-- > 0)) best[held] = keys[p], out[held++] = p;
-  for (int64_t i = 1; i < held; i++) {  // insertion sort, descending and stable
+  for (int64_t i = 1; i < held && !by_id; i++) {  // insertion sort, descending and stable
     const uint32_t key = best[i];
     const int64_t id = out[i];
     int64_t j = i;
@@ -272,6 +273,7 @@ typedef struct {  // one thread's share of a selection: rows [r0, r1)
   float scale;
   const uint8_t *only;
   int64_t *out;
+  int by_id;  // picks in page-id order (the inline refresh: its recall needs the set, not the ranking)
 } SelectJob;
 
 // A row's selection scratch: scores [g, cap], combined [cap], keys [cap], best [k], q+ / q- [g, D] each.
@@ -322,7 +324,7 @@ static void row_pick(const SelectJob *j, int64_t n, float *scratch, int64_t *out
     for (int64_t p = 0; p < n; p++) combined[p] += s[p];
   }
   for (int64_t p = 0; p < n; p++) combined[p] /= (float)group;
-  top_k(combined, n, j->k, out, (uint32_t *)keys, (uint32_t *)best);
+  top_k(combined, n, j->k, j->by_id, out, (uint32_t *)keys, (uint32_t *)best);
 }
 
 static int64_t pages_of(const SelectJob *j, int64_t row) {
@@ -600,7 +602,7 @@ EXPORT int kvtrt_refresh_layer(const void *past_key, const void *qkv, int half, 
     int64_t *held = v->slot_pages + layer * kv_heads * k, n_pages = v->n_pages < v->cap ? v->n_pages : v->cap;
     const int64_t summaries = layer * kv_heads * v->cap * D;
     LayerRefresh r = {.select = {0, kv_heads, 1, kv_heads, g, D, v->cap, k, q, v->kmin + summaries, v->kmax + summaries,
-                                 &n_pages, (int)v->softmax, 0, 1.0f / sqrtf((float)D), NULL, fresh},
+                                 &n_pages, (int)v->softmax, 0, 1.0f / sqrtf((float)D), NULL, fresh, 1},
                       .drifted = drifted, .chunks = (n_pages + REFRESH_CHUNK - 1) / REFRESH_CHUNK, .n = n_pages};
     r.scratch = malloc(sizeof(float) * scratch_floats(&r.select) * (size_t)kv_heads);
     if (r.scratch == NULL) {
