@@ -140,17 +140,16 @@ static __m512 sum16(const __m512 v[16]) {
   return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), r);
 }
 
-// s[p] = qp . kmax_p + qn . kmin_p for the 16 pages p at kmax / kmin (dim a multiple of 16)
-static void upper_bounds16(const float *qp, const float *qn, const uint16_t *kmax, const uint16_t *kmin, int64_t dim,
+// s[p] = qp . kmax_p + qn . kmin_p for the 16 pages p at kmax / kmin (widened; dim a multiple of 16)
+static void upper_bounds16(const float *qp, const float *qn, const float *kmax, const float *kmin, int64_t dim,
                            float *s) {
   __m512 acc[16];
   for (int p = 0; p < 16; p++) acc[p] = _mm512_setzero_ps();
   for (int64_t i = 0; i < dim; i += 16) {
     const __m512 pos = _mm512_loadu_ps(qp + i), neg = _mm512_loadu_ps(qn + i);
     for (int p = 0; p < 16; p++)
-      acc[p] = _mm512_fmadd_ps(neg, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kmin + p * dim + i))),
-                               _mm512_fmadd_ps(pos, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kmax + p * dim + i))),
-                                               acc[p]));
+      acc[p] = _mm512_fmadd_ps(neg, _mm512_loadu_ps(kmin + p * dim + i),
+                               _mm512_fmadd_ps(pos, _mm512_loadu_ps(kmax + p * dim + i), acc[p]));
   }
   _mm512_storeu_ps(s, sum16(acc));
 }
@@ -206,17 +205,16 @@ static __m256 sum8(const __m256 v[8]) {
   return _mm256_add_ps(_mm256_permute2f128_ps(b[0], b[1], 0x20), _mm256_permute2f128_ps(b[0], b[1], 0x31));
 }
 
-// s[p] = qp . kmax_p + qn . kmin_p for the 8 pages p at kmax / kmin (dim a multiple of 8)
-static void upper_bounds8(const float *qp, const float *qn, const uint16_t *kmax, const uint16_t *kmin, int64_t dim,
+// s[p] = qp . kmax_p + qn . kmin_p for the 8 pages p at kmax / kmin (widened; dim a multiple of 8)
+static void upper_bounds8(const float *qp, const float *qn, const float *kmax, const float *kmin, int64_t dim,
                           float *s) {
   __m256 acc[8];
   for (int p = 0; p < 8; p++) acc[p] = _mm256_setzero_ps();
   for (int64_t i = 0; i < dim; i += 8) {
     const __m256 pos = _mm256_loadu_ps(qp + i), neg = _mm256_loadu_ps(qn + i);
     for (int p = 0; p < 8; p++)
-      acc[p] = _mm256_fmadd_ps(neg, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kmin + p * dim + i))),
-                               _mm256_fmadd_ps(pos, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kmax + p * dim + i))),
-                                               acc[p]));
+      acc[p] = _mm256_fmadd_ps(neg, _mm256_loadu_ps(kmin + p * dim + i),
+                               _mm256_fmadd_ps(pos, _mm256_loadu_ps(kmax + p * dim + i), acc[p]));
   }
   _mm256_storeu_ps(s, sum8(acc));
 }
@@ -289,23 +287,29 @@ static void split_query(const SelectJob *j, int64_t row, float *scratch) {
   for (int64_t d = 0; d < n; d++) qp[d] = q[d] > 0.0f ? q[d] : 0.0f, qn[d] = q[d] < 0.0f ? q[d] : 0.0f;
 }
 
+#define BLOCK_DIM 256  // head sizes up to this take the vector bounds (a block's widened summaries on the stack)
+
 // Every query head's bound for the row's pages [p0, p1) into scratch's scores (split_query first). Whole
-// blocks of 16 pages are scored together, each block for every query head while it is in L1.
+// blocks of 16 pages (8 with AVX2) are widened once and scored for every query head while they are in L1.
 static void row_bounds(const SelectJob *j, int64_t row, int64_t p0, int64_t p1, float *scratch) {
   const int64_t cap = j->cap, dim = j->dim, group = j->group;
   const uint16_t *kx = j->kmax + row * cap * dim, *kn = j->kmin + row * cap * dim;
   const float *qp = scratch + cap * (group + 2) + j->k, *qn = qp + group * dim;
   int64_t p = p0;
 #if defined(__AVX512F__)
-  if (dim % 16 == 0)
-    for (; p + 16 <= p1; p += 16)
-      for (int64_t i = 0; i < group; i++)
-        upper_bounds16(qp + i * dim, qn + i * dim, kx + p * dim, kn + p * dim, dim, scratch + i * cap + p);
+  float hi[16 * BLOCK_DIM], lo[16 * BLOCK_DIM];
+  if (dim % 16 == 0 && dim <= BLOCK_DIM)
+    for (; p + 16 <= p1; p += 16) {
+      widen(hi, kx + p * dim, 16 * dim), widen(lo, kn + p * dim, 16 * dim);
+      for (int64_t i = 0; i < group; i++) upper_bounds16(qp + i * dim, qn + i * dim, hi, lo, dim, scratch + i * cap + p);
+    }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-  if (dim % 8 == 0)
-    for (; p + 8 <= p1; p += 8)
-      for (int64_t i = 0; i < group; i++)
-        upper_bounds8(qp + i * dim, qn + i * dim, kx + p * dim, kn + p * dim, dim, scratch + i * cap + p);
+  float hi[8 * BLOCK_DIM], lo[8 * BLOCK_DIM];
+  if (dim % 8 == 0 && dim <= BLOCK_DIM)
+    for (; p + 8 <= p1; p += 8) {
+      widen(hi, kx + p * dim, 8 * dim), widen(lo, kn + p * dim, 8 * dim);
+      for (int64_t i = 0; i < group; i++) upper_bounds8(qp + i * dim, qn + i * dim, hi, lo, dim, scratch + i * cap + p);
+    }
 #endif
   for (; p < p1; p++)
     for (int64_t i = 0; i < group; i++)
@@ -441,7 +445,7 @@ EXPORT int kvtrt_select_pages(int64_t rows, int64_t batch, int64_t kv_heads, int
   int n = parts(rows, threads);
   for (int i = 0; i < n; i++)
     jobs[i] = (SelectJob){rows * i / n, rows * (i + 1) / n, batch, kv_heads, group, dim, cap, k, query, kmin, kmax,
-                          n_pages, softmax, 0, scale, only, out};
+                          n_pages, softmax, 0, scale, only, out, 0};
   run_jobs(select_rows, (char *)jobs, sizeof(SelectJob), n);
   for (int i = 0; i < n; i++)
     if (jobs[i].status) return jobs[i].status;
