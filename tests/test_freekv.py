@@ -23,11 +23,6 @@ torch.set_num_threads(1)
 T = torch.as_tensor
 
 
-def stored(pool, lo, hi):
-    """Page summaries ``lo``/``hi`` (float32 torch) as ``pool`` keeps them: float16 rounded outward."""
-    return outward_fp16(lo, hi)
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -209,7 +204,7 @@ def test_pool_summaries_and_layout(backend):
             kp, vp = T(kp), T(vp)
             torch.testing.assert_close(kp, ks[layer][:, p * page:(p + 1) * page])
             torch.testing.assert_close(vp, vs[layer][:, p * page:(p + 1) * page])
-            lo, hi = stored(pool, kp.amin(1), kp.amax(1))
+            lo, hi = outward_fp16(kp.amin(1), kp.amax(1))
             assert torch.equal(T(pool.kmin[layer][1, :, p]), lo) and torch.equal(T(pool.kmax[layer][1, :, p]), hi)
             assert T(pool.data[layer][1, p]).is_contiguous()  # one head's page K,V: [Hkv, 2, page, D]
     with pytest.raises(ValueError, match="whole number"):
@@ -246,7 +241,7 @@ def test_pool_growth_moves_written_pages_and_summaries_ahead_of_n_pages(backend)
     assert pool.capacity >= 64 and pool.n_pages.tolist() == [0]
     for layer in range(L):
         pages = ks[layer].reshape(Hkv, 2, page, D)
-        lo, hi = stored(pool, pages.amin(2), pages.amax(2))
+        lo, hi = outward_fp16(pages.amin(2), pages.amax(2))
         assert torch.equal(T(pool.kmin[layer, 0, :, :2]), lo) and torch.equal(T(pool.kmax[layer, 0, :, :2]), hi)
 
 @pytest.mark.parametrize("combine", ["softmax", "mean"])
@@ -826,7 +821,7 @@ def test_pool_built_during_prefill_equals_pool_built_after(pool_dtype, backend):
     # before start() the summaries exist, the page data does not (one copy, made by start)
     for layer in range(seq.L):
         keys = k[layer][0, :, 4:4 + 8 * done[-1]].reshape(seq.Hkv, done[-1], 8, seq.D)
-        lo, _ = stored(during.pool, keys.amin(-2), keys.amax(-2))
+        lo, _ = outward_fp16(keys.amin(-2), keys.amax(-2))
         assert torch.equal(T(during.pool.kmin[layer, 0, :, :done[-1]]), lo)
     during.start(list(k), list(v), seq.q(n - 1), mask=torch.ones(1, n, dtype=torch.long), reserve_tokens=40)
     assert during.stats().pages_summarized_in_prefill == done[-1]

@@ -36,11 +36,10 @@ def select_pages_host(query: np.ndarray, kmin: np.ndarray, kmax: np.ndarray, n_p
                       combine: str = "softmax", threads: int = 1) -> np.ndarray:
     """Top-``k`` pages per (sequence, KV head), int64 ``[..., B, Hkv, k]``.
 
-    ``query`` ``[..., B, H, D]``; ``kmin``/``kmax`` ``[..., B, Hkv, C, D]`` page summaries (the pool's float16, read as float32: this
-    path runs only where the C page ops cannot; all
-    ``C`` allocated pages: the ones past ``n_pages[b]`` are masked, so the pool's arrays are bound
-    without a copy); ``n_pages`` ``[B]``. ``threads``: ONNX Runtime threads (1 beside a running decode
-    graph, as FreeKV's worker; more where the step waits for the selection).
+    ``query`` ``[..., B, H, D]``; ``kmin``/``kmax`` ``[..., B, Hkv, C, D]`` page summaries (the pool's float16,
+    read as float32: this path runs only where the C page ops cannot; all ``C`` allocated pages: the ones
+    past ``n_pages[b]`` are masked); ``n_pages`` ``[B]``. ``threads``: ONNX Runtime threads (1 beside a
+    running decode graph, as FreeKV's worker; more where the step waits for the selection).
     """
     *lead, bsz, heads, dim = query.shape
     hkv, cap = kmin.shape[-3], kmin.shape[-2]
