@@ -227,6 +227,26 @@ def test_host_summaries_are_float16_bounds_of_the_keys():
     assert bool((lo < pages.amin(2)).any())  # rounding happened (outward), not a float32 copy
 
 
+def test_span_summaries_bound_their_pages_as_pages_arrive_and_the_pool_grows(backend):
+    """`smin`/`smax` of each span of `span` pages are the min / max of its pages' summaries (exactly, float16),
+    kept up to date as pages arrive one at a time, a few at once, straddling spans, and across pool growth."""
+    g = torch.Generator().manual_seed(11)
+    pool = PagePool(n_layers=2, batch=1, n_kv_heads=2, head_dim=4, page=2, capacity=2, backend=backend)
+    span, xp = pool.span, pool.xp
+    written = 0
+    for n_new in (1, 1, 3, span, 2 * span + 5, 1):
+        keys = [torch.randn(2, n_new * 2, 4, generator=g) for _ in range(2)]
+        pool.append(0, keys, keys)
+        written += n_new
+        for layer in range(2):
+            for s in range(-(-written // span)):
+                pages = slice(s * span, min(written, (s + 1) * span))
+                lo, hi = xp.amin(pool.kmin[layer, 0, :, pages], -2), xp.amax(pool.kmax[layer, 0, :, pages], -2)
+                assert np.array_equal(np.asarray(pool.smin[layer, 0, :, s]), np.asarray(lo))
+                assert np.array_equal(np.asarray(pool.smax[layer, 0, :, s]), np.asarray(hi))
+    assert pool.capacity >= written > 2 * span and pool.smin.shape[-2] == -(-pool.capacity // span)
+
+
 def test_pool_growth_moves_written_pages_and_summaries_ahead_of_n_pages(backend):
     """Growing the pool copies what was written (pages appended, and summaries a prefill stored
     before `start` appends the pages), and only that: memory past it is left untouched."""
@@ -701,6 +721,7 @@ def test_pool_sized_once_for_prompt_plus_reserved_tokens(backend):
     itemsize = 4
     summary = np.dtype(r.pool.summary_dtype).itemsize  # float16
     pool = seq.L * seq.B * r.pool.capacity * seq.Hkv * (2 * page * seq.D * itemsize + 2 * seq.D * summary)
+    pool += seq.L * seq.B * seq.Hkv * -(-r.pool.capacity // r.pool.span) * 2 * seq.D * summary  # span summaries
     master = 2 * seq.L * seq.B * seq.Hkv * (sink + window + page) * seq.D * itemsize
     assert st.stored_bytes == pool + master
     assert st.view_bytes == 2 * 2 * seq.L * seq.B * seq.Hkv * r.slots * seq.D * itemsize

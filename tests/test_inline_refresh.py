@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import kvtrt
+from kvtrt.runtime.cpu_kernels import page_ops
 from kvtrt.runtime.kv.freekv import FreeKVRetrieval
 from kvtrt.runtime.kv.options import KVSpecError
 from kvtrt.runtime.kv.spec import parse_kv_spec
@@ -54,14 +55,17 @@ def test_inline_equals_one_decode_group_per_layer(per_layer_groups, spec):
     llm.close()
 
 
-@pytest.mark.parametrize("mode", ["quest", "freekv:tau=1", "freekv:tau=0.1"])
+@pytest.mark.parametrize("mode", ["quest", "freekv:tau=1", "freekv:tau=0.1", "freekv:tau=0.1,cover=1",
+                                  "freekv:tau=0,cover=1"])
 def test_each_layer_attends_pages_chosen_with_its_own_query(tiny_llama, monkeypatch, mode):
     """After each step, every corrected KV head holds exactly a fresh top-k with the query its layer
     computed in that step, and every other head holds what it held before the step (quest, tau=1:
-    every head, every step)."""
+    every head, every step). With cover=N the corrected heads are exactly those whose group-mean cosine is
+    below tau or that miss one of their query heads' N best pages (the C cover test on the pages held before
+    the step), and a page leaving the window does not re-select every head."""
     name, _, extra = mode.partition(":")
     spec = f"{name}:budget=48,{SPEC},select=inline" + (f",{extra}" if extra else "")
-    checked = []
+    checked, misses = [], []
     finish, arm = FreeKVRetrieval.finish_step, FreeKVRetrieval.inline_refresh
     before = {}
 
@@ -84,6 +88,17 @@ def test_each_layer_attends_pages_chosen_with_its_own_query(tiny_llama, monkeypa
                     assert np.array_equal(self._basis[0][layer, 0, h * g:(h + 1) * g], query[layer, 0, h * g:(h + 1) * g])
                 else:
                     assert np.array_equal(view.slot_pages[layer, 0, h], before["pages"][layer, 0, h])
+        if self.cover:
+            after = view.slot_pages.copy()
+            view.slot_pages[...] = before["pages"]
+            ctx, _ = self._inline_context(view)
+            missed = np.stack([page_ops.cover_test(ctx, layer, query[layer, 0]) for layer in range(self.n_layers)])
+            view.slot_pages[...] = after
+            unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+            cos = (unit(query[:, 0]) * unit(before["basis"][:, 0])).sum(-1).reshape(self.n_layers, self.n_kv_heads, g)
+            drifted = (cos.mean(-1) < self.tau) & (self.tau > 0)  # tau=0 never corrects by the cosine
+            assert np.array_equal(moved[:, 0].all(-1), missed | drifted), (len(checked), missed, drifted)
+            misses.append(int(missed.sum()))
         checked.append(int(moved.any(-1).sum()))
         return finish(self, query, new_keys, new_values)
 
@@ -100,6 +115,8 @@ def test_each_layer_attends_pages_chosen_with_its_own_query(tiny_llama, monkeypa
         assert stats["heads_checked"] == stats["heads_corrected"] == 11 * 2 * 2
     else:
         assert 0 < stats["heads_corrected"] < stats["heads_checked"]
+    if "cover" in extra:
+        assert sum(misses) > 0  # the cover test corrected heads the cosine kept
     llm.close()
 
 

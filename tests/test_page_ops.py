@@ -136,3 +136,65 @@ def test_recall_refuses_what_it_cannot_do():
         page_ops.recall(np.full((1, 1, 1, 2), -1), np.full((1, 1, 1, 2), -1), pool,
                         np.zeros((2, 1, 1, 1, 16, 8), np.float16), 0, 4, np.zeros(3, np.int64))
 
+
+
+def _cover_reference(query, kmin, kmax, smin, smax, n, held, top, span):
+    """FreeKV's cover test in numpy: per KV head, whether some query head's `top` best pages (by Quest's bound,
+    among the pages of its `top` best spans; ties to the lower id) are not all in `held`."""
+    bound = lambda q, lo, hi: np.clip(q, 0, None) @ hi.T.astype(np.float32) + np.clip(q, None, 0) @ lo.T.astype(np.float32)
+    kv_heads, group = held.shape[0], query.shape[0] // held.shape[0]
+    spans = -(-n // span)
+    missed = np.zeros(kv_heads, bool)
+    for h in range(kv_heads):
+        for q in query[h * group:(h + 1) * group]:
+            best_spans = np.argsort(-bound(q, smin[h, :spans], smax[h, :spans]), kind="stable")[:top]
+            pages = np.array(sorted(p for s in best_spans for p in range(s * span, min((s + 1) * span, n))))
+            best = pages[np.argsort(-bound(q, kmin[h, pages], kmax[h, pages]), kind="stable")[:top]]
+            missed[h] |= not set(best.tolist()) <= set(held[h].tolist())
+    return missed
+
+
+def _inline_view(kmin, kmax, smin, smax, slot_pages, n_pages, group, top, span):
+    """An InlineView over one layer's summaries (what the cover test reads)."""
+    kv_heads, k = slot_pages.shape[-2:]
+    v = page_ops.InlineView()
+    v.kmin, v.kmax, v.smin, v.smax, v.slot_pages = (a.ctypes.data for a in (kmin, kmax, smin, smax, slot_pages))
+    v.layers, v.kv_heads, v.group, v.dim, v.k = 1, kv_heads, group, kmin.shape[-1], k
+    v.cap, v.n_pages, v.cover, v.span, v.scap = kmin.shape[-2], n_pages, top, span, smin.shape[-2]
+    return v
+
+
+@pytest.mark.parametrize("n_pages,top,k", [(960, 4, 119), (953, 8, 119), (100, 1, 40)])
+def test_cover_test_equals_numpy(n_pages, top, k):
+    """The C cover test (the inline refresh's, run alone) against numpy on a quarter grid (exact bounds, many
+    ties that go to the lower id): random held sets, a head holding exactly its query heads' best pages (kept),
+    and the same head with one of them swapped out (corrected)."""
+    rng = np.random.default_rng(2)
+    kv_heads, group, dim, span = 3, 3, 64, P.SPAN_PAGES
+    query = (np.round(rng.standard_normal((kv_heads * group, dim)) * 4) / 4).astype(np.float32)
+    kmin = (np.round(rng.standard_normal((1, 1, kv_heads, 960, dim)) * 4) / 4).astype(np.float16)
+    kmax = kmin + (np.round(np.abs(rng.standard_normal(kmin.shape)) * 4) / 4).astype(np.float16)
+    spans = -(-960 // span)
+    smin = np.stack([kmin[..., s * span:(s + 1) * span, :].min(-2) for s in range(spans)], -2)
+    smax = np.stack([kmax[..., s * span:(s + 1) * span, :].max(-2) for s in range(spans)], -2)
+    summaries = (kmin[0, 0], kmax[0, 0], smin[0, 0], smax[0, 0], n_pages)
+    slot_pages = np.stack([rng.permutation(n_pages)[:k] for _ in range(kv_heads)])[None, None].astype(np.int64)
+    # head 0 holds its query heads' best pages: each query head's, found by the reference with only it held
+    best = set()
+    for i in range(group):
+        for p in range(n_pages):
+            alone = np.array([[p] + [-1] * (k - 1)])
+            if not _cover_reference(query[i:i + 1], *summaries, alone, 1, span)[0]:
+                best.add(p)  # the query head's best page
+    if top == 1:
+        slot_pages[0, 0, 0] = sorted(best) + [p for p in range(n_pages) if p not in best][:k - len(best)]
+    view = _inline_view(kmin, kmax, smin, smax, slot_pages, n_pages, group, top, span)
+    got = page_ops.cover_test(view, 0, query)
+    want = _cover_reference(query, *summaries, slot_pages[0, 0], top, span)
+    assert np.array_equal(got, want), (got, want)
+    assert want.any()  # random held sets miss some best page
+    if top == 1:
+        assert not got[0]  # holds every query head's best page
+        slot_pages[0, 0, 0, 0] = [p for p in range(n_pages) if p not in slot_pages[0, 0, 0]][0]  # drop one of them
+        got = page_ops.cover_test(view, 0, query)
+        assert got[0] and np.array_equal(got, _cover_reference(query, *summaries, slot_pages[0, 0], top, span))

@@ -38,21 +38,27 @@ def main() -> None:
         if only is not None and (n // per_text, payload["depth"]) not in only:
             continue
         start = prefill(ev.llm, prompt)
-        case = {"text": n // per_text, "depth": payload["depth"], "key": payload["key"], "answers": {}, "hits": {}}
+        case = {"text": n // per_text, "depth": payload["depth"], "key": payload["key"], "answers": {}, "hits": {},
+                "correction_rates": {}}
         for spec in specs:
             out = decode(ev.llm, prompt, payload["new"], spec, start=start, stop_at_eos=True)
             text = ev.llm.codec.decode(out.tokens)
             case["answers"][spec], case["hits"][spec] = text, payload["key"] in text
+            if "correction_rate" in out.stats.kv:
+                case["correction_rates"][spec] = out.stats.kv["correction_rate"]
         cases.append(case)
     totals = {spec: sum(c["hits"][spec] for c in cases) for spec in specs}
     print("found:", ", ".join(f"{spec} {hits}/{len(cases)}" for spec, hits in totals.items()))
+    rates = {spec: [c["correction_rates"][spec] for c in cases if spec in c["correction_rates"]] for spec in specs}
+    print("mean correction rate:", ", ".join(f"{spec} {sum(r) / len(r):.3f}" for spec, r in rates.items() if r))
     for c in cases:
         if len({c["hits"][s] for s in specs}) > 1:
             print(f"text {c['text']} depth {c['depth']} key {c['key']}: " +
                   " | ".join(f"{s}: {'HIT' if c['hits'][s] else 'miss'} {c['answers'][s].strip()[:40]!r}" for s in specs))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "totals": totals, "cases": cases}, f, indent=1)
+            json.dump({"config": vars(args), "totals": totals,
+                       "mean_correction_rates": {s: sum(r) / len(r) for s, r in rates.items() if r}, "cases": cases}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,8 @@ class _RetrievalRow:
                 raise KVSpecError(f"{seq.retrieval.mode} select=inline cannot recall this pool's pages in C; "
                                   f"use select=previous")
             self.inline, self.lagged = False, True
+        if seq.retrieval.cover and not self.inline:  # (check_kv_spec refuses it at submit)
+            raise KVSpecError(f"{seq.retrieval.mode} cover= needs select=inline; this row takes select={path}")
         keys, values = list(store.keys), list(store.values)
         store.keys, store.values = [], []  # the manager holds them now (and frees them: `release`)
         r.start(keys, values, list(query), mask=store.mask, reserve_tokens=seq.remaining + 1, release=True)

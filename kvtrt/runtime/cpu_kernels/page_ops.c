@@ -492,8 +492,11 @@ typedef struct {  // mirrored by `page_ops.InlineView` (ctypes): keep the order 
   int64_t *slot_pages;     // [L, 1, Hkv, k]
   float *basis;            // [L, 1, H, D]: the query each head's pages were chosen with
   int64_t *counts;         // [6] += heads checked, heads corrected, pages selected, already held, copied, ns
+  const uint16_t *smin, *smax;  // [L, 1, Hkv, scap, D] float16: the page summaries' min / max over spans of `span` pages
   int64_t layers, kv_heads, group, dim, width, sink, page, k, cap, n_pages, view_half, pool_half;
   int64_t every, drift_min, softmax;
+  int64_t cover, span, scap;  // cover > 0: a head the cosine keeps is corrected when one of its query heads'
+                              // `cover` best pages (among the `cover` best spans' pages) is not held
   float tau;
 } InlineView;
 
@@ -546,6 +549,91 @@ static void pick_recall_item(void *data, size_t h) {
   if (r->drifted[h])
     row_pick(&r->select, r->n, r->scratch + h * scratch_floats(&r->select), r->select.out + h * r->select.k);
   recall_rows(&r->recall[h]);
+}
+
+// The cover test of KV head h of a layer: whether each of its query heads' `cover` best pages is held, searched
+// coarse to fine: the `cover` best spans by their summaries' bound, then the best pages among those spans'
+// pages (ties to the lower id). q: the layer's queries [H, D]; held: the head's k page ids. It reads
+// (n / span + cover * span) summaries per query head instead of a selection's n.
+typedef struct {
+  const InlineView *v;
+  const float *q;
+  int64_t layer, n;
+  const int64_t *held;  // [Hkv, k]
+  const uint8_t *drifted;
+  uint8_t missed[MAX_KV_INLINE];
+  int status;
+} CoverTest;
+
+// the `top` largest of s[0, n) (ties to the lower index) into out, best first; returns how many
+static int64_t best_of(const float *s, int64_t n, int64_t top, int64_t *out) {
+  int64_t taken = 0;
+  for (; taken < top && taken < n; taken++) {
+    int64_t best = -1;
+    for (int64_t p = 0; p < n; p++) {
+      int used = 0;
+      for (int64_t t = 0; t < taken && !used; t++) used = out[t] == p;
+      if (!used && (best < 0 || s[p] > s[best])) best = p;
+    }
+    out[taken] = best;
+  }
+  return taken;
+}
+
+static void cover_item(void *data, size_t h) {
+  CoverTest *c = data;
+  const InlineView *v = c->v;
+  if (c->drifted[h]) return;
+  const int64_t g = v->group, D = v->dim, top = v->cover, span = v->span, n = c->n, k = v->k;
+  const int64_t spans = (n + span - 1) / span, row = c->layer * v->kv_heads + (int64_t)h;
+  float *qp = malloc(sizeof(float) * (size_t)(2 * D + spans + top * span)), *qn = qp + D, *sb = qn + D;
+  float *pb = sb + spans;
+  int64_t *ids = malloc(sizeof(int64_t) * (size_t)(2 * top + top * span)), *pages = ids + top, *best = pages + top * span;
+  if (qp == NULL || ids == NULL) {
+    free(qp), free(ids);
+    c->status = -1;
+    return;
+  }
+  const uint16_t *smax = v->smax + row * v->scap * D, *smin = v->smin + row * v->scap * D;
+  const uint16_t *kmax = v->kmax + row * v->cap * D, *kmin = v->kmin + row * v->cap * D;
+  const int64_t *held = c->held + (int64_t)h * k;
+  int missed = 0;
+  for (int64_t i = 0; i < g && !missed; i++) {
+    const float *qi = c->q + ((int64_t)h * g + i) * D;
+    for (int64_t d = 0; d < D; d++) qp[d] = qi[d] > 0.0f ? qi[d] : 0.0f, qn[d] = qi[d] < 0.0f ? qi[d] : 0.0f;
+    for (int64_t j = 0; j < spans; j++) sb[j] = upper_bound(qp, qn, smax + j * D, smin + j * D, D);
+    const int64_t chosen = best_of(sb, spans, top, ids);
+    int64_t m = 0;
+    for (int64_t t = 0; t < chosen; t++)
+      for (int64_t p = ids[t] * span; p < (ids[t] + 1) * span && p < n; p++)
+        pages[m] = p, pb[m++] = upper_bound(qp, qn, kmax + p * D, kmin + p * D, D);
+    // ties to the lower page id: the candidates in id order first
+    for (int64_t a = 1; a < m; a++)
+      for (int64_t b = a; b > 0 && pages[b - 1] > pages[b]; b--) {
+        const int64_t tp = pages[b]; pages[b] = pages[b - 1], pages[b - 1] = tp;
+        const float ts = pb[b]; pb[b] = pb[b - 1], pb[b - 1] = ts;
+      }
+    const int64_t found = best_of(pb, m, top, best);
+    for (int64_t t = 0; t < found && !missed; t++) {
+      int is_held = 0;
+      for (int64_t s = 0; s < k && !is_held; s++) is_held = held[s] == pages[best[t]];
+      missed = !is_held;
+    }
+  }
+  c->missed[h] = (uint8_t)missed;
+  free(qp), free(ids);
+}
+
+// The cover test alone, for every KV head of `layer` (q [H, D]; the view's held pages and n_pages): missed[h] = 1
+// when a query head's best page is not held. Returns 0, or -1 when out of memory.
+EXPORT int kvtrt_cover_test(const InlineView *v, int64_t layer, const float *q, uint8_t *missed) {
+  uint8_t none[MAX_KV_INLINE] = {0};
+  const int64_t n = v->n_pages < v->cap ? v->n_pages : v->cap;
+  if (v->kv_heads > MAX_KV_INLINE) return -1;
+  CoverTest c = {.v = v, .q = q, .layer = layer, .n = n, .held = v->slot_pages + layer * v->kv_heads * v->k,
+                 .drifted = none, .missed = {0}};
+  for (int64_t h = 0; h < v->kv_heads; h++) cover_item(&c, (size_t)h), missed[h] = c.missed[h];
+  return c.status;
 }
 
 static float norm_of(const float *x, int64_t d) {
@@ -601,9 +689,17 @@ EXPORT int kvtrt_refresh_layer(const void *past_key, const void *qkv, int half, 
     drifted[h] = v->every || combined < v->tau;
     corrected += drifted[h];
   }
-  v->counts[0] += kv_heads, v->counts[1] += corrected;
+  int64_t *held = v->slot_pages + layer * kv_heads * k, n_pages = v->n_pages < v->cap ? v->n_pages : v->cap;
+  if (v->cover > 0 && !v->every && corrected < kv_heads && n_pages > k) {  // all pages held: nothing to miss
+    CoverTest c = {.v = v, .q = q, .layer = layer, .n = n_pages, .held = held, .drifted = drifted, .missed = {0}};
+    run(runner, cover_item, (size_t)kv_heads, &c);
+    if (c.status) {
+      free(q), free(fresh);
+      return -1;
+    }
+    for (int64_t h = 0; h < kv_heads; h++) drifted[h] |= c.missed[h], corrected += c.missed[h];
+  }
   if (corrected) {
-    int64_t *held = v->slot_pages + layer * kv_heads * k, n_pages = v->n_pages < v->cap ? v->n_pages : v->cap;
     const int64_t summaries = layer * kv_heads * v->cap * D;
     LayerRefresh r = {.select = {0, kv_heads, 1, kv_heads, g, D, v->cap, k, q, v->kmin + summaries, v->kmax + summaries,
                                  &n_pages, (int)v->softmax, 0, 1.0f / sqrtf((float)D), NULL, fresh, 1},
@@ -634,6 +730,7 @@ EXPORT int kvtrt_refresh_layer(const void *past_key, const void *qkv, int half, 
       return -1;
     }
   }
+  v->counts[0] += kv_heads, v->counts[1] += corrected;
   free(q), free(fresh);
   clock_gettime(CLOCK_MONOTONIC, &t1);
   v->counts[5] += (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);

@@ -50,6 +50,8 @@ def _library():
                 lib.kvtrt_recall_pages.argtypes = [_I] * 6 + [_P, _P, _P, ctypes.c_int, _I, _P, ctypes.c_int] + \
                     [_I] * 4 + [_P, ctypes.c_int]
                 lib.kvtrt_recall_pages.restype = ctypes.c_int
+                lib.kvtrt_cover_test.argtypes = [_P, _I, _P, _P]
+                lib.kvtrt_cover_test.restype = ctypes.c_int
             _lib.append(lib)
         return _lib[0]
 
@@ -116,9 +118,10 @@ class InlineView(ctypes.Structure):
     """What the decode attention op's refresh reads of one retrieval view (``InlineView`` in
     ``page_ops.c``; the same fields in the same order). Filled by ``FreeKVRetrieval.inline_refresh``."""
 
-    _fields_ = [(name, _P) for name in ("view", "pool", "kmin", "kmax", "slot_pages", "basis", "counts")] + \
+    _fields_ = [(name, _P) for name in ("view", "pool", "kmin", "kmax", "slot_pages", "basis", "counts", "smin",
+                                        "smax")] + \
         [(name, _I) for name in ("layers", "kv_heads", "group", "dim", "width", "sink", "page", "k", "cap", "n_pages",
-                                 "view_half", "pool_half", "every", "drift_min", "softmax")] + [("tau", ctypes.c_float)]
+                                 "view_half", "pool_half", "every", "drift_min", "softmax", "cover", "span", "scap")] + [("tau", ctypes.c_float)]
 
 
 _hooked: set[str] = set()
@@ -138,6 +141,17 @@ def install_refresh_hook(decode_library) -> bool:
             decode.kvtrt_set_refresh_hook(ctypes.cast(lib.kvtrt_refresh_layer, _P).value)
             _hooked.add(str(decode_library))
     return True
+
+
+def cover_test(view: InlineView, layer: int, query: np.ndarray) -> np.ndarray:
+    """``[Hkv]`` bool: the KV heads of ``layer`` whose query heads' (``query`` ``[H, D]`` float32) ``cover`` best
+    pages, searched over the ``cover`` best spans, are not all held (``view.slot_pages``): FreeKV's cover test
+    as the inline refresh runs it (``page_ops.c``, ``cover_item``)."""
+    query = np.ascontiguousarray(query, np.float32)
+    missed = np.zeros(view.kv_heads, np.uint8)
+    if _library().kvtrt_cover_test(ctypes.byref(view), layer, _ptr(query), _ptr(missed)):
+        raise MemoryError("kvtrt_cover_test could not allocate its scratch")
+    return missed.astype(bool)
 
 
 def arm(view: InlineView) -> None:

@@ -83,6 +83,7 @@ class FreeKVRetrieval:
         self.layout = lay = config.layout(max_context, staging_slot)
         self.budget = config.budget_tokens(max_context)
         self.tau, self.combine, self.drift = config.tau, config.combine, config.drift
+        self.cover = config.cover
         self.pool_dtype = config.pool_dtype
         if self.pool_dtype == "int8" and xp.is_cuda:
             raise KVSpecError(f"{config.mode}: pool_dtype=int8 dequantizes recalled pages on the host, not on "
@@ -170,6 +171,8 @@ class FreeKVRetrieval:
         self._check_started()
         if not self._fresh:
             raise RuntimeError("refresh() needs use_fresh_queries() before start()")
+        if self.cover:
+            raise RuntimeError("cover= is tested inside the decode attention op only: use inline_refresh()")
         xp, view = self.xp, self.view()
         query = xp.asarray(query)
         basis = self._basis[view.index][layers.start:layers.stop]                  # [Lg, B, H, D]
@@ -209,22 +212,8 @@ class FreeKVRetrieval:
         if not self.inline_ready():
             raise RuntimeError("inline_refresh() needs use_fresh_queries() before start(), host arrays, an fp32 or "
                                "fp16 pool and the C page ops")
-        view, lay = self.view(), self.layout
-        basis = self._basis[view.index]
-        if basis.dtype != np.float32 or not basis.flags.c_contiguous:
-            basis = self._basis[view.index] = np.ascontiguousarray(basis, np.float32)
-        ctx, counts = page_ops.InlineView(), np.zeros(6, np.int64)
-        ctx.view, ctx.pool, ctx.kmin, ctx.kmax = (a.ctypes.data for a in (view.all_kv, self.pool.data, self.pool.kmin,
-                                                                            self.pool.kmax))
-        ctx.slot_pages, ctx.basis, ctx.counts = view.slot_pages.ctypes.data, basis.ctypes.data, counts.ctypes.data
-        ctx.layers, ctx.kv_heads, ctx.group, ctx.dim = self.n_layers, self.n_kv_heads, self.n_heads // self.n_kv_heads, \
-            self.head_dim
-        ctx.width, ctx.sink, ctx.page, ctx.k = view.all_kv.shape[-2], lay.sink, lay.page, lay.k_pages
-        ctx.cap, ctx.n_pages = self.pool.kmin.shape[-2], view.n_pages[0]
-        ctx.view_half, ctx.pool_half = view.all_kv.dtype == np.float16, self.pool.data.dtype == np.float16
-        ctx.every = self.mode == "quest" or self._stale or self.tau >= 1.0
-        ctx.drift_min, ctx.softmax = self.drift == "min", self.combine == "softmax"
-        ctx.tau = self.tau if self.tau > 0.0 else -2.0  # tau 0: never (a cosine is never below -2)
+        view = self.view()
+        ctx, counts = self._inline_context(view)
         page_ops.arm(ctx)
         try:
             yield view
@@ -237,6 +226,29 @@ class FreeKVRetrieval:
             c.pages_hit += int(counts[3])
             c.pages_recalled += int(counts[4])
             c.correction_s += counts[5] / 1e9
+
+    def _inline_context(self, view: KVView) -> tuple[page_ops.InlineView, np.ndarray]:
+        """What the C refresh reads of ``view`` (its buffers, the pool, summaries, page map, basis, options) and
+        the counters it adds to."""
+        lay = self.layout
+        basis = self._basis[view.index]
+        if basis.dtype != np.float32 or not basis.flags.c_contiguous:
+            basis = self._basis[view.index] = np.ascontiguousarray(basis, np.float32)
+        ctx, counts = page_ops.InlineView(), np.zeros(6, np.int64)
+        ctx.view, ctx.pool, ctx.kmin, ctx.kmax = (a.ctypes.data for a in (view.all_kv, self.pool.data, self.pool.kmin,
+                                                                            self.pool.kmax))
+        ctx.slot_pages, ctx.basis, ctx.counts = view.slot_pages.ctypes.data, basis.ctypes.data, counts.ctypes.data
+        ctx.layers, ctx.kv_heads, ctx.group, ctx.dim = self.n_layers, self.n_kv_heads, self.n_heads // self.n_kv_heads, \
+            self.head_dim
+        ctx.width, ctx.sink, ctx.page, ctx.k = view.all_kv.shape[-2], lay.sink, lay.page, lay.k_pages
+        ctx.cap, ctx.n_pages = self.pool.kmin.shape[-2], view.n_pages[0]
+        ctx.view_half, ctx.pool_half = view.all_kv.dtype == np.float16, self.pool.data.dtype == np.float16
+        ctx.every = self.mode == "quest" or self.tau >= 1.0 or (self._stale and not self.cover)
+        ctx.drift_min, ctx.softmax, ctx.cover = self.drift == "min", self.combine == "softmax", self.cover
+        ctx.smin, ctx.smax, ctx.span, ctx.scap = self.pool.smin.ctypes.data, self.pool.smax.ctypes.data, \
+            self.pool.span, self.pool.smin.shape[-2]
+        ctx.tau = self.tau if self.tau > 0.0 else -2.0  # tau 0: never (a cosine is never below -2)
+        return ctx, counts
 
     def moved(self, query: Tensor, threshold: float) -> bool:
         """Whether some KV head's query ``query`` ``[L, B, H, D]`` (the step just run) is further from the

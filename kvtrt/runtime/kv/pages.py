@@ -61,6 +61,8 @@ from .page_select import select_pages_host
 Tensor = Any  # a numpy array (CPU) or a torch tensor (GPU), see ``backend.py``
 
 COMBINES = ("softmax", "mean")
+#: pages per span summary (``PagePool.smin``/``smax``): FreeKV's cover test searches spans, then their pages
+SPAN_PAGES = 16
 POOL_DTYPES = ("fp32", "fp16", "int8")
 #: int8 granules (keys, values): ``page`` one ``lo``/``step`` per page block, ``channel`` one per
 #: channel over the page's tokens, ``token`` one per token over its channels. The default
@@ -240,6 +242,10 @@ class PagePool:
         self._cap = 0
         self._touched = 0  # pages below this id may hold data or summaries (the rest was never written)
         self.data = self.kmin = self.kmax = None
+        #: ``[L, B, Hkv, ceil(cap / span), D]``: the min / max of the page summaries over spans of ``span`` pages
+        #: (the pages written so far of the last span), float16 like them: a span's bound bounds its pages'
+        self.span = SPAN_PAGES
+        self.smin = self.smax = None
         #: int8 only: ``lo``/``step`` ``[L, B, cap, Hkv, 2, a, c]`` of the keys (``None`` when they come
         #: from the summaries) and of the values, ``(a, c)`` the granule's broadcast shape
         self.kq: Tensor | None = None
@@ -263,7 +269,8 @@ class PagePool:
     @property
     def nbytes(self) -> int:
         """Bytes held: page store (with its int8 scales) and summaries, at the allocated capacity."""
-        return sum(self.xp.nbytes(t) for t in (self.data, self.kmin, self.kmax, self.kq, self.vq) if t is not None)
+        return sum(self.xp.nbytes(t) for t in (self.data, self.kmin, self.kmax, self.smin, self.smax, self.kq, self.vq)
+                   if t is not None)
 
     def _granule(self, scheme: str) -> tuple[int, int]:
         """Broadcast shape ``(a, c)`` of one ``lo``/``step`` over a ``[page, D]`` block."""
@@ -277,6 +284,9 @@ class PagePool:
         data = host.empty((L, b, cap, h, 2, pg, d), self.storage, pin_memory=self.pin_memory)
         kmin = xp.empty((L, b, h, cap, d), self.summary_dtype)
         kmax = xp.empty((L, b, h, cap, d), self.summary_dtype)
+        spans = -(-cap // self.span)
+        smin = xp.empty((L, b, h, spans, d), self.summary_dtype)
+        smax = xp.empty((L, b, h, spans, d), self.summary_dtype)
         kq = vq = None
         if self.int8_scheme is not None:
             if self.int8_scheme[0] != "channel":  # keys per channel: lo/hi are the summaries
@@ -287,10 +297,12 @@ class PagePool:
             data[:, :, :live] = self.data[:, :, :live]
             kmin[:, :, :, :live] = self.kmin[:, :, :, :live]
             kmax[:, :, :, :live] = self.kmax[:, :, :, :live]
+            smin[:, :, :, :-(-live // self.span)] = self.smin[:, :, :, :-(-live // self.span)]
+            smax[:, :, :, :-(-live // self.span)] = self.smax[:, :, :, :-(-live // self.span)]
             for new, old in ((kq, self.kq), (vq, self.vq)):
                 if new is not None:
                     new[:, :, :live] = old[:, :, :live]
-        self.data, self.kmin, self.kmax, self._cap = data, kmin, kmax, cap
+        self.data, self.kmin, self.kmax, self.smin, self.smax, self._cap = data, kmin, kmax, smin, smax, cap
         self.kq, self.vq = kq, vq
 
     def reserve(self, n_pages: int, exact: bool = False) -> None:
@@ -339,7 +351,12 @@ class PagePool:
         lo, hi = outward_fp16(lo, hi)
         self.kmin[layer, b, :, first_page : first_page + n_new] = lo
         self.kmax[layer, b, :, first_page : first_page + n_new] = hi
-        self._touched = max(self._touched, first_page + n_new)
+        end, xp = first_page + n_new, self.xp
+        for s in range(first_page // self.span, -(-end // self.span)):  # the spans these pages are in, up to them
+            pages = slice(s * self.span, min(end, (s + 1) * self.span))
+            self.smin[layer, b, :, s] = xp.amin(self.kmin[layer, b, :, pages], -2)
+            self.smax[layer, b, :, s] = xp.amax(self.kmax[layer, b, :, pages], -2)
+        self._touched = max(self._touched, end)
 
     def write(self, layer: int, b: int, first_page: int, keys: Tensor, values: Tensor, summarized: int = 0) -> None:
         """Store one layer's whole pages ``keys``/``values`` ``[Hkv, n*page, D]`` (host arrays) of

@@ -56,6 +56,7 @@ class RetrievalConfig(SpecStage):
                         hint="tau=0 never corrects, tau=1 always corrects, e.g. tau=0.9")
     combine: str = option("softmax", "choice", choices=COMBINES, stages=("freekv",))
     drift: str = option("mean", "choice", choices=DRIFTS, stages=("freekv",))
+    cover: int = option(0, "whole", stages=("freekv",))
     min_context: int | None = option(None, "whole", example=0)
     pool_dtype: str = option("fp16", "choice", choices=POOL_DTYPES)
     select: str = option("auto", "choice", choices=SELECT_MODES)
