@@ -565,19 +565,17 @@ typedef struct {
   int status;
 } CoverTest;
 
-// the `top` largest of s[0, n) (ties to the lower index) into out, best first; returns how many
-static int64_t best_of(const float *s, int64_t n, int64_t top, int64_t *out) {
-  int64_t taken = 0;
-  for (; taken < top && taken < n; taken++) {
-    int64_t best = -1;
-    for (int64_t p = 0; p < n; p++) {
-      int used = 0;
-      for (int64_t t = 0; t < taken && !used; t++) used = out[t] == p;
-      if (!used && (best < 0 || s[p] > s[best])) best = p;
-    }
-    out[taken] = best;
+// the `top` largest of s[0, n) (ties to the lower index) into out, best first (best: their scores); returns
+// how many. One pass, each value against the smallest kept: O(n) when few enter.
+static int64_t best_of(const float *s, int64_t n, int64_t top, int64_t *out, float *best) {
+  int64_t kept = 0;
+  for (int64_t p = 0; p < n; p++) {
+    if (kept == top && !(s[p] > best[kept - 1])) continue;
+    int64_t j = kept < top ? kept++ : top - 1;
+    for (; j > 0 && s[p] > best[j - 1]; j--) best[j] = best[j - 1], out[j] = out[j - 1];
+    best[j] = s[p], out[j] = p;
   }
-  return taken;
+  return kept;
 }
 
 static void cover_item(void *data, size_t h) {
@@ -586,8 +584,8 @@ static void cover_item(void *data, size_t h) {
   if (c->drifted[h]) return;
   const int64_t g = v->group, D = v->dim, top = v->cover, span = v->span, n = c->n, k = v->k;
   const int64_t spans = (n + span - 1) / span, row = c->layer * v->kv_heads + (int64_t)h;
-  float *qp = malloc(sizeof(float) * (size_t)(2 * D + spans + top * span)), *qn = qp + D, *sb = qn + D;
-  float *pb = sb + spans;
+  float *qp = malloc(sizeof(float) * (size_t)(2 * D + spans + top * span + top)), *qn = qp + D, *sb = qn + D;
+  float *pb = sb + spans, *kept = pb + top * span;
   int64_t *ids = malloc(sizeof(int64_t) * (size_t)(2 * top + top * span)), *pages = ids + top, *best = pages + top * span;
   if (qp == NULL || ids == NULL) {
     free(qp), free(ids);
@@ -602,18 +600,17 @@ static void cover_item(void *data, size_t h) {
     const float *qi = c->q + ((int64_t)h * g + i) * D;
     for (int64_t d = 0; d < D; d++) qp[d] = qi[d] > 0.0f ? qi[d] : 0.0f, qn[d] = qi[d] < 0.0f ? qi[d] : 0.0f;
     for (int64_t j = 0; j < spans; j++) sb[j] = upper_bound(qp, qn, smax + j * D, smin + j * D, D);
-    const int64_t chosen = best_of(sb, spans, top, ids);
+    const int64_t chosen = best_of(sb, spans, top, ids, kept);
+    for (int64_t a = 1; a < chosen; a++)  // the chosen spans in id order, so their pages are in id order
+      for (int64_t b = a; b > 0 && ids[b - 1] > ids[b]; b--) {
+        const int64_t t = ids[b];
+        ids[b] = ids[b - 1], ids[b - 1] = t;
+      }
     int64_t m = 0;
     for (int64_t t = 0; t < chosen; t++)
       for (int64_t p = ids[t] * span; p < (ids[t] + 1) * span && p < n; p++)
         pages[m] = p, pb[m++] = upper_bound(qp, qn, kmax + p * D, kmin + p * D, D);
-    // ties to the lower page id: the candidates in id order first
-    for (int64_t a = 1; a < m; a++)
-      for (int64_t b = a; b > 0 && pages[b - 1] > pages[b]; b--) {
-        const int64_t tp = pages[b]; pages[b] = pages[b - 1], pages[b - 1] = tp;
-        const float ts = pb[b]; pb[b] = pb[b - 1], pb[b - 1] = ts;
-      }
-    const int64_t found = best_of(pb, m, top, best);
+    const int64_t found = best_of(pb, m, top, best, kept);
     for (int64_t t = 0; t < found && !missed; t++) {
       int is_held = 0;
       for (int64_t s = 0; s < k && !is_held; s++) is_held = held[s] == pages[best[t]];

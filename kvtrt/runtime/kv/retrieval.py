@@ -41,7 +41,10 @@ class RetrievalConfig(SpecStage):
     outward whatever the pool);
     ``select``: which query chooses a step's pages (``SELECT_MODES``, ``docs/freekv.md``);
     ``drift``: a KV head is corrected when the ``mean`` (FreeKV's group mean) or the ``min`` (any one
-    query head) of its query heads' cosines falls below ``tau``; ``rerun`` (``select=previous`` only):
+    query head) of its query heads' cosines falls below ``tau``; ``cover`` (``select=inline`` only; 0: off): a
+    head the cosine keeps is also corrected when one of its query heads' ``cover`` best pages (by Quest's bound,
+    searched over the ``cover`` best spans of ``PagePool.span`` pages) is not among the pages it holds, and a
+    page leaving the window no longer re-selects every head (``docs/freekv.md``, "The cover test"); ``rerun`` (``select=previous`` only):
     when a step's query moved so far from the one that chose the pages it attended that some KV head's
     cosine is below ``rerun``, those heads re-select with it and the step runs again on the new pages
     (Quest's second pass, only for the steps that turn to other tokens; 0: never).
