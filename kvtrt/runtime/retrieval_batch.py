@@ -106,11 +106,14 @@ class _RetrievalRow:
         if self.grouped:
             self.bound = self._bind_groups(r)
             return
-        plain = None if self.shared else graph_outputs(engine, 1, 1, r.slots + 1, arrays=a)  # one set for both views
+        # every layer's query in one [L,1,H,D] block (finish_step takes it without stacking 30 arrays a step)
+        query = a.empty((m.n_layers, 1, m.n_heads, m.head_dim), engine.dtype)
+        queries = {f"query.{layer}": query[layer] for layer in range(m.n_layers)}
+        plain = None if self.shared else {**graph_outputs(engine, 1, 1, r.slots + 1, arrays=a), **queries}  # both views
         self.bound = []
         for v in r.views:
             if self.shared:
-                outputs = graph_outputs(engine, 1, 1, None, cache=(v.keys, v.values), arrays=a)
+                outputs = {**graph_outputs(engine, 1, 1, None, cache=(v.keys, v.values), arrays=a), **queries}
                 binding = bind_decode(engine, self.variant, self.ids, self.positions, v.mask, v.keys, v.values,
                                       outputs, write_slot=self.slot)
                 new_k, new_v = v.all_keys[:, :, :, r.slots:], v.all_values[:, :, :, r.slots:]  # staging slot
@@ -119,7 +122,7 @@ class _RetrievalRow:
                 binding = bind_decode(engine, self.variant, self.ids, self.positions, v.mask, v.keys, v.values,
                                       outputs)
                 new_k, new_v = per_layer(outputs, "key"), per_layer(outputs, "value")
-            self.bound.append((binding, outputs, per_layer(outputs, "query"), new_k, new_v))
+            self.bound.append((binding, outputs, query, new_k, new_v))
 
     def _bind_groups(self, r) -> list:
         """For the one view a fresh-query manager serves: the lookahead call, then one call per decode

@@ -578,38 +578,51 @@ static int64_t best_of(const float *s, int64_t n, int64_t top, int64_t *out, flo
   return kept;
 }
 
-static void cover_item(void *data, size_t h) {
+static void cover_item(void *data, size_t item) {
   CoverTest *c = data;
   const InlineView *v = c->v;
+  const int64_t h = (int64_t)item;
   if (c->drifted[h]) return;
   const int64_t g = v->group, D = v->dim, top = v->cover, span = v->span, n = c->n, k = v->k;
-  const int64_t spans = (n + span - 1) / span, row = c->layer * v->kv_heads + (int64_t)h;
-  float *qp = malloc(sizeof(float) * (size_t)(2 * D + spans + top * span + top)), *qn = qp + D, *sb = qn + D;
-  float *pb = sb + spans, *kept = pb + top * span;
-  int64_t *ids = malloc(sizeof(int64_t) * (size_t)(2 * top + top * span)), *pages = ids + top, *best = pages + top * span;
-  if (qp == NULL || ids == NULL) {
-    free(qp), free(ids);
+  const int64_t spans = (n + span - 1) / span;
+  // the spans' and the pages' bounds for all g query heads, as a selection computes them (row_bounds)
+  const SelectJob over_spans = {0, v->kv_heads, 1, v->kv_heads, g, D, v->scap, top, c->q,
+                                v->smin + c->layer * v->kv_heads * v->scap * D,
+                                v->smax + c->layer * v->kv_heads * v->scap * D, NULL, 0, 0, 0.0f, NULL, NULL, 0};
+  const SelectJob over_pages = {0, v->kv_heads, 1, v->kv_heads, g, D, v->cap, top, c->q,
+                                v->kmin + c->layer * v->kv_heads * v->cap * D,
+                                v->kmax + c->layer * v->kv_heads * v->cap * D, NULL, 0, 0, 0.0f, NULL, NULL, 0};
+  float *ss = malloc(sizeof(float) * (scratch_floats(&over_spans) + scratch_floats(&over_pages) + top * span + top));
+  int64_t *ids = malloc(sizeof(int64_t) * (size_t)(g * top + top * span + top + g));
+  uint8_t *wanted = calloc((size_t)spans, 1);
+  if (ss == NULL || ids == NULL || wanted == NULL) {
+    free(ss), free(ids), free(wanted);
     c->status = -1;
     return;
   }
-  const uint16_t *smax = v->smax + row * v->scap * D, *smin = v->smin + row * v->scap * D;
-  const uint16_t *kmax = v->kmax + row * v->cap * D, *kmin = v->kmin + row * v->cap * D;
-  const int64_t *held = c->held + (int64_t)h * k;
+  float *ps = ss + scratch_floats(&over_spans), *pb = ps + scratch_floats(&over_pages), *kept = pb + top * span;
+  int64_t *pages = ids + g * top, *best = pages + top * span, *chosen = best + top;
+  split_query(&over_spans, h, ss), split_query(&over_pages, h, ps);
+  row_bounds(&over_spans, h, 0, spans, ss);  // ss[i * scap + j]: query head i's bound of span j
+  for (int64_t i = 0; i < g; i++) {  // each query head's best spans, in id order
+    int64_t *mine = ids + i * top;
+    chosen[i] = best_of(ss + i * v->scap, spans, top, mine, kept);
+    for (int64_t a = 1; a < chosen[i]; a++)
+      for (int64_t b = a; b > 0 && mine[b - 1] > mine[b]; b--) {
+        const int64_t t = mine[b];
+        mine[b] = mine[b - 1], mine[b - 1] = t;
+      }
+    for (int64_t t = 0; t < chosen[i]; t++) wanted[mine[t]] = 1;
+  }
+  for (int64_t j = 0; j < spans; j++)  // the pages of every span some query head chose, bounded once
+    if (wanted[j]) row_bounds(&over_pages, h, j * span, (j + 1) * span < n ? (j + 1) * span : n, ps);
+  const int64_t *held = c->held + h * k;
   int missed = 0;
   for (int64_t i = 0; i < g && !missed; i++) {
-    const float *qi = c->q + ((int64_t)h * g + i) * D;
-    for (int64_t d = 0; d < D; d++) qp[d] = qi[d] > 0.0f ? qi[d] : 0.0f, qn[d] = qi[d] < 0.0f ? qi[d] : 0.0f;
-    for (int64_t j = 0; j < spans; j++) sb[j] = upper_bound(qp, qn, smax + j * D, smin + j * D, D);
-    const int64_t chosen = best_of(sb, spans, top, ids, kept);
-    for (int64_t a = 1; a < chosen; a++)  // the chosen spans in id order, so their pages are in id order
-      for (int64_t b = a; b > 0 && ids[b - 1] > ids[b]; b--) {
-        const int64_t t = ids[b];
-        ids[b] = ids[b - 1], ids[b - 1] = t;
-      }
     int64_t m = 0;
-    for (int64_t t = 0; t < chosen; t++)
-      for (int64_t p = ids[t] * span; p < (ids[t] + 1) * span && p < n; p++)
-        pages[m] = p, pb[m++] = upper_bound(qp, qn, kmax + p * D, kmin + p * D, D);
+    for (int64_t t = 0; t < chosen[i]; t++)
+      for (int64_t p = ids[i * top + t] * span; p < (ids[i * top + t] + 1) * span && p < n; p++)
+        pages[m] = p, pb[m++] = ps[i * v->cap + p];
     const int64_t found = best_of(pb, m, top, best, kept);
     for (int64_t t = 0; t < found && !missed; t++) {
       int is_held = 0;
@@ -618,7 +631,7 @@ static void cover_item(void *data, size_t h) {
     }
   }
   c->missed[h] = (uint8_t)missed;
-  free(qp), free(ids);
+  free(ss), free(ids), free(wanted);
 }
 
 // The cover test alone, for every KV head of `layer` (q [H, D]; the view's held pages and n_pages): missed[h] = 1

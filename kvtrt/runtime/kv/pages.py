@@ -323,10 +323,10 @@ class PagePool:
     def append(self, b: int, keys: Sequence[Tensor] | Tensor, values: Sequence[Tensor] | Tensor) -> range:
         """Append whole pages to sequence ``b``.
 
-        ``keys``/``values``: per layer ``[Hkv, n*page, D]`` (a list, or one ``[L, Hkv, n*page, D]``
-        array). Returns the new page ids.
+        ``keys``/``values``: per layer ``[Hkv, n*page, D]`` (a list: written one layer at a time, no stacked
+        copy, as a prompt's are) or one ``[L, Hkv, n*page, D]`` array (a decode step's spilled page: every
+        layer in one op). Returns the new page ids.
         """
-        keys, values = list(keys), list(values)  # per layer; written one layer at a time (no stacked copy)
         n_tok = keys[0].shape[-2]
         if n_tok % self.page:
             raise ValueError(f"{n_tok} tokens is not a whole number of {self.page}-token pages")
@@ -335,19 +335,22 @@ class PagePool:
         if n_new == 0:
             return range(p0, p0)
         self.reserve(p0 + n_new)
-        for layer, (kl, vl) in enumerate(zip(keys, values)):
-            self.write(layer, b, p0, kl, vl)
+        if isinstance(keys, (list, tuple)) or self.int8_scheme is not None:
+            for layer, (kl, vl) in enumerate(zip(list(keys), list(values))):
+                self.write(layer, b, p0, kl, vl)
+        else:
+            self.write(slice(None), b, p0, keys, values)
         self.n_pages[b] = p0 + n_new
         return range(p0, p0 + n_new)
 
-    def summarize_pages(self, layer: int, b: int, first_page: int, keys: Tensor) -> None:
-        """Store only the summaries of one layer's whole pages ``keys`` ``[Hkv, n*page, D]`` of
-        sequence ``b`` at page ids ``first_page..`` (a prefill chunk's pages, before ``write`` stores
-        their data with ``summarized`` set). Room must be reserved."""
-        h, d, pg = self.n_kv_heads, self.head_dim, self.page
+    def summarize_pages(self, layer: int | slice, b: int, first_page: int, keys: Tensor) -> None:
+        """Store only the summaries of one layer's whole pages ``keys`` ``[Hkv, n*page, D]`` (or of a slice of
+        layers, ``[L, Hkv, n*page, D]``) of sequence ``b`` at page ids ``first_page..`` (a prefill chunk's pages,
+        before ``write`` stores their data with ``summarized`` set). Room must be reserved."""
+        d, pg = self.head_dim, self.page
         n_new = keys.shape[-2] // pg
-        k = self.xp.asarray(keys).reshape(h, n_new, pg, d)  # [Hkv, n, page, D]
-        lo, hi = summarize(self.xp.to_device(k, "float32"))  # [Hkv, n, D]
+        k = self.xp.asarray(keys).reshape(*keys.shape[:-2], n_new, pg, d)  # [(L,) Hkv, n, page, D]
+        lo, hi = summarize(self.xp.to_device(k, "float32"))  # [(L,) Hkv, n, D]
         lo, hi = outward_fp16(lo, hi)
         self.kmin[layer, b, :, first_page : first_page + n_new] = lo
         self.kmax[layer, b, :, first_page : first_page + n_new] = hi
@@ -358,11 +361,13 @@ class PagePool:
             self.smax[layer, b, :, s] = xp.amax(self.kmax[layer, b, :, pages], -2)
         self._touched = max(self._touched, end)
 
-    def write(self, layer: int, b: int, first_page: int, keys: Tensor, values: Tensor, summarized: int = 0) -> None:
+    def write(self, layer: int | slice, b: int, first_page: int, keys: Tensor, values: Tensor,
+              summarized: int = 0) -> None:
         """Store one layer's whole pages ``keys``/``values`` ``[Hkv, n*page, D]`` (host arrays) of
         sequence ``b`` at page ids ``first_page..``, with their summaries (the first ``summarized`` of
         them already stored by ``summarize_pages``). Room must be reserved; ``n_pages`` is the
-        caller's to advance once every layer is written (``append`` does both)."""
+        caller's to advance once every layer is written (``append`` does both). ``layer`` a slice of
+        layers (fp32/fp16 pools): ``keys``/``values`` ``[L, Hkv, n*page, D]``, written in one op each."""
         host = self.host
         h, d, pg = self.n_kv_heads, self.head_dim, self.page
         keys, values = host.asarray(keys), host.asarray(values)
@@ -371,7 +376,12 @@ class PagePool:
         dst = self.data[layer, b, p0 : p0 + n_new]  # [n, Hkv, 2, page, D]
         done = min(summarized, n_new)
         if done < n_new:
-            self.summarize_pages(layer, b, p0 + done, keys[:, done * pg : n_new * pg])
+            self.summarize_pages(layer, b, p0 + done, keys[..., done * pg : n_new * pg, :])
+        if isinstance(layer, slice):  # fp32 / fp16: [L, n, Hkv, 2, page, D] <- [L, Hkv, n, page, D]
+            shape = (keys.shape[0], h, n_new, pg, d)
+            dst[:, :, :, 0] = host.swapaxes(host.cast(keys, self.storage).reshape(shape), 1, 2)
+            dst[:, :, :, 1] = host.swapaxes(host.cast(values, self.storage).reshape(shape), 1, 2)
+            return
         if self.int8_scheme is None:  # fp32: exact; fp16: rounded to nearest (head by head: one head's copy)
             for head in range(h):
                 dst[:, head, 0] = host.cast(keys[head], self.storage).reshape(n_new, pg, d)
