@@ -175,6 +175,10 @@ def test_auto_takes_inline_where_the_op_runs_and_explicit_inline_is_refused_else
     assert {k: auto.stats.kv[k] for k in COUNTERS} == {k: inline.stats.kv[k] for k in COUNTERS}
     with pytest.raises(KVSpecError, match="pool_dtype=int8; use pool_dtype=fp16 or select=previous"):
         llm.submit(prompt, max_new_tokens=4, kv=f"freekv:budget=48,{SPEC},pool_dtype=int8,select=inline")
+    for other in ("select=previous", "select=speculative", "pool_dtype=int8"):  # cover= runs inside the op only
+        with pytest.raises(KVSpecError, match="cover=2 tests each head's best pages inside kvtrt's decode attention "
+                                              "op.*use select=auto with pool_dtype=fp16 or fp32"):
+            llm.submit(prompt, max_new_tokens=4, kv=f"freekv:budget=48,{SPEC},cover=2,{other}")
     int8_auto = llm.generate(prompt, max_new_tokens=8, kv=f"freekv:budget=48,{SPEC},pool_dtype=int8")
     int8_previous = llm.generate(prompt, max_new_tokens=8, kv=f"freekv:budget=48,{SPEC},pool_dtype=int8,select=previous")
     assert int8_auto.token_ids == int8_previous.token_ids  # auto falls back to previous for int8 pools
@@ -184,6 +188,8 @@ def test_auto_takes_inline_where_the_op_runs_and_explicit_inline_is_refused_else
     with pytest.raises(KVSpecError, match="select=inline re-selects pages inside kvtrt's decode attention op.*"
                                           "use select=auto"):
         plain.submit(prompt, max_new_tokens=4, kv=f"freekv:budget=48,{SPEC},select=inline")
+    with pytest.raises(KVSpecError, match="cover=2 .*an engine without that op"):
+        plain.submit(prompt, max_new_tokens=4, kv=f"freekv:budget=48,{SPEC},cover=2")
     previous = plain.generate(prompt, max_new_tokens=8, kv=f"freekv:budget=48,{SPEC},tau=0.9,select=previous")
     assert plain.generate(prompt, max_new_tokens=8, kv=f"freekv:budget=48,{SPEC},tau=0.9").token_ids == \
         previous.token_ids

@@ -635,7 +635,7 @@ static void cover_item(void *data, size_t item) {
 }
 
 // The cover test alone, for every KV head of `layer` (q [H, D]; the view's held pages and n_pages): missed[h] = 1
-// when a query head's best page is not held. Returns 0, or -1 when out of memory.
+// when one of a query head's `cover` best pages is not held. Returns 0, or -1 when out of memory.
 EXPORT int kvtrt_cover_test(const InlineView *v, int64_t layer, const float *q, uint8_t *missed) {
   uint8_t none[MAX_KV_INLINE] = {0};
   const int64_t n = v->n_pages < v->cap ? v->n_pages : v->cap;
