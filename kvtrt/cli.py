@@ -25,7 +25,7 @@ KV_HELP = ("KV spec: what is stored and attended. 'full' (default); compaction '
            "least sink + window + floor of the rest of B; not with retrieval) "
            "(every compaction also takes slack=64: tokens a sequence may grow past its budget while decoding before it "
            "is compacted back to it); retrieval "
-           "'freekv:budget=B,page=8,sink=S,window=W,tau=0.9,drift=mean|min,cover=0,min_context=N,select=auto|inline|fresh|speculative|previous,rerun=0' (cover=N, select=inline only: a head the cosine keeps is also re-selected when one of its query heads' N best pages is not held, e.g. tau=0.7,cover=4; rerun=R with select=previous: a step whose query moved below cosine R from its pages' runs again on pages chosen with it) or "
+           "'freekv:budget=B,page=8,sink=S,window=W,tau=0.9|0.7,drift=mean|min,cover=4|0,min_context=N,select=auto|inline|fresh|speculative|previous,rerun=0' (cover=N, select=inline only, where it defaults to 4 with tau 0.7; elsewhere 0 with tau 0.9: a head the cosine keeps is also re-selected when one of its query heads' N best pages is not held; rerun=R with select=previous: a step whose query moved below cosine R from its pages' runs again on pages chosen with it) or "
            "'quest:budget=B' (retrieval "
            "runs for caches longer than min_context, default 2B; shorter ones decode densely); join one of each "
            "with '+'. "

@@ -302,7 +302,9 @@ def test_topk_per_kv_head(combine, backend):
 
 def test_spec_defaults_and_layout():
     cfg = parse_stage("freekv:budget=1024")
-    assert (cfg.page, cfg.sink, cfg.window, cfg.tau, cfg.combine) == (8, 4, 64, 0.9, "softmax")
+    assert (cfg.page, cfg.sink, cfg.window, cfg.combine) == (8, 4, 64, "softmax")
+    assert cfg.tau is None and cfg.cover is None  # resolved by the path: `correction`
+    assert cfg.correction(inline=False) == (0.9, 0) and cfg.correction(inline=True) == (0.7, 4)
     assert cfg.k_pages() == (1024 - 4 - 64) // 8 == 119
     assert cfg.slots() == 4 + 119 * 8 + 64 + 8
     q = retrieval("quest:budget=512,page=16,sink=0,window=16")

@@ -44,6 +44,8 @@ def test_inline_equals_one_decode_group_per_layer(per_layer_groups, spec):
     llm = kvtrt.load(per_layer_groups, torch_threads=1)
     llm.manifest.eos_token_ids = []
     prompt = random_prompt(300, seed=4)
+    if spec.startswith("freekv"):
+        spec += ",cover=0"  # the fresh path has no cover test (inline's default)
     inline = llm.generate(prompt, max_new_tokens=20, kv=f"{spec},select=inline")
     grouped = llm.generate(prompt, max_new_tokens=20, kv=f"{spec},select=fresh")
     assert inline.stats.kv["retrieval_engaged"] == 1 and inline.stats.kv["decode_groups"] == 0
@@ -55,14 +57,15 @@ def test_inline_equals_one_decode_group_per_layer(per_layer_groups, spec):
     llm.close()
 
 
-@pytest.mark.parametrize("mode", ["quest", "freekv:tau=1", "freekv:tau=0.1", "freekv:tau=0.1,cover=1",
+@pytest.mark.parametrize("mode", ["quest", "freekv:tau=1", "freekv:tau=0.1,cover=0", "freekv:tau=0.1,cover=1",
                                   "freekv:tau=0,cover=1"])
 def test_each_layer_attends_pages_chosen_with_its_own_query(tiny_llama, monkeypatch, mode):
     """After each step, every corrected KV head holds exactly a fresh top-k with the query its layer
     computed in that step, and every other head holds what it held before the step (quest, tau=1:
-    every head, every step). With cover=N the corrected heads are exactly those whose group-mean cosine is
-    below tau or that miss one of their query heads' N best pages (the C cover test on the pages held before
-    the step), and a page leaving the window does not re-select every head."""
+    every head, every step). With the cover test (inline's default, or cover=N) the corrected heads are exactly
+    those whose group-mean cosine is below tau or that miss one of their query heads' N best pages (the C
+    cover test on the pages held before the step), and a page leaving the window does not re-select every
+    head."""
     name, _, extra = mode.partition(":")
     spec = f"{name}:budget=48,{SPEC},select=inline" + (f",{extra}" if extra else "")
     checked, misses = [], []
@@ -88,7 +91,8 @@ def test_each_layer_attends_pages_chosen_with_its_own_query(tiny_llama, monkeypa
                     assert np.array_equal(self._basis[0][layer, 0, h * g:(h + 1) * g], query[layer, 0, h * g:(h + 1) * g])
                 else:
                     assert np.array_equal(view.slot_pages[layer, 0, h], before["pages"][layer, 0, h])
-        if self.cover:
+        tau, cover = self.config.correction(inline=True)
+        if cover:
             after = view.slot_pages.copy()
             view.slot_pages[...] = before["pages"]
             ctx, _ = self._inline_context(view)
@@ -96,7 +100,7 @@ def test_each_layer_attends_pages_chosen_with_its_own_query(tiny_llama, monkeypa
             view.slot_pages[...] = after
             unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
             cos = (unit(query[:, 0]) * unit(before["basis"][:, 0])).sum(-1).reshape(self.n_layers, self.n_kv_heads, g)
-            drifted = (cos.mean(-1) < self.tau) & (self.tau > 0)  # tau=0 never corrects by the cosine
+            drifted = (cos.mean(-1) < tau) & (tau > 0)  # tau=0 never corrects by the cosine
             assert np.array_equal(moved[:, 0].all(-1), missed | drifted), (len(checked), missed, drifted)
             misses.append(int(missed.sum()))
         checked.append(int(moved.any(-1).sum()))
@@ -115,8 +119,9 @@ def test_each_layer_attends_pages_chosen_with_its_own_query(tiny_llama, monkeypa
         assert stats["heads_checked"] == stats["heads_corrected"] == 11 * 2 * 2
     else:
         assert 0 < stats["heads_corrected"] < stats["heads_checked"]
-    if "cover" in extra:
-        assert sum(misses) > 0  # the cover test corrected heads the cosine kept
+    if name == "freekv" and "cover=0" not in extra and extra != "tau=1":  # the cover test (inline's default)
+        # corrected heads the cosine kept
+        assert sum(misses) > 0
     llm.close()
 
 
@@ -194,3 +199,16 @@ def test_auto_takes_inline_where_the_op_runs_and_explicit_inline_is_refused_else
     assert plain.generate(prompt, max_new_tokens=8, kv=f"freekv:budget=48,{SPEC},tau=0.9").token_ids == \
         previous.token_ids
     plain.close()
+
+
+def test_correction_defaults_run_the_cover_test_where_the_inline_refresh_runs():
+    """FreeKV's defaults: the cover test with 4 pages beside a cosine at 0.7 on the inline path, FreeKV's cosine
+    at 0.9 alone elsewhere; given values are kept; quest always re-selects."""
+    from kvtrt.runtime.kv.retrieval import COVER, TAU, TAU_WITH_COVER
+
+    freekv = lambda text: parse_kv_spec(f"freekv:budget=1024,{text}".rstrip(",")).retrieval
+    assert (TAU, TAU_WITH_COVER, COVER) == (0.9, 0.7, 4)
+    assert freekv("").correction(inline=True) == (0.7, 4) and freekv("").correction(inline=False) == (0.9, 0)
+    assert freekv("tau=0.8").correction(inline=True) == (0.8, 4) and freekv("cover=0").correction(inline=True) == (0.9, 0)
+    assert freekv("cover=2").correction(inline=True) == (0.7, 2)
+    assert parse_kv_spec("quest:budget=1024").retrieval.correction(inline=True) == (1.0, 0)

@@ -139,7 +139,7 @@ class LLM:
     def _check(self, kv: KVSpec) -> None:
         """Check a spec against the export once (its own options were checked when it was parsed)."""
         if kv not in self._checked:
-            asks_inline = kv.retrieval is not None and (kv.retrieval.select == "inline" or kv.retrieval.cover > 0)
+            asks_inline = kv.retrieval is not None and (kv.retrieval.select == "inline" or bool(kv.retrieval.cover))
             check_kv_spec(kv, self.manifest, getattr(self.engine, "engines", None),  # TensorRT: the engines built
                           inline=getattr(self.engine, "refreshes_inline", False) if asks_inline else None)
             self._checked.add(kv)

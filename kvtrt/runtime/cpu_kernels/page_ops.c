@@ -553,7 +553,7 @@ static void pick_recall_item(void *data, size_t h) {
 
 // The cover test of KV head h of a layer: whether each of its query heads' `cover` best pages is held, searched
 // coarse to fine: the `cover` best spans by their summaries' bound, then the best pages among those spans'
-// pages (ties to the lower id). q: the layer's queries [H, D]; held: the head's k page ids. It reads
+// pages (ties to the lower id); with no more pages than slots, whether every page is held. q: the layer's queries [H, D]; held: the head's k page ids. It reads
 // (n / span + cover * span) summaries per query head instead of a selection's n.
 typedef struct {
   const InlineView *v;
@@ -584,7 +584,13 @@ static void cover_item(void *data, size_t item) {
   const int64_t h = (int64_t)item;
   if (c->drifted[h]) return;
   const int64_t g = v->group, D = v->dim, top = v->cover, span = v->span, n = c->n, k = v->k;
-  const int64_t spans = (n + span - 1) / span;
+  const int64_t spans = (n + span - 1) / span, *held = c->held + h * k;
+  if (n <= k) {  // every page fits: missed when one is not held (a page that has just left the window)
+    int64_t count = 0;
+    for (int64_t s = 0; s < k; s++) count += held[s] >= 0 && held[s] < n;
+    c->missed[h] = count < n;
+    return;
+  }
   // the spans' and the pages' bounds for all g query heads, as a selection computes them (row_bounds)
   const SelectJob over_spans = {0, v->kv_heads, 1, v->kv_heads, g, D, v->scap, top, c->q,
                                 v->smin + c->layer * v->kv_heads * v->scap * D,
@@ -616,7 +622,6 @@ static void cover_item(void *data, size_t item) {
   }
   for (int64_t j = 0; j < spans; j++)  // the pages of every span some query head chose, bounded once
     if (wanted[j]) row_bounds(&over_pages, h, j * span, (j + 1) * span < n ? (j + 1) * span : n, ps);
-  const int64_t *held = c->held + h * k;
   int missed = 0;
   for (int64_t i = 0; i < g && !missed; i++) {
     int64_t m = 0;
@@ -700,7 +705,7 @@ EXPORT int kvtrt_refresh_layer(const void *past_key, const void *qkv, int half, 
     corrected += drifted[h];
   }
   int64_t *held = v->slot_pages + layer * kv_heads * k, n_pages = v->n_pages < v->cap ? v->n_pages : v->cap;
-  if (v->cover > 0 && !v->every && corrected < kv_heads && n_pages > k) {  // all pages held: nothing to miss
+  if (v->cover > 0 && !v->every && corrected < kv_heads) {
     CoverTest c = {.v = v, .q = q, .layer = layer, .n = n_pages, .held = held, .drifted = drifted, .missed = {0}};
     run(runner, cover_item, (size_t)kv_heads, &c);
     if (c.status) {

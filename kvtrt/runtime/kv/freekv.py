@@ -82,8 +82,8 @@ class FreeKVRetrieval:
         self.batch, self.dtype, self.device = batch, dtype, xp.device
         self.layout = lay = config.layout(max_context, staging_slot)
         self.budget = config.budget_tokens(max_context)
-        self.tau, self.combine, self.drift = config.tau, config.combine, config.drift
-        self.cover = config.cover
+        self.config, self.combine, self.drift = config, config.combine, config.drift
+        self.tau, self.cover = config.correction(inline=False)  # the Python paths' (inline: `_inline_context`)
         self.pool_dtype = config.pool_dtype
         if self.pool_dtype == "int8" and xp.is_cuda:
             raise KVSpecError(f"{config.mode}: pool_dtype=int8 dequantizes recalled pages on the host, not on "
@@ -243,11 +243,12 @@ class FreeKVRetrieval:
         ctx.width, ctx.sink, ctx.page, ctx.k = view.all_kv.shape[-2], lay.sink, lay.page, lay.k_pages
         ctx.cap, ctx.n_pages = self.pool.kmin.shape[-2], view.n_pages[0]
         ctx.view_half, ctx.pool_half = view.all_kv.dtype == np.float16, self.pool.data.dtype == np.float16
-        ctx.every = self.mode == "quest" or self.tau >= 1.0 or (self._stale and not self.cover)
-        ctx.drift_min, ctx.softmax, ctx.cover = self.drift == "min", self.combine == "softmax", self.cover
+        tau, cover = self.config.correction(inline=True)
+        ctx.every = self.mode == "quest" or tau >= 1.0 or (self._stale and not cover)
+        ctx.drift_min, ctx.softmax, ctx.cover = self.drift == "min", self.combine == "softmax", cover
         ctx.smin, ctx.smax, ctx.span, ctx.scap = self.pool.smin.ctypes.data, self.pool.smax.ctypes.data, \
             self.pool.span, self.pool.smin.shape[-2]
-        ctx.tau = self.tau if self.tau > 0.0 else -2.0  # tau 0: never (a cosine is never below -2)
+        ctx.tau = tau if tau > 0.0 else -2.0  # tau 0: never (a cosine is never below -2)
         return ctx, counts
 
     def moved(self, query: Tensor, threshold: float) -> bool:

@@ -23,6 +23,9 @@ RETRIEVAL_MODES = ("freekv", "quest")
 #: groups, else previous on a CPU engine and speculative on a GPU; see ``RetrievalConfig.path``)
 SELECT_MODES = ("auto", "inline", "fresh", "speculative", "previous")
 DRIFTS = ("mean", "min")  # how a KV group's query-head cosines combine in the correction test
+#: the correction test's defaults: the cosine's tau (FreeKV's), and where the inline refresh runs (the CPU
+#: default) the cover test with COVER pages beside a cosine at TAU_WITH_COVER (docs/results/cover_test.md)
+TAU, TAU_WITH_COVER, COVER = 0.9, 0.7, 4
 
 
 @dataclass(frozen=True)
@@ -32,8 +35,8 @@ class RetrievalConfig(SpecStage):
     ``budget`` counts attended tokens, sink and window included; a fraction is resolved against
     the ``max_context`` given to ``create``. ``page``: FreeKV/Quest page size; ``sink``:
     StreamingLLM's attention sink; ``window``: recent tokens always attended; ``tau``: heads whose
-    query cosine to the previous step falls below it are corrected (quest: always 1, every head
-    selects with the current query); ``combine``: how the query heads of a KV group score a page;
+    query cosine to the query that chose their pages falls below it are corrected (default ``TAU``, or
+    ``TAU_WITH_COVER`` beside the cover test; quest: always 1, every head selects with the current query); ``combine``: how the query heads of a KV group score a page;
     ``min_context`` (default ``2 * budget``): retrieval runs only for longer caches;
     ``pool_dtype``: how the page pool stores the KV (``fp16``, the default, half the bytes of fp32
     KV; ``fp32`` the KV's own dtype, exact; ``int8`` a quarter plus per-channel value scales), dequantized into the view as
@@ -41,8 +44,8 @@ class RetrievalConfig(SpecStage):
     outward whatever the pool);
     ``select``: which query chooses a step's pages (``SELECT_MODES``, ``docs/freekv.md``);
     ``drift``: a KV head is corrected when the ``mean`` (FreeKV's group mean) or the ``min`` (any one
-    query head) of its query heads' cosines falls below ``tau``; ``cover`` (``select=inline`` only; 0: off): a
-    head the cosine keeps is also corrected when one of its query heads' ``cover`` best pages (by Quest's bound,
+    query head) of its query heads' cosines falls below ``tau``; ``cover`` (``select=inline`` only, where it
+    defaults to ``COVER``; 0: off): a head the cosine keeps is also corrected when one of its query heads' ``cover`` best pages (by Quest's bound,
     searched over the ``cover`` best spans of ``PagePool.span`` pages) is not among the pages it holds, and a
     page leaving the window no longer re-selects every head (``docs/freekv.md``, "The cover test"); ``rerun`` (``select=previous`` only):
     when a step's query moved so far from the one that chose the pages it attended that some KV head's
@@ -55,16 +58,23 @@ class RetrievalConfig(SpecStage):
     page: int = option(8, "whole", minimum=1)
     sink: int = option(4, "whole")
     window: int = option(64, "whole")
-    tau: float = option(0.9, "fraction", stages=("freekv",),
-                        hint="tau=0 never corrects, tau=1 always corrects, e.g. tau=0.9")
+    tau: float | None = option(None, "fraction", stages=("freekv",), example=TAU,
+                               hint="tau=0 never corrects, tau=1 always corrects, e.g. tau=0.9")
     combine: str = option("softmax", "choice", choices=COMBINES, stages=("freekv",))
     drift: str = option("mean", "choice", choices=DRIFTS, stages=("freekv",))
-    cover: int = option(0, "whole", stages=("freekv",))
+    cover: int | None = option(None, "whole", stages=("freekv",), example=COVER)
     min_context: int | None = option(None, "whole", example=0)
     pool_dtype: str = option("fp16", "choice", choices=POOL_DTYPES)
     select: str = option("auto", "choice", choices=SELECT_MODES)
     rerun: float = option(0.0, "fraction", stages=("freekv",),
                           hint="rerun=0 never runs a step again, e.g. rerun=0.5 (with select=previous)")
+
+    def correction(self, inline: bool) -> tuple[float, int]:
+        """``(tau, cover)`` this stage corrects with on a path that runs the inline refresh (``inline``) or
+        not: the given values; by default the cover test with ``COVER`` pages where the inline refresh runs
+        (FreeKV), none elsewhere, and ``tau`` ``TAU_WITH_COVER`` beside the cover test, else ``TAU``."""
+        cover = self.cover if self.cover is not None else (COVER if inline and self.mode == "freekv" else 0)
+        return (self.tau if self.tau is not None else TAU_WITH_COVER if cover else TAU), cover
 
     @property
     def name(self) -> str:  # type: ignore[override]
