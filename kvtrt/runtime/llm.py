@@ -56,10 +56,11 @@ def check_kv_spec(kv: KVSpec, manifest, graphs=None, inline: bool | None = None)
                           f"size other than 64 `kvtrt.load(dir, decode_kernel=True)`); use select=auto")
     if retrieval is not None and retrieval.cover and (retrieval.select not in ("auto", "inline")
                                                       or retrieval.pool_dtype == "int8" or inline is False):
-        raise KVSpecError(f"{retrieval.mode} cover={retrieval.cover} tests each head's best pages inside kvtrt's decode "
-                          f"attention op (select=inline), which this request cannot use (select={retrieval.select}, "
-                          f"pool_dtype={retrieval.pool_dtype}{', an engine without that op' if inline is False else ''}); "
-                          f"use select=auto with pool_dtype=fp16 or fp32 on a CPU engine, or drop cover=")
+        engine = ", an engine without that op" if inline is False else ""
+        raise KVSpecError(f"{retrieval.mode} cover={retrieval.cover} tests each head's best pages inside kvtrt's "
+                          f"decode attention op (select=inline), which this request cannot use (select="
+                          f"{retrieval.select}, pool_dtype={retrieval.pool_dtype}{engine}); use select=auto with "
+                          f"pool_dtype=fp16 or fp32 on a CPU engine, or drop cover=")
     if policy is not None and policy.per_head_counts and GraphVariant.DECODE_HEADS not in (graphs or manifest.graphs):
         raise KVSpecError(f"{policy.name} keeps a different number of tokens per KV head, which decodes with the "
                           f"decode_heads graph; this export has none (it was made for TensorRT, which does not build "

@@ -121,7 +121,8 @@ class InlineView(ctypes.Structure):
     _fields_ = [(name, _P) for name in ("view", "pool", "kmin", "kmax", "slot_pages", "basis", "counts", "smin",
                                         "smax")] + \
         [(name, _I) for name in ("layers", "kv_heads", "group", "dim", "width", "sink", "page", "k", "cap", "n_pages",
-                                 "view_half", "pool_half", "every", "drift_min", "softmax", "cover", "span", "scap")] + [("tau", ctypes.c_float)]
+                                 "view_half", "pool_half", "every", "drift_min", "softmax", "cover", "span", "scap")] + \
+        [("tau", ctypes.c_float)]
 
 
 _hooked: set[str] = set()

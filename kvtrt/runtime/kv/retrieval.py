@@ -36,7 +36,8 @@ class RetrievalConfig(SpecStage):
     the ``max_context`` given to ``create``. ``page``: FreeKV/Quest page size; ``sink``:
     StreamingLLM's attention sink; ``window``: recent tokens always attended; ``tau``: heads whose
     query cosine to the query that chose their pages falls below it are corrected (default ``TAU``, or
-    ``TAU_WITH_COVER`` beside the cover test; quest: always 1, every head selects with the current query); ``combine``: how the query heads of a KV group score a page;
+    ``TAU_WITH_COVER`` beside the cover test; quest: always 1, every head selects with the current query);
+    ``combine``: how the query heads of a KV group score a page;
     ``min_context`` (default ``2 * budget``): retrieval runs only for longer caches;
     ``pool_dtype``: how the page pool stores the KV (``fp16``, the default, half the bytes of fp32
     KV; ``fp32`` the KV's own dtype, exact; ``int8`` a quarter plus per-channel value scales), dequantized into the view as
@@ -45,9 +46,10 @@ class RetrievalConfig(SpecStage):
     ``select``: which query chooses a step's pages (``SELECT_MODES``, ``docs/freekv.md``);
     ``drift``: a KV head is corrected when the ``mean`` (FreeKV's group mean) or the ``min`` (any one
     query head) of its query heads' cosines falls below ``tau``; ``cover`` (``select=inline`` only, where it
-    defaults to ``COVER``; 0: off): a head the cosine keeps is also corrected when one of its query heads' ``cover`` best pages (by Quest's bound,
-    searched over the ``cover`` best spans of ``PagePool.span`` pages) is not among the pages it holds, and a
-    page leaving the window no longer re-selects every head (``docs/freekv.md``, "The cover test"); ``rerun`` (``select=previous`` only):
+    defaults to ``COVER``; 0: off): a head the cosine keeps is also corrected when one of its query heads'
+    ``cover`` best pages (by Quest's bound, searched over the ``cover`` best spans of ``PagePool.span`` pages)
+    is not among the pages it holds, and a page leaving the window no longer re-selects every head
+    (``docs/freekv.md``, "The cover test"); ``rerun`` (``select=previous`` only):
     when a step's query moved so far from the one that chose the pages it attended that some KV head's
     cosine is below ``rerun``, those heads re-select with it and the step runs again on the new pages
     (Quest's second pass, only for the steps that turn to other tokens; 0: never).
