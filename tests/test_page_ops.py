@@ -137,21 +137,23 @@ def test_recall_refuses_what_it_cannot_do():
                         np.zeros((2, 1, 1, 1, 16, 8), np.float16), 0, 4, np.zeros(3, np.int64))
 
 
+def _best_pages(q, kmin, kmax, smin, smax, n, top, span):
+    """One query head's `top` best pages as the cover test finds them (numpy): Quest's bound of every span, the
+    `top` best spans, then the `top` best of their pages (ties to the lower id)."""
+    bound = lambda lo, hi: np.clip(q, 0, None) @ hi.T.astype(np.float32) + np.clip(q, None, 0) @ lo.T.astype(np.float32)
+    spans = -(-n // span)
+    best_spans = np.argsort(-bound(smin[:spans], smax[:spans]), kind="stable")[:top]
+    pages = np.array(sorted(p for s in best_spans for p in range(s * span, min((s + 1) * span, n))))
+    return pages[np.argsort(-bound(kmin[pages], kmax[pages]), kind="stable")[:top]]
+
 
 def _cover_reference(query, kmin, kmax, smin, smax, n, held, top, span):
-    """FreeKV's cover test in numpy: per KV head, whether some query head's `top` best pages (by Quest's bound,
-    among the pages of its `top` best spans; ties to the lower id) are not all in `held`."""
-    bound = lambda q, lo, hi: np.clip(q, 0, None) @ hi.T.astype(np.float32) + np.clip(q, None, 0) @ lo.T.astype(np.float32)
-    kv_heads, group = held.shape[0], query.shape[0] // held.shape[0]
-    spans = -(-n // span)
-    missed = np.zeros(kv_heads, bool)
-    for h in range(kv_heads):
-        for q in query[h * group:(h + 1) * group]:
-            best_spans = np.argsort(-bound(q, smin[h, :spans], smax[h, :spans]), kind="stable")[:top]
-            pages = np.array(sorted(p for s in best_spans for p in range(s * span, min((s + 1) * span, n))))
-            best = pages[np.argsort(-bound(q, kmin[h, pages], kmax[h, pages]), kind="stable")[:top]]
-            missed[h] |= not set(best.tolist()) <= set(held[h].tolist())
-    return missed
+    """FreeKV's cover test in numpy: per KV head, whether some query head's `top` best pages are not all in
+    `held`."""
+    group = query.shape[0] // held.shape[0]
+    return np.array([any(not set(_best_pages(q, kmin[h], kmax[h], smin[h], smax[h], n, top, span).tolist())
+                         <= set(held[h].tolist()) for q in query[h * group:(h + 1) * group])
+                     for h in range(held.shape[0])])
 
 
 def _inline_view(kmin, kmax, smin, smax, slot_pages, n_pages, group, top, span):
@@ -179,15 +181,10 @@ def test_cover_test_equals_numpy(n_pages, top, k):
     smax = np.stack([kmax[..., s * span:(s + 1) * span, :].max(-2) for s in range(spans)], -2)
     summaries = (kmin[0, 0], kmax[0, 0], smin[0, 0], smax[0, 0], n_pages)
     slot_pages = np.stack([rng.permutation(n_pages)[:k] for _ in range(kv_heads)])[None, None].astype(np.int64)
-    # head 0 holds its query heads' best pages: each query head's, found by the reference with only it held
-    best = set()
-    for i in range(group):
-        for p in range(n_pages):
-            alone = np.array([[p] + [-1] * (k - 1)])
-            if not _cover_reference(query[i:i + 1], *summaries, alone, 1, span)[0]:
-                best.add(p)  # the query head's best page
-    if top == 1:
-        slot_pages[0, 0, 0] = sorted(best) + [p for p in range(n_pages) if p not in best][:k - len(best)]
+    if top == 1:  # head 0 holds its query heads' best pages
+        best = sorted({int(_best_pages(q, kmin[0, 0, 0], kmax[0, 0, 0], smin[0, 0, 0], smax[0, 0, 0], n_pages, 1,
+                                       span)[0]) for q in query[:group]})
+        slot_pages[0, 0, 0] = best + [p for p in range(n_pages) if p not in best][:k - len(best)]
     view = _inline_view(kmin, kmax, smin, smax, slot_pages, n_pages, group, top, span)
     got = page_ops.cover_test(view, 0, query)
     want = _cover_reference(query, *summaries, slot_pages[0, 0], top, span)

@@ -57,8 +57,9 @@ def main() -> None:
                   " | ".join(f"{s}: {'HIT' if c['hits'][s] else 'miss'} {c['answers'][s].strip()[:40]!r}" for s in specs))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "totals": totals,
-                       "mean_correction_rates": {s: sum(r) / len(r) for s, r in rates.items() if r}, "cases": cases}, f, indent=1)
+            means = {spec: sum(r) / len(r) for spec, r in rates.items() if r}
+            json.dump({"config": vars(args), "totals": totals, "mean_correction_rates": means, "cases": cases}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":
