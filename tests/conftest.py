@@ -19,6 +19,9 @@ HAYSTACK = Path(__file__).resolve().parents[2] / "shared" / "data" / "haystack"
 # size (16) the engine would otherwise leave to GroupQueryAttention (`tests/test_decode_kernel.py`
 # checks the default choice with the variable unset).
 os.environ.setdefault("KVTRT_DECODE_KERNEL", "force")
+# Likewise every MatMul weight of the tiny models runs kvtrt's PackedMatMul (the engine takes only
+# the projections of real models, `ort_shared.MIN_PACKED`; `tests/test_packed_matmul.py`).
+os.environ.setdefault("KVTRT_MATMUL_KERNEL", "force")
 
 
 @pytest.fixture(scope="session")

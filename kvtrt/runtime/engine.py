@@ -121,12 +121,14 @@ class OrtEngine:
         # Elsewhere (or if the C API is unusable) one Python session per graph, each with its copy.
         self._shared = None
         if provider == "cpu" and SHARE_WEIGHTS:
-            from . import ort_shared
+            from . import cpu_kernels, ort_shared
 
             if ort_shared.available():
                 self._shared = ort_shared.SharedWeights(self.directory, self.manifest.weights_file,
                                                         options.intra_op_num_threads, config,
-                                                        unpack_tied=UNPACK_TIED)
+                                                        unpack_tied=UNPACK_TIED,
+                                                        packed_matmul=self._matmul_kernel(),
+                                                        packed_min=1 if cpu_kernels.matmul_setting() else None)
         self._decode_ops = self._decode_kernel(decode_kernel)
         self.decode_attention = "kvtrt" if self._decode_ops is not None else "onnxruntime"
         self._inline: bool | None = None  # `refreshes_inline`, decided on first ask
@@ -173,6 +175,12 @@ class OrtEngine:
             return sessions[variant]
 
     @property
+    def matmul(self) -> str:
+        """Which MatMul runs the projections of the loaded graphs: "kvtrt" (PackedMatMul: shared-weight
+        CPU sessions on an AVX-512 CPU, unless KVTRT_MATMUL_KERNEL=0) or "onnxruntime"."""
+        return "kvtrt" if self._shared is not None and self._shared.packed_names else "onnxruntime"
+
+    @property
     def refreshes_inline(self) -> bool:
         """Whether FreeKV/Quest views can be refreshed inside decode_shared's attention (`select=inline`):
         kvtrt's kernel runs it and the C page ops are built (the op's hook is installed on first ask)."""
@@ -202,6 +210,21 @@ class OrtEngine:
         elif wanted is None and not (cpu_kernels.vectorised(library) and self.manifest.head_dim in cpu_kernels.HEAD_DIMS):
             return None  # only the portable path would run (no AVX-512/AVX2, another head size): GQA is faster
         return library
+
+    @staticmethod
+    def _matmul_kernel() -> Path | None:
+        """The `cpu_kernels` library with PackedMatMul, or None (ONNX Runtime's MatMul): off with
+        KVTRT_MATMUL_KERNEL=0, and where only its portable loops would build (no AVX-512)."""
+        from . import cpu_kernels
+
+        wanted = cpu_kernels.matmul_setting()
+        if wanted is False:
+            return None
+        library = cpu_kernels.library("packed_matmul")
+        if library is None and wanted:
+            raise RuntimeError(f"KVTRT_MATMUL_KERNEL=force, but kvtrt's MatMul kernel cannot be built: "
+                               f"{cpu_kernels.unavailable()}")
+        return library if library is not None and (wanted or cpu_kernels.vectorised(library)) else None
 
     def _with_decode_attention(self, model: bytes) -> bytes:
         from .cpu_kernels import with_decode_attention
@@ -240,8 +263,8 @@ class OrtEngine:
         if past.type != want_type:
             raise ExportMismatchError(f"{variant} graph stores KV as {past.type} but the manifest says {m.kv_dtype}: "
                                       f"re-export the model with `kvtrt export`")
-        logits = session.get_outputs()[0]
-        if logits.name == "logits" and logits.shape[-1] != m.vocab_size:
+        logits = session.get_outputs()[0]  # its vocab dim is unknown when PackedMatMul makes it (no shape inference)
+        if logits.name == "logits" and logits.shape[-1] not in (None, m.vocab_size):
             raise ExportMismatchError(f"{variant} graph has vocab {logits.shape[-1]}, manifest {m.vocab_size}: "
                                       f"re-export the model")
 

@@ -284,6 +284,23 @@ def tied_matmul_weights(path: str | os.PathLike) -> list[ExternalTensor]:
             and ("MatMul", 1) in uses.get(t.name, ())]
 
 
+MIN_PACKED = 256  # rows and columns a MatMul weight needs for `packed_matmul_weights` (the projections)
+
+
+def packed_matmul_weights(path: str | os.PathLike, smallest: int = MIN_PACKED) -> list[ExternalTensor]:
+    """The fp32 [K, N] external initializers (K, N >= `smallest`) that only MatMul nodes read, as their
+    weight (input 1): what kvtrt's PackedMatMul can take over with the weight packed in its layout
+    (`cpu_kernels.with_packed_matmul`). A tied embedding table (also read by a Gather) is not one."""
+    buf = Path(path).read_bytes()
+    graph = next((v for f, w, v in _fields(buf) if f == 7 and w == 2), None)
+    if graph is None:
+        return []
+    uses = _ops_by_input(buf, graph)
+    return [t for t in external_initializers(path) if t.data_type == 1 and len(t.dims) == 2
+            and min(t.dims) >= smallest and uses.get(t.name)
+            and all(use == ("MatMul", 1) for use in uses[t.name])]
+
+
 def _encode_varint(value: int) -> bytes:
     out = bytearray()
     while True:
@@ -458,11 +475,18 @@ class SharedWeights:
     of prepacked weights. `config`: session config entries; `threads`: intra-op threads."""
 
     def __init__(self, directory: str | os.PathLike, weights_file: str, threads: int, config: dict[str, str],
-                 unpack_tied: bool = True):
+                 unpack_tied: bool = True, packed_matmul: Path | None = None, packed_min: int | None = None):
         """`unpack_tied`: leave a tied embedding / lm_head MatMul weight unpacked (`tied_matmul_weights`):
-        the MatMul reads the mapping the embedding Gather reads, so that table is held once."""
+        the MatMul reads the mapping the embedding Gather reads, so that table is held once.
+        `packed_matmul`: the `cpu_kernels` library of kvtrt's PackedMatMul; the MatMuls of every graph
+        that read a `packed_matmul_weights` weight then run it, over one copy of that weight packed in
+        its panels (made on first use, shared by all sessions; ONNX Runtime prepacks none of them);
+        `packed_min`: the smallest K and N it takes (default MIN_PACKED)."""
         self._api = api()
         self.unpack_tied = unpack_tied
+        self.packed_matmul = packed_matmul
+        self.packed_min = MIN_PACKED if packed_min is None else packed_min
+        self._packed: dict[str, np.ndarray] = {}  # weight name -> its panels (`cpu_kernels.pack_panels`)
         self.unpacked: set[str] = set()  # initializers some session reads unpacked
         self.directory = Path(directory)
         self.threads = threads
@@ -475,7 +499,8 @@ class SharedWeights:
         self.container = C.c_void_p()
         self._api.check(self._api.CreatePrepackedWeightsContainer(C.byref(self.container)))
 
-    def _options(self, graph: Path) -> C.c_void_p:
+    def _options(self, graph: Path, packed: set[str]) -> C.c_void_p:
+        """Session options over the shared initializers; the weights named in `packed` given packed."""
         a = self._api
         options = C.c_void_p()
         a.check(a.CreateSessionOptions(C.byref(options)))
@@ -492,14 +517,36 @@ class SharedWeights:
                     continue
                 if t.offset + t.length > len(self._map):
                     raise ValueError(f"{graph.name}: initializer {t.name} lies outside {self.weights_path.name}")
-                value = self._values.get(t.name)
-                if value is None:
-                    value = self._values[t.name] = a.tensor(self._base + t.offset, t.length, t.dims, t.data_type)
+                key = (t.name, t.name in packed)
+                value = self._values.get(key)
+                if value is None and key[1]:
+                    panels = self._pack(t)
+                    value = self._values[key] = a.tensor(panels.ctypes.data, panels.nbytes, t.dims, t.data_type)
+                elif value is None:
+                    value = self._values[key] = a.tensor(self._base + t.offset, t.length, t.dims, t.data_type)
                 a.check(a.AddInitializer(options, t.name.encode(), value))
         except BaseException:
             a.ReleaseSessionOptions(options)
             raise
         return options
+
+    @property
+    def packed_names(self) -> set[str]:
+        """The weights some session reads packed (through PackedMatMul)."""
+        return set(self._packed)
+
+    def _pack(self, t: ExternalTensor) -> np.ndarray:
+        """Weight `t` packed in PackedMatMul's panels (once per process and engine), its pages of the
+        mapping dropped from the resident set right after (the packed copy is the one kept)."""
+        from .cpu_kernels import pack_panels
+
+        if t.name not in self._packed:
+            weight = np.frombuffer(self._map, dtype=np.float32, count=t.length // 4, offset=t.offset)
+            self._packed[t.name] = pack_panels(weight.reshape(t.dims))
+            del weight
+            start = t.offset - t.offset % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, start, t.offset + t.length - start)
+        return self._packed[t.name]
 
     def session(self, graph: str | os.PathLike, unpack_tied: bool | None = None,
                 rewrite: Callable[[bytes], bytes] | None = None, custom_ops: Path | None = None) -> Session:
@@ -509,10 +556,13 @@ class SharedWeights:
         `custom_ops` a library of the ops it then needs."""
         a = self._api
         graph = Path(graph)
-        options = self._options(graph)
-        if custom_ops is not None:
+        packed = {t.name for t in packed_matmul_weights(graph, self.packed_min)
+                  if (self.directory / t.location).resolve() == self.weights_path.resolve()} \
+            if self.packed_matmul is not None else set()
+        options = self._options(graph, packed)
+        for library in ([custom_ops] if custom_ops is not None else []) + ([self.packed_matmul] if packed else []):
             try:
-                a.check(a.RegisterCustomOpsLibrary_V2(options, str(custom_ops).encode()))
+                a.check(a.RegisterCustomOpsLibrary_V2(options, str(library).encode()))
             except BaseException:
                 a.ReleaseSessionOptions(options)
                 raise
@@ -520,11 +570,15 @@ class SharedWeights:
         tied = [t for t in tied_matmul_weights(graph)
                 if (self.directory / t.location).resolve() == self.weights_path.resolve()] if unpack else []
         model = None
-        if tied or rewrite is not None:
+        if tied or packed or rewrite is not None:
             # declared graph inputs, these initializers are not prepacked; the model comes from bytes, so
             # tell ORT where its external data lives (every external initializer is added above anyway)
             model = with_graph_inputs(graph.read_bytes(), tied) if tied else graph.read_bytes()
             model = rewrite(model) if rewrite is not None else model
+            if packed:
+                from .cpu_kernels import with_packed_matmul
+
+                model = with_packed_matmul(model, packed)
             try:
                 a.check(a.AddSessionConfigEntry(options, b"session.model_external_initializers_file_folder_path",
                                                 str(graph.parent).encode()))

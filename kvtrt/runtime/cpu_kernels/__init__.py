@@ -14,6 +14,12 @@ other than `HEAD_DIMS`).
 `with_decode_attention(model)` rewrites the GroupQueryAttention nodes of a `decode_shared` graph (one
 new token per row) into this op, with the inputs it reads. Turn it off with `KVTRT_DECODE_KERNEL=0`
 (or `kvtrt.load(dir, decode_kernel=False)`), force it with `KVTRT_DECODE_KERNEL=force` (or `True`).
+`packed_matmul.c` is `kvtrt.matmul::PackedMatMul`: a MatMul whose constant weight is stored in column
+panels (`pack_panels`), as fast as ONNX Runtime's for one row and faster for the few rows of a batched
+decode step; `with_packed_matmul(model, names)` rewrites the MatMul nodes that read those weights. The
+shared-weight sessions (`ort_shared.SharedWeights`) pack each weight once for all graphs, in place of
+ONNX Runtime's prepacked copy. Off with `KVTRT_MATMUL_KERNEL=0`; on where its AVX-512 path builds
+(`force`: also elsewhere and for weights of any size).
 """
 
 from __future__ import annotations
@@ -28,13 +34,17 @@ import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from ..onnx_bytes import _bytes, _text, _varint
 from ..ort_shared import _fields  # protobuf fields of raw model bytes
 
-SOURCES = {name: Path(__file__).with_name(f"{name}.c") for name in ("decode_attention", "page_ops")}
+SOURCES = {name: Path(__file__).with_name(f"{name}.c") for name in ("decode_attention", "page_ops", "packed_matmul")}
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c11", "-pthread"]
 OPS, DOMAIN = {False: "DecodeAttention", True: "DecodeAttention16"}, "kvtrt"  # by fp16 KV
 HEAD_DIMS = (64,)  # head sizes the vector paths cover; others run the portable loops (slower than GQA)
+MATMUL_OP, MATMUL_DOMAIN = "PackedMatMul", "kvtrt.matmul"
+PANEL = 48  # columns per weight panel (packed_matmul.c's PANEL)
 _GQA_INPUTS = (0, 3, 4, 5, 10)  # qkv, past_key, past_value, seqlens_k, attention_bias (GroupQueryAttention's order)
 
 _lock = threading.Lock()
@@ -47,6 +57,25 @@ def setting() -> bool | None:
     portable path included, as `decode_kernel=True`), anything else or unset: where a vector path runs."""
     value = os.environ.get("KVTRT_DECODE_KERNEL", "").strip().lower()
     return False if value in ("0", "false", "no", "off") else True if value == "force" else None
+
+
+def matmul_setting() -> bool | None:
+    """`KVTRT_MATMUL_KERNEL`: 0 (off: ONNX Runtime's MatMul everywhere), `force` (every MatMul weight of
+    any size, wherever the library builds, its portable loops included: what the tests run on their tiny
+    models), anything else or unset: the projections (`ort_shared.MIN_PACKED`) where AVX-512 runs."""
+    value = os.environ.get("KVTRT_MATMUL_KERNEL", "").strip().lower()
+    return False if value in ("0", "false", "no", "off") else True if value == "force" else None
+
+
+def pack_panels(weight: np.ndarray) -> np.ndarray:
+    """`weight` [K, N] (float32) in PackedMatMul's layout, as a [K, N] array whose bytes are its column
+    panels one after the other: panel p = columns [p*PANEL, (p+1)*PANEL) (the last one narrower when
+    PANEL does not divide N), K rows of its width each."""
+    K, N = weight.shape
+    full = N - N % PANEL
+    body = np.ascontiguousarray(weight[:, :full].reshape(K, full // PANEL, PANEL).transpose(1, 0, 2))
+    tail = np.ascontiguousarray(weight[:, full:])
+    return np.concatenate([body.reshape(-1), tail.reshape(-1)]).reshape(K, N)
 
 
 def cache_dir() -> Path:
@@ -161,6 +190,41 @@ def with_decode_attention(model: bytes, half: bool = False) -> bytes:
         raise ValueError("the graph has no GroupQueryAttention node to replace")
     out += _bytes(8, _text(1, DOMAIN) + _varint(2, 1))  # ModelProto.opset_import
     return bytes(out)
+
+
+def with_packed_matmul(model: bytes, weights: set[str]) -> bytes:
+    """ONNX model bytes with every MatMul node of the main graph whose weight (input 1) is one of
+    `weights` turned into kvtrt.matmul::PackedMatMul (same inputs and output; the session must then be
+    given those weights packed, `pack_panels`), and that opset imported. Raises ValueError if no node
+    reads one of them."""
+    out, replaced = bytearray(), 0
+    for field, wire, value in _fields(model):
+        if field == 7 and wire == 2:  # ModelProto.graph
+            graph = bytearray()
+            for gfield, gwire, gvalue in _fields(model, *value):
+                if gfield == 1 and gwire == 2 and _op_type(model, gvalue) == "MatMul" and _input(model, gvalue, 1) in weights:
+                    graph += _bytes(1, _retyped(model, gvalue, MATMUL_OP, MATMUL_DOMAIN))
+                    replaced += 1
+                else:
+                    graph += _raw(model, gfield, gwire, gvalue)
+            out += _bytes(7, bytes(graph))
+        else:
+            out += _raw(model, field, wire, value)
+    if not replaced:
+        raise ValueError("the graph has no MatMul node reading the weights to pack")
+    out += _bytes(8, _text(1, MATMUL_DOMAIN) + _varint(2, 1))  # ModelProto.opset_import
+    return bytes(out)
+
+
+def _input(buf: bytes, node: tuple[int, int], index: int) -> str:
+    inputs = [buf[v[0]:v[1]].decode() for f, w, v in _fields(buf, *node) if f == 1 and w == 2]
+    return inputs[index] if index < len(inputs) else ""
+
+
+def _retyped(buf: bytes, node: tuple[int, int], op: str, domain: str) -> bytes:
+    """NodeProto bytes of `node` with op_type `op` in `domain` (inputs, outputs, name, attributes kept)."""
+    kept = b"".join(_raw(buf, f, w, v) for f, w, v in _fields(buf, *node) if f not in (4, 7))
+    return kept + _text(4, op) + _text(7, domain)
 
 
 def _op_type(buf: bytes, node: tuple[int, int]) -> str:
