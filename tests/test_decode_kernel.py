@@ -181,16 +181,22 @@ def test_other_head_sizes_keep_group_query_attention_unless_asked(tiny_llama, gr
 
 def test_no_compiler_keeps_group_query_attention_and_says_so(tiny_llama, monkeypatch, tmp_path):
     """Without a C compiler the engine warns once and decodes with GroupQueryAttention; asking for the
-    kernel explicitly fails with the reason."""
+    kernel explicitly fails with the reason (so does forcing kvtrt's MatMul kernel; by default the
+    projections then stay on ONNX Runtime's MatMul)."""
     monkeypatch.delenv("KVTRT_DECODE_KERNEL")
+    monkeypatch.delenv("KVTRT_MATMUL_KERNEL")
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("KVTRT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(cpu_kernels.warn_unavailable, "said", False, raising=False)
     with pytest.warns(RuntimeWarning, match="no-such-cc"):
         engine = OrtEngine(tiny_llama[2], variants=[])
     assert engine.decode_attention == "onnxruntime"
+    assert engine.matmul == "onnxruntime"
     with pytest.raises(RuntimeError, match="cannot be built.*no-such-cc"):
         OrtEngine(tiny_llama[2], variants=[], decode_kernel=True)
+    monkeypatch.setenv("KVTRT_MATMUL_KERNEL", "force")
+    with pytest.raises(RuntimeError, match="MatMul kernel cannot be built.*no-such-cc"):
+        OrtEngine(tiny_llama[2], variants=[])
 
 
 def test_an_unwritable_cache_builds_in_the_temp_folder(monkeypatch, tmp_path):
@@ -206,8 +212,11 @@ def test_an_unwritable_cache_builds_in_the_temp_folder(monkeypatch, tmp_path):
 
 def test_plain_onnxruntime_sessions_run_the_kernel_too(group3_export, monkeypatch):
     """Without the shared-weights sessions (one Python InferenceSession per graph) the kernel is
-    registered and the graph rewritten the same way: the same logits as the shared sessions."""
+    registered and the graph rewritten the same way: the same logits as the shared sessions (both with
+    ONNX Runtime's MatMul: plain sessions do not run kvtrt's PackedMatMul)."""
     import kvtrt.runtime.engine as engine_module
+
+    monkeypatch.setenv("KVTRT_MATMUL_KERNEL", "0")
 
     lengths = [300, 41]
     shared, _, _ = _step(group3_export, True, lengths, [])
