@@ -181,8 +181,8 @@ def test_other_head_sizes_keep_group_query_attention_unless_asked(tiny_llama, gr
 
 def test_no_compiler_keeps_group_query_attention_and_says_so(tiny_llama, monkeypatch, tmp_path):
     """Without a C compiler the engine warns once and decodes with GroupQueryAttention; asking for the
-    kernel explicitly fails with the reason (so does forcing kvtrt's MatMul kernel; by default the
-    projections then stay on ONNX Runtime's MatMul)."""
+    kernel explicitly fails with the reason (so does asking for kvtrt's MatMul kernel; by default the
+    projections run ONNX Runtime's MatMul anyway)."""
     monkeypatch.delenv("KVTRT_DECODE_KERNEL")
     monkeypatch.delenv("KVTRT_MATMUL_KERNEL")
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
@@ -194,9 +194,10 @@ def test_no_compiler_keeps_group_query_attention_and_says_so(tiny_llama, monkeyp
     assert engine.matmul == "onnxruntime"
     with pytest.raises(RuntimeError, match="cannot be built.*no-such-cc"):
         OrtEngine(tiny_llama[2], variants=[], decode_kernel=True)
-    monkeypatch.setenv("KVTRT_MATMUL_KERNEL", "force")
-    with pytest.raises(RuntimeError, match="MatMul kernel cannot be built.*no-such-cc"):
-        OrtEngine(tiny_llama[2], variants=[])
+    for setting in ("1", "force"):
+        monkeypatch.setenv("KVTRT_MATMUL_KERNEL", setting)
+        with pytest.raises(RuntimeError, match="MatMul kernel cannot be built.*no-such-cc.*unset"):
+            OrtEngine(tiny_llama[2], variants=[])
 
 
 def test_an_unwritable_cache_builds_in_the_temp_folder(monkeypatch, tmp_path):

@@ -92,8 +92,24 @@ def test_which_weights_the_engine_packs(tiny_llama, monkeypatch):
     assert engine.matmul == "kvtrt" and engine._shared.packed_names == every
     monkeypatch.setenv("KVTRT_MATMUL_KERNEL", "0")
     assert OrtEngine(directory, threads=1, variants=["decode_shared"]).matmul == "onnxruntime"
-    monkeypatch.delenv("KVTRT_MATMUL_KERNEL")
-    assert OrtEngine(directory, threads=1, variants=["decode_shared"]).matmul == "onnxruntime"  # nothing large
+    monkeypatch.delenv("KVTRT_MATMUL_KERNEL")  # the default: ONNX Runtime's MatMul
+    assert OrtEngine(directory, threads=1, variants=["decode_shared"]).matmul == "onnxruntime"
+    if cpu_kernels.vectorised(cpu_kernels.library("packed_matmul")):
+        monkeypatch.setenv("KVTRT_MATMUL_KERNEL", "1")
+        assert OrtEngine(directory, threads=1, variants=["decode_shared"]).matmul == "onnxruntime"  # nothing large
+
+
+def test_settings_and_their_errors(tiny_llama, monkeypatch):
+    """KVTRT_MATMUL_KERNEL: an unknown value names the accepted ones; 1 without the AVX-512 path is refused
+    with the two ways out (unset, force), and nothing is loaded."""
+    _, _, directory = tiny_llama
+    monkeypatch.setenv("KVTRT_MATMUL_KERNEL", "fast")
+    with pytest.raises(ValueError, match="'fast' is not a setting.*0.*1.*force"):
+        OrtEngine(directory, threads=1, variants=["decode_shared"])
+    monkeypatch.setenv("KVTRT_MATMUL_KERNEL", "1")
+    monkeypatch.setattr(cpu_kernels, "vectorised", lambda path: False)
+    with pytest.raises(RuntimeError, match="needs a CPU with AVX-512.*unset it.*force"):
+        OrtEngine(directory, threads=1, variants=["decode_shared"])
 
 
 def test_outputs_equal_onnxruntime_matmul(tiny_llama, monkeypatch):

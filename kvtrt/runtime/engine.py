@@ -128,7 +128,7 @@ class OrtEngine:
                                                         options.intra_op_num_threads, config,
                                                         unpack_tied=UNPACK_TIED,
                                                         packed_matmul=self._matmul_kernel(),
-                                                        packed_min=1 if cpu_kernels.matmul_setting() else None)
+                                                        packed_min=1 if cpu_kernels.matmul_setting() == "force" else None)
         self._decode_ops = self._decode_kernel(decode_kernel)
         self.decode_attention = "kvtrt" if self._decode_ops is not None else "onnxruntime"
         self._inline: bool | None = None  # `refreshes_inline`, decided on first ask
@@ -177,7 +177,7 @@ class OrtEngine:
     @property
     def matmul(self) -> str:
         """Which MatMul runs the projections of the loaded graphs: "kvtrt" (PackedMatMul: shared-weight
-        CPU sessions on an AVX-512 CPU, unless KVTRT_MATMUL_KERNEL=0) or "onnxruntime"."""
+        CPU sessions with KVTRT_MATMUL_KERNEL=1 or force) or "onnxruntime" (the default)."""
         return "kvtrt" if self._shared is not None and self._shared.packed_names else "onnxruntime"
 
     @property
@@ -213,18 +213,22 @@ class OrtEngine:
 
     @staticmethod
     def _matmul_kernel() -> Path | None:
-        """The `cpu_kernels` library with PackedMatMul, or None (ONNX Runtime's MatMul): off with
-        KVTRT_MATMUL_KERNEL=0, and where only its portable loops would build (no AVX-512)."""
+        """The `cpu_kernels` library with PackedMatMul when KVTRT_MATMUL_KERNEL asks for it (1: needs its
+        AVX-512 path; force: any build), else None (ONNX Runtime's MatMul, the default)."""
         from . import cpu_kernels
 
-        wanted = cpu_kernels.matmul_setting()
-        if wanted is False:
+        mode = cpu_kernels.matmul_setting()
+        if mode == "off":
             return None
         library = cpu_kernels.library("packed_matmul")
-        if library is None and wanted:
-            raise RuntimeError(f"KVTRT_MATMUL_KERNEL=force, but kvtrt's MatMul kernel cannot be built: "
-                               f"{cpu_kernels.unavailable()}")
-        return library if library is not None and (wanted or cpu_kernels.vectorised(library)) else None
+        if library is None:
+            raise RuntimeError(f"KVTRT_MATMUL_KERNEL={mode}, but kvtrt's MatMul kernel cannot be built: "
+                               f"{cpu_kernels.unavailable()}; unset KVTRT_MATMUL_KERNEL for ONNX Runtime's MatMul")
+        if mode == "on" and not cpu_kernels.vectorised(library):
+            raise RuntimeError("KVTRT_MATMUL_KERNEL=1 needs a CPU with AVX-512 (only the kernel's portable loops, "
+                               "far slower than ONNX Runtime's MatMul, would run here): unset it, or set it to "
+                               "force to run them anyway")
+        return library
 
     def _with_decode_attention(self, model: bytes) -> bytes:
         from .cpu_kernels import with_decode_attention

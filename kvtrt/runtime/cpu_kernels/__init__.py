@@ -18,8 +18,9 @@ new token per row) into this op, with the inputs it reads. Turn it off with `KVT
 panels (`pack_panels`), as fast as ONNX Runtime's for one row and faster for the few rows of a batched
 decode step; `with_packed_matmul(model, names)` rewrites the MatMul nodes that read those weights. The
 shared-weight sessions (`ort_shared.SharedWeights`) pack each weight once for all graphs, in place of
-ONNX Runtime's prepacked copy. Off with `KVTRT_MATMUL_KERNEL=0`; on where its AVX-512 path builds
-(`force`: also elsewhere and for weights of any size).
+ONNX Runtime's prepacked copy. Opt-in, `KVTRT_MATMUL_KERNEL=1` (its AVX-512 path; `force`: also elsewhere
+and for weights of any size): it speeds up batched decode steps, but prefill chunks run ~4% slower than
+with MLAS (`docs/results/packed_matmul.md`).
 """
 
 from __future__ import annotations
@@ -59,12 +60,20 @@ def setting() -> bool | None:
     return False if value in ("0", "false", "no", "off") else True if value == "force" else None
 
 
-def matmul_setting() -> bool | None:
-    """`KVTRT_MATMUL_KERNEL`: 0 (off: ONNX Runtime's MatMul everywhere), `force` (every MatMul weight of
-    any size, wherever the library builds, its portable loops included: what the tests run on their tiny
-    models), anything else or unset: the projections (`ort_shared.MIN_PACKED`) where AVX-512 runs."""
+def matmul_setting() -> str:
+    """`KVTRT_MATMUL_KERNEL`: unset or 0 "off" (ONNX Runtime's MatMul everywhere, the default), 1 "on" (the
+    projections, `ort_shared.MIN_PACKED`, through PackedMatMul; needs its AVX-512 path), `force` "force" (every
+    MatMul weight of any size, its portable loops included: what the tests run on their tiny models).
+    Raises ValueError for any other value."""
     value = os.environ.get("KVTRT_MATMUL_KERNEL", "").strip().lower()
-    return False if value in ("0", "false", "no", "off") else True if value == "force" else None
+    if value in ("", "0", "false", "no", "off"):
+        return "off"
+    if value in ("1", "true", "yes", "on"):
+        return "on"
+    if value == "force":
+        return "force"
+    raise ValueError(f"KVTRT_MATMUL_KERNEL={value!r} is not a setting: use 0 (ONNX Runtime's MatMul, the default), "
+                     "1 (kvtrt's PackedMatMul for the projections) or force (for every MatMul weight)")
 
 
 def pack_panels(weight: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@
 // tile a row falls in or the thread that computes it: a row's result never depends on the other rows of
 // the call (a sequence decodes the same tokens alone or in a batch). Work items (panel, block of rows)
 // run on ONNX Runtime's intra-op threads (KernelContext_ParallelFor). Vector path: AVX-512; elsewhere
-// the portable loops, which the engine does not choose (`kvtrt_packed_matmul_vectorised`).
+// the portable loops, which the engine runs only when forced (`kvtrt_vectorised`).
 //
 // The OrtApi table is used by index, as in decode_attention.c (no ONNX Runtime header needed).
 #include <stdint.h>
