@@ -8,10 +8,10 @@
 // Output   Y [..., N] float.
 //
 // Why: ONNX Runtime's MatMul (MLAS, weights prepacked) reads the weights at memory speed for one row but
-// costs ~1.5x that for the 8 rows of an 8-sequence decode step (SmolLM2: 20 vs 14 ms a step on 2 cores;
+// costs ~1.4x that for the 8 rows of an 8-sequence decode step (SmolLM2 on 2 cores,
 // `docs/results/packed_matmul.md`); here a panel is streamed once per call and every row's 48 outputs of
 // it stay in registers over the whole K, so 8 rows cost little more than one. For long A (prefill) the
-// same tiles run block after block of 8 rows while the panel stays in L2, about as fast as MLAS.
+// same tiles run block after block of 8 rows while the panel stays in L2, at ~0.95x MLAS.
 //
 // Each output Y[m, n] is one chain of fused multiply-adds over k = 0 .. K-1 in order, whatever M, the
 // tile a row falls in or the thread that computes it: a row's result never depends on the other rows of
