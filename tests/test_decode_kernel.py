@@ -86,8 +86,8 @@ def fp16_kv(tiny_llama, group3_export, tmp_path_factory):
 @pytest.mark.parametrize("kv_dtype", ["fp32", "fp16"])
 @pytest.mark.parametrize("which", ["tiny", "group3"])
 def test_kernel_matches_group_query_attention(which, kv_dtype, tiny_llama, group3_export, fp16_kv):
-    """Rows of different lengths (one past a 256-slot work chunk, so chunks are merged) and dead slots
-    in the middle: same logits as GroupQueryAttention (fp16 KV: to fp16 rounding of the op's output),
+    """Rows of different lengths (each within one work item here; `test_rows_longer_than_a_work_item_
+    merge_their_chunks` splits them) and dead slots in the middle: same logits as GroupQueryAttention (fp16 KV: to fp16 rounding of the op's output),
     the step's K/V written at each row's own slot and nothing else of the buffers touched."""
     directory = fp16_kv[which] if kv_dtype == "fp16" else tiny_llama[2] if which == "tiny" else group3_export
     lengths, dead = [3, 300, 41], [(1, 7), (1, 260), (2, 0)]
@@ -113,6 +113,24 @@ def test_kernel_rows_do_not_depend_on_their_batch(group3_export):
     """A row's attention does not depend on the rows beside it: its logits alone and in a batch agree
     (to the rounding of the batched matmuls around the op) with the kernel, and the kernel's work split
     depends only on the row's own length."""
+    alone, _, _ = _step(group3_export, True, [300], [], rows=[1])
+    together, _, _ = _step(group3_export, True, [5, 300, 700], [], rows=[0, 1, 2])
+    np.testing.assert_allclose(together[1], alone[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [64, 256])
+def test_rows_longer_than_a_work_item_merge_their_chunks(chunk, group3_export, monkeypatch, tmp_path):
+    """A row's slots split into work items of CHUNK slots (4096 by default: built smaller here so that
+    short rows span several) merge to GroupQueryAttention's result, and a row's result alone and in a
+    batch agree (to the rounding of the batched matmuls around the op)."""
+    monkeypatch.setattr(cpu_kernels, "FLAGS", [*cpu_kernels.FLAGS, f"-DCHUNK={chunk}"])
+    monkeypatch.setattr(cpu_kernels, "_built", {})
+    monkeypatch.setenv("KVTRT_CACHE_DIR", str(tmp_path))
+    assert cpu_kernels.library().parent == tmp_path / "kernels"
+    lengths, dead = [3, 300, 41], [(1, 7), (1, 260), (2, 0)]
+    got, _, _ = _step(group3_export, True, lengths, dead)
+    want, _, _ = _step(group3_export, False, lengths, dead)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     alone, _, _ = _step(group3_export, True, [300], [], rows=[1])
     together, _, _ = _step(group3_export, True, [5, 300, 700], [], rows=[0, 1, 2])
     np.testing.assert_allclose(together[1], alone[0], rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@
 //
 // Why: GroupQueryAttention reads each KV head's cache once per query head of its group; here the g query
 // heads of a KV head share one pass over its keys and one over its values (decode is bound by reading
-// the cache). Work items are (row, KV head, 256-slot chunk), run on ONNX Runtime's intra-op threads
+// the cache). Work items are (row, KV head, chunk of up to CHUNK slots), run on ONNX Runtime's intra-op threads
 // (KernelContext_ParallelFor) and merged per row in a fixed order: a row's result depends only on its own
 // inputs, never on the other rows of the batch or on the thread count. Vector paths for head size 64:
 // AVX-512, else AVX2 (with FMA and F16C); any other shape or CPU takes the portable C loops.
@@ -44,7 +44,9 @@ static inline __attribute__((always_inline)) void prefetch(const char *p, int64_
 }
 #endif
 
-#define CHUNK 256    // slots per work item
+#ifndef CHUNK  // (the tests build it smaller, -DCHUNK=64, to merge chunks on short rows)
+#define CHUNK 2048  // most slots per work item: fewer, longer items ran faster (docs/results/decode_attention.md)
+#endif
 #define MAX_GROUP 16 // query heads per KV head
 #define MAX_HEAD 256 // values per head
 
@@ -523,17 +525,29 @@ static void to_floats(const void *src, int64_t first, int64_t n, int half, float
   }
 }
 
-// Work item i: one 256-slot chunk of one (row, KV head); writes its (max, sum, unnormalised output) per head.
+// Slots per work item of a row of n slots: n split evenly into ceil(n / CHUNK) items (a multiple of 16, at
+// most CHUNK), so a row's items are of one size and share the threads evenly.
+static int64_t even_span(int64_t n) {
+  const int64_t items = (n + CHUNK - 1) / CHUNK, span = ((n + items - 1) / items + 15) / 16 * 16;
+  return span < CHUNK ? span : CHUNK;
+}
+
+// Work item i: one chunk (CHUNK slots, the last one fewer) of one (row, KV head); writes its (max, sum, unnormalised output) per head.
 static void chunk(void *data, size_t i) {
   const Call *c = (const Call *)data;
   int64_t b = 0;
   while (c->item_start[b + 1] <= (int64_t)i) b++;
-  const int64_t n = (int64_t)c->seqlens[b] + 1, per_head = (n + CHUNK - 1) / CHUNK;
-  const int64_t local = (int64_t)i - c->item_start[b], h = local / per_head, first = (local % per_head) * CHUNK;
-  const int64_t count = n - first < CHUNK ? n - first : CHUNK, D = c->D, g = c->g, size = c->half ? 2 : 4;
+  const int64_t n = (int64_t)c->seqlens[b] + 1, per_head = (n + CHUNK - 1) / CHUNK, span = even_span(n);
+  const int64_t local = (int64_t)i - c->item_start[b], h = local / per_head, first = (local % per_head) * span;
+  const int64_t count = n - first < span ? (n > first ? n - first : 0) : span, D = c->D, g = c->g, size = c->half ? 2 : 4;
   const char *keys = (const char *)c->keys + ((b * c->Hkv + h) * c->C + first) * D * size;
   const char *values = (const char *)c->values + ((b * c->Hkv + h) * c->C + first) * D * size;
-  float q[MAX_GROUP * MAX_HEAD], bias[CHUNK], s[MAX_GROUP * CHUNK], acc[MAX_GROUP * MAX_HEAD];
+  float q[MAX_GROUP * MAX_HEAD], acc[MAX_GROUP * MAX_HEAD];
+  float *bias = malloc(sizeof(float) * (g + 1) * CHUNK), *s = bias + CHUNK;  // [CHUNK] bias, [g][CHUNK] scores
+  if (bias == NULL) {  // out of memory: the item's maxima are NaN, so are its row's outputs
+    for (int64_t j = 0; j < g; j++) c->partial[((int64_t)i * g + j) * (D + 2)] = NAN;
+    return;
+  }
   const int64_t q_first = b * (c->H + 2 * c->Hkv) * D + h * g * D;
   to_floats(c->qkv, q_first, g * D, c->half, q);
   to_floats(c->bias, b * c->bias_row + first, count, c->half, bias);
@@ -542,6 +556,7 @@ static void chunk(void *data, size_t i) {
   for (int64_t j = 0; j < g; j++) softmax_part(s + j * CHUNK, count, &out[j * (D + 2)], &out[j * (D + 2) + 1]);
   weighted_sum(c, s, values, count, acc);
   for (int64_t j = 0; j < g; j++) memcpy(out + j * (D + 2) + 2, acc + j * D, sizeof(float) * D);
+  free(bias);
 }
 
 static void fail(Call *c, const char *why) {  // KernelCompute cannot return an error: say it, poison the output
