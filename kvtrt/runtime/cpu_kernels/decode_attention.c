@@ -525,10 +525,16 @@ static void to_floats(const void *src, int64_t first, int64_t n, int half, float
   }
 }
 
-// Slots per work item of a row of n slots: n split evenly into ceil(n / CHUNK) items (a multiple of 16, at
-// most CHUNK), so a row's items are of one size and share the threads evenly.
+// Work items per KV head of a row of n slots: ceil(n / CHUNK), and two from CHUNK / 2 slots on (one item per
+// head would leave one of two threads idle for a third of a 3-head call: FreeKV's ~1030-slot views).
+static int64_t items_of(int64_t n) {
+  const int64_t items = (n + CHUNK - 1) / CHUNK;
+  return items == 1 && 2 * n > CHUNK ? 2 : items;
+}
+
+// Slots per work item of a row of n slots: n split evenly over its items (a multiple of 16, at most CHUNK).
 static int64_t even_span(int64_t n) {
-  const int64_t items = (n + CHUNK - 1) / CHUNK, span = ((n + items - 1) / items + 15) / 16 * 16;
+  const int64_t items = items_of(n), span = ((n + items - 1) / items + 15) / 16 * 16;
   return span < CHUNK ? span : CHUNK;
 }
 
@@ -537,7 +543,7 @@ static void chunk(void *data, size_t i) {
   const Call *c = (const Call *)data;
   int64_t b = 0;
   while (c->item_start[b + 1] <= (int64_t)i) b++;
-  const int64_t n = (int64_t)c->seqlens[b] + 1, per_head = (n + CHUNK - 1) / CHUNK, span = even_span(n);
+  const int64_t n = (int64_t)c->seqlens[b] + 1, per_head = items_of(n), span = even_span(n);
   const int64_t local = (int64_t)i - c->item_start[b], h = local / per_head, first = (local % per_head) * span;
   const int64_t count = n - first < span ? (n > first ? n - first : 0) : span, D = c->D, g = c->g, size = c->half ? 2 : 4;
   const char *keys = (const char *)c->keys + ((b * c->Hkv + h) * c->C + first) * D * size;
@@ -641,7 +647,7 @@ static void compute(void *kernel, OrtKernelContext *context) {
       memcpy((char *)c.keys + ((b * c.Hkv + h) * c.C + slot) * row, kv, row);
       memcpy((char *)c.values + ((b * c.Hkv + h) * c.C + slot) * row, kv + c.Hkv * row, row);
     }
-    item_start[b + 1] = item_start[b] + c.Hkv * ((slot + 1 + CHUNK - 1) / CHUNK);
+    item_start[b + 1] = item_start[b] + c.Hkv * items_of(slot + 1);
   }
   c.item_start = item_start;
   const int64_t items = item_start[c.B];
