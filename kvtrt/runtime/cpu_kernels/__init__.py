@@ -182,23 +182,9 @@ def with_decode_attention(model: bytes, half: bool = False) -> bytes:
     outputs and attributes; inputs qkv, past K/V, seqlens, bias) and the kvtrt opset imported. Raises
     ValueError if the graph has no such node or one reads separate key/value inputs (the in-place
     decode graph packs q, k and v)."""
-    out, replaced = bytearray(), 0
-    for field, wire, value in _fields(model):
-        if field == 7 and wire == 2:  # ModelProto.graph
-            graph = bytearray()
-            for gfield, gwire, gvalue in _fields(model, *value):
-                if gfield == 1 and gwire == 2 and _op_type(model, gvalue) == "GroupQueryAttention":
-                    graph += _bytes(1, _decode_node(model, gvalue, OPS[half]))
-                    replaced += 1
-                else:
-                    graph += _raw(model, gfield, gwire, gvalue)
-            out += _bytes(7, bytes(graph))
-        else:
-            out += _raw(model, field, wire, value)
-    if not replaced:
-        raise ValueError("the graph has no GroupQueryAttention node to replace")
-    out += _bytes(8, _text(1, DOMAIN) + _varint(2, 1))  # ModelProto.opset_import
-    return bytes(out)
+    return _rewrite_nodes(model, lambda node: _decode_node(model, node, OPS[half])
+                          if _op_type(model, node) == "GroupQueryAttention" else None,
+                          DOMAIN, "the graph has no GroupQueryAttention node to replace")
 
 
 def with_packed_matmul(model: bytes, weights: set[str]) -> bytes:
@@ -206,13 +192,22 @@ def with_packed_matmul(model: bytes, weights: set[str]) -> bytes:
     `weights` turned into kvtrt.matmul::PackedMatMul (same inputs and output; the session must then be
     given those weights packed, `pack_panels`), and that opset imported. Raises ValueError if no node
     reads one of them."""
+    return _rewrite_nodes(model, lambda node: _retyped(model, node, MATMUL_OP, MATMUL_DOMAIN)
+                          if _op_type(model, node) == "MatMul" and _input(model, node, 1) in weights else None,
+                          MATMUL_DOMAIN, "the graph has no MatMul node reading the weights to pack")
+
+
+def _rewrite_nodes(model: bytes, replace, domain: str, missing: str) -> bytes:
+    """`model` with each node of the main graph for which `replace(node)` returns bytes replaced by them
+    (None: kept) and `domain` imported at version 1; ValueError(`missing`) if no node was replaced."""
     out, replaced = bytearray(), 0
     for field, wire, value in _fields(model):
         if field == 7 and wire == 2:  # ModelProto.graph
             graph = bytearray()
             for gfield, gwire, gvalue in _fields(model, *value):
-                if gfield == 1 and gwire == 2 and _op_type(model, gvalue) == "MatMul" and _input(model, gvalue, 1) in weights:
-                    graph += _bytes(1, _retyped(model, gvalue, MATMUL_OP, MATMUL_DOMAIN))
+                new = replace(gvalue) if gfield == 1 and gwire == 2 else None  # GraphProto.node
+                if new is not None:
+                    graph += _bytes(1, new)
                     replaced += 1
                 else:
                     graph += _raw(model, gfield, gwire, gvalue)
@@ -220,8 +215,8 @@ def with_packed_matmul(model: bytes, weights: set[str]) -> bytes:
         else:
             out += _raw(model, field, wire, value)
     if not replaced:
-        raise ValueError("the graph has no MatMul node reading the weights to pack")
-    out += _bytes(8, _text(1, MATMUL_DOMAIN) + _varint(2, 1))  # ModelProto.opset_import
+        raise ValueError(missing)
+    out += _bytes(8, _text(1, domain) + _varint(2, 1))  # ModelProto.opset_import
     return bytes(out)
 
 
