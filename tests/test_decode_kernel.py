@@ -87,8 +87,9 @@ def fp16_kv(tiny_llama, group3_export, tmp_path_factory):
 @pytest.mark.parametrize("which", ["tiny", "group3"])
 def test_kernel_matches_group_query_attention(which, kv_dtype, tiny_llama, group3_export, fp16_kv):
     """Rows of different lengths (each within one work item here; `test_rows_longer_than_a_work_item_
-    merge_their_chunks` splits them) and dead slots in the middle: same logits as GroupQueryAttention (fp16 KV: to fp16 rounding of the op's output),
-    the step's K/V written at each row's own slot and nothing else of the buffers touched."""
+    merge_their_chunks` splits them) and dead slots in the middle: same logits as GroupQueryAttention
+    (fp16 KV: to fp16 rounding of the op's output), the step's K/V written at each row's own slot and
+    nothing else of the buffers touched."""
     directory = fp16_kv[which] if kv_dtype == "fp16" else tiny_llama[2] if which == "tiny" else group3_export
     lengths, dead = [3, 300, 41], [(1, 7), (1, 260), (2, 0)]
     got, keys, values = _step(directory, True, lengths, dead)
@@ -120,7 +121,7 @@ def test_kernel_rows_do_not_depend_on_their_batch(group3_export):
 
 @pytest.mark.parametrize("chunk", [64, 256])
 def test_rows_longer_than_a_work_item_merge_their_chunks(chunk, group3_export, monkeypatch, tmp_path):
-    """A row's slots split into work items of CHUNK slots (4096 by default: built smaller here so that
+    """A row's slots split into work items of CHUNK slots (2048 at most by default: built smaller here so that
     short rows span several) merge to GroupQueryAttention's result, and a row's result alone and in a
     batch agree (to the rounding of the batched matmuls around the op)."""
     monkeypatch.setattr(cpu_kernels, "FLAGS", [*cpu_kernels.FLAGS, f"-DCHUNK={chunk}"])

@@ -124,11 +124,12 @@ class OrtEngine:
             from . import cpu_kernels, ort_shared
 
             if ort_shared.available():
+                matmul = cpu_kernels.matmul_setting()
                 self._shared = ort_shared.SharedWeights(self.directory, self.manifest.weights_file,
                                                         options.intra_op_num_threads, config,
                                                         unpack_tied=UNPACK_TIED,
-                                                        packed_matmul=self._matmul_kernel(),
-                                                        packed_min=1 if cpu_kernels.matmul_setting() == "force" else None)
+                                                        packed_matmul=self._matmul_kernel(matmul),
+                                                        packed_min=1 if matmul == "force" else None)
         self._decode_ops = self._decode_kernel(decode_kernel)
         self.decode_attention = "kvtrt" if self._decode_ops is not None else "onnxruntime"
         self._inline: bool | None = None  # `refreshes_inline`, decided on first ask
@@ -212,12 +213,11 @@ class OrtEngine:
         return library
 
     @staticmethod
-    def _matmul_kernel() -> Path | None:
-        """The `cpu_kernels` library with PackedMatMul when KVTRT_MATMUL_KERNEL asks for it (1: needs its
-        AVX-512 path; force: any build), else None (ONNX Runtime's MatMul, the default)."""
+    def _matmul_kernel(mode: str) -> Path | None:
+        """The `cpu_kernels` library with PackedMatMul when `mode` (`cpu_kernels.matmul_setting()`) asks for
+        it (on: needs its AVX-512 path; force: any build), else None (off: ONNX Runtime's MatMul, the default)."""
         from . import cpu_kernels
 
-        mode = cpu_kernels.matmul_setting()
         if mode == "off":
             return None
         library = cpu_kernels.library("packed_matmul")

@@ -538,14 +538,16 @@ static int64_t even_span(int64_t n) {
   return span < CHUNK ? span : CHUNK;
 }
 
-// Work item i: one chunk (CHUNK slots, the last one fewer) of one (row, KV head); writes its (max, sum, unnormalised output) per head.
+// Work item i: one chunk (`even_span` slots, the last one fewer) of one (row, KV head); writes its (max, sum,
+// unnormalised output) per head.
 static void chunk(void *data, size_t i) {
   const Call *c = (const Call *)data;
   int64_t b = 0;
   while (c->item_start[b + 1] <= (int64_t)i) b++;
   const int64_t n = (int64_t)c->seqlens[b] + 1, per_head = items_of(n), span = even_span(n);
   const int64_t local = (int64_t)i - c->item_start[b], h = local / per_head, first = (local % per_head) * span;
-  const int64_t count = n - first < span ? (n > first ? n - first : 0) : span, D = c->D, g = c->g, size = c->half ? 2 : 4;
+  const int64_t count = n - first < span ? (n > first ? n - first : 0) : span;
+  const int64_t D = c->D, g = c->g, size = c->half ? 2 : 4;
   const char *keys = (const char *)c->keys + ((b * c->Hkv + h) * c->C + first) * D * size;
   const char *values = (const char *)c->values + ((b * c->Hkv + h) * c->C + first) * D * size;
   float q[MAX_GROUP * MAX_HEAD], acc[MAX_GROUP * MAX_HEAD];
